@@ -180,13 +180,18 @@ def fallback_font_paths() -> tuple[str, ...]:
     return tuple(str(p) for p in sorted(wanted, key=rank))
 
 
-@lru_cache(maxsize=4096)
-def _font_for_char(primary: str, cp: int) -> str | None:
+@lru_cache(maxsize=64)
+def _covered_chars(path: str) -> frozenset[str]:
+    return frozenset(map(chr, font_codepoints(path)))
+
+
+@lru_cache(maxsize=8192)
+def _font_for_char(primary: str, cp: int, fallbacks: tuple[str, ...]) -> str | None:
     """Path of the first font (primary, then fallbacks) that draws ``cp``; None when none does."""
     cov = font_codepoints(primary)
     if not cov or cp in cov:
         return primary
-    for path in fallback_font_paths():
+    for path in fallbacks:
         if cp in font_codepoints(path):
             return path
     return None
@@ -318,14 +323,19 @@ class _Line:
 
 
 def _runs(text: str, style: _Style) -> list[tuple[str, str]]:
-    """Split ``text`` into (substring, font path) runs, choosing fallback fonts per character."""
+    """Split ``text`` into (substring, font path) runs, choosing fallback fonts per character.
+
+    Characters that no font draws stay in the primary font (drawn as its .notdef box).
+    """
     primary = style.font_path
-    cov = font_codepoints(primary)
-    if not cov or all(ord(c) in cov or c == " " for c in text):
+    covered = _covered_chars(primary)
+    if not covered or covered.issuperset(text):
         return [(text, primary)]
+    fallbacks = fallback_font_paths()
     runs: list[tuple[str, str]] = []
     for ch in text:
-        path = primary if ch == " " else (_font_for_char(primary, ord(ch)) or primary)
+        path = primary if (ch in covered or ch.isspace()) else (
+            _font_for_char(primary, ord(ch), fallbacks) or primary)
         if runs and runs[-1][1] == path:
             runs[-1] = (runs[-1][0] + ch, path)
         else:
@@ -334,11 +344,13 @@ def _runs(text: str, style: _Style) -> list[tuple[str, str]]:
 
 
 def _missing_chars(text: str, style: _Style) -> set[str]:
-    cov = font_codepoints(style.font_path)
-    if not cov:
+    """Characters of ``text`` that neither the style's font nor any fallback font can draw."""
+    covered = _covered_chars(style.font_path)
+    if not covered or covered.issuperset(text):
         return set()
-    return {ch for ch in set(text) if not ch.isspace() and ord(ch) not in cov
-            and _font_for_char(style.font_path, ord(ch)) is None}
+    fallbacks = fallback_font_paths()
+    return {ch for ch in set(text) - covered if not ch.isspace()
+            and _font_for_char(style.font_path, ord(ch), fallbacks) is None}
 
 
 def _measure(text: str, style: _Style) -> float:
@@ -417,11 +429,19 @@ def wrap_paragraph(text: str, style: _Style, width: float, first_indent: int = 0
     return lines
 
 
+_OTHER_SPACE = re.compile(r"[^\S ]")
+
+
+def normalize_spaces(line: str) -> str:
+    """Replace every whitespace character other than " " (form feed, NBSP, ...) with " "."""
+    return _OTHER_SPACE.sub(" ", line)
+
+
 def _layout_plain(text: str, config: RenderConfig) -> list[_Line]:
     style = _Style(str(resolve_font_path(config.font, config.bold)), config.font_size)
     lines: list[_Line] = []
     for para in text.split("\n"):
-        para = para.expandtabs(config.tab_size)
+        para = normalize_spaces(para.expandtabs(config.tab_size))
         lines.extend(wrap_paragraph(para, style, config.content_width))
     for line in lines:
         line.advance = config.line_height
