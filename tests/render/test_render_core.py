@@ -309,3 +309,9 @@ def test_fallback_font_draws_missing_characters(monkeypatch, caplog):
     assert boxed.tobytes() != drawn.tobytes()
     style = R._Style(mono, 20)
     assert [p for _, p in R._runs(f"a{char}b", style)] == [mono, str(R.FONT_DIR / "DejaVuSans.ttf"), mono]
+
+
+def test_final_newlines_are_not_blank_lines_but_leading_ones_are():
+    assert render_text("hello\n")[0].text == "hello"
+    assert render_text("hello\n\n\n  \n")[0].text == "hello"
+    assert render_text("\n\nhello")[0].text == "\n\nhello"

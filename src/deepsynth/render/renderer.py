@@ -7,6 +7,7 @@ Layout rules (see ``render_text``):
 * Every input line is a paragraph; blank lines are kept as blank lines.  Runs of spaces
   inside a line and its leading indentation are kept; the whitespace at a wrap point is
   dropped (it becomes the line break) and trailing whitespace is not drawn.
+* Trailing blank lines at the end of the text are not drawn (leading ones are).
 * Tabs are expanded to spaces (``RenderConfig.tab_size`` columns).
 * A word wider than a whole line is broken across lines.  The lines that end inside such a
   word are listed in ``Page.broken_lines``; :func:`join_pages` glues the pieces back together
@@ -516,7 +517,9 @@ def render_text(text: str, config: RenderConfig | None = None) -> list[Page]:
     if not text.strip():
         raise ValueError("text is empty")
     config = config or RenderConfig()
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    # trailing whitespace / blank lines at the end are not drawn (a file's final newline is
+    # a line terminator, not a blank line)
+    text = text.replace("\r\n", "\n").replace("\r", "\n").rstrip()
     placed_pages = layout(text, config)
     if len(placed_pages) > config.max_pages:
         raise ValueError(
