@@ -383,50 +383,96 @@ def _fit_prefix(word: str, style: _Style, width: float) -> str:
     return word[:lo]
 
 
+@lru_cache(maxsize=1 << 16)
+def _token_width(text: str, style: _Style) -> float:
+    return _measure(text, style)
+
+
 def wrap_paragraph(text: str, style: _Style, width: float, first_indent: int = 0,
                    hanging_indent: int = 0) -> list[_Line]:
     """Greedy word wrap of one paragraph (no newlines) at ``width`` pixels.
 
     The first line starts ``first_indent`` px in, later lines ``hanging_indent`` px in.
     Leading whitespace and inner runs of spaces are kept; whitespace at a wrap point is dropped.
+    Widths are summed from cached per-token widths (exact for fonts without kerning across
+    spaces, such as DejaVu); near the limit, and for every finished line, the whole line is
+    measured exactly, so no line is ever wider than ``width``.
     """
     text = text.rstrip()
     if not text:
         return [_Line("", style, first_indent)]
+    tokens = _TOKEN.findall(text)
+    tol = 1.0 + style.size * 0.05
     lines: list[_Line] = []
     cur = ""
+    cur_w = 0.0
+    starts: list[tuple[int, int]] = []  # (token index, len(cur) before it) of each word on the line
     indent = first_indent
     pending_ws = ""
+    i = 0
 
     def avail() -> float:
         return width - indent
 
-    def flush(broken: bool = False) -> None:
-        nonlocal cur, indent
-        lines.append(_Line(cur, style, indent, broken))
-        cur = ""
+    def emit(line_text: str, broken: bool = False) -> None:
+        nonlocal indent
+        lines.append(_Line(line_text, style, indent, broken))
         indent = hanging_indent
 
-    for tok in _TOKEN.findall(text):
+    while True:
+        if i >= len(tokens):  # end of paragraph: the last line
+            if not cur and lines:
+                break
+            if len(starts) > 1 and _measure(cur, style) > avail():  # kerning the estimate missed
+                while len(starts) > 1 and _measure(cur, style) > avail():
+                    i, cut = starts.pop()
+                    cur = cur[:cut]
+                emit(cur)
+                cur, cur_w, starts, pending_ws = "", 0.0, [], ""
+                continue
+            emit(cur)
+            break
+        tok = tokens[i]
         if tok[0].isspace():
             pending_ws = tok
+            i += 1
             continue
-        candidate = cur + pending_ws + tok if (cur or not lines) else tok
-        if _measure(candidate, style) <= avail():
-            cur = candidate
+        piece = pending_ws + tok if (cur or not lines) else tok
+        est = cur_w + _token_width(piece, style)
+        limit = avail()
+        if est <= limit - tol:
+            fits = True
+        elif est > limit + tol:
+            fits = False
         else:
-            if cur:
-                flush()
-            rest = tok
-            while _measure(rest, style) > avail():
-                piece = _fit_prefix(rest, style, avail())
-                cur = piece
-                flush(broken=True)
-                rest = rest[len(piece):]
-            cur = rest
+            fits = _measure(cur + piece, style) <= limit
+        if fits:
+            starts.append((i, len(cur)))
+            cur += piece
+            cur_w = est
+            pending_ws = ""
+            i += 1
+            continue
+        if cur:
+            # finish the line; the exact check catches kerning the summed estimate missed
+            while len(starts) > 1 and _measure(cur, style) > limit:
+                i, cut = starts.pop()
+                cur = cur[:cut]
+            emit(cur)
+            cur, cur_w, starts, pending_ws = "", 0.0, [], ""
+            continue  # retry this token on the new line
         pending_ws = ""
-    if cur or not lines:
-        lines.append(_Line(cur, style, indent))
+        if _measure(tok, style) <= limit:  # only the leading indentation did not fit: drop it
+            cur, cur_w, starts = tok, _token_width(tok, style), [(i, 0)]
+            i += 1
+            continue
+        rest = tok  # a word wider than a line: break it
+        while _measure(rest, style) > avail():
+            part = _fit_prefix(rest, style, avail())
+            emit(part, broken=True)
+            rest = rest[len(part):]
+        cur, cur_w, starts = rest, _measure(rest, style), [(i, 0)]
+        i += 1
     return lines
 
 
