@@ -192,9 +192,13 @@ def test_margin_must_leave_room_for_a_line_and_a_character():
     RenderConfig(page_width=64, page_height=64, font_size=20, margin=4)  # fits
 
 
-def test_unknown_font_and_colour_errors():
+def test_unknown_font_and_colour_errors(tmp_path):
     with pytest.raises(ValueError, match="font='Nope'"):
         RenderConfig(font="Nope")
+    junk = tmp_path / "junk.ttf"
+    junk.write_bytes(b"not a font")
+    with pytest.raises(ValueError, match="cannot load"):
+        RenderConfig(font=str(junk))
     with pytest.raises(ValueError, match="foreground"):
         RenderConfig(foreground=(0, 0, 300))
 

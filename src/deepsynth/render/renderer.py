@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import re
 import struct
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
@@ -250,7 +250,11 @@ class RenderConfig:
             setattr(self, name, colour)
         if self.margin < 0:
             raise ValueError(f"margin={self.margin!r} is out of range: allowed >= 0")
-        font = load_font(str(resolve_font_path(self.font, self.bold)), self.font_size)
+        path = resolve_font_path(self.font, self.bold)
+        try:
+            font = load_font(str(path), self.font_size)
+        except OSError as exc:
+            raise ValueError(f"font={self.font!r}: cannot load {path} as a TrueType/OpenType font ({exc})") from exc
         ascent, descent = font.getmetrics()
         max_w = self.page_width - self.font_size
         max_h = self.page_height - ascent - descent
@@ -306,7 +310,7 @@ class Page:
 
 @dataclass(frozen=True)
 class _Style:
-    """Font, size and colour of a run of text."""
+    """Font file and pixel size of a run of text."""
 
     font_path: str
     size: int
