@@ -1,0 +1,109 @@
+"""`deepsynth` command line: every stage of the pipeline, calling the library's own functions."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from deepsynth.render.cli import register as register_render
+
+app = typer.Typer(help="DeepSynth: teach document vision-language models to follow instructions.",
+                  no_args_is_help=True, add_completion=False)
+register_render(app)
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details.")) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Run directory."),
+    minutes: float = typer.Option(12.0, help="Fine-tuning budget (wall-clock minutes)."),
+    model: str = typer.Option("tiny-reader", help="Starting model."),
+    n_eval: int = typer.Option(200, help="Held-out examples."),
+) -> None:
+    """Fine-tune the tiny reader to answer questions about pages, evaluate, ablate, answer one."""
+    from deepsynth.demo import DemoConfig, format_table, run_demo
+
+    report = run_demo(DemoConfig(out=str(out), minutes=minutes, model=model, n_eval=n_eval))
+    typer.echo(format_table(report))
+    typer.echo(f"\nreport: {out / 'report.json'}   curves: {out / 'train' / 'curves.png'}")
+
+
+@app.command()
+def train(
+    recipe: Path = typer.Argument(..., exists=True, dir_okay=False, help="YAML recipe of TrainerConfig fields."),
+    train_file: Path = typer.Option(..., "--train", exists=True, help="Training examples (.jsonl/.json/.parquet)."),
+    eval_file: Optional[Path] = typer.Option(None, "--eval", exists=True, help="Evaluation examples."),
+    output_dir: Optional[str] = typer.Option(None, help="Override the recipe's output_dir."),
+    resume: Optional[str] = typer.Option(None, help="Checkpoint directory or 'latest'."),
+) -> None:
+    """Train a model from a recipe on instruction examples."""
+    from deepsynth.data import read_examples
+    from deepsynth.training.config import TrainerConfig
+    from deepsynth.training.trainer import Trainer
+
+    overrides = {k: v for k, v in {"output_dir": output_dir, "resume_from_checkpoint": resume}.items() if v}
+    config = TrainerConfig.from_yaml(recipe, **overrides)
+    metrics, checkpoints = Trainer(config).train(read_examples(train_file),
+                                                 read_examples(eval_file) if eval_file else None)
+    typer.echo(json.dumps({"metrics": metrics, "checkpoints": checkpoints}, indent=2))
+
+
+@app.command()
+def evaluate(
+    data: Path = typer.Argument(..., exists=True, help="Examples (.jsonl/.json/.parquet)."),
+    model: str = typer.Option(..., "--model", "-m", help="Model directory, preset or hub id."),
+    out: Path = typer.Option(Path("runs/eval.json"), "--out", "-o", help="Predictions and scores (JSON)."),
+    preset: str = typer.Option("tiny", help="Render preset the model reads."),
+    max_new_tokens: int = typer.Option(32),
+    chance: float = typer.Option(0.0, help="Chance level reported beside the ablation."),
+) -> None:
+    """Score a model (EM/F1) with and without the instruction."""
+    from deepsynth.data import read_examples
+    from deepsynth.evaluation.run import evaluate_with_ablation
+    from deepsynth.models import load_model
+    from deepsynth.models.generate import GenerationSettings
+    from deepsynth.render import RenderConfig
+
+    net, processor = load_model(model)
+    report = evaluate_with_ablation(net, processor, read_examples(data), RenderConfig.from_preset(preset), chance,
+                                    GenerationSettings(max_new_tokens=max_new_tokens), out_path=out)
+    typer.echo(json.dumps({k: report[k] for k in ("n", "scores", "scores_no_instruction", "ablation")}, indent=2))
+
+
+@app.command()
+def ask(
+    document: str = typer.Argument(..., help="A .txt/.md file, an image, or '-' for stdin."),
+    instruction: str = typer.Option(..., "--instruction", "-i", help="Question or instruction."),
+    model: str = typer.Option("tiny-reader", "--model", "-m", help="Model directory, preset or hub id."),
+    preset: str = typer.Option("tiny", help="Render preset the model reads."),
+    max_new_tokens: int = typer.Option(64),
+    as_json: bool = typer.Option(False, "--json", help="Print the full answer record as JSON."),
+) -> None:
+    """Answer an instruction about a document."""
+    from deepsynth.inference import InstructionEngine, read_document
+    from deepsynth.models.generate import GenerationSettings
+
+    if document == "-":
+        doc = sys.stdin.read()
+    elif not Path(document).is_file():
+        raise typer.BadParameter(f"no such file: {document}", param_hint="DOCUMENT")
+    else:
+        doc = read_document(document)
+    if isinstance(doc, str) and not doc.strip():
+        raise typer.BadParameter("the document is empty", param_hint="DOCUMENT")
+    engine = InstructionEngine(model, render_preset=preset)
+    result = engine.ask(doc, instruction, GenerationSettings(max_new_tokens=max_new_tokens))
+    typer.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.answer)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,51 @@
+import json
+
+import pytest
+import torch
+
+from deepsynth.models import load_model
+from deepsynth.models.collate import Collator
+from deepsynth.models.deepseek_ocr2 import PatchReadoutVisionModel, real_config
+from deepsynth.models.generate import GenerationSettings, generate_answers
+from deepsynth.render import RenderConfig, render_text
+
+
+def test_tiny_is_the_real_class_and_saves_and_loads(tmp_path):
+    model, processor = load_model("tiny", seed=3)
+    assert type(model).__name__ == "DeepseekOcr2ForConditionalGeneration"
+    assert isinstance(model.model.vision_tower, PatchReadoutVisionModel)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["vision_readout"] == "patches"
+    again, processor2 = load_model(str(tmp_path))
+    assert isinstance(again.model.vision_tower, PatchReadoutVisionModel)
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name
+    pages = [[render_text("alpha: 12\nbravo: 34", RenderConfig.from_preset("tiny"))[0].image]] * 2
+    settings = GenerationSettings(max_new_tokens=6)
+    assert generate_answers(model, Collator(processor), pages, ["alpha?", "bravo?"], settings) == \
+        generate_answers(again, Collator(processor2), pages, ["alpha?", "bravo?"], settings)
+
+
+def test_patch_readout_gives_one_token_per_patch():
+    model, processor = load_model("tiny")
+    features = model.model.get_image_features(torch.zeros(2, 3, 256, 256)).pooler_output
+    assert [f.shape[0] for f in features] == [17, 17]
+
+
+def test_unknown_and_missing_models_fail_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_model(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ValueError, match="no backend for model_type 'bert'"):
+        load_model(str(tmp_path))
+
+
+def test_real_config_builds_on_meta_without_download():
+    from transformers import DeepseekOcr2ForConditionalGeneration
+
+    with torch.device("meta"):
+        model = DeepseekOcr2ForConditionalGeneration(real_config())
+    params = sum(p.numel() for p in model.parameters())
+    assert model.config.text_config.hidden_size == 1280
+    assert 2.5e9 < params < 4.5e9, params
