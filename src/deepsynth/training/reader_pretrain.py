@@ -32,6 +32,7 @@ import torch
 from deepsynth.data.synthetic import TRANSCRIBE_INSTRUCTION, SyntheticConfig, make_document, split_values
 from deepsynth.models.collate import Collator
 from deepsynth.models.deepseek_ocr2 import build_tiny
+from deepsynth.models.registry import load_model
 from deepsynth.render import RenderConfig, render_text
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,8 @@ class PretrainConfig:
     stage_minutes: float = 8.0  # a stage ends after this long even below advance_at
     eval_every_minutes: float = 5.0
     seed: int = 0
+    init_from: str = ""  # continue from a saved reader instead of a fresh tiny model
+    start_stage: int = 0  # curriculum stage to start at (with init_from)
 
 
 def make_example(rng: random.Random, stage: Stage, syn: SyntheticConfig, values: list[str]) -> dict:
@@ -146,7 +149,10 @@ def pretrain(cfg: PretrainConfig) -> dict:
     rng = random.Random(cfg.seed)
     syn = SyntheticConfig(seed=cfg.seed)
     train_values, _ = split_values(syn)
-    model, processor = build_tiny(seed=cfg.seed)
+    if cfg.init_from:
+        model, processor = load_model(cfg.init_from)
+    else:
+        model, processor = build_tiny(seed=cfg.seed)
     collator = Collator(processor)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
@@ -162,7 +168,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     log_path = out.with_name(out.name + ".log.jsonl")
     log = log_path.open("w")
     start = stage_start = last_eval = time.time()
-    stage_idx, step, recent = 0, 0, deque(maxlen=50)
+    stage_idx, step, recent = cfg.start_stage, 0, deque(maxlen=50)
     history = []
     model.train()
     while time.time() - start < cfg.minutes * 60:
