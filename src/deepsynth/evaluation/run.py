@@ -32,7 +32,7 @@ def evaluate_examples(
     dataset = InstructionDataset(examples, render_config)
     items = [dataset[i] for i in range(len(dataset))]
     instructions = [it["instruction"] if instruction is None else instruction for it in items]
-    preds = generate_answers(model, Collator(processor), [it["pages"] for it in items], instructions,
+    preds = generate_answers(model, Collator.for_model(model, processor), [it["pages"] for it in items], instructions,
                              settings, batch_size=batch_size)
     scores = aggregate(preds, [ex.answer for ex in examples], metrics=metrics)
     records = [

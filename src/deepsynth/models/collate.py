@@ -2,14 +2,17 @@
 
 Layout of one example (the native instruction channel, DESIGN.md):
     <image tokens of page 1> ... <image tokens of page n> "\\n" instruction "\\n" | answer <eos>
+That raw layout is for DeepSeek-OCR models; chat VLMs (Qwen2-VL, Idefics3, ...) get their processor's
+chat template instead (a user turn with the pages and the instruction, then the assistant header),
+chosen per processor by `default_prompt_builder`.
 The processor owns image preprocessing and the number of image tokens per page; this module only
 places the text around them and masks the labels so that the loss falls on answer + EOS alone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
@@ -24,6 +27,60 @@ def build_prompt(num_pages: int, instruction: str, image_token: str = "<image>")
     return image_token * num_pages + "\n" + instruction + "\n"
 
 
+@dataclass(frozen=True)
+class PromptBuilder:
+    """How one backend family turns (pages, instruction) into prompt text, and which processor
+    outputs reach the model.
+
+    text:          (processor, num_pages, instruction) -> prompt text with one image placeholder per
+                   page (the processor expands each placeholder into that page's image tokens).
+    pass_through:  False: the batch keeps `pixel_values` only (DeepSeek-OCR). True: every other
+                   processor output goes to the model too: per-token ones (`mm_token_type_ids`,
+                   shaped like `input_ids`) are padded with the ids (0 on answer and padding
+                   positions), the rest (`image_grid_thw`, `pixel_attention_mask`) as they are.
+    """
+
+    name: str
+    text: Callable[[object, int, str], str]
+    pass_through: bool = False
+
+    def __call__(self, processor, num_pages: int, instruction: str) -> str:
+        return self.text(processor, num_pages, instruction)
+
+
+def _raw_text(processor, num_pages: int, instruction: str) -> str:
+    return build_prompt(num_pages, instruction, processor.image_token)
+
+
+def chat_messages(num_pages: int, instruction: str) -> list[dict]:
+    """One user turn: the pages as images, then the instruction."""
+    if num_pages < 1:
+        raise ValueError(f"an example needs at least one page, got {num_pages}")
+    return [{"role": "user", "content": [{"type": "image"}] * num_pages + [{"type": "text", "text": instruction}]}]
+
+
+def _chat_text(processor, num_pages: int, instruction: str) -> str:
+    return processor.apply_chat_template(chat_messages(num_pages, instruction), tokenize=False,
+                                         add_generation_prompt=True)
+
+
+# `<image>...\n{instruction}\n`: what DeepSeek-OCR models were trained on (their documented prompts).
+RAW_PROMPT = PromptBuilder("raw", _raw_text)
+# The processor's chat template with add_generation_prompt: what chat VLMs (Qwen2-VL, Idefics3,
+# SmolVLM, ...) were instruction-tuned on; the answer follows the assistant header.
+CHAT_TEMPLATE_PROMPT = PromptBuilder("chat-template", _chat_text, pass_through=True)
+# Processor classes that always get the raw layout, whatever chat template they carry.
+RAW_PROMPT_PROCESSORS: set[str] = {"DeepseekOcr2Processor"}
+
+
+def default_prompt_builder(processor) -> PromptBuilder:
+    """Raw layout for DeepSeek-OCR processors and processors without a chat template; the chat
+    template for every other processor."""
+    if type(processor).__name__ in RAW_PROMPT_PROCESSORS or not getattr(processor, "chat_template", None):
+        return RAW_PROMPT
+    return CHAT_TEMPLATE_PROMPT
+
+
 @dataclass
 class Collator:
     """Turns (pages, instruction, answer) triples into a padded training batch.
@@ -31,10 +88,31 @@ class Collator:
     processor:   the model's processor (image preprocessing + tokenizer + image-token expansion).
     max_length:  longest sequence allowed; a longer example raises an error naming it rather than
                  being truncated, because cutting would drop answer tokens or image tokens.
+    instruction_tokenizer: set for the text-encoder channel: the instruction is tokenized with
+                 the encoder's tokenizer and the prompt holds one placeholder (the pad token) per
+                 encoder token; batches then carry instruction_input_ids / _attention_mask /
+                 _positions for `SoftPromptModel`.
+    instruction_max_length: encoder tokens kept per instruction (longer ones are truncated by the
+                 encoder tokenizer, as any encoder input would be).
     """
 
     processor: object
     max_length: int = 1024
+    instruction_tokenizer: object | None = None
+    instruction_max_length: int = 128
+    # Prompt layout; None = `default_prompt_builder(processor)` (raw for DeepSeek, chat template otherwise).
+    prompt_builder: PromptBuilder | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if self.prompt_builder is None:
+            self.prompt_builder = default_prompt_builder(self.processor)
+
+    @classmethod
+    def for_model(cls, model, processor, max_length: int = 1024) -> "Collator":
+        """The collator a model needs: with an instruction tokenizer when it reads instructions
+        through a text encoder (`SoftPromptModel`), plain otherwise."""
+        encoder = getattr(model, "text_encoder", None)
+        return cls(processor, max_length, instruction_tokenizer=encoder.tokenizer if encoder is not None else None)
 
     @property
     def tokenizer(self):
@@ -42,12 +120,21 @@ class Collator:
 
     def encode_prompts(self, pages: Sequence[Sequence[Image.Image]], instructions: Sequence[str]) -> dict:
         """Processor call for prompts only: token ids (unpadded lists) and pixel values for all pages."""
-        prompts = [build_prompt(len(p), ins, self.processor.image_token) for p, ins in zip(pages, instructions)]
+        extra = {}
+        if self.instruction_tokenizer is not None:
+            ins_enc = self.instruction_tokenizer(list(instructions), padding=True, truncation=True,
+                                                 max_length=self.instruction_max_length, return_tensors="pt")
+            placeholder = self.tokenizer.pad_token
+            instructions = [placeholder * int(n) for n in ins_enc["attention_mask"].sum(1)]
+            extra = {"instruction_input_ids": ins_enc["input_ids"], "instruction_attention_mask": ins_enc["attention_mask"]}
+        prompts = [self.prompt_builder(self.processor, len(p), ins) for p, ins in zip(pages, instructions)]
         flat = [img for doc in pages for img in doc]
         enc = self.processor(images=flat, text=prompts, return_tensors="pt", padding=True)
         # Unpad the ids so that answers can be appended before the batch is padded again.
         ids = [row[mask.bool()].tolist() for row, mask in zip(enc["input_ids"], enc["attention_mask"])]
-        return {"input_ids": ids, "pixel_values": enc["pixel_values"]}
+        if self.prompt_builder.pass_through:
+            extra.update(_split_processor_outputs(enc))
+        return {"input_ids": ids, "pixel_values": enc["pixel_values"], **extra}
 
     def __call__(self, batch: Sequence[dict]) -> dict:
         """batch items: {"pages": [PIL images], "instruction": str, "answer": str, "id": str (optional)}."""
@@ -65,7 +152,15 @@ class Collator:
                 )
             ids.append(prompt_ids + answer_ids)
             labels.append([IGNORE_INDEX] * len(prompt_ids) + answer_ids)
-        return {**pad_right(ids, labels, self.tokenizer.pad_token_id), "pixel_values": enc["pixel_values"]}
+        out = {**pad_right(ids, labels, self.tokenizer.pad_token_id), "pixel_values": enc["pixel_values"]}
+        out.update(_model_inputs(enc, out["input_ids"].shape[1], left=False))
+        if self.instruction_tokenizer is not None:
+            # Placeholders are the pad tokens of the prompt part (the answer may end in a pad-like EOS).
+            pad, width = self.tokenizer.pad_token_id, out["input_ids"].shape[1]
+            out["instruction_positions"] = torch.tensor(
+                [[t == pad for t in p] + [False] * (width - len(p)) for p in enc["input_ids"]])
+            out.update({k: v for k, v in enc.items() if k.startswith("instruction_")})
+        return out
 
     def prompt_batch(self, pages: Sequence[Sequence[Image.Image]], instructions: Sequence[str]) -> dict:
         """Left-padded prompts for generation (new tokens are appended on the right)."""
@@ -74,7 +169,12 @@ class Collator:
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in enc["input_ids"]])
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in enc["input_ids"]])
-        return {"input_ids": input_ids, "attention_mask": mask, "pixel_values": enc["pixel_values"]}
+        out = {"input_ids": input_ids, "attention_mask": mask, "pixel_values": enc["pixel_values"]}
+        out.update(_model_inputs(enc, width, left=True))
+        if self.instruction_tokenizer is not None:
+            out["instruction_positions"] = (input_ids == pad) & mask.bool()
+            out.update({k: v for k, v in enc.items() if k.startswith("instruction_")})
+        return out
 
 
 def pad_right(ids: list[list[int]], labels: list[list[int]], pad_id: int) -> dict:
@@ -84,3 +184,30 @@ def pad_right(ids: list[list[int]], labels: list[list[int]], pad_id: int) -> dic
         "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]),
         "labels": torch.tensor([y + [IGNORE_INDEX] * (width - len(y)) for y in labels]),
     }
+
+
+_TEXT_KEYS = ("input_ids", "attention_mask", "pixel_values")
+
+
+def _split_processor_outputs(enc) -> dict:
+    """Processor outputs beyond ids/mask/pixels: per-token ones unpadded like the ids, the rest as is."""
+    mask = enc["attention_mask"].bool()
+    tokens, other = {}, {}
+    for key, value in enc.items():
+        if key in _TEXT_KEYS or not isinstance(value, torch.Tensor):
+            continue
+        if value.shape == mask.shape:
+            tokens[key] = [row[m].tolist() for row, m in zip(value, mask)]
+        else:
+            other[key] = value
+    return {"token_inputs": tokens, "mm_inputs": other}
+
+
+def _model_inputs(enc: dict, width: int, left: bool) -> dict:
+    """Pass-through inputs for the model: per-token ones padded to `width` with 0 (answer tokens
+    are text, so they are 0 too), the others unchanged."""
+    out = dict(enc.get("mm_inputs", {}))
+    for key, rows in enc.get("token_inputs", {}).items():
+        padded = [[0] * (width - len(r)) + r if left else r + [0] * (width - len(r)) for r in rows]
+        out[key] = torch.tensor(padded)
+    return out

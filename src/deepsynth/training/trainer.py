@@ -28,6 +28,7 @@ from deepsynth.data.schema import InstructionExample
 from deepsynth.evaluation.run import evaluate_examples
 from deepsynth.models import Collator, load_model
 from deepsynth.models.generate import GenerationSettings
+from deepsynth.models.text_encoder import SoftPromptModel, TextEncoderModule
 from deepsynth.render import RenderConfig
 from deepsynth.training.config import TrainerConfig
 
@@ -75,11 +76,6 @@ def lr_lambda(config: TrainerConfig, total_steps: int):
 
 def apply_training_options(model, config: TrainerConfig):
     """Freeze the vision tower and/or wrap the decoder with LoRA, as the config asks."""
-    if config.use_text_encoder:
-        raise NotImplementedError(
-            "use_text_encoder: the text-encoder channel is not in this release; "
-            "the native channel (instruction as prompt text) is used when use_text_encoder=false"
-        )
     if config.freeze_vision_encoder:
         vision = getattr(getattr(model, "model", model), "vision_tower", None)
         if vision is None:
@@ -94,6 +90,9 @@ def apply_training_options(model, config: TrainerConfig):
             target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
         )
         model = get_peft_model(model, lora)
+    if config.use_text_encoder:
+        encoder = TextEncoderModule(config.text_encoder_model, trainable=config.text_encoder_trainable)
+        model = SoftPromptModel(model, encoder, use_projection=config.use_text_projection)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     logger.info("trainable parameters: %d of %d (%.2f%%)", trainable, total, 100 * trainable / max(total, 1))
@@ -137,7 +136,8 @@ class Trainer:
             raise ValueError("the training set is empty")
         sampler = EpochSampler(len(dataset), cfg.seed)
         loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler,
-                            collate_fn=Collator(self.processor, cfg.max_length), num_workers=cfg.num_workers)
+                            collate_fn=Collator.for_model(self.model, self.processor, cfg.max_length),
+                            num_workers=cfg.num_workers)
         steps_per_epoch = max(1, len(loader) // cfg.gradient_accumulation_steps)
         total_steps = cfg.max_steps or cfg.num_epochs * steps_per_epoch
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -280,8 +280,12 @@ class Trainer:
         if self.accelerator.is_main_process:
             model = self.accelerator.unwrap_model(self._prepared)
             if self.config.use_lora:
-                model.save_pretrained(self.out / "adapter")
-                model = model.merge_and_unload()
+                peft_model = model.model if isinstance(model, SoftPromptModel) else model
+                peft_model.save_pretrained(self.out / "adapter")
+                if isinstance(model, SoftPromptModel):
+                    model.model = peft_model.merge_and_unload()
+                else:
+                    model = peft_model.merge_and_unload()
             tmp = self.out / ".final.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             model.save_pretrained(tmp)

