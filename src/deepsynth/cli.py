@@ -28,11 +28,15 @@ def demo(
     minutes: float = typer.Option(12.0, help="Fine-tuning budget (wall-clock minutes)."),
     model: str = typer.Option("tiny-reader", help="Starting model."),
     n_eval: int = typer.Option(200, help="Held-out examples."),
+    text_encoder: Optional[str] = typer.Option(
+        None, help="Send the instruction through this text encoder (e.g. sentence-transformers/all-MiniLM-L6-v2)."),
+    text_encoder_trainable: bool = typer.Option(False, help="Fine-tune the text encoder too."),
 ) -> None:
     """Fine-tune the tiny reader to answer questions about pages, evaluate, ablate, answer one."""
     from deepsynth.demo import DemoConfig, format_table, run_demo
 
-    report = run_demo(DemoConfig(out=str(out), minutes=minutes, model=model, n_eval=n_eval))
+    report = run_demo(DemoConfig(out=str(out), minutes=minutes, model=model, n_eval=n_eval, text_encoder=text_encoder,
+                                 text_encoder_trainable=text_encoder_trainable))
     typer.echo(format_table(report))
     typer.echo(f"\nreport: {out / 'report.json'}   curves: {out / 'train' / 'curves.png'}")
 

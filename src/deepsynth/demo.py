@@ -46,6 +46,10 @@ class DemoConfig:
     batch_size: int = 16
     learning_rate: float = 4e-4
     seed: int = 0
+    # Send the instruction through this text encoder (projected soft prompt) instead of prompt text.
+    text_encoder: str | None = None
+    # Fine-tune the text encoder too (otherwise frozen; the projection always trains).
+    text_encoder_trainable: bool = False
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -62,6 +66,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         model_name=cfg.model, output_dir=str(out / "train"), batch_size=cfg.batch_size, num_epochs=100,
         max_minutes=cfg.minutes, learning_rate=cfg.learning_rate, lr_scheduler="constant", seed=cfg.seed,
         eval_interval=300, eval_samples=50, eval_max_new_tokens=8, log_interval=25, render_preset="tiny",
+        use_text_encoder=cfg.text_encoder is not None, text_encoder_model=cfg.text_encoder,
+        text_encoder_trainable=cfg.text_encoder_trainable,
     )
     trainer = Trainer(trainer_cfg)
     base = evaluate_examples(trainer.model, trainer.processor, heldout, render_config, settings)["scores"]
@@ -89,6 +95,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         "loss_first": metrics["loss_first"],
         "loss_last": metrics["loss_last"],
         "model": cfg.model,
+        "instruction_channel": f"text encoder {cfg.text_encoder}" if cfg.text_encoder else "prompt text",
         "final_model": metrics["final_model"],
         "example": {"document": example.text, "instruction": example.instruction, "gold": example.answer,
                     "answer": answer.answer, "latency_ms": round((time.perf_counter() - t0) * 1000, 1),

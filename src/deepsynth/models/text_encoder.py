@@ -149,6 +149,8 @@ class SoftPromptModel(nn.Module):
 
     def embed(self, input_ids, instruction_input_ids, instruction_attention_mask, instruction_positions):
         embeds = self.model.get_input_embeddings()(input_ids)
+        if instruction_input_ids.shape[1] == 0:  # every instruction empty (the ablation): nothing to insert
+            return embeds
         states = self.projection(self.text_encoder(instruction_input_ids, instruction_attention_mask))
         real = instruction_attention_mask.bool()
         if int(real.sum()) != int(instruction_positions.sum()):
