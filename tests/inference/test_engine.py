@@ -286,3 +286,27 @@ def test_lora_adapter_directory_is_merged(tmp_path):
     assert any(not torch.equal(got[n], plain[n]) for n in got if "q_proj" in n)
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         InstructionEngine("tiny", adapter=str(tmp_path))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_soft_prompt_and_generic_models_use_the_pixel_path():
+    """Models other than DeepSeek-OCR-2 with the raw prompt (text-encoder channel, chat VLMs) go
+    through the collator with pixels each call; loops, streaming and the render cache still work."""
+    from deepsynth.models import load_model
+    from deepsynth.models.text_encoder import SoftPromptModel, TextEncoderModule
+
+    base, processor = load_model("tiny", seed=1)
+    soft = InstructionEngine((SoftPromptModel(base, TextEncoderModule("tiny-qwen2")), processor))
+    assert not soft.encodes_pages
+    x = ids(soft, "x")
+    out = soft.ask(DOC, "Total?", max_new_tokens=60, no_repeat_ngram_size=0, **forced(x))
+    assert out.stopped == "loop" and out.answer == "x" and out.new_tokens == 24  # new tokens only are checked
+    streamed = list(soft.stream(DOC, "Total?", max_new_tokens=6))
+    assert isinstance(streamed[-1], Answer) and streamed[-1].cached
+    try:
+        generic = InstructionEngine("tiny-qwen2-vl")
+    except (ValueError, ImportError, FileNotFoundError, OSError) as exc:  # preset owned by the models stage
+        pytest.skip(f"tiny-qwen2-vl preset unavailable: {exc}")
+    assert not generic.encodes_pages
+    answers = generic.ask_batch([DOC, "Another document."], ["Total?", "What?"], max_new_tokens=5)
+    assert all(a.visual_tokens > 0 and a.prompt_tokens > a.visual_tokens for a in answers)

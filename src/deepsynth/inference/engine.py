@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import StoppingCriteriaList, TextIteratorStreamer
+from transformers import DeepseekOcr2ForConditionalGeneration, StoppingCriteriaList, TextIteratorStreamer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from deepsynth.inference.documents import (
@@ -47,6 +47,7 @@ from deepsynth.inference.documents import (
 )
 from deepsynth.inference.loops import CancelStop, LoopPolicy, LoopStop, trim_loop
 from deepsynth.models import Collator, load_model
+from deepsynth.models.collate import RAW_PROMPT
 from deepsynth.models.generate import GenerationSettings
 from deepsynth.render import RenderConfig, render_text
 
@@ -181,31 +182,40 @@ class InstructionEngine:
     max_batch_size: largest batch handed to one `generate` call.
     """
 
-    def __init__(self, model: str = "tiny-reader", render_preset: str = "tiny",
+    def __init__(self, model: str | tuple = "tiny-reader", render_preset: str = "tiny",
                  device: str | None = None, dtype: torch.dtype | None = None, adapter: str | None = None,
                  cache_pages: int = 256, generation: GenerationSettings | None = None,
                  max_batch_size: int = 16, loop_policy: LoopPolicy = LoopPolicy()) -> None:
-        self.model, self.processor = self._load(model, adapter, dtype)
+        if isinstance(model, tuple):  # an already loaded (model, processor)
+            (self.model, self.processor), self.name = model, type(model[0]).__name__
+        else:
+            (self.model, self.processor), self.name = self._load(model, adapter, dtype), model
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device).eval()
-        self.collator = Collator(self.processor)
+        self.collator = Collator.for_model(self.model, self.processor)
         self.tokenizer = self.processor.tokenizer
         self.render_config = RenderConfig.from_preset(render_preset)
         self._render_key = json.dumps(dataclasses.asdict(self.render_config), sort_keys=True, default=str).encode()
-        self.name = model
         self.render_preset = render_preset
         self.generation = generation or DEFAULT_GENERATION
         self.max_batch_size = max_batch_size
         self.loop_policy = loop_policy
         self.cache = DocumentCache(cache_pages)
         self._model_lock = threading.RLock()
-        self.image_token_id = self.model.config.image_token_id
+        self.image_token_id = getattr(self.model.config, "image_token_id", None)
         text_config = getattr(self.model.config, "text_config", self.model.config)
         self.max_positions = getattr(text_config, "max_position_embeddings", None)
-        # Pre-computed page features need a model whose forward takes `mm_encoder_outputs`;
-        # any other model gets pixels on every call (the render cache still applies).
-        self.encodes_pages = hasattr(self.model, "get_image_features") and hasattr(
-            self.model, "_supports_mm_encoder_outputs") and self.model._supports_mm_encoder_outputs()
+        # Soft-prompt models (text-encoder channel) generate from inputs_embeds: the token ids that
+        # stopping criteria see hold the new tokens only.
+        self._ids_hold_prompt = getattr(self.model, "text_encoder", None) is None
+        # Pre-computed page features (mm_encoder_outputs) for DeepSeek-OCR-2 with the raw prompt
+        # layout; any other model gets pixels on every call (the render cache still applies).
+        self.encodes_pages = (
+            isinstance(self.model, DeepseekOcr2ForConditionalGeneration)
+            and self.collator.instruction_tokenizer is None
+            and self.collator.prompt_builder is RAW_PROMPT
+            and self.model._supports_mm_encoder_outputs()
+        )
 
     @staticmethod
     def _load(model: str, adapter: str | None, dtype):
@@ -428,7 +438,7 @@ class InstructionEngine:
              streamer=None, cancel: threading.Event | None = None) -> list[dict]:
         tok = self.tokenizer
         with self._model_lock:
-            cached = [d.features is not None for d in docs]
+            cached = [d.uses > 0 for d in docs]
             if self.encodes_pages:
                 self._encode(docs)
                 prompts = [self._prompt_ids(d, ins) for d, ins in zip(docs, instructions)]
@@ -440,18 +450,19 @@ class InstructionEngine:
                           "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=features)}}
             else:
                 batch = self.collator.prompt_batch([d.pages for d in docs], instructions)
-                inputs = {k: v.to(self.device) for k, v in batch.items()}
+                inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
                 width = inputs["input_ids"].shape[1]
                 mask = inputs["attention_mask"].cpu()
                 input_ids = inputs["input_ids"].cpu()
             for i, m in enumerate(mask):
                 self.check_length(int(m.sum()), settings, field=f"documents[{i}]" if len(docs) > 1 else "document")
-            criteria = StoppingCriteriaList([LoopStop(width, self.loop_policy)])
+            criteria = StoppingCriteriaList([LoopStop(width if self._ids_hold_prompt else 0, self.loop_policy)])
             canceller = CancelStop(cancel) if cancel is not None else None
             if canceller is not None:
                 criteria.append(canceller)
             kwargs = settings.kwargs()
-            kwargs.setdefault("suppress_tokens", [self.image_token_id])  # an answer never holds image tokens
+            if self.image_token_id is not None:  # an answer never holds image tokens
+                kwargs.setdefault("suppress_tokens", [self.image_token_id])
             out = self.model.generate(**inputs, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                                       stopping_criteria=criteria, streamer=streamer, **kwargs)
         cancelled = canceller is not None and canceller.fired
@@ -473,7 +484,7 @@ class InstructionEngine:
                 "doc": doc,
                 "answer": tok.decode(new, skip_special_tokens=True).strip(),
                 "prompt_tokens": int(m.sum()),
-                "visual_tokens": int((ids[m.bool()] == self.image_token_id).sum()),
+                "visual_tokens": int((ids[m.bool()] == self.image_token_id).sum()) if self.image_token_id is not None else 0,
                 "new_tokens": n_new,
                 "stopped": stopped,
                 "cached": was_cached,
