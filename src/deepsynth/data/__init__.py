@@ -1,4 +1,5 @@
-"""Instruction data: the record schema, its file formats, and synthetic document Q&A."""
+"""Instruction data: the record schema, its file formats, synthetic document Q&A, converters for
+public datasets and the prepare / validate / upload pipeline (:mod:`deepsynth.data.pipeline`)."""
 
 from deepsynth.data.schema import (
     DataValidationError,
@@ -12,6 +13,21 @@ from deepsynth.data.schema import (
     write_json,
     write_jsonl,
     write_parquet,
+)
+from deepsynth.data.converters import (
+    CONVERTERS,
+    KNOWN_DATASETS,
+    ConversionStats,
+    SkipRecord,
+    convert,
+    convert_cnn_dailymail,
+    convert_fiqa,
+    convert_generic,
+    convert_ms_marco,
+    convert_natural_questions,
+    convert_squad,
+    convert_xsum,
+    detect_converter,
 )
 from deepsynth.data.synthetic import (
     KEYS,
@@ -46,4 +62,17 @@ __all__ = [
     "generate_passages",
     "make_document",
     "split_values",
+    "CONVERTERS",
+    "KNOWN_DATASETS",
+    "ConversionStats",
+    "SkipRecord",
+    "convert",
+    "convert_cnn_dailymail",
+    "convert_fiqa",
+    "convert_generic",
+    "convert_ms_marco",
+    "convert_natural_questions",
+    "convert_squad",
+    "convert_xsum",
+    "detect_converter",
 ]
