@@ -1,22 +1,94 @@
-"""`InstructionDataset`: a torch Dataset of rendered pages + instruction + answer."""
+"""`InstructionDataset`: a torch Dataset of rendered pages + instruction + answer, and the
+two helpers users know from the original API (`create_instruction_dataset_from_qa`,
+`create_instruction_dataset_from_summarization`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import io
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
+from PIL import Image
 from torch.utils.data import Dataset
 
-from deepsynth.data.schema import InstructionExample
+from deepsynth.data.converters import (
+    ConversionStats,
+    SkipRecord,
+    generic_row,
+    squad_row,
+)
+from deepsynth.data.schema import DataValidationError, InstructionExample
 from deepsynth.render import RenderConfig, render_text
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "InstructionDataset",
+    "create_instruction_dataset_from_qa",
+    "create_instruction_dataset_from_summarization",
+    "IMAGE_COLUMNS",
+]
+
+# Columns holding pre-rendered pages, in order of preference ("Image" is what `prepare` writes).
+IMAGE_COLUMNS: tuple[str, ...] = ("Image", "images", "image")
+
+
+def _to_pil(page: Any) -> Image.Image:
+    """A pre-rendered page (PIL image, PNG/JPEG bytes, a `datasets` {"bytes", "path"} dict, or a
+    file path) as an RGB PIL image."""
+    if isinstance(page, Image.Image):
+        img = page
+    elif isinstance(page, (bytes, bytearray, memoryview)):
+        img = Image.open(io.BytesIO(bytes(page)))
+    elif isinstance(page, Mapping):
+        if page.get("bytes") is not None:
+            img = Image.open(io.BytesIO(page["bytes"]))
+        elif page.get("path"):
+            img = Image.open(page["path"])
+        else:
+            raise ValueError("pre-rendered page has neither 'bytes' nor 'path'")
+    elif isinstance(page, (str, os.PathLike)):
+        img = Image.open(page)
+    else:
+        raise TypeError(f"pre-rendered page must be a PIL image, bytes, a {{'bytes', 'path'}} dict or a path, "
+                        f"got {type(page).__name__}")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _page_list(value: Any) -> list:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]
+
+
+class _ColumnPages:
+    """Lazy per-example access to an image column (decodes only the row asked for)."""
+
+    def __init__(self, data: Any, column: str, rows: Sequence[int]):
+        self.data, self.column, self.rows = data, column, list(rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> list:
+        return _page_list(self.data[self.rows[i]][self.column])
 
 
 class InstructionDataset(Dataset):
-    """Examples rendered to pages on the fly (rendering is cheap next to a training step).
+    """Examples rendered to pages on the fly (rendering is cheap next to a training step), or
+    read from pre-rendered pages.
 
     examples:            the records; each is validated once here.
     render_config:       how documents become pages; it must match what the model reads
                          (default `RenderConfig()`, 1024 px pages).
     default_instruction: used where an example's instruction is empty.
+    pages:               optional pre-rendered pages, one entry per example (a list of PIL
+                         images / PNG bytes / `datasets` image dicts); an empty entry is rendered.
     """
 
     def __init__(
@@ -24,21 +96,174 @@ class InstructionDataset(Dataset):
         examples: Sequence[InstructionExample],
         render_config: RenderConfig | None = None,
         default_instruction: str = "",
+        pages: Sequence[Any] | None = None,
     ) -> None:
         for ex in examples:
             ex.validate()
         self.examples = list(examples)
         self.render_config = render_config or RenderConfig()
         self.default_instruction = default_instruction
+        if pages is not None and len(pages) != len(self.examples):
+            raise ValueError(f"pages has {len(pages)} entries but there are {len(self.examples)} examples")
+        self.pages = pages
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def __getitem__(self, index: int) -> dict:
         ex = self.examples[index]
+        pre = _page_list(self.pages[index]) if self.pages is not None else []
+        if pre:
+            images = [_to_pil(p) for p in pre]
+        else:
+            images = [page.image for page in render_text(ex.text, self.render_config)]
         return {
             "id": ex.id,
-            "pages": [page.image for page in render_text(ex.text, self.render_config)],
+            "pages": images,
             "instruction": ex.instruction or self.default_instruction,
             "answer": ex.answer,
         }
+
+    @classmethod
+    def from_prepared(cls, path: str | os.PathLike, render_config: RenderConfig | None = None,
+                      default_instruction: str = "") -> "InstructionDataset":
+        """Open a folder written by `deepsynth prepare` (or one of its Parquet shards). Pages
+        come from its ``Image`` column when it was rendered (decoded lazily), else are rendered
+        with ``render_config`` (default: the folder's render settings, else `RenderConfig()`)."""
+        import json
+
+        import datasets
+
+        path = Path(path)
+        files = [path] if path.is_file() else sorted((path / "data").glob("*.parquet"))
+        if not files:
+            raise FileNotFoundError(f"{path}: no Parquet shards (expected {path}/data/*.parquet)")
+        if render_config is None and path.is_dir() and (path / "manifest.json").is_file():
+            manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+            if manifest.get("render"):
+                render_config = RenderConfig(**manifest["render"]["config"])
+        data = datasets.Dataset.from_parquet([str(f) for f in files])
+        examples = []
+        for i, row in enumerate(data.select_columns([c for c in ("id", "text", "instruction", "answer", "source",
+                                                                 "meta") if c in data.column_names])):
+            row = dict(row)
+            meta = row.get("meta")
+            if isinstance(meta, str):
+                row["meta"] = json.loads(meta) if meta.strip() else {}
+            if row.get("meta") is None:
+                row.pop("meta", None)
+            if row.get("source") is None:
+                row.pop("source", None)
+            examples.append(InstructionExample.from_dict(row, where=f"{path} row {i + 1}"))
+        column = next((c for c in IMAGE_COLUMNS if c in data.column_names), None)
+        pages = _ColumnPages(data, column, range(len(examples))) if column else None
+        return cls(examples, render_config, default_instruction, pages=pages)
+
+
+# --------------------------------------------------------------------------------------------
+# the helpers users know
+
+
+def _load(dataset: Any, split: str) -> Any:
+    if isinstance(dataset, (str, os.PathLike)):
+        from datasets import load_dataset
+
+        return load_dataset(str(dataset), split=split)
+    if hasattr(dataset, "keys") and hasattr(dataset, "values") and not hasattr(dataset, "column_names"):
+        # a DatasetDict
+        if split not in dataset:
+            raise KeyError(f"split {split!r} not in the dataset (splits: {list(dataset.keys())})")
+        return dataset[split]
+    return dataset
+
+
+def _image_column(data: Any) -> str | None:
+    names = getattr(data, "column_names", None)
+    if names is None:
+        return None
+    return next((c for c in IMAGE_COLUMNS if c in names), None)
+
+
+def _build(data: Any, row_fn, options: dict, render_config: RenderConfig | None, default_instruction: str,
+           what: str) -> InstructionDataset:
+    image_col = _image_column(data)
+    examples: list[InstructionExample] = []
+    rows_kept: list[int] = []
+    list_pages: list = []
+    stats = ConversionStats()
+    for index, row in enumerate(data):
+        stats.seen += 1
+        try:
+            ex = row_fn(row, index, **options)
+            ex.validate()
+        except SkipRecord as skip:
+            stats.skipped[skip.reason] += 1
+            continue
+        except DataValidationError as exc:
+            raise DataValidationError(f"row {index}: {exc}", record_id=exc.record_id, field=exc.field) from exc
+        examples.append(ex)
+        rows_kept.append(index)
+        if image_col is None and isinstance(row, Mapping):
+            key = next((c for c in IMAGE_COLUMNS if row.get(c) is not None), None)
+            list_pages.append(_page_list(row.get(key)) if key else [])
+    if stats.skipped:
+        logger.warning("%s: converted %d of %d records; skipped %s", what, len(examples), stats.seen,
+                       dict(stats.skipped))
+    if image_col is not None:
+        pages: Any = _ColumnPages(data, image_col, rows_kept)
+    else:
+        pages = list_pages if any(list_pages) else None
+    return InstructionDataset(examples, render_config, default_instruction, pages=pages)
+
+
+def create_instruction_dataset_from_qa(
+    dataset: Any,
+    context_field: str = "context",
+    question_field: str = "question",
+    answer_field: str = "answers",
+    *,
+    no_answer: str = "skip",
+    split: str = "train",
+    render_config: RenderConfig | None = None,
+    source: str = "qa",
+) -> InstructionDataset:
+    """A Q&A dataset (SQuAD layout by default) as an :class:`InstructionDataset`.
+
+    ``dataset``: a ``datasets.Dataset`` (or DatasetDict, with ``split``), an iterable of dicts, or
+    a name/path for ``datasets.load_dataset``. The answer field may be SQuAD's
+    ``{"text": [...], "answer_start": [...]}``, a list of strings or a string; the first non-empty
+    answer is used. Questions without an answer are skipped (counted in a warning) or, with
+    ``no_answer="unanswerable"`` (any text), answered with that text. Pre-rendered pages in an
+    ``Image``/``images``/``image`` column are used instead of rendering."""
+    data = _load(dataset, split)
+    return _build(data, squad_row, {"no_answer": no_answer, "source": source, "context_field": context_field,
+                                    "question_field": question_field, "answer_field": answer_field},
+                  render_config, "", "create_instruction_dataset_from_qa")
+
+
+def create_instruction_dataset_from_summarization(
+    dataset: Any,
+    text_field: str = "text",
+    summary_field: str = "summary",
+    default_instruction: str = "Summarize:",
+    *,
+    instruction_variants: Sequence[str] | None = None,
+    seed: int = 0,
+    split: str = "train",
+    render_config: RenderConfig | None = None,
+    source: str = "summarization",
+) -> InstructionDataset:
+    """A summarisation dataset (``text_field`` -> ``summary_field``) as an
+    :class:`InstructionDataset`; every example gets ``default_instruction``, or one of
+    ``instruction_variants`` chosen per example (stable across runs). Pre-rendered pages in an
+    ``Image``/``images``/``image`` column are used instead of rendering."""
+    data = _load(dataset, split)
+    return _build(data, _summary_row_with_id,
+                  {"text_field": text_field, "target_field": summary_field, "instruction": default_instruction,
+                   "instruction_variants": instruction_variants, "seed": seed, "source": source},
+                  render_config, default_instruction, "create_instruction_dataset_from_summarization")
+
+
+def _summary_row_with_id(row: Mapping, index: int, **options: Any) -> InstructionExample:
+    id_field = "id" if isinstance(row, Mapping) and row.get("id") not in (None, "") else None
+    return generic_row(row, index, id_field=id_field, **options)
