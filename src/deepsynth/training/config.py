@@ -53,6 +53,10 @@ class TrainerConfig:
     lora_alpha: int = 32
     # LoRA dropout.
     lora_dropout: float = 0.05
+    # QLoRA: LoRA adapters on a 4-bit (bitsandbytes NF4) decoder; needs use_lora and a CUDA GPU.
+    use_qlora: bool = False
+    # Recompute activations in the backward pass: less memory, about 30% more compute.
+    gradient_checkpointing: bool = False
     # Feed the instruction through a separate text encoder as soft-prompt embeddings.
     use_text_encoder: bool = False
     # Hub id or directory of that text encoder.
@@ -105,6 +109,8 @@ class TrainerConfig:
         check("lora_rank", self.lora_rank >= 1, ">= 1")
         check("lora_alpha", self.lora_alpha >= 1, ">= 1")
         check("lora_dropout", 0 <= self.lora_dropout < 1, "in [0, 1)")
+        check("use_qlora", not self.use_qlora or self.use_lora,
+              "false unless use_lora is true (QLoRA trains LoRA adapters on a 4-bit base)")
         check("text_encoder_model", not self.use_text_encoder or bool(self.text_encoder_model),
               "set when use_text_encoder is true")
         check("max_length", self.max_length >= 16, ">= 16")

@@ -30,6 +30,7 @@ from deepsynth.models import Collator, load_model
 from deepsynth.models.generate import GenerationSettings
 from deepsynth.models.text_encoder import SoftPromptModel, TextEncoderModule
 from deepsynth.render import RenderConfig
+from deepsynth.training import peft_utils
 from deepsynth.training.config import TrainerConfig
 
 logger = logging.getLogger(__name__)
@@ -75,27 +76,28 @@ def lr_lambda(config: TrainerConfig, total_steps: int):
 
 
 def apply_training_options(model, config: TrainerConfig):
-    """Freeze the vision tower and/or wrap the decoder with LoRA, as the config asks."""
+    """Apply the config's training options in order: 4-bit base (QLoRA), frozen vision tower,
+    gradient checkpointing, LoRA adapters on the decoder (targets per backbone, see peft_utils),
+    text encoder; then log the trainable-parameter report."""
+    if config.use_qlora:
+        model = peft_utils.quantize_base_4bit(model)  # RuntimeError naming the reason without CUDA
     if config.freeze_vision_encoder:
-        vision = getattr(getattr(model, "model", model), "vision_tower", None)
-        if vision is None:
-            raise ValueError("freeze_vision_encoder: this model has no `model.vision_tower` to freeze")
-        vision.requires_grad_(False)
+        try:
+            peft_utils.freeze_vision(model)
+        except ValueError as err:
+            raise ValueError(f"freeze_vision_encoder: {err}") from None
+    if config.gradient_checkpointing and not config.use_qlora:
+        peft_utils.enable_gradient_checkpointing(model)
+    if config.use_qlora:
+        model = peft_utils.prepare_for_kbit_training(model, config.gradient_checkpointing)
     if config.use_lora:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        lora = LoraConfig(
-            r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-            # Decoder attention and MLP projections only; the vision tower stays as it is.
-            target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
-        )
-        model = get_peft_model(model, lora)
+        model = get_peft_model(model, peft_utils.lora_config(model, config))
     if config.use_text_encoder:
         encoder = TextEncoderModule(config.text_encoder_model, trainable=config.text_encoder_trainable)
         model = SoftPromptModel(model, encoder, use_projection=config.use_text_projection)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    logger.info("trainable parameters: %d of %d (%.2f%%)", trainable, total, 100 * trainable / max(total, 1))
+    logger.info("%s", peft_utils.format_report(peft_utils.trainable_parameter_report(model)))
     return model
 
 

@@ -1,0 +1,268 @@
+"""Parameter-efficient training helpers: LoRA targets per backend, frozen vision, trainable-parameter
+report, QLoRA (4-bit base through bitsandbytes), gradient checkpointing, adapter upload.
+
+All of it is peft / transformers / huggingface_hub; this module only decides *what* to apply to
+which backbone. `deepsynth.training.trainer.apply_training_options` calls these in order.
+
+Backbones differ in where their parts live (checked on transformers 5):
+
+=================  ==========================  =============================  ==========================
+backend            vision tower                projector (stays trainable)    decoder (LoRA targets)
+=================  ==========================  =============================  ==========================
+DeepSeek-OCR-2     model.vision_tower          model.multi_modal_projector    model.language_model
+Qwen2-VL / 2.5-VL  model.visual                model.visual.merger            model.language_model
+Idefics3 / SmolVLM model.vision_model          model.connector                model.text_model
+=================  ==========================  =============================  ==========================
+
+LoRA goes on the decoder's attention and MLP projections (q/k/v/o, gate/up/down, and DeepSeek's
+MLA projections when present). DeepSeek-V2's routed experts are fused 3-D parameters, not
+`nn.Linear` modules, so they are left out; its shared experts and dense MLP get adapters.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+VISION_TOWER_NAMES = ("vision_tower", "visual", "vision_model", "vision_encoder", "image_encoder")
+# Sub-modules of a vision tower that are really the vision->text projector (trainable when vision is frozen).
+PROJECTOR_INSIDE_VISION = ("merger",)
+DECODER_NAMES = ("language_model", "text_model")
+LORA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                    "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")
+
+
+def _named(model: nn.Module, names: tuple[str, ...]) -> tuple[str, nn.Module] | None:
+    """The shallowest sub-module whose own name is one of `names` (works through peft/soft-prompt wrappers)."""
+    found = [(n, m) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in names]
+    return min(found, key=lambda nm: nm[0].count(".")) if found else None
+
+
+def find_vision_tower(model: nn.Module) -> tuple[str, nn.Module]:
+    """(qualified name, module) of the model's vision tower; ValueError when it has none."""
+    found = _named(model, VISION_TOWER_NAMES)
+    if found is None:
+        raise ValueError(f"{type(model).__name__} has no vision tower (looked for sub-modules named {VISION_TOWER_NAMES})")
+    return found
+
+
+def find_decoder(model: nn.Module) -> tuple[str, nn.Module]:
+    """(qualified name, module) of the language decoder."""
+    found = _named(model, DECODER_NAMES)
+    if found is None:
+        raise ValueError(f"{type(model).__name__} has no language decoder (looked for {DECODER_NAMES})")
+    return found
+
+
+def freeze_vision(model: nn.Module) -> int:
+    """Freeze the vision tower, keeping a projector that lives inside it (Qwen2-VL's merger)
+    trainable. Returns the number of parameters frozen."""
+    _, tower = find_vision_tower(model)
+    frozen = 0
+    for name, param in tower.named_parameters():
+        if any(part in PROJECTOR_INSIDE_VISION for part in name.split(".")):
+            continue
+        if param.requires_grad:
+            frozen += param.numel()
+        param.requires_grad_(False)
+    return frozen
+
+
+def lora_target_modules(model: nn.Module) -> str:
+    """A regex (peft `target_modules`, full match) for the decoder's attention/MLP projections.
+
+    Built from the model's own module names with layer indices generalised to `\\d+`, so it names
+    exactly the `nn.Linear` projections of this backbone's decoder and nothing in the vision tower.
+    """
+    prefix, decoder = find_decoder(model)
+    patterns: list[str] = []
+    for name, module in decoder.named_modules():
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in LORA_PROJECTIONS:
+            pattern = re.escape(f"{prefix}.{name}")
+            pattern = re.sub(r"\\\.\d+\\\.", r"\\.\\d+\\.", pattern)  # layer index -> \d+
+            if pattern not in patterns:
+                patterns.append(pattern)
+    if not patterns:
+        raise ValueError(f"no LoRA target projections {LORA_PROJECTIONS} found in {prefix}")
+    return "^(?:" + "|".join(patterns) + ")$"
+
+
+def lora_config(model: nn.Module, config) -> "LoraConfig":  # noqa: F821 (peft imported lazily)
+    """peft LoraConfig from TrainerConfig's lora_rank / lora_alpha / lora_dropout and this backbone's targets."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=lora_target_modules(model))
+
+
+# ---- report ------------------------------------------------------------------------------------
+def trainable_parameter_report(model: nn.Module) -> dict:
+    """Trainable and total parameter counts, overall and per part (vision / decoder / lora / other).
+
+    4-bit parameters (bitsandbytes packs two values per byte) are counted by their logical size.
+    """
+    vision = _named(model, VISION_TOWER_NAMES)
+    decoder = _named(model, DECODER_NAMES)
+    parts: dict[str, dict[str, int]] = {}
+    total = trainable = 0
+    for name, param in model.named_parameters():
+        n = param.numel() * (2 if getattr(param, "quant_type", None) in ("nf4", "fp4") else 1)
+        if "lora_" in name:
+            part = "lora"
+        elif vision and name.startswith(vision[0] + "."):
+            part = "vision"
+        elif decoder and name.startswith(decoder[0] + "."):
+            part = "decoder"
+        else:
+            part = "other"  # projector, lm_head, text encoder, ...
+        entry = parts.setdefault(part, {"trainable": 0, "total": 0})
+        entry["total"] += n
+        total += n
+        if param.requires_grad:
+            entry["trainable"] += n
+            trainable += n
+    return {"trainable": trainable, "total": total, "percent": round(100 * trainable / max(total, 1), 4),
+            "parts": parts}
+
+
+def format_report(report: dict) -> str:
+    lines = [f"trainable parameters: {report['trainable']:,} of {report['total']:,} ({report['percent']:.2f}%)"]
+    for part, entry in sorted(report["parts"].items()):
+        lines.append(f"  {part:<8} {entry['trainable']:>14,} trainable of {entry['total']:>14,}")
+    return "\n".join(lines)
+
+
+# ---- gradient checkpointing --------------------------------------------------------------------
+def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
+    """Recompute activations in backward (less memory, ~30% more compute). Non-reentrant
+    checkpointing, so frozen embeddings (LoRA, frozen vision) still pass gradients on."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"gradient_checkpointing: {type(model).__name__} does not support gradient checkpointing")
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if getattr(model.config, "use_cache", None):
+        model.config.use_cache = False  # a KV cache is useless in training and conflicts with recomputation
+    return model
+
+
+# ---- QLoRA -------------------------------------------------------------------------------------
+QLORA_NEEDS_CUDA = ("use_qlora: QLoRA needs a CUDA GPU (bitsandbytes' 4-bit kernels run on CUDA), "
+                    "and none is visible here. Use use_lora: true without use_qlora on this machine, "
+                    "or run on a CUDA GPU with `pip install 'deepsynth[gpu]'`.")
+
+
+def check_qlora_available() -> None:
+    """RuntimeError with the reason when QLoRA cannot run here (no CUDA GPU, or no bitsandbytes)."""
+    if not torch.cuda.is_available():
+        raise RuntimeError(QLORA_NEEDS_CUDA)
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        raise RuntimeError("use_qlora: bitsandbytes is not installed; `pip install 'deepsynth[gpu]'` "
+                           "(or `pip install bitsandbytes`) on this CUDA machine") from err
+
+
+def bnb_4bit_config(skip_modules: list[str]):
+    """The QLoRA recipe: NF4 weights, double quantisation, bf16 compute."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=skip_modules)
+
+
+def quantize_base_4bit(model: nn.Module) -> nn.Module:
+    """The same model with its decoder in 4-bit (bitsandbytes NF4), on this process's GPU.
+
+    Goes through transformers' own quantised loading (`from_pretrained(quantization_config=...)`):
+    the model as it is now is written to a temporary directory and read back quantised. The vision
+    tower, projector and lm_head stay in bf16 (`llm_int8_skip_modules`). Already-quantised models
+    are returned unchanged.
+    """
+    check_qlora_available()
+    if getattr(model, "is_loaded_in_4bit", False):
+        return model
+    from accelerate import PartialState
+
+    skip = ["lm_head"]
+    vision = _named(model, VISION_TOWER_NAMES)
+    if vision:
+        skip.append(vision[0].rsplit(".", 1)[-1])
+    skip += [n for n in ("multi_modal_projector", "connector", "merger") if _named(model, (n,))]
+    with tempfile.TemporaryDirectory(prefix="deepsynth-qlora-") as tmp:
+        model.save_pretrained(tmp)
+        quantized = type(model).from_pretrained(tmp, quantization_config=bnb_4bit_config(skip), dtype=torch.bfloat16,
+                                                device_map={"": PartialState().local_process_index})
+    if hasattr(quantized.config, "vision_readout"):  # DeepSeek-OCR-2's readout is a module swap, redo it
+        from deepsynth.models.deepseek_ocr2 import apply_vision_readout
+
+        quantized = apply_vision_readout(quantized)
+    quantized.generation_config = model.generation_config
+    logger.info("QLoRA: decoder loaded in 4-bit NF4 (kept in bf16: %s)", skip)
+    return quantized
+
+
+def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool) -> nn.Module:
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                           gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+# ---- adapters on the hub -----------------------------------------------------------------------
+def peft_model_of(model: nn.Module):
+    """The peft model inside `model` (itself, or the decoder of a text-encoder wrapper); ValueError if none."""
+    from peft import PeftModel
+
+    for candidate in (model, getattr(model, "model", None)):
+        if isinstance(candidate, PeftModel):
+            return candidate
+    raise ValueError("this model has no LoRA adapters to push (train with use_lora: true)")
+
+
+def resolve_token(token: str | None = None) -> str:
+    """`token`, else HF_TOKEN / the stored `hf auth login` token. The token is never logged."""
+    from huggingface_hub import get_token
+
+    token = token or os.environ.get("HF_TOKEN") or get_token()
+    if not token:
+        raise RuntimeError("no Hugging Face token: pass token=..., set HF_TOKEN, or run `hf auth login`")
+    return token
+
+
+def push_adapters_to_hub(model: nn.Module, repo_id: str, token: str | None = None, private: bool = False,
+                         processor=None, commit_message: str = "Upload DeepSynth LoRA adapters") -> str:
+    """Upload the LoRA adapters (adapter_config.json + adapter_model.safetensors, a model card, and
+    the processor when given) to `repo_id`; creates the repo if needed. Returns the repo URL.
+
+    The token comes from `token`, HF_TOKEN or the stored login, and is never printed or logged.
+    """
+    from huggingface_hub import HfApi
+
+    peft_model = peft_model_of(model)
+    api = HfApi(token=resolve_token(token))
+    with tempfile.TemporaryDirectory(prefix="deepsynth-adapters-") as tmp:
+        peft_model.save_pretrained(tmp)
+        if processor is not None:
+            processor.save_pretrained(tmp)
+        base = peft_model.peft_config[peft_model.active_adapter].base_model_name_or_path
+        Path(tmp, "README.md").write_text(
+            f"---\nlibrary_name: peft\nbase_model: {base}\ntags: [deepsynth, lora]\n---\n\n"
+            f"# {repo_id}\n\nLoRA adapters trained with DeepSynth on `{base}`.\n\n"
+            "```python\nfrom peft import PeftModel\nmodel = PeftModel.from_pretrained(base_model, "
+            f"\"{repo_id}\")\n```\n")
+        files = sorted(p.name for p in Path(tmp).iterdir())
+        url = api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
+        api.upload_folder(folder_path=tmp, repo_id=repo_id, repo_type="model", commit_message=commit_message)
+    logger.info("pushed LoRA adapters to %s (%s)", repo_id, ", ".join(files))
+    return str(url)
