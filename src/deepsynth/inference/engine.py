@@ -101,6 +101,7 @@ class PreparedDocument:
     text_tokens: int | None = None
     features: list[torch.Tensor] | None = None  # one (tokens, hidden) tensor per page
     uses: int = 0
+    counted_visual_tokens: int | None = None
 
     @property
     def visual_tokens(self) -> int | None:
@@ -323,6 +324,17 @@ class InstructionEngine:
     def pages_for(self, document: Document) -> list[Image.Image]:
         """The page images the model reads for `document`."""
         return self.prepare(document).pages
+
+    def visual_token_count(self, doc: PreparedDocument) -> int | None:
+        """Image tokens the model spends on `doc`'s pages (exact: the processor's own expansion)."""
+        if doc.features is not None:
+            return doc.visual_tokens
+        if self.image_token_id is None:
+            return None
+        if doc.counted_visual_tokens is None:
+            enc = self.collator.encode_prompts([doc.pages], [""])
+            doc.counted_visual_tokens = sum(1 for t in enc["input_ids"][0] if t == self.image_token_id)
+        return doc.counted_visual_tokens
 
     # ------------------------------------------------------------------ encoding and prompts
 

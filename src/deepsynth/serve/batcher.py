@@ -1,0 +1,179 @@
+"""Micro-batching: one worker thread owns the model; requests wait in a bounded queue.
+
+The first request of a batch waits up to `max_wait_ms` for companions with the same generation
+settings, then up to `max_batch_size` of them are answered by one `ask_batch` call. Streaming
+requests run alone (one streamer per `generate`). A full queue raises `QueueFull` at once, so the
+server answers 503 instead of piling up work it cannot finish.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from deepsynth.inference.documents import DocumentError
+from deepsynth.inference.engine import Answer, InstructionEngine, PreparedDocument
+from deepsynth.models.generate import GenerationSettings
+
+logger = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The queue holds `max_queue` requests; retry after `retry_after` seconds."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"queue full; retry after {retry_after} s")
+        self.retry_after = retry_after
+
+
+@dataclass
+class Job:
+    doc: PreparedDocument
+    instruction: str
+    settings: GenerationSettings
+    future: Future = field(default_factory=Future)
+    on_piece: Callable[[str], None] | None = None  # set for streaming jobs
+    cancel: threading.Event = field(default_factory=threading.Event)
+    enqueued: float = field(default_factory=time.perf_counter)
+    batch_size: int = 0
+
+
+class MicroBatcher:
+    def __init__(self, engine: InstructionEngine, max_batch_size: int = 8, max_wait_ms: float = 10.0,
+                 max_queue: int = 64, on_batch: Callable[[int, float], None] | None = None) -> None:
+        self.engine = engine
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait_ms / 1000
+        self.max_queue = max_queue
+        self.on_batch = on_batch
+        self._queue: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._running = False
+        self._thread: threading.Thread | None = None
+        self._batch_seconds = 0.5  # running mean of one batch's time, for Retry-After
+        self.busy = False
+
+    # ------------------------------------------------------------------ control
+
+    def start(self) -> None:
+        with self._cond:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._running = True
+            self._thread = threading.Thread(target=self._loop, name="deepsynth-batcher", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        with self._cond:
+            self._running = False
+            pending = list(self._queue)
+            self._queue.clear()
+            self._cond.notify_all()
+        for job in pending:
+            job.cancel.set()
+            if not job.future.done():
+                job.future.set_exception(RuntimeError("the server is shutting down"))
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    def retry_after(self) -> int:
+        batches_ahead = math.ceil((len(self._queue) + 1) / self.max_batch_size)
+        return max(1, math.ceil(batches_ahead * self._batch_seconds))
+
+    def submit(self, job: Job) -> Job:
+        with self._cond:
+            if not self._running:
+                raise RuntimeError("the batcher is not running")
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(self.retry_after())
+            self._queue.append(job)
+            self._cond.notify()
+        return job
+
+    # ------------------------------------------------------------------ worker
+
+    def _take_batch(self) -> list[Job] | None:
+        with self._cond:
+            while self._running and not self._queue:
+                self._cond.wait()
+            if not self._running:
+                return None
+            first = self._queue.popleft()
+            batch = [first]
+            if first.on_piece is not None:
+                return batch
+            deadline = time.perf_counter() + self.max_wait
+            while len(batch) < self.max_batch_size:
+                for job in list(self._queue):
+                    if job.on_piece is None and job.settings == first.settings:
+                        self._queue.remove(job)
+                        batch.append(job)
+                        if len(batch) == self.max_batch_size:
+                            break
+                remaining = deadline - time.perf_counter()
+                if len(batch) == self.max_batch_size or remaining <= 0 or not self._running:
+                    break
+                self._cond.wait(remaining)
+            return batch
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._take_batch()
+            if batch is None:
+                return
+            batch = [j for j in batch if not j.cancel.is_set() and not j.future.done()]
+            if not batch:
+                continue
+            for job in batch:
+                job.batch_size = len(batch)
+            self.busy = True
+            start = time.perf_counter()
+            try:
+                if batch[0].on_piece is not None:
+                    self._run_stream(batch[0])
+                else:
+                    self._run_batch(batch)
+            except BaseException as exc:  # never let the worker die
+                for job in batch:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+            finally:
+                self.busy = False
+            seconds = time.perf_counter() - start
+            self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * seconds
+            if self.on_batch is not None:
+                self.on_batch(len(batch), seconds)
+
+    def _run_batch(self, batch: list[Job]) -> None:
+        try:
+            answers = self.engine.ask_batch([j.doc for j in batch], [j.instruction for j in batch], batch[0].settings)
+        except DocumentError:
+            if len(batch) == 1:
+                raise
+            for job in batch:  # find which request does not fit; answer the others
+                try:
+                    job.future.set_result(self.engine.ask(job.doc, job.instruction, job.settings))
+                except Exception as exc:
+                    job.future.set_exception(exc)
+            return
+        for job, answer in zip(batch, answers):
+            job.future.set_result(answer)
+
+    def _run_stream(self, job: Job) -> None:
+        answer: Answer | None = None
+        for piece in self.engine.stream(job.doc, job.instruction, job.settings, cancel=job.cancel):
+            if isinstance(piece, Answer):
+                answer = piece
+            else:
+                job.on_piece(piece)
+        job.future.set_result(answer)

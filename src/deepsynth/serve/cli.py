@@ -1,0 +1,68 @@
+"""``deepsynth serve``: the HTTP API and web UI for one model.
+
+    deepsynth serve --model DIR [--host 127.0.0.1] [--port 8000]
+
+Binds 127.0.0.1 unless told otherwise. Set DEEPSYNTH_API_KEY to require
+`Authorization: Bearer <key>` on every /api route (strongly advised before binding elsewhere).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+
+import typer
+
+logger = logging.getLogger(__name__)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve_command(
+    model: str = typer.Option("tiny-reader", "--model", "-m", help="Model directory, preset or hub id (fixed for "
+                                                                  "the server's lifetime)."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind; 127.0.0.1 keeps the server local."),
+    port: int = typer.Option(8000, min=1, max=65535, help="TCP port."),
+    preset: str = typer.Option("tiny", help="Render preset the model reads."),
+    adapter: str = typer.Option(None, help="Optional LoRA adapter directory merged into the model."),
+    max_batch_size: int = typer.Option(8, min=1, max=64, help="Requests answered by one generate call."),
+    max_wait_ms: float = typer.Option(10.0, min=0, max=1000, help="How long a batch waits for companions."),
+    max_queue: int = typer.Option(64, min=1, help="Waiting requests before 503 + Retry-After."),
+    max_new_tokens: int = typer.Option(512, min=1, max=8192, help="Largest max_new_tokens a request may ask."),
+    max_pages: int = typer.Option(16, min=1, max=256, help="Pages per document."),
+    cache_pages: int = typer.Option(256, min=0, help="Pages the document cache keeps (0 = off)."),
+) -> None:
+    """Serve the HTTP API (/api, /docs, /metrics, /health) and the web UI (/)."""
+    import uvicorn
+
+    from deepsynth.inference.engine import InstructionEngine
+    from deepsynth.serve.app import create_app
+    from deepsynth.serve.config import API_KEY_ENV, ServeConfig
+
+    try:
+        config = ServeConfig.from_env(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
+                                      max_new_tokens=max_new_tokens, max_pages=max_pages,
+                                      default_new_tokens=min(128, max_new_tokens))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if not _is_loopback(host) and config.api_key is None:
+        typer.echo(f"warning: serving on {host} without an API key; set {API_KEY_ENV} to require one", err=True)
+    try:
+        engine = InstructionEngine(model, render_preset=preset, adapter=adapter, cache_pages=cache_pages)
+    except (FileNotFoundError, OSError, ValueError) as exc:
+        raise typer.BadParameter(f"cannot load model {model!r}: {exc}", param_hint="'--model'") from None
+    app = create_app(engine, config)
+    typer.echo(f"DeepSynth serving {model} on http://{host}:{port}/  (API docs: /docs)", err=True)
+    uvicorn.run(app, host=host, port=port, log_level="info", server_header=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``serve`` command to a typer app."""
+    app.command("serve")(serve_command)
