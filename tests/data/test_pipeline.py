@@ -188,7 +188,7 @@ def test_render_num_proc_2_stores_png_pages(tmp_path, cache, squad_file):
             assert stored["bytes"][:8] == b"\x89PNG\r\n\x1a\n"
             img = Image.open(io.BytesIO(stored["bytes"]))
             assert img.convert("RGB").tobytes() == page.image.tobytes()  # lossless
-    ds = InstructionDataset.from_prepared(out)
+    ds = InstructionDataset.from_prepared(out, cache_dir=cache)
     assert len(ds) == 12 and ds.render_config.page_width == 256
     item = ds[3]
     assert item["answer"] == "K21" and [p.tobytes() for p in item["pages"]] == \

@@ -126,10 +126,11 @@ class InstructionDataset(Dataset):
 
     @classmethod
     def from_prepared(cls, path: str | os.PathLike, render_config: RenderConfig | None = None,
-                      default_instruction: str = "") -> "InstructionDataset":
+                      default_instruction: str = "", cache_dir: str | None = None) -> "InstructionDataset":
         """Open a folder written by `deepsynth prepare` (or one of its Parquet shards). Pages
         come from its ``Image`` column when it was rendered (decoded lazily), else are rendered
-        with ``render_config`` (default: the folder's render settings, else `RenderConfig()`)."""
+        with ``render_config`` (default: the folder's render settings, else `RenderConfig()`).
+        ``cache_dir``: where `datasets` keeps its Arrow copy (default: its usual cache)."""
         import json
 
         import datasets
@@ -142,7 +143,7 @@ class InstructionDataset(Dataset):
             manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
             if manifest.get("render"):
                 render_config = RenderConfig(**manifest["render"]["config"])
-        data = datasets.Dataset.from_parquet([str(f) for f in files])
+        data = datasets.Dataset.from_parquet([str(f) for f in files], cache_dir=cache_dir)
         examples = []
         for i, row in enumerate(data.select_columns([c for c in ("id", "text", "instruction", "answer", "source",
                                                                  "meta") if c in data.column_names])):
