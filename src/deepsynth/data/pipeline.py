@@ -563,8 +563,6 @@ def prepare(
             _clear_outputs(out)
         else:
             logger.info("resuming the prepare run in %s", out)
-    elif overwrite and out.exists():
-        _clear_outputs(out)
     out.mkdir(parents=True, exist_ok=True)
     manifest: dict[str, Any] = {"plan": plan, "plan_hash": plan_hash, "complete": False,
                                 "license": info.get("license", "unknown")}
