@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from deepsynth.data.cli import register as register_data
+from deepsynth.inference.cli import register as register_ask
+from deepsynth.models.cli import register as register_models
 from deepsynth.render.cli import register as register_render
+from deepsynth.serve.cli import register as register_serve
 
 app = typer.Typer(help="DeepSynth: teach document vision-language models to follow instructions.",
                   no_args_is_help=True, add_completion=False)
 register_render(app)
+register_data(app)
+register_ask(app)
+register_serve(app)
+register_models(app)
 
 
 @app.callback()
@@ -81,32 +88,6 @@ def evaluate(
     report = evaluate_with_ablation(net, processor, read_examples(data), RenderConfig.from_preset(preset), chance,
                                     GenerationSettings(max_new_tokens=max_new_tokens), out_path=out)
     typer.echo(json.dumps({k: report[k] for k in ("n", "scores", "scores_no_instruction", "ablation")}, indent=2))
-
-
-@app.command()
-def ask(
-    document: str = typer.Argument(..., help="A .txt/.md file, an image, or '-' for stdin."),
-    instruction: str = typer.Option(..., "--instruction", "-i", help="Question or instruction."),
-    model: str = typer.Option("tiny-reader", "--model", "-m", help="Model directory, preset or hub id."),
-    preset: str = typer.Option("tiny", help="Render preset the model reads."),
-    max_new_tokens: int = typer.Option(64),
-    as_json: bool = typer.Option(False, "--json", help="Print the full answer record as JSON."),
-) -> None:
-    """Answer an instruction about a document."""
-    from deepsynth.inference import InstructionEngine, read_document
-    from deepsynth.models.generate import GenerationSettings
-
-    if document == "-":
-        doc = sys.stdin.read()
-    elif not Path(document).is_file():
-        raise typer.BadParameter(f"no such file: {document}", param_hint="DOCUMENT")
-    else:
-        doc = read_document(document)
-    if isinstance(doc, str) and not doc.strip():
-        raise typer.BadParameter("the document is empty", param_hint="DOCUMENT")
-    engine = InstructionEngine(model, render_preset=preset)
-    result = engine.ask(doc, instruction, GenerationSettings(max_new_tokens=max_new_tokens))
-    typer.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.answer)
 
 
 if __name__ == "__main__":
