@@ -159,7 +159,7 @@ def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
 # ---- QLoRA -------------------------------------------------------------------------------------
 QLORA_NEEDS_CUDA = ("use_qlora: QLoRA needs a CUDA GPU (bitsandbytes' 4-bit kernels run on CUDA), "
                     "and none is visible here. Use use_lora: true without use_qlora on this machine, "
-                    "or run on a CUDA GPU with `pip install 'deepsynth[gpu]'`.")
+                    "or run on a CUDA GPU with `pip install bitsandbytes`.")
 
 
 def check_qlora_available() -> None:
@@ -169,8 +169,8 @@ def check_qlora_available() -> None:
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as err:
-        raise RuntimeError("use_qlora: bitsandbytes is not installed; `pip install 'deepsynth[gpu]'` "
-                           "(or `pip install bitsandbytes`) on this CUDA machine") from err
+        raise RuntimeError("use_qlora: bitsandbytes is not installed; run `pip install bitsandbytes` "
+                           "on this CUDA machine") from err
 
 
 def bnb_4bit_config(skip_modules: list[str]):

@@ -1,0 +1,380 @@
+"""Training-memory estimates built on the `meta` device from real configs (no weights, no download).
+
+`estimate_memory("deepseek-ocr-2", lora=True, text_encoder="Qwen/Qwen2.5-7B", batch_size=4)` builds
+the model (and text encoder) with `torch.device("meta")`, counts parameters and trainable
+parameters exactly, and estimates per-GPU bytes for weights, gradients, AdamW states and
+activations. `deepsynth estimate-memory` prints it; docs/memory.md holds the table for the common
+configurations (regenerate with `python -m deepsynth.models.memory`).
+
+Byte model (per GPU, no sharding; FSDP/ZeRO divide weights/grads/optimizer by the GPU count):
+
+* weights: parameters x bytes of `precision` (bf16/fp16 2, fp32 4). transformers 5 loads
+  checkpoints in their own dtype (bf16 for all models here), and the trainer keeps that dtype.
+  QLoRA: decoder `nn.Linear` weights in NF4 with double quantisation, 0.5 + 0.127/8 bytes each;
+  everything else (embeddings, norms, vision tower, lm_head) in bf16.
+* gradients: trainable parameters x bytes of their dtype.
+* optimizer: AdamW keeps two moments per trainable parameter in the parameter's dtype.
+  LoRA adapters are kept in fp32 by peft (`autocast_adapter_dtype`), so they cost 4+4+8 bytes.
+* activations (what autograd keeps for backward), per token of the decoder, in `precision`:
+  attention 10h + 4*kv_dim (norm, q/k/v, rotary copies, output), dense SwiGLU MLP 2h + 4i, MoE MLP
+  2h + 4*i_e*(top_k + shared) + experts (calibrated against autograd's saved tensors on the tiny
+  presets, see tests/models/test_memory.py);
+  plus the logits (vocab x (2 + 4) bytes: bf16 logits and the fp32 copy of the loss). SDPA/flash
+  attention is assumed (no seq^2 score matrix). Gradient checkpointing keeps one h-vector per
+  layer plus one layer's activations. A trainable vision tower adds 8h + 3i per vision token and
+  layer; a frozen one (LoRA, freeze_vision) keeps nothing. One page per example.
+These are estimates (expect +-25%); add about 1 GiB per GPU for the CUDA context and allocator.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from deepsynth.models.deepseek_ocr2 import CHECKPOINT, real_config
+
+GiB = 1024**3
+PRECISION_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+NF4_BYTES = 0.5 + 0.127 / 8  # 4 bits + double-quantised absmax constants
+TEXT_TOKENS = 512  # instruction + answer tokens per example in the default sequence length
+INSTRUCTION_TOKENS = 128  # text-encoder tokens per instruction (TextEncoderModule's default max_length)
+
+QWEN25_7B = "Qwen/Qwen2.5-7B"
+QWEN25_VL_7B = "Qwen/Qwen2.5-VL-7B-Instruct"
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+# ---- real configs reproduced in code -----------------------------------------------------------
+def qwen2_5_vl_7b_config():
+    """Qwen/Qwen2.5-VL-7B-Instruct (8.29B parameters)."""
+    from transformers import Qwen2_5_VLConfig
+
+    text = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000,
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]})
+    vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                  patch_size=14, window_size=112, fullatt_block_indexes=[7, 15, 23, 31], spatial_merge_size=2,
+                  temporal_patch_size=2)
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False)
+
+
+def qwen2_5_7b_config():
+    """Qwen/Qwen2.5-7B as a text encoder (the decoder stack without lm_head: 7.07B parameters)."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=131072)
+
+
+def minilm_config():
+    """sentence-transformers/all-MiniLM-L6-v2 (BERT, 22.7M parameters)."""
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                      intermediate_size=1536, max_position_embeddings=512)
+
+
+VLM_CONFIGS = {"deepseek-ocr-2": real_config, CHECKPOINT: real_config, QWEN25_VL_7B: qwen2_5_vl_7b_config}
+TEXT_ENCODER_CONFIGS = {QWEN25_7B: qwen2_5_7b_config, "qwen2.5-7b": qwen2_5_7b_config,
+                        MINILM: minilm_config, "all-MiniLM-L6-v2": minilm_config, "minilm": minilm_config}
+
+
+def build_meta_model(name: str) -> nn.Module:
+    """The vision-language model `name` without weights: a known config, a tiny preset, a local
+    directory, or a hub id whose config is reachable (cache or network)."""
+    from deepsynth.models.generic import TINY_PRESETS
+
+    if name in ("tiny", "tiny-reader") or name in TINY_PRESETS:
+        from deepsynth.models.registry import load_model
+
+        return load_model(name)[0]  # a few MB: built for real
+    if name in VLM_CONFIGS:
+        config = VLM_CONFIGS[name]()
+    else:
+        from transformers import AutoConfig
+
+        from deepsynth.models.registry import resolve
+
+        config = _config_or_error(AutoConfig.from_pretrained, resolve(name), name, VLM_CONFIGS)
+    from transformers import AutoModelForImageTextToText
+
+    with torch.device("meta"):
+        return AutoModelForImageTextToText.from_config(config)
+
+
+def build_meta_text_encoder(name: str) -> nn.Module:
+    if name == "tiny-qwen2":
+        from deepsynth.models.text_encoder import build_tiny_text_encoder
+
+        return build_tiny_text_encoder()[0]
+    from transformers import AutoConfig, AutoModel
+
+    config = TEXT_ENCODER_CONFIGS[name]() if name in TEXT_ENCODER_CONFIGS else \
+        _config_or_error(AutoConfig.from_pretrained, name, name, TEXT_ENCODER_CONFIGS)
+    with torch.device("meta"):
+        return AutoModel.from_config(config)
+
+
+def _config_or_error(load, path: str, name: str, known: dict):
+    try:
+        return load(path)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read the config of {name!r} (offline and not cached?): {err}. "
+                         f"Configs built in: {sorted(known)}; or pass a local save_pretrained directory") from None
+
+
+# ---- architecture summaries --------------------------------------------------------------------
+@dataclass
+class Stack:
+    """A stack of identical transformer layers and the tokens that flow through it per example."""
+
+    name: str
+    layers: int
+    hidden: int
+    intermediate: int
+    tokens: int
+
+
+def _linears(module: nn.Module) -> list[nn.Linear]:
+    return [m for m in module.modules() if isinstance(m, nn.Linear)]
+
+
+def vision_stacks(model: nn.Module, page_size: int = 1024) -> list[Stack]:
+    """The vision tower's layer stacks (ModuleLists), with tokens per page from the config."""
+    from deepsynth.training.peft_utils import VISION_TOWER_NAMES, _named
+
+    found = _named(model, VISION_TOWER_NAMES)
+    if not found:
+        return []
+    prefix, tower = found
+    stacks = []
+    for name, module in tower.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0 or not _linears(module[0]):
+            continue
+        lin = _linears(module[0])
+        hidden = lin[0].in_features
+        stacks.append(Stack(f"{prefix}.{name}", len(module), hidden, max(m.out_features for m in lin),
+                            _vision_tokens(model.config, name, page_size)))
+    return stacks
+
+
+def _vision_tokens(config, stack_name: str, page_size: int = 1024) -> int:
+    """Tokens per page through a vision stack. DeepSeek-OCR-2 (global view, no crops) and Idefics3
+    (no splitting) resize pages to their fixed input size; Qwen-VL models keep `page_size` pixels."""
+    vision = getattr(config, "vision_config", None)
+    if config.model_type == "deepseek_ocr2":
+        sam = vision.sam_config
+        patches = (sam.image_size // sam.patch_size) ** 2  # 4096 at 1024 px
+        # The encoder sees the 4x-downsampled patches plus learned queries (144 up to 768 px, else 256).
+        return patches if "sam" in stack_name else patches // 16 + (144 if patches // 16 <= 144 else 256)
+    if config.model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+        side = round(page_size / (vision.patch_size * vision.spatial_merge_size)) * vision.spatial_merge_size
+        return side * side
+    size, patch = getattr(vision, "image_size", 224), getattr(vision, "patch_size", 14)
+    return (size // patch) ** 2
+
+
+def image_tokens_per_page(model: nn.Module, page_size: int = 1024) -> int:
+    """Decoder tokens that one square page of `page_size` pixels becomes."""
+    config = model.config
+    vision = getattr(config, "vision_config", None)
+    if config.model_type == "deepseek_ocr2":
+        return _vision_tokens(config, "sam") // 16 + 1  # 16 x 16 grid (at 1024 px) + view separator
+    if config.model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+        return _vision_tokens(config, "", page_size) // vision.spatial_merge_size**2
+    scale = getattr(config, "scale_factor", 1)
+    return _vision_tokens(config, "") // scale**2
+
+
+def _decoder_per_token_elements(text) -> tuple[float, int]:
+    """(activation elements kept per token over all decoder layers, number of layers)."""
+    h = text.hidden_size
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or h // heads
+    kv_dim = (getattr(text, "num_key_value_heads", None) or heads) * head_dim
+    attn = 10 * h + 4 * kv_dim  # norm, q/k/v, rotary copies, attention output, o_proj input
+    layer_types = getattr(text, "mlp_layer_types", None) or ["dense"] * text.num_hidden_layers
+    total = 0.0
+    for kind in layer_types:
+        if kind == "sparse":
+            active = getattr(text, "num_experts_per_tok", 0) + getattr(text, "n_shared_experts", 0)
+            total += attn + 2 * h + 4 * text.moe_intermediate_size * active + getattr(text, "n_routed_experts", 0)
+        else:
+            total += attn + 2 * h + 4 * text.intermediate_size  # norm, gate/up outputs, act, product
+    return total, len(layer_types)
+
+
+# ---- the estimate ------------------------------------------------------------------------------
+@dataclass
+class MemoryEstimate:
+    model: str
+    method: str  # "full", "lora", "qlora"
+    text_encoder: str | None
+    options: list[str]  # "frozen vision", "grad ckpt", "encoder trainable"
+    precision: str
+    batch_size: int
+    seq_len: int
+    parameters: int
+    trainable_parameters: int
+    weights_gib: float
+    gradients_gib: float
+    optimizer_gib: float
+    activations_gib: float
+    total_gib: float
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def estimate_memory(model: str, lora: bool = False, text_encoder: str | None = None, batch_size: int = 1,
+                    precision: str = "bf16", seq_len: int | None = None, qlora: bool = False,
+                    lora_rank: int = 16, freeze_vision: bool = False, text_encoder_trainable: bool = False,
+                    gradient_checkpointing: bool = False, page_size: int = 1024) -> MemoryEstimate:
+    """Parameters, trainable parameters and per-GPU memory for training `model` (see module doc)."""
+    if precision not in PRECISION_BYTES:
+        raise ValueError(f"precision must be one of {sorted(PRECISION_BYTES)}, got {precision!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if seq_len is not None and seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    from deepsynth.training.peft_utils import DECODER_NAMES, VISION_TOWER_NAMES, _named, lora_target_modules
+
+    lora = lora or qlora
+    net = build_meta_model(model)
+    pbytes = PRECISION_BYTES[precision]
+    text = net.config.get_text_config()
+    seq = seq_len or image_tokens_per_page(net, page_size) + TEXT_TOKENS
+    notes = []
+
+    params = {n: p.numel() for n, p in net.named_parameters()}
+    total_params = sum(params.values())
+    vision = _named(net, VISION_TOWER_NAMES)
+    decoder = _named(net, DECODER_NAMES)
+    vision_params = sum(v for n, v in params.items() if vision and n.startswith(vision[0] + "."))
+
+    weights = total_params * pbytes
+    trainable_base = 0 if lora else total_params - (vision_params if freeze_vision else 0)
+    lora_params = 0
+    if lora:
+        import re
+
+        pattern = lora_target_modules(net)
+        targets = [m for n, m in net.named_modules() if re.fullmatch(pattern, n)]
+        lora_params = sum(lora_rank * (m.in_features + m.out_features) for m in targets)
+        if qlora:
+            # every decoder Linear is quantised (not only the LoRA targets)
+            quantized = sum(m.weight.numel() for n, m in net.named_modules()
+                            if isinstance(m, nn.Linear) and decoder and n.startswith(decoder[0] + "."))
+            weights = (total_params - quantized) * 2 + quantized * NF4_BYTES
+            notes.append("qlora: decoder linears in NF4, the rest bf16")
+    grads = trainable_base * pbytes + lora_params * 4
+    optimizer = trainable_base * 2 * pbytes + lora_params * 8
+    weights += lora_params * 4
+    trainable = trainable_base + lora_params
+
+    # activations
+    act_bytes = 2 if qlora else pbytes
+    per_token, layers = _decoder_per_token_elements(text)
+    tokens = batch_size * seq
+    if gradient_checkpointing:
+        decoder_act = tokens * (layers * text.hidden_size + per_token / layers) * act_bytes
+    else:
+        decoder_act = tokens * per_token * act_bytes
+    logits = tokens * text.vocab_size * (act_bytes + 4)
+    vision_act = 0.0
+    if not lora and not freeze_vision:
+        for stack in vision_stacks(net, page_size):
+            vision_act += batch_size * stack.tokens * stack.layers * (8 * stack.hidden + 3 * stack.intermediate) * act_bytes
+    activations = decoder_act + logits + vision_act
+
+    encoder_name = None
+    if text_encoder:
+        enc = build_meta_text_encoder(text_encoder)
+        encoder_name = text_encoder
+        enc_params = sum(p.numel() for p in enc.parameters())
+        enc_dim = enc.config.hidden_size
+        proj = enc_dim * text.hidden_size + text.hidden_size if enc_dim != text.hidden_size else 0
+        total_params += enc_params + proj
+        weights += enc_params * pbytes + proj * 4
+        grads += proj * 4
+        optimizer += proj * 8
+        trainable += proj
+        if text_encoder_trainable:
+            trainable += enc_params
+            grads += enc_params * pbytes
+            optimizer += enc_params * 2 * pbytes
+            per_token_enc, _ = _decoder_per_token_elements(enc.config)
+            activations += batch_size * INSTRUCTION_TOKENS * per_token_enc * act_bytes
+        activations += batch_size * INSTRUCTION_TOKENS * enc_dim * act_bytes  # projection input
+        notes.append(f"text encoder {'trainable' if text_encoder_trainable else 'frozen'}, "
+                     + (f"projection {enc_dim}->{text.hidden_size}" if proj else "no projection (same width)"))
+
+    total = weights + grads + optimizer + activations
+    options = [label for flag, label in ((freeze_vision and not lora, "frozen vision"),
+                                         (gradient_checkpointing, "grad ckpt"),
+                                         (text_encoder and text_encoder_trainable, "encoder trainable")) if flag]
+    return MemoryEstimate(
+        model=model, method="qlora" if qlora else "lora" if lora else "full", text_encoder=encoder_name,
+        options=options,
+        precision=precision, batch_size=batch_size, seq_len=seq, parameters=int(total_params),
+        trainable_parameters=int(trainable), weights_gib=_gib(weights), gradients_gib=_gib(grads),
+        optimizer_gib=_gib(optimizer), activations_gib=_gib(activations), total_gib=_gib(total), notes=notes,
+    )
+
+
+def _gib(n: float) -> float:
+    return round(n / GiB, 4)
+
+
+def _count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def format_table(estimates: list[MemoryEstimate]) -> str:
+    """A Markdown table, one row per estimate."""
+    head = ("| model | method | options | text encoder | precision | batch x seq | params | trainable | weights "
+            "| grads | optimizer | activations | total |")
+    rows = [head, "|" + "---|" * 13]
+    for e in estimates:
+        rows.append(
+            f"| {e.model} | {e.method} | {', '.join(e.options) or '-'} | {e.text_encoder or '-'} | {e.precision} "
+            f"| {e.batch_size} x {e.seq_len} "
+            f"| {_count(e.parameters)} | {_count(e.trainable_parameters)} | {e.weights_gib:.2f} GiB "
+            f"| {e.gradients_gib:.2f} GiB | {e.optimizer_gib:.2f} GiB | {e.activations_gib:.2f} GiB "
+            f"| **{e.total_gib:.2f} GiB** |")
+    return "\n".join(rows)
+
+
+COMMON = [  # the configurations in docs/memory.md
+    dict(model="deepseek-ocr-2"),
+    dict(model="deepseek-ocr-2", freeze_vision=True),
+    dict(model="deepseek-ocr-2", batch_size=8, gradient_checkpointing=True),
+    dict(model="deepseek-ocr-2", lora=True),
+    dict(model="deepseek-ocr-2", lora=True, batch_size=8),
+    dict(model="deepseek-ocr-2", lora=True, batch_size=2, seq_len=2048),  # recipes/lora-24gb.yaml
+    dict(model="deepseek-ocr-2", batch_size=2, seq_len=2048),  # recipes/full-finetune.yaml (per GPU, unsharded)
+    dict(model="deepseek-ocr-2", qlora=True, batch_size=8),
+    dict(model="deepseek-ocr-2", lora=True, text_encoder=MINILM),
+    dict(model="deepseek-ocr-2", lora=True, text_encoder=QWEN25_7B),
+    dict(model="deepseek-ocr-2", lora=True, text_encoder=QWEN25_7B, text_encoder_trainable=True),
+    dict(model=QWEN25_VL_7B, lora=True),
+    dict(model=QWEN25_VL_7B, qlora=True),
+    dict(model=QWEN25_VL_7B, freeze_vision=True, gradient_checkpointing=True),
+]
+
+
+def common_table() -> str:
+    return format_table([estimate_memory(**kw) for kw in COMMON])
+
+
+if __name__ == "__main__":  # python -m deepsynth.models.memory  -> the docs table
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.parse_args()
+    print(common_table())
