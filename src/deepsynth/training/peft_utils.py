@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -240,27 +241,42 @@ def resolve_token(token: str | None = None) -> str:
     return token
 
 
-def push_adapters_to_hub(model: nn.Module, repo_id: str, token: str | None = None, private: bool = False,
-                         processor=None, commit_message: str = "Upload DeepSynth LoRA adapters") -> str:
-    """Upload the LoRA adapters (adapter_config.json + adapter_model.safetensors, a model card, and
-    the processor when given) to `repo_id`; creates the repo if needed. Returns the repo URL.
+def push_adapters_to_hub(model: nn.Module | str | os.PathLike, repo_id: str, token: str | None = None,
+                         private: bool = False, processor=None,
+                         commit_message: str = "Upload DeepSynth LoRA adapters") -> str:
+    """Upload LoRA adapters to `repo_id` (created if needed); returns the repo URL.
 
-    The token comes from `token`, HF_TOKEN or the stored login, and is never printed or logged.
+    model: a model carrying peft adapters (saved to a temporary directory first), or a directory
+           written by peft's `save_pretrained` (e.g. the trainer's `output_dir/adapter`).
+    The upload holds adapter_config.json + adapter_model.safetensors, a model card, and the
+    processor when given. The token comes from `token`, HF_TOKEN or the stored `hf auth login`,
+    and is never printed or logged.
     """
     from huggingface_hub import HfApi
 
-    peft_model = peft_model_of(model)
     api = HfApi(token=resolve_token(token))
     with tempfile.TemporaryDirectory(prefix="deepsynth-adapters-") as tmp:
-        peft_model.save_pretrained(tmp)
+        if isinstance(model, (str, os.PathLike)):
+            source = Path(model)
+            if not (source / "adapter_config.json").is_file():
+                raise ValueError(f"{source} has no adapter_config.json (not a peft adapter directory)")
+            shutil.copytree(source, tmp, dirs_exist_ok=True)
+            import json
+
+            base = json.loads((source / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        else:
+            peft_model = peft_model_of(model)
+            peft_model.save_pretrained(tmp)
+            base = peft_model.peft_config[peft_model.active_adapter].base_model_name_or_path
         if processor is not None:
             processor.save_pretrained(tmp)
-        base = peft_model.peft_config[peft_model.active_adapter].base_model_name_or_path
-        Path(tmp, "README.md").write_text(
-            f"---\nlibrary_name: peft\nbase_model: {base}\ntags: [deepsynth, lora]\n---\n\n"
-            f"# {repo_id}\n\nLoRA adapters trained with DeepSynth on `{base}`.\n\n"
-            "```python\nfrom peft import PeftModel\nmodel = PeftModel.from_pretrained(base_model, "
-            f"\"{repo_id}\")\n```\n")
+        card = Path(tmp, "README.md")
+        if not card.exists():
+            card.write_text(
+                f"---\nlibrary_name: peft\nbase_model: {base}\ntags: [deepsynth, lora]\n---\n\n"
+                f"# {repo_id}\n\nLoRA adapters trained with DeepSynth on `{base}`.\n\n"
+                "```python\nfrom peft import PeftModel\nmodel = PeftModel.from_pretrained(base_model, "
+                f"\"{repo_id}\")\n```\n")
         files = sorted(p.name for p in Path(tmp).iterdir())
         url = api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
         api.upload_folder(folder_path=tmp, repo_id=repo_id, repo_type="model", commit_message=commit_message)
