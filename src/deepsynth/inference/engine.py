@@ -449,6 +449,7 @@ class InstructionEngine:
     def _run(self, docs: list[PreparedDocument], instructions: list[str], settings: GenerationSettings,
              streamer=None, cancel: threading.Event | None = None) -> list[dict]:
         tok = self.tokenizer
+        instructions = [clean_text(i) for i in instructions]
         with self._model_lock:
             cached = [d.uses > 0 for d in docs]
             if self.encodes_pages:

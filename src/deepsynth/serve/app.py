@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deepsynth.inference.documents import DocumentError, DocumentLimits, Markdown, Pdf
+from deepsynth.inference.documents import DocumentError, DocumentLimits, Markdown, Pdf, clean_text
 from deepsynth.inference.engine import Answer, InstructionEngine, encode_png
 from deepsynth.inference.templates import BY_ID, TEMPLATES
 from deepsynth.serve.batcher import Job, MicroBatcher, QueueFull
@@ -48,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
 _DATA_URL = re.compile(r"^data:[\w.+/-]*(;[\w=.+-]+)*;base64,", re.IGNORECASE)
+MIN_SAMPLING_TEMPERATURE = 0.01
 SUMMARY_TEMPLATES = {"general": "summary", "financial": "financial_summary", "key_points": "key_points"}
 UI_CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
           "connect-src 'self'; object-src 'none'; frame-ancestors 'none'; base-uri 'none'")
@@ -96,7 +97,9 @@ def build_schemas(config: ServeConfig) -> dict[str, type[BaseModel]]:
 
     class GenerationFields(BaseModel):
         max_new_tokens: NewTokens = Field(config.default_new_tokens, description="Most tokens in the answer.")
-        temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 = greedy decoding; > 0 samples.")
+        temperature: float = Field(0.0, ge=0.0, le=2.0, description=f"0 = greedy decoding; from "
+                                   f"{MIN_SAMPLING_TEMPERATURE} up, samples at that temperature (smaller values "
+                                   "are greedy: dividing logits by them overflows).")
         stream: bool = Field(False, description="Answer as Server-Sent Events: `token` events with "
                                                 "{\"text\"}, then one `done` event with the full answer.")
 
@@ -301,11 +304,12 @@ def _document(req) -> tuple[Any, str]:
 
 
 def _instruction(req) -> str:
-    if req.instruction is not None and req.instruction.strip():
-        return req.instruction.strip()
+    instruction = clean_text(req.instruction).strip() if req.instruction is not None else ""
+    if instruction:
+        return instruction
     if req.template is not None:
         try:
-            return BY_ID[req.template].fill(req.input)
+            return BY_ID[req.template].fill(clean_text(req.input) if req.input is not None else None)
         except ValueError as exc:
             raise APIError(422, "invalid_input", str(exc), field="input") from None
     raise APIError(422, "invalid_input", "give an instruction, or a template (with its input)", field="instruction")
@@ -377,9 +381,12 @@ def create_app(engine: InstructionEngine, config: ServeConfig | None = None) -> 
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
-        codes = {404: "not_found", 405: "method_not_allowed"}
-        return error_response(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail),
-                              headers=getattr(exc, "headers", None))
+        code, field, message = {
+            400: ("malformed_json", "body", "the body is not valid JSON (UTF-8 expected)"),
+            404: ("not_found", "path", "no such route"),
+            405: ("method_not_allowed", "method", f"{request.method} is not allowed here"),
+        }.get(exc.status_code, ("http_error", None, str(exc.detail)))
+        return error_response(exc.status_code, code, message, field=field, headers=getattr(exc, "headers", None))
 
     # -------------------------------------------------------------- shared steps
 
@@ -392,8 +399,9 @@ def create_app(engine: InstructionEngine, config: ServeConfig | None = None) -> 
 
     def settings_for(req):
         try:
-            return engine.settings(max_new_tokens=req.max_new_tokens, do_sample=req.temperature > 0,
-                                   temperature=req.temperature if req.temperature > 0 else 1.0)
+            sample = req.temperature >= MIN_SAMPLING_TEMPERATURE
+            return engine.settings(max_new_tokens=req.max_new_tokens, do_sample=sample,
+                                   temperature=req.temperature if sample else 1.0)
         except ValueError as exc:
             raise APIError(422, "validation_error", str(exc), field="max_new_tokens") from None
 

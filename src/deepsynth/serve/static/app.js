@@ -113,7 +113,7 @@ async function renderPreview() {
     const parts = [`${r.pages} page${r.pages === 1 ? "" : "s"}`];
     if (r.visual_tokens !== null) parts.push(`${r.visual_tokens} visual tokens`);
     if (r.text_tokens !== null) parts.push(`${r.text_tokens} text tokens`);
-    if (r.compression !== null) parts.push(`compression ${r.compression}×`);
+    if (r.compression !== null) parts.push(`compression ${r.compression.toFixed(2)}×`);
     $("render-stats").textContent = parts.join(" · ");
   } catch (e) {
     if (seq === state.renderSeq) $("render-stats").textContent = "Preview unavailable: " + (e.message || e);
@@ -164,7 +164,7 @@ function parseEvents(buffer, onEvent) {
 function showResult(r) {
   $("answer").textContent = r.answer;
   $("latency").textContent = `${Math.round(r.latency_ms)} ms`;
-  $("compression").textContent = r.compression === null ? "n/a (image input)" : `${r.compression}× (${r.text_tokens} text tokens / ${r.visual_tokens} visual tokens)`;
+  $("compression").textContent = r.compression === null ? "n/a (image input)" : `${r.compression.toFixed(2)}× (${r.text_tokens} text tokens / ${r.visual_tokens} visual tokens)`;
   $("pages").textContent = String(r.pages);
   $("tokens").textContent = `${r.prompt_tokens} prompt, ${r.new_tokens} generated`;
   const why = { eos: "the model finished", max_new_tokens: "token limit reached", loop: "repetition detected (repeats removed)", cancelled: "stopped" };
