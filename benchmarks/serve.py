@@ -1,0 +1,282 @@
+"""Benchmark the HTTP API's micro-batching and the engine's document cache.
+
+1. Grid: concurrency 1, 4, 16 x max batch size 1..8. A uvicorn server runs in this process on
+   127.0.0.1; client threads (one per concurrent user, in a separate process so that they do not
+   compete with the server for its GIL) post `/api/inference/instruct` requests,
+   each about a different document (no cache hits), greedy, `max_new_tokens` tokens. For each
+   cell: latency p50/p95 (ms, client side), requests/s, mean batch size actually formed.
+2. Many questions per document: the same document asked `questions` different questions in a row
+   through the engine, with the document cache on and off (render + vision encoding once vs. every
+   time), for a short and a long document.
+
+Everything runs on one machine in one run, so the ratios mean something even when the machine is
+busy (its load average is recorded); absolute numbers do not transfer to other machines.
+
+    python benchmarks/serve.py [--model tiny] [--out benchmarks/serve_report.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+# Only the standard library at import time: the load-generating client runs this file in its own
+# process (`--client`), so that client threads do not compete with the server for its GIL.
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+FACTS = ["The invoice total is {n} dollars.", "It was paid by {name} on {day} March 2024.",
+         "The order number is {n}7.", "Shipping took {day} days.", "The customer lives in {city}."]
+NAMES = ["Ada Lovelace", "Alan Turing", "Grace Hopper", "Edsger Dijkstra", "Barbara Liskov"]
+CITIES = ["Paris", "Lisbon", "Oslo", "Kyoto", "Lima"]
+QUESTIONS = ["What is the total?", "Who paid?", "When was it paid?", "What is the order number?",
+             "How long did shipping take?", "Where does the customer live?", "Summarize the document.",
+             "List the key points.", "Extract the dates.", "Extract the names.", "Extract the amounts.",
+             "Is it paid?", "What currency?", "Which month?", "Which year?", "Who is the customer?",
+             "What was ordered?", "Any discounts?", "What is the city?", "What is the invoice about?"]
+
+
+def document(i: int, sentences: int = 3) -> str:
+    parts = []
+    for k in range(sentences):
+        parts.append(FACTS[(i + k) % len(FACTS)].format(n=10 + (i * 7 + k) % 90, name=NAMES[(i + k) % 5],
+                                                         day=1 + (i + k) % 28, city=CITIES[(i * 3 + k) % 5]))
+    return f"Document {i}. " + " ".join(parts)
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    if len(values) == 1:
+        return values[0]
+    pos = (len(values) - 1) * q
+    lo, hi = int(pos), min(int(pos) + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (pos - lo)
+
+
+def post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=300) as r:
+        return json.loads(r.read())
+
+
+def start_server(app):
+    import socket
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    return server, thread, f"http://127.0.0.1:{port}"
+
+
+def client(url: str, concurrency: int, bodies: list[dict]) -> dict:
+    """Post `bodies` with `concurrency` threads; per-request latency (ms) and server fields."""
+    results: list[dict] = []
+    errors = 0
+
+    def one(body: dict) -> None:
+        nonlocal errors
+        t0 = time.perf_counter()
+        try:
+            out = post(url, body)
+        except Exception:
+            errors += 1
+            return
+        results.append({"ms": (time.perf_counter() - t0) * 1000, "batch_size": out["batch_size"],
+                        "new_tokens": out["new_tokens"]})
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, bodies))
+    return {"seconds": time.perf_counter() - start, "results": results, "errors": errors}
+
+
+def run_cell(url: str, concurrency: int, requests: int, first_doc: int, max_new_tokens: int) -> dict:
+    bodies = [{"text": document(first_doc + i), "instruction": QUESTIONS[i % len(QUESTIONS)],
+               "max_new_tokens": max_new_tokens} for i in range(requests)]
+    proc = subprocess.run([sys.executable, __file__, "--client", url, "--concurrency", str(concurrency)],
+                          input=json.dumps(bodies), capture_output=True, text=True, check=True)
+    out = json.loads(proc.stdout)
+    latencies = [r["ms"] for r in out["results"]]
+    wall = out["seconds"]
+    return {
+        "requests": requests, "errors": out["errors"], "seconds": round(wall, 3),
+        "requests_per_s": round(len(latencies) / wall, 2),
+        "p50_ms": round(percentile(latencies, 0.5), 1), "p95_ms": round(percentile(latencies, 0.95), 1),
+        "mean_ms": round(statistics.mean(latencies), 1),
+        "mean_batch_size": round(statistics.mean(r["batch_size"] for r in out["results"]), 2),
+        "max_batch_size_seen": max(r["batch_size"] for r in out["results"]),
+        "mean_new_tokens": round(statistics.mean(r["new_tokens"] for r in out["results"]), 1),
+    }
+
+
+def breakdown(engine, max_new_tokens: int, n: int = 8) -> dict:
+    """Where a grid request's time goes, measured on the engine directly (no HTTP): render, vision
+    encoding (per page, does not shrink with batching) and generation (batch of 1 vs `n`)."""
+    docs = [document(5000 + i) for i in range(n)]
+    t = time.perf_counter()
+    prepared = [engine.prepare(d) for d in docs]
+    render = time.perf_counter() - t
+    t = time.perf_counter()
+    engine._encode(prepared)
+    encode = time.perf_counter() - t
+    t = time.perf_counter()
+    engine.ask_batch(prepared, ["What is the total?"] * n, max_new_tokens=max_new_tokens)
+    batched = time.perf_counter() - t
+    t = time.perf_counter()
+    for p in prepared:
+        engine.ask(p, "What is the total?", max_new_tokens=max_new_tokens)
+    single = time.perf_counter() - t
+    pages = sum(len(p.pages) for p in prepared)
+    return {"documents": n, "pages_per_document": round(pages / n, 2),
+            "render_ms_per_document": round(render / n * 1000, 2),
+            "encode_ms_per_page": round(encode / pages * 1000, 2),
+            "generate_ms_per_request_batch1": round(single / n * 1000, 2),
+            f"generate_ms_per_request_batch{n}": round(batched / n * 1000, 2),
+            "generation_speedup_from_batching": round(single / batched, 2)}
+
+
+def cache_benchmark(model: str, questions: int, max_new_tokens: int) -> dict:
+    from deepsynth.inference import InstructionEngine
+
+    out = {}
+    for label, sentences in (("short", 3), ("long", 14)):
+        text = " ".join(document(1000 + k, 3) for k in range(sentences // 3 + 1))
+        row = {}
+        for cache_pages in (0, 256):
+            engine = InstructionEngine(model, cache_pages=cache_pages)
+            engine.ask("Warm-up text.", "Warm up?", max_new_tokens=2)
+            times = []
+            start = time.perf_counter()
+            for q in QUESTIONS[:questions]:
+                t0 = time.perf_counter()
+                answer = engine.ask(text, q, max_new_tokens=max_new_tokens)
+                times.append((time.perf_counter() - t0) * 1000)
+            total = time.perf_counter() - start
+            row["cache_on" if cache_pages else "cache_off"] = {
+                "total_s": round(total, 3), "per_question_ms_mean": round(statistics.mean(times), 1),
+                "first_question_ms": round(times[0], 1),
+                "later_questions_ms_p50": round(percentile(times[1:], 0.5), 1),
+                "encoded_pages": engine.cache.stats.encoded_pages,
+            }
+            row["pages"] = answer.pages
+            row["visual_tokens"] = answer.visual_tokens
+        row["speedup_total"] = round(row["cache_off"]["total_s"] / row["cache_on"]["total_s"], 2)
+        row["speedup_later_questions_p50"] = round(
+            row["cache_off"]["later_questions_ms_p50"] / row["cache_on"]["later_questions_ms_p50"], 2)
+        out[label] = row
+    return {"questions_per_document": questions, "max_new_tokens": max_new_tokens, "documents": out}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny", help="Model preset or directory (default: tiny, random).")
+    parser.add_argument("--out", default=str(Path(__file__).with_name("serve_report.json")))
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--max-wait-ms", type=float, default=10.0)
+    parser.add_argument("--questions", type=int, default=12)
+    parser.add_argument("--client", help=argparse.SUPPRESS)  # internal: run as the load generator
+    parser.add_argument("--concurrency", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (default 1: on a shared 2-core machine, 2 threads were 10x "
+                             "slower for the tiny model because each op waits for a descheduled thread)")
+    args = parser.parse_args()
+    if args.client:
+        print(json.dumps(client(args.client, args.concurrency, json.loads(sys.stdin.read()))))
+        return
+    sys.path.insert(0, SRC)
+    import torch
+
+    from deepsynth.inference import InstructionEngine
+    from deepsynth.serve import ServeConfig, create_app
+
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING)
+    load_start = os.getloadavg()
+    t_start = time.perf_counter()
+
+    engine = InstructionEngine(args.model, cache_pages=0)  # every grid request is a new document anyway
+    config = ServeConfig(max_batch_size=8, max_wait_ms=args.max_wait_ms, max_queue=256,
+                         max_new_tokens=max(args.max_new_tokens, 16), default_new_tokens=args.max_new_tokens)
+    app = create_app(engine, config)
+    server, thread, base = start_server(app)
+    url = base + "/api/inference/instruct"
+    for i in range(4):  # warm-up
+        post(url, {"text": document(-1 - i), "instruction": "Warm up?", "max_new_tokens": args.max_new_tokens})
+
+    grid = []
+    doc_id = 0
+    for concurrency in (1, 4, 16):
+        requests = max(12, 2 * concurrency)
+        for max_batch in range(1, 9):
+            app.state.batcher.max_batch_size = max_batch
+            cell = run_cell(url, concurrency, requests, doc_id, args.max_new_tokens)
+            doc_id += requests
+            grid.append({"concurrency": concurrency, "max_batch_size": max_batch, **cell})
+            print(f"c={concurrency:2d} b={max_batch}  p50 {cell['p50_ms']:7.1f} ms  p95 {cell['p95_ms']:7.1f} ms  "
+                  f"{cell['requests_per_s']:6.2f} req/s  mean batch {cell['mean_batch_size']:.2f}", flush=True)
+    server.should_exit = True
+    thread.join(10)
+    app.state.batcher.stop()
+
+    engine.cache = type(engine.cache)(1024)
+    parts = breakdown(engine, args.max_new_tokens)
+    print(f"breakdown: {parts}", flush=True)
+    cache = cache_benchmark(args.model, args.questions, args.max_new_tokens)
+    for label, row in cache["documents"].items():
+        print(f"cache {label}: {row['pages']} pages, total {row['cache_off']['total_s']} s -> "
+              f"{row['cache_on']['total_s']} s (x{row['speedup_total']})", flush=True)
+
+    def cell(c: int, b: int) -> dict:
+        return next(g for g in grid if g["concurrency"] == c and g["max_batch_size"] == b)
+
+    summary = {
+        f"concurrency_{c}": {
+            "best_max_batch_size": max(range(1, 9), key=lambda b: cell(c, b)["requests_per_s"]),
+            "requests_per_s_batch1": cell(c, 1)["requests_per_s"],
+            "requests_per_s_best": max(cell(c, b)["requests_per_s"] for b in range(1, 9)),
+            "throughput_gain_batch8_vs_1": round(cell(c, 8)["requests_per_s"] / cell(c, 1)["requests_per_s"], 2),
+            "p95_ms_batch1": cell(c, 1)["p95_ms"], "p95_ms_batch8": cell(c, 8)["p95_ms"],
+        } for c in (1, 4, 16)
+    }
+    report = {
+        "benchmark": "serve",
+        "description": __doc__.strip().split("\n\n")[0],
+        "config": {"model": args.model, "render_preset": engine.render_preset, "max_new_tokens": args.max_new_tokens,
+                   "max_wait_ms": args.max_wait_ms, "decoding": "greedy", "grid_documents": "one new document per "
+                   "request (no cache hits)", "cache_questions": args.questions},
+        "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                        "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+                        "device": str(engine.device), "loadavg_start": [round(x, 2) for x in load_start],
+                        "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+                        "note": "measured on a shared machine; compare rows of this run, not absolute numbers"},
+        "summary": summary,
+        "grid": grid,
+        "engine_breakdown": parts,
+        "cache": cache,
+        "seconds": round(time.perf_counter() - t_start, 1),
+    }
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out} ({report['seconds']} s)")
+
+
+if __name__ == "__main__":
+    main()
