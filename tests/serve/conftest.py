@@ -8,6 +8,7 @@ import time
 from contextlib import contextmanager
 
 import pytest
+import torch
 import uvicorn
 from fastapi.testclient import TestClient
 
@@ -16,6 +17,15 @@ from deepsynth.serve import ServeConfig, create_app
 
 SMALL = dict(max_new_tokens=16, default_new_tokens=6, max_text_chars=5_000, max_pages=4,
              max_image_pixels=1_000_000, max_body_bytes=2_000_000, max_instruction_chars=300)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """The tiny model runs best on one intra-op thread (see tests/inference/conftest.py)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
