@@ -197,6 +197,10 @@ def test_pdf_without_text_uses_page_images(engine):
     assert doc.kind == "pdf-images" and len(doc.pages) == 2
     assert max(doc.pages[0].size) == max(engine.render_config.page_width, engine.render_config.page_height)
     assert engine.ask(Pdf(image_pdf(2)), "What?", max_new_tokens=3).compression is None
+    # an embedded image larger than the pixel limit is refused before the page is rendered
+    with pytest.raises(DocumentError, match="embeds a 200x260 image") as e:
+        engine.prepare(Pdf(image_pdf(1)), DocumentLimits(max_image_pixels=10_000), field="pdf")
+    assert e.value.field == "pdf" and e.value.limit == 10_000
 
 
 def test_bad_pdfs_and_page_limits(engine):

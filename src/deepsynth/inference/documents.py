@@ -114,6 +114,7 @@ def read_pdf(data: bytes, limits: DocumentLimits = DocumentLimits(), page_side: 
     page size, so a huge page size cannot ask for a huge bitmap).
     """
     import pypdfium2 as pdfium
+    import pypdfium2.raw as pdfium_raw
 
     if not data.startswith(b"%PDF-"):
         raise DocumentError(field, "not a PDF (it must start with %PDF-)")
@@ -145,6 +146,13 @@ def read_pdf(data: bytes, limits: DocumentLimits = DocumentLimits(), page_side: 
         images = []
         for i in range(n):
             page = pdf[i]
+            # Embedded images are decoded at full size while a page renders: check their declared
+            # pixel counts first (a few compressed bytes can declare a gigapixel image).
+            for obj in page.get_objects(filter=[pdfium_raw.FPDF_PAGEOBJ_IMAGE], max_depth=4):
+                w, h = obj.get_px_size()
+                if limits.max_image_pixels is not None and w * h > limits.max_image_pixels:
+                    raise DocumentError(field, f"page {i + 1} embeds a {w}x{h} image; more than the limit of "
+                                        f"{limits.max_image_pixels} pixels", limits.max_image_pixels)
             width, height = page.get_size()
             scale = page_side / max(width, height, 1.0)
             images.append(page.render(scale=scale).to_pil().convert("RGB"))
