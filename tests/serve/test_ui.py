@@ -99,5 +99,8 @@ def test_instruct_page_end_to_end(browser, engine, tmp_path):
         page.wait_for_selector("#stats:not([hidden])", timeout=30_000)
         assert page.locator("#error").is_hidden()
         assert page.locator("#pages").inner_text() == str(len(engine.prepare(pdf.read_bytes()).pages))
+        assert "invoice.pdf" in page.locator("#file-info").inner_text()
+        page.click("#clear-file")  # back to the text box
+        assert page.locator("#file-row").is_hidden()
         page.close()
         assert not script_errors

@@ -58,7 +58,7 @@ async function onFiles() {
   const files = Array.from($("file").files);
   showError("");
   state.doc = null;
-  $("file-info").hidden = true;
+  $("file-row").hidden = true;
   if (!files.length) { scheduleRender(); return; }
   try {
     const first = files[0];
@@ -75,8 +75,8 @@ async function onFiles() {
       return;
     }
     if (state.doc) {
-      $("file-info").textContent = `Using ${files.map((f) => f.name).join(", ")} (clear the file to use the text box).`;
-      $("file-info").hidden = false;
+      $("file-info").textContent = `Using ${files.map((f) => f.name).join(", ")}.`;
+      $("file-row").hidden = false;
     }
   } catch (e) {
     showError(String(e.message || e));
@@ -228,6 +228,7 @@ async function start() {
   $("text").addEventListener("input", () => { if (!state.doc) scheduleRender(); });
   $("markdown").addEventListener("change", scheduleRender);
   $("file").addEventListener("change", onFiles);
+  $("clear-file").addEventListener("click", () => { $("file").value = ""; onFiles(); });
   $("submit").addEventListener("click", ask);
   $("stop").addEventListener("click", () => state.controller && state.controller.abort());
   $("api-key").value = sessionStorage.getItem("deepsynth-key") || "";
