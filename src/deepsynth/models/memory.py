@@ -29,6 +29,7 @@ These are estimates (expect +-25%); add about 1 GiB per GPU for the CUDA context
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -77,7 +78,14 @@ def minilm_config():
                       intermediate_size=1536, max_position_embeddings=512)
 
 
-VLM_CONFIGS = {"deepseek-ocr-2": real_config, CHECKPOINT: real_config, QWEN25_VL_7B: qwen2_5_vl_7b_config}
+def _real_v1_config():
+    from deepsynth.models.deepseek_ocr_v1 import real_v1_config
+
+    return real_v1_config()
+
+
+VLM_CONFIGS = {"deepseek-ocr-2": real_config, CHECKPOINT: real_config, QWEN25_VL_7B: qwen2_5_vl_7b_config,
+               "deepseek-ocr": _real_v1_config, "deepseek-ai/DeepSeek-OCR": _real_v1_config}
 TEXT_ENCODER_CONFIGS = {QWEN25_7B: qwen2_5_7b_config, "qwen2.5-7b": qwen2_5_7b_config,
                         MINILM: minilm_config, "all-MiniLM-L6-v2": minilm_config, "minilm": minilm_config}
 
@@ -87,7 +95,7 @@ def build_meta_model(name: str) -> nn.Module:
     directory, or a hub id whose config is reachable (cache or network)."""
     from deepsynth.models.generic import TINY_PRESETS
 
-    if name in ("tiny", "tiny-reader") or name in TINY_PRESETS:
+    if name in ("tiny", "tiny-reader", "tiny-deepseek-ocr-v1") or name in TINY_PRESETS:
         from deepsynth.models.registry import load_model
 
         return load_model(name)[0]  # a few MB: built for real
@@ -165,6 +173,10 @@ def _vision_tokens(config, stack_name: str, page_size: int = 1024) -> int:
     """Tokens per page through a vision stack. DeepSeek-OCR-2 (global view, no crops) and Idefics3
     (no splitting) resize pages to their fixed input size; Qwen-VL models keep `page_size` pixels."""
     vision = getattr(config, "vision_config", None)
+    if config.model_type == "deepseek_ocr_v1":  # SAM sees the patches, CLIP-L the 4x-downsampled grid + CLS
+        sam = config.sam_config
+        patches = (sam.image_size // sam.patch_size) ** 2
+        return patches if "sam" in stack_name else patches // 16 + 1
     if config.model_type == "deepseek_ocr2":
         sam = vision.sam_config
         patches = (sam.image_size // sam.patch_size) ** 2  # 4096 at 1024 px
@@ -181,6 +193,9 @@ def image_tokens_per_page(model: nn.Module, page_size: int = 1024) -> int:
     """Decoder tokens that one square page of `page_size` pixels becomes."""
     config = model.config
     vision = getattr(config, "vision_config", None)
+    if config.model_type == "deepseek_ocr_v1":
+        side = math.isqrt(_vision_tokens(config, "sam") // 16)
+        return side * (side + 1) + 1  # 16 x 16 grid + a newline per row + view separator
     if config.model_type == "deepseek_ocr2":
         return _vision_tokens(config, "sam") // 16 + 1  # 16 x 16 grid (at 1024 px) + view separator
     if config.model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
@@ -364,6 +379,7 @@ COMMON = [  # the configurations in docs/memory.md
     dict(model="deepseek-ocr-2", lora=True, text_encoder=MINILM),
     dict(model="deepseek-ocr-2", lora=True, text_encoder=QWEN25_7B),
     dict(model="deepseek-ocr-2", lora=True, text_encoder=QWEN25_7B, text_encoder_trainable=True),
+    dict(model="deepseek-ocr", lora=True, batch_size=8),
     dict(model=QWEN25_VL_7B, lora=True),
     dict(model=QWEN25_VL_7B, qlora=True),
     dict(model=QWEN25_VL_7B, freeze_vision=True, gradient_checkpointing=True),

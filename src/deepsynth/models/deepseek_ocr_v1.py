@@ -1,0 +1,593 @@
+"""DeepSeek-OCR v1 (`deepseek-ai/DeepSeek-OCR`) ported onto transformers 5 building blocks.
+
+The published checkpoint is remote code written for transformers 4.46 (`trust_remote_code`), which
+does not import under transformers 5. v1 and DeepSeek-OCR-2 share most of their parts, so the port
+assembles v1 from classes transformers already ships and adds only the glue (docs/backends.md
+explains the choice):
+
+* SAM ViT-B + two downsampling convolutions: `DeepseekOcr2SamVisionEncoder` (v1: 512 -> 1024 channels);
+* CLIP-L/14 whose patch embeddings are the SAM features (v1's "DeepEncoder"): transformers'
+  `CLIPEncoder` plus an embedding module that takes SAM features instead of pixels;
+* projector: `Linear(1024 + 1024 -> 1280)` on [CLIP tokens without CLS, SAM tokens];
+* layout: the 16 x 16 feature grid with a learned `image_newline` after each row, then the learned
+  view separator (273 tokens for one 1024 px page);
+* decoder: `DeepseekOcr2TextModel` (DeepSeek-V2 MoE, 1280 x 12, MHA, 64 routed experts top-6,
+  2 shared; softmax greedy routing as in v1), plus `lm_head`.
+
+`convert_v1_checkpoint(src, dst)` rewrites a v1 directory (its config.json and weights under the
+original key names) into a `save_pretrained` directory of `DeepseekOcrV1ForConditionalGeneration`
+(`V1_KEY_MAP`; per-expert weights fused into 3-D tensors, CLIP's fused qkv split);
+`to_v1_state_dict` is the inverse. `load_v1` does the conversion once into a cache directory and
+loads the result; the registry calls it for checkpoints whose config names `DeepseekOCRForCausalLM`.
+
+Scope: the base mode (one global view per page, 1024 px: `base_size=1024, crop_mode=False` in v1's
+`infer`). The "Gundam" crop mode (640 px local tiles) is not ported; a processor asked for crops
+raises an error saying so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from huggingface_hub.dataclasses import strict
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import CLIPVisionConfig, PreTrainedConfig
+from transformers.initialization import normal_ as init_normal_
+from transformers.modeling_outputs import BaseModelOutput
+from transformers.models.clip.modeling_clip import CLIPEncoder
+from transformers.models.deepseek_ocr2.configuration_deepseek_ocr2 import (
+    DeepseekOcr2SamVisionConfig,
+    DeepseekOcr2TextConfig,
+)
+from transformers.models.deepseek_ocr2.image_processing_pil_deepseek_ocr2 import DeepseekOcr2ImageProcessorPil
+from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import (
+    DeepseekOcr2ForConditionalGeneration,
+    DeepseekOcr2Model,
+    DeepseekOcr2ModelOutputWithPooling,
+    DeepseekOcr2PreTrainedModel,
+    DeepseekOcr2SamVisionEncoder,
+    DeepseekOcr2TextModel,
+)
+from transformers.models.deepseek_ocr2.processing_deepseek_ocr2 import DeepseekOcr2Processor
+
+logger = logging.getLogger(__name__)
+
+V1_CHECKPOINT = "deepseek-ai/DeepSeek-OCR"
+V1_ARCHITECTURE = "DeepseekOCRForCausalLM"
+MODEL_TYPE = "deepseek_ocr_v1"
+
+
+# ---- config ------------------------------------------------------------------------------------
+@strict
+class DeepseekOcrV1Config(PreTrainedConfig):
+    """SAM (`sam_config`) + CLIP-L (`clip_config`) + projector + DeepSeek-V2 MoE decoder (`text_config`)."""
+
+    model_type = MODEL_TYPE
+    sub_configs_defaults = {
+        "sam_config": DeepseekOcr2SamVisionConfig,
+        "clip_config": CLIPVisionConfig,
+        "text_config": DeepseekOcr2TextConfig,
+    }
+    sam_config: dict | PreTrainedConfig | None = None
+    clip_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    image_token_id: int = 128815
+    tie_word_embeddings: bool = False
+
+
+def real_v1_config() -> DeepseekOcrV1Config:
+    """The config of `deepseek-ai/DeepSeek-OCR` (3,336,106,240 parameters), from its config.json."""
+    return v1_config_from_original(json.loads(json.dumps(REAL_V1_CONFIG_JSON)))
+
+
+# The parts of the published config.json the port reads (transformers 4.46 remote-code layout).
+REAL_V1_CONFIG_JSON = {
+    "architectures": [V1_ARCHITECTURE],
+    "model_type": "deepseek_vl_v2",
+    "language_config": {
+        "bos_token_id": 0, "eos_token_id": 1, "first_k_dense_replace": 1, "hidden_size": 1280,
+        "intermediate_size": 6848, "max_position_embeddings": 8192, "moe_intermediate_size": 896,
+        "n_group": 1, "n_routed_experts": 64, "n_shared_experts": 2, "num_attention_heads": 10,
+        "num_experts_per_tok": 6, "num_hidden_layers": 12, "num_key_value_heads": 10, "topk_group": 1,
+        "topk_method": "greedy", "use_mla": False, "vocab_size": 129280,
+    },
+    "projector_config": {"input_dim": 2048, "n_embed": 1280, "projector_type": "linear"},
+    "vision_config": {
+        "image_size": 1024,
+        "width": {
+            "clip-l-14-224": {"heads": 16, "image_size": 224, "layers": 24, "patch_size": 14, "width": 1024},
+            "sam_vit_b": {"downsample_channels": [512, 1024], "global_attn_indexes": [2, 5, 8, 11], "heads": 12,
+                          "layers": 12, "width": 768},
+        },
+    },
+}
+
+
+def v1_config_from_original(original: dict) -> DeepseekOcrV1Config:
+    """Our config from a v1 config.json (`language_config`, `vision_config.width`, `projector_config`).
+
+    Extra keys understood beyond the published file (used by tiny test checkpoints): `sam_vit_b`
+    may carry image_size/patch_size/window_size/output_channels; `clip-l-14-224` may carry
+    intermediate_size (default 4 x width).
+    """
+    lang = original["language_config"]
+    if lang.get("use_mla") or lang.get("kv_lora_rank"):
+        raise ValueError("this v1 checkpoint uses multi-head latent attention; the port covers use_mla=false")
+    widths = original["vision_config"]["width"]
+    sam, clip = widths["sam_vit_b"], widths["clip-l-14-224"]
+    layers = lang["num_hidden_layers"]
+    dense = lang.get("first_k_dense_replace", 0)
+    text = DeepseekOcr2TextConfig(
+        vocab_size=lang["vocab_size"], hidden_size=lang["hidden_size"], intermediate_size=lang["intermediate_size"],
+        num_hidden_layers=layers, num_attention_heads=lang["num_attention_heads"],
+        num_key_value_heads=lang.get("num_key_value_heads", lang["num_attention_heads"]),
+        max_position_embeddings=lang.get("max_position_embeddings", 8192),
+        mlp_layer_types=["dense"] * dense + ["sparse"] * (layers - dense),
+        n_routed_experts=lang["n_routed_experts"], num_experts_per_tok=lang["num_experts_per_tok"],
+        n_shared_experts=lang["n_shared_experts"], moe_intermediate_size=lang["moe_intermediate_size"],
+        topk_method=lang.get("topk_method", "greedy"), n_group=lang.get("n_group"), topk_group=lang.get("topk_group"),
+        routed_scaling_factor=lang.get("routed_scaling_factor", 1.0),
+        bos_token_id=lang.get("bos_token_id", 0), eos_token_id=lang.get("eos_token_id", 1),
+        pad_token_id=lang.get("pad_token_id"),
+    )
+    if lang.get("norm_topk_prob"):
+        raise ValueError("norm_topk_prob=true is not what DeepSeek-OCR uses; the port routes without it")
+    image_size = sam.get("image_size", original["vision_config"].get("image_size", 1024))
+    sam_config = DeepseekOcr2SamVisionConfig(
+        hidden_size=sam["width"], num_hidden_layers=sam["layers"], num_attention_heads=sam["heads"],
+        image_size=image_size, patch_size=sam.get("patch_size", 16), window_size=sam.get("window_size", 14),
+        global_attn_indexes=sam["global_attn_indexes"], output_channels=sam.get("output_channels", 256),
+        downsample_channels=sam["downsample_channels"],
+    )
+    clip_config = CLIPVisionConfig(
+        hidden_size=clip["width"], intermediate_size=clip.get("intermediate_size", 4 * clip["width"]),
+        num_hidden_layers=clip["layers"], num_attention_heads=clip["heads"], image_size=clip["image_size"],
+        patch_size=clip["patch_size"], hidden_act="quick_gelu", layer_norm_eps=1e-5,
+    )
+    projector = original.get("projector_config", {})
+    if projector.get("projector_type", "linear") != "linear":
+        raise ValueError(f"projector_type {projector['projector_type']!r}: the port covers the linear projector")
+    if sam["downsample_channels"][1] != clip["width"]:
+        raise ValueError("SAM's output channels must equal CLIP's width (SAM features are CLIP's patch embeddings)")
+    return DeepseekOcrV1Config(sam_config=sam_config, clip_config=clip_config, text_config=text,
+                               image_token_id=original.get("image_token_id", 128815))
+
+
+def original_config_from_v1(config: DeepseekOcrV1Config) -> dict:
+    """The inverse of `v1_config_from_original` (writes tiny checkpoints in the v1 layout)."""
+    text, sam, clip = config.text_config, config.sam_config, config.clip_config
+    dense = sum(1 for t in text.mlp_layer_types if t == "dense")
+    lang = {
+        "bos_token_id": text.bos_token_id, "eos_token_id": text.eos_token_id, "pad_token_id": text.pad_token_id,
+        "first_k_dense_replace": dense, "hidden_size": text.hidden_size, "intermediate_size": text.intermediate_size,
+        "max_position_embeddings": text.max_position_embeddings, "moe_intermediate_size": text.moe_intermediate_size,
+        "n_group": text.n_group, "n_routed_experts": text.n_routed_experts, "n_shared_experts": text.n_shared_experts,
+        "num_attention_heads": text.num_attention_heads, "num_experts_per_tok": text.num_experts_per_tok,
+        "num_hidden_layers": text.num_hidden_layers, "num_key_value_heads": text.num_key_value_heads,
+        "topk_group": text.topk_group, "topk_method": text.topk_method, "use_mla": False,
+        "vocab_size": text.vocab_size, "kv_lora_rank": None, "q_lora_rank": None,
+    }
+    return {
+        "architectures": [V1_ARCHITECTURE], "model_type": "deepseek_vl_v2", "language_config": lang,
+        "projector_config": {"input_dim": 2 * clip.hidden_size, "n_embed": text.hidden_size, "projector_type": "linear"},
+        "vision_config": {"image_size": sam.image_size, "width": {
+            "clip-l-14-224": {"heads": clip.num_attention_heads, "image_size": clip.image_size,
+                              "layers": clip.num_hidden_layers, "patch_size": clip.patch_size,
+                              "width": clip.hidden_size, "intermediate_size": clip.intermediate_size},
+            "sam_vit_b": {"downsample_channels": list(sam.downsample_channels),
+                          "global_attn_indexes": list(sam.global_attn_indexes), "heads": sam.num_attention_heads,
+                          "layers": sam.num_hidden_layers, "width": sam.hidden_size, "image_size": sam.image_size,
+                          "patch_size": sam.patch_size, "window_size": sam.window_size,
+                          "output_channels": sam.output_channels}}},
+        "image_token_id": config.image_token_id,
+        **{k: lang[k] for k in ("hidden_size", "vocab_size", "num_hidden_layers", "bos_token_id", "eos_token_id")},
+    }
+
+
+# ---- model -------------------------------------------------------------------------------------
+class DeepseekOcrV1ClipEmbeddings(nn.Module):
+    """CLIP-L embeddings that take SAM features as patch embeddings (v1's DeepEncoder).
+
+    `patch_embedding` exists in the checkpoint but v1 never uses it (the SAM features replace it);
+    it is frozen so that optimisers and DDP do not track a parameter without gradients.
+    """
+
+    def __init__(self, config: CLIPVisionConfig) -> None:
+        super().__init__()
+        dim = config.hidden_size
+        self.class_embedding = nn.Parameter(torch.randn(dim) * dim**-0.5)
+        self.patch_embedding = nn.Conv2d(config.num_channels, dim, kernel_size=config.patch_size,
+                                         stride=config.patch_size, bias=False)
+        self.patch_embedding.requires_grad_(False)
+        self.num_positions = (config.image_size // config.patch_size) ** 2 + 1
+        self.position_embedding = nn.Embedding(self.num_positions, dim)
+
+    def forward(self, sam_features: torch.Tensor) -> torch.Tensor:
+        patches = sam_features.flatten(2).transpose(1, 2)  # (batch, h*w, dim)
+        cls = self.class_embedding.to(patches.dtype).expand(patches.shape[0], 1, -1)
+        embeddings = torch.cat([cls, patches], dim=1)
+        return embeddings + self._positions(embeddings.shape[1]).to(embeddings.dtype)
+
+    def _positions(self, tokens: int) -> torch.Tensor:
+        table = self.position_embedding.weight.unsqueeze(0)
+        if tokens == self.num_positions:
+            return table
+        # Other grid sizes: bicubic (antialiased) interpolation of the patch positions, as v1 does.
+        cls, grid = table[:, :1], table[:, 1:]
+        src, dst = int(math.isqrt(grid.shape[1])), int(math.isqrt(tokens - 1))
+        grid = grid.reshape(1, src, src, -1).permute(0, 3, 1, 2).float()
+        grid = nn.functional.interpolate(grid, size=(dst, dst), mode="bicubic", align_corners=False, antialias=True)
+        grid = grid.permute(0, 2, 3, 1).reshape(1, dst * dst, -1).to(table.dtype)
+        return torch.cat([cls, grid], dim=1)
+
+
+class DeepseekOcrV1ClipModel(nn.Module):
+    def __init__(self, config: CLIPVisionConfig) -> None:
+        super().__init__()
+        self.embeddings = DeepseekOcrV1ClipEmbeddings(config)
+        self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.encoder = CLIPEncoder(config)
+
+    def forward(self, sam_features: torch.Tensor) -> torch.Tensor:
+        hidden = self.pre_layrnorm(self.embeddings(sam_features))
+        return self.encoder(inputs_embeds=hidden).last_hidden_state  # no post-layernorm in v1
+
+
+class DeepseekOcrV1VisionModel(nn.Module):
+    """SAM -> CLIP-L on SAM features; output: [CLIP tokens without CLS, SAM tokens] per patch."""
+
+    def __init__(self, config: DeepseekOcrV1Config) -> None:
+        super().__init__()
+        self.sam_encoder = DeepseekOcr2SamVisionEncoder(config.sam_config)
+        self.clip = DeepseekOcrV1ClipModel(config.clip_config)
+
+    def forward(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutput:
+        sam = self.sam_encoder(pixel_values).last_hidden_state  # (batch, 1024, 16, 16) at 1024 px
+        clip = self.clip(sam)
+        fused = torch.cat([clip[:, 1:], sam.flatten(2).transpose(1, 2)], dim=-1)
+        return BaseModelOutput(last_hidden_state=fused)
+
+
+class DeepseekOcrV1PreTrainedModel(DeepseekOcr2PreTrainedModel):
+    config_class = DeepseekOcrV1Config
+    _no_split_modules = ["DeepseekOcr2SamVisionLayer", "CLIPEncoderLayer", "DeepseekOcr2TextDecoderLayer"]
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, DeepseekOcrV1Model):
+            std = 1 / math.sqrt(self.config.text_config.hidden_size)
+            init_normal_(module.image_newline, mean=0.0, std=std)
+        elif isinstance(module, DeepseekOcrV1ClipEmbeddings):
+            dim = module.class_embedding.shape[0]
+            init_normal_(module.class_embedding, mean=0.0, std=dim**-0.5)
+
+
+class DeepseekOcrV1Model(DeepseekOcrV1PreTrainedModel, DeepseekOcr2Model):
+    """DeepSeek-OCR-2's model class with v1's vision stack and token layout; its forward (image
+    features scattered into the `<image>` positions of `input_ids`) is inherited unchanged."""
+
+    def __init__(self, config: DeepseekOcrV1Config) -> None:
+        DeepseekOcrV1PreTrainedModel.__init__(self, config)
+        self.vision_tower = DeepseekOcrV1VisionModel(config)
+        vision_dim = config.clip_config.hidden_size + config.sam_config.downsample_channels[1]
+        self.multi_modal_projector = nn.Linear(vision_dim, config.text_config.hidden_size)
+        self.vocab_size = config.text_config.vocab_size
+        self.language_model = DeepseekOcr2TextModel(config.text_config)
+        std = 1 / math.sqrt(config.text_config.hidden_size)
+        self.image_newline = nn.Parameter(torch.randn(config.text_config.hidden_size) * std)
+        self.view_separator = nn.Parameter(torch.randn(config.text_config.hidden_size) * std)
+        self.post_init()
+
+    def get_image_features(self, pixel_values: torch.Tensor, pixel_values_local: torch.Tensor | None = None,
+                           num_local_patches=None, **kwargs) -> DeepseekOcr2ModelOutputWithPooling:
+        if pixel_values_local is not None and pixel_values_local.numel():
+            raise NotImplementedError("DeepSeek-OCR v1 port: crop mode (local tiles) is not supported; "
+                                      "use one global view per page (crop_to_patches=False)")
+        vision = self.vision_tower(pixel_values)
+        features = self.multi_modal_projector(vision.last_hidden_state)  # (batch, h*w, hidden)
+        batch, tokens, dim = features.shape
+        side = math.isqrt(tokens)
+        grid = features.view(batch, side, side, dim)
+        newline = self.image_newline.to(features.dtype).view(1, 1, 1, dim).expand(batch, side, 1, dim)
+        rows = torch.cat([grid, newline], dim=2).reshape(batch, side * (side + 1), dim)
+        separator = self.view_separator.to(features.dtype).view(1, dim)
+        pooled = [torch.cat([rows[i], separator], dim=0) for i in range(batch)]
+        return DeepseekOcr2ModelOutputWithPooling(last_hidden_state=vision.last_hidden_state, pooler_output=pooled)
+
+
+class DeepseekOcrV1ForConditionalGeneration(DeepseekOcrV1PreTrainedModel, DeepseekOcr2ForConditionalGeneration):
+    """DeepSeek-OCR v1 for generation and training: DeepSeek-OCR-2's head, loss and generation code."""
+
+    def __init__(self, config: DeepseekOcrV1Config) -> None:
+        DeepseekOcrV1PreTrainedModel.__init__(self, config)
+        self.model = DeepseekOcrV1Model(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+
+# ---- processor ---------------------------------------------------------------------------------
+class DeepseekOcrV1Processor(DeepseekOcr2Processor):
+    """DeepSeek-OCR-2's processor with v1's token count: q x (q + 1) + 1 image tokens per page
+    (q = side / 16 / 4; a newline token after each row, one view separator)."""
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        if image_inputs["num_local_patches"][image_idx]:
+            raise ValueError("DeepSeek-OCR v1 port: crop mode is not supported; build the image processor with "
+                             "crop_to_patches=False")
+        tile = kwargs.get("tile_size") or self.image_processor.tile_size
+        q = math.ceil(tile / self.patch_size / self.downsample_ratio)
+        return self.image_token * (q * (q + 1) + 1)
+
+
+def v1_image_processor(image_size: int = 1024) -> DeepseekOcr2ImageProcessorPil:
+    """v1's base mode: the page padded to a square (grey 127) and resized to `image_size`, normalised
+    with mean = std = 0.5; no local crops."""
+    return DeepseekOcr2ImageProcessorPil(size={"height": image_size, "width": image_size}, tile_size=image_size,
+                                         crop_to_patches=False, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+
+
+# ---- checkpoint key map ------------------------------------------------------------------------
+# v1 key (regex) -> port key. Per-expert weights and CLIP's fused qkv are handled in code.
+V1_KEY_MAP: list[tuple[str, str]] = [
+    (r"^model\.sam_model\.patch_embed\.proj\.", "model.vision_tower.sam_encoder.patch_embed.projection."),
+    (r"^model\.sam_model\.pos_embed$", "model.vision_tower.sam_encoder.pos_embed"),
+    (r"^model\.sam_model\.blocks\.(\d+)\.norm(\d)\.", r"model.vision_tower.sam_encoder.layers.\1.layer_norm\2."),
+    (r"^model\.sam_model\.blocks\.(\d+)\.(attn|mlp)\.", r"model.vision_tower.sam_encoder.layers.\1.\2."),
+    (r"^model\.sam_model\.neck\.0\.", "model.vision_tower.sam_encoder.neck.conv1."),
+    (r"^model\.sam_model\.neck\.1\.", "model.vision_tower.sam_encoder.neck.layer_norm1."),
+    (r"^model\.sam_model\.neck\.2\.", "model.vision_tower.sam_encoder.neck.conv2."),
+    (r"^model\.sam_model\.neck\.3\.", "model.vision_tower.sam_encoder.neck.layer_norm2."),
+    (r"^model\.sam_model\.net_2\.", "model.vision_tower.sam_encoder.proj.conv1."),
+    (r"^model\.sam_model\.net_3\.", "model.vision_tower.sam_encoder.proj.conv2."),
+    (r"^model\.vision_model\.embeddings\.", "model.vision_tower.clip.embeddings."),
+    (r"^model\.vision_model\.pre_layrnorm\.", "model.vision_tower.clip.pre_layrnorm."),
+    (r"^model\.vision_model\.transformer\.layers\.", "model.vision_tower.clip.encoder.layers."),
+    (r"^model\.projector\.layers\.", "model.multi_modal_projector."),
+    (r"^model\.image_newline$", "model.image_newline"),
+    (r"^model\.view_seperator$", "model.view_separator"),  # sic: the checkpoint's spelling
+    (r"^model\.embed_tokens\.", "model.language_model.embed_tokens."),
+    (r"^model\.norm\.", "model.language_model.norm."),
+    (r"^model\.layers\.", "model.language_model.layers."),
+    (r"^lm_head\.", "lm_head."),
+]
+_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
+_QKV = re.compile(r"^(model\.vision_model\.transformer\.layers\.\d+\.self_attn\.)qkv_proj\.(weight|bias)$")
+
+
+def _map_key(key: str) -> str:
+    for pattern, repl in V1_KEY_MAP:
+        new, n = re.subn(pattern, repl, key)
+        if n:
+            return new
+    raise KeyError(f"v1 checkpoint key {key!r} is not in the key map")
+
+
+def convert_v1_state_dict(state: dict[str, torch.Tensor], config: DeepseekOcrV1Config) -> dict[str, torch.Tensor]:
+    """v1 checkpoint tensors -> `DeepseekOcrV1ForConditionalGeneration` state dict."""
+    out: dict[str, torch.Tensor] = {}
+    experts: dict[int, dict[str, dict[int, torch.Tensor]]] = {}
+    for key, tensor in state.items():
+        if m := _EXPERT.match(key):
+            layer, expert, proj = int(m[1]), int(m[2]), m[3]
+            experts.setdefault(layer, {}).setdefault(proj, {})[expert] = tensor
+        elif m := _QKV.match(key):
+            prefix = _map_key(m[1] + "x").removesuffix("x")
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0)):
+                out[f"{prefix}{name}.{m[2]}"] = part.contiguous()
+        else:
+            out[_map_key(key)] = tensor
+    n = config.text_config.n_routed_experts
+    for layer, projs in experts.items():
+        def stacked(proj: str) -> torch.Tensor:
+            missing = sorted(set(range(n)) - set(projs.get(proj, {})))
+            if missing:
+                raise KeyError(f"layer {layer}: experts {missing} have no {proj}_proj weight")
+            return torch.stack([projs[proj][e] for e in range(n)])
+
+        prefix = f"model.language_model.layers.{layer}.mlp.experts."
+        out[prefix + "gate_up_proj"] = torch.cat([stacked("gate"), stacked("up")], dim=1)
+        out[prefix + "down_proj"] = stacked("down")
+    return out
+
+
+def to_v1_state_dict(state: dict[str, torch.Tensor], config: DeepseekOcrV1Config) -> dict[str, torch.Tensor]:
+    """The inverse of `convert_v1_state_dict`: port state dict -> v1 checkpoint keys."""
+    inverse = [
+        (r"^model\.vision_tower\.sam_encoder\.patch_embed\.projection\.", "model.sam_model.patch_embed.proj."),
+        (r"^model\.vision_tower\.sam_encoder\.pos_embed$", "model.sam_model.pos_embed"),
+        (r"^model\.vision_tower\.sam_encoder\.layers\.(\d+)\.layer_norm(\d)\.", r"model.sam_model.blocks.\1.norm\2."),
+        (r"^model\.vision_tower\.sam_encoder\.layers\.(\d+)\.(attn|mlp)\.", r"model.sam_model.blocks.\1.\2."),
+        (r"^model\.vision_tower\.sam_encoder\.neck\.conv1\.", "model.sam_model.neck.0."),
+        (r"^model\.vision_tower\.sam_encoder\.neck\.layer_norm1\.", "model.sam_model.neck.1."),
+        (r"^model\.vision_tower\.sam_encoder\.neck\.conv2\.", "model.sam_model.neck.2."),
+        (r"^model\.vision_tower\.sam_encoder\.neck\.layer_norm2\.", "model.sam_model.neck.3."),
+        (r"^model\.vision_tower\.sam_encoder\.proj\.conv1\.", "model.sam_model.net_2."),
+        (r"^model\.vision_tower\.sam_encoder\.proj\.conv2\.", "model.sam_model.net_3."),
+        (r"^model\.vision_tower\.clip\.embeddings\.", "model.vision_model.embeddings."),
+        (r"^model\.vision_tower\.clip\.pre_layrnorm\.", "model.vision_model.pre_layrnorm."),
+        (r"^model\.vision_tower\.clip\.encoder\.layers\.", "model.vision_model.transformer.layers."),
+        (r"^model\.multi_modal_projector\.", "model.projector.layers."),
+        (r"^model\.image_newline$", "model.image_newline"),
+        (r"^model\.view_separator$", "model.view_seperator"),
+        (r"^model\.language_model\.", "model."),
+        (r"^lm_head\.", "lm_head."),
+    ]
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    moe_dim = config.text_config.moe_intermediate_size
+    for key, tensor in state.items():
+        if m := re.match(r"^model\.language_model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$", key):
+            layer = m[1]
+            for e in range(tensor.shape[0]):
+                base = f"model.layers.{layer}.mlp.experts.{e}."
+                if m[2] == "gate_up_proj":
+                    out[base + "gate_proj.weight"] = tensor[e, :moe_dim].contiguous()
+                    out[base + "up_proj.weight"] = tensor[e, moe_dim:].contiguous()
+                else:
+                    out[base + "down_proj.weight"] = tensor[e].contiguous()
+            continue
+        if m := re.match(r"^(model\.vision_tower\.clip\.encoder\.layers\.\d+\.self_attn\.)([qkv])_proj\.(weight|bias)$",
+                         key):
+            qkv.setdefault(f"{m[1]}|{m[3]}", {})[m[2]] = tensor
+            continue
+        for pattern, repl in inverse:
+            new, n = re.subn(pattern, repl, key)
+            if n:
+                out[new] = tensor
+                break
+        else:
+            raise KeyError(f"port key {key!r} has no v1 name")
+    for joined, parts in qkv.items():
+        prefix, kind = joined.split("|")
+        v1_prefix = prefix.replace("model.vision_tower.clip.encoder.layers.", "model.vision_model.transformer.layers.")
+        out[f"{v1_prefix}qkv_proj.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    return out
+
+
+# ---- checkpoints -------------------------------------------------------------------------------
+def is_v1_checkpoint(path: str | os.PathLike) -> bool:
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    data = json.loads(config.read_text())
+    return V1_ARCHITECTURE in (data.get("architectures") or []) or (
+        data.get("model_type") == "deepseek_vl_v2" and "language_config" in data and "sam_vit_b" in json.dumps(data))
+
+
+def _v1_weights(src: Path) -> dict[str, torch.Tensor]:
+    files = sorted(src.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{src}: no .safetensors weights")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    return state
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+
+
+def convert_v1_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, image_size: int | None = None) -> Path:
+    """Rewrite a v1 checkpoint directory (original keys, remote-code config) as a `save_pretrained`
+    directory of `DeepseekOcrV1ForConditionalGeneration` plus a `DeepseekOcrV1Processor`."""
+    from transformers import AutoTokenizer
+
+    src, dst = Path(src), Path(dst)
+    config = v1_config_from_original(json.loads((src / "config.json").read_text()))
+    state = convert_v1_state_dict(_v1_weights(src), config)
+    with torch.device("meta"):
+        expected = DeepseekOcrV1ForConditionalGeneration(config).state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{src}: v1 weights do not match the port (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise ValueError(f"{src}: {key} has shape {tuple(tensor.shape)}, the config implies {tuple(expected[key].shape)}")
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    config.save_pretrained(tmp)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    processor = DeepseekOcrV1Processor(image_processor=v1_image_processor(image_size or config.sam_config.image_size),
+                                       tokenizer=tokenizer)
+    processor.save_pretrained(tmp)
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+    logger.info("converted DeepSeek-OCR v1 checkpoint %s -> %s", src, dst)
+    return dst
+
+
+def _cache_dir(src: Path) -> Path:
+    stamp = "|".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in sorted(src.glob("*.safetensors")))
+    digest = hashlib.sha256(f"{src.resolve()}|{stamp}".encode()).hexdigest()[:16]
+    root = Path(os.environ.get("DEEPSYNTH_CACHE", Path.home() / ".cache" / "deepsynth"))
+    return root / "deepseek-ocr-v1" / digest
+
+
+def load_port(path: str | os.PathLike, dtype: torch.dtype | None = None):
+    """(model, processor) from a converted directory."""
+    model = DeepseekOcrV1ForConditionalGeneration.from_pretrained(path, dtype=dtype)
+    processor = DeepseekOcrV1Processor.from_pretrained(path)
+    tok = processor.tokenizer
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    return model, processor
+
+
+def load_v1(path: str, dtype: torch.dtype | None = None):
+    """Backend loader: a v1 checkpoint (directory or hub id, original layout) is converted once into
+    the cache (`$DEEPSYNTH_CACHE`, default ~/.cache/deepsynth) and loaded from there; an already
+    converted directory is loaded directly."""
+    local = Path(path)
+    if not local.exists():
+        from huggingface_hub import snapshot_download
+
+        local = Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    if not is_v1_checkpoint(local):
+        return load_port(local, dtype)
+    target = _cache_dir(local)
+    if not (target / "model.safetensors").is_file():
+        convert_v1_checkpoint(local, target)
+    return load_port(target, dtype)
+
+
+def _register() -> None:
+    from deepsynth.models.collate import RAW_PROMPT_PROCESSORS
+
+    RAW_PROMPT_PROCESSORS.add(DeepseekOcrV1Processor.__name__)  # v1 was trained on raw `<image>\n{prompt}`
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    try:
+        AutoConfig.register(MODEL_TYPE, DeepseekOcrV1Config)
+        AutoModelForImageTextToText.register(DeepseekOcrV1Config, DeepseekOcrV1ForConditionalGeneration)
+    except ValueError:  # already registered (module reloaded)
+        pass
+
+
+_register()
+
+
+# ---- tiny preset -------------------------------------------------------------------------------
+def tiny_v1_config(tokenizer, image_size: int = 256) -> DeepseekOcrV1Config:
+    """The v1 architecture at toy size: SAM 128 x 2 (-> 128 -> 192 channels), CLIP 192 x 2, one dense
+    and one MoE decoder layer (4 experts, top-2, 1 shared) of width 192."""
+    patches = image_size // 16 // 4
+    sam = DeepseekOcr2SamVisionConfig(
+        hidden_size=128, output_channels=128, num_hidden_layers=2, num_attention_heads=4, image_size=image_size,
+        patch_size=16, window_size=8, global_attn_indexes=[1], downsample_channels=[128, 192], initializer_range=0.02)
+    # CLIP's position table covers exactly the SAM grid (patches x patches + CLS), as 16 x 16 + 1 does at 1024 px.
+    clip = CLIPVisionConfig(hidden_size=192, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+                            image_size=14 * patches, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+    text = DeepseekOcr2TextConfig(
+        vocab_size=len(tokenizer), hidden_size=192, intermediate_size=384, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, mlp_layer_types=["dense", "sparse"], n_routed_experts=4,
+        num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=64, max_position_embeddings=1024,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    return DeepseekOcrV1Config(sam_config=sam, clip_config=clip, text_config=text,
+                               image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+
+
+def build_tiny_v1(seed: int = 0, image_size: int = 256):
+    """A randomly initialised tiny DeepSeek-OCR v1 (port classes) and its processor (char tokenizer)."""
+    from deepsynth.models.tokenizer import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer()
+    processor = DeepseekOcrV1Processor(image_processor=v1_image_processor(image_size), tokenizer=tokenizer)
+    torch.manual_seed(seed)
+    model = DeepseekOcrV1ForConditionalGeneration(tiny_v1_config(tokenizer, image_size))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model, processor
