@@ -136,3 +136,23 @@ def test_trainer_lora_on_tiny_v1(tmp_path):
     metrics, _ = Trainer(config).train(generate(SyntheticConfig(facts_per_doc=2), 4, "train"))
     assert metrics["train_steps"] == 2
     assert type(load_model(metrics["final_model"])[0]) is v1.DeepseekOcrV1ForConditionalGeneration
+
+
+@pytest.mark.parametrize("image_size", [256, 512])  # 512: SAM, rel-pos and CLIP position interpolation paths
+def test_vision_path_matches_an_independent_deepencoder_implementation(image_size):
+    from deepseek_ocr_v1_reference import reference_image_tokens  # tests/models is on sys.path (rootdir-less)
+
+    model, _ = v1.build_tiny_v1(seed=3)
+    with torch.no_grad():  # the port zero-initialises these; make every weight informative
+        for name, param in model.named_parameters():
+            if any(k in name for k in ("rel_pos", "pos_embed", "class_embedding", "position_embedding")):
+                param.normal_(0, 0.5)
+    model.eval()
+    weights = v1.to_v1_state_dict(model.state_dict(), model.config)
+    pixels = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = reference_image_tokens(pixels, weights, model.config)
+        got = model.model.get_image_features(pixels).pooler_output
+    for e, g in zip(expected, got):
+        assert e.shape == g.shape == ((image_size // 64) * (image_size // 64 + 1) + 1, 192)
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
