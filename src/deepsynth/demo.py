@@ -37,6 +37,8 @@ class DemoConfig:
     minutes: float = 12.0
     # Facts ("key: value" lines) per page.
     facts_per_doc: int = 4
+    # Page layout of the synthetic documents: "form" (fixed field order) or "shuffled".
+    layout: str = "shuffled"
     # Training documents asked one question each.
     train_questions: int = 6000
     # Training documents to transcribe (keeps the reading skill while questions are learned).
@@ -55,7 +57,7 @@ class DemoConfig:
 def run_demo(cfg: DemoConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    syn = SyntheticConfig(facts_per_doc=cfg.facts_per_doc, seed=cfg.seed)
+    syn = SyntheticConfig(facts_per_doc=cfg.facts_per_doc, layout=cfg.layout, seed=cfg.seed)
     train = (generate(syn, cfg.train_questions, "train", kinds=("question",))
              + generate(syn, cfg.train_transcriptions, "train", kinds=("transcribe",), seed_offset=1))
     heldout = generate(syn, cfg.n_eval, "heldout")
@@ -89,6 +91,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         "em_before_finetune": base["em"],
         "n_eval": len(heldout),
         "facts_per_page": cfg.facts_per_doc,
+        "layout": cfg.layout,
         "train_steps": metrics["train_steps"],
         "train_seconds": metrics["train_seconds"],
         "train_examples": len(train),

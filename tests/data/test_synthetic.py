@@ -205,3 +205,17 @@ def test_passages():
         generate_passages(1, facts_per_doc=0)
     with pytest.raises(ValueError, match="questions_per_doc"):
         generate_passages(1, facts_per_doc=1, questions_per_doc=5)
+
+
+def test_form_layout_keeps_field_order_and_heldout_values():
+    from deepsynth.data.synthetic import SyntheticConfig, generate, split_values
+
+    cfg = SyntheticConfig(layout="form", facts_per_doc=4)
+    _, held = split_values(cfg)
+    for ex in generate(cfg, 20, "heldout"):
+        assert [k for k, _ in ex.meta["facts"]] == list(cfg.keys[:4])
+        assert all(v in held for _, v in ex.meta["facts"])
+    import pytest
+
+    with pytest.raises(ValueError, match="layout"):
+        SyntheticConfig(layout="grid")

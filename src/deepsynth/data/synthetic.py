@@ -44,6 +44,7 @@ __all__ = [
 KEYS: tuple[str, ...] = ("alpha", "bravo", "delta", "echo", "golf", "kilo", "lima", "oscar")
 QUESTION_TEMPLATES: tuple[str, ...] = ("{key}?",)
 TRANSCRIBE_INSTRUCTION = "read"
+LAYOUTS = ("shuffled", "form")
 
 KINDS: tuple[str, ...] = ("question", "transcribe")
 TRAIN_SPLITS: tuple[str, ...] = ("train",)
@@ -65,6 +66,10 @@ class SyntheticConfig:
     question_templates: tuple[str, ...] = QUESTION_TEMPLATES
     heldout_fraction: float = 0.2  # share of the value space reserved for held-out splits
     seed: int = 0
+    # "shuffled": a random subset of keys in random order (the question must find its line);
+    # "form": the first facts_per_doc keys, always in the same order, like the fields of a form
+    # (the question names a field whose place is fixed; the value must still be read).
+    layout: str = "shuffled"
 
     def __post_init__(self) -> None:
         # accept lists from YAML/JSON configs but store tuples
@@ -113,6 +118,8 @@ class SyntheticConfig:
                 ) from exc
         if not isinstance(self.seed, int):
             raise ValueError(f"SyntheticConfig.seed={self.seed!r} must be an int")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"SyntheticConfig.layout={self.layout!r} must be one of {LAYOUTS}")
 
 
 def split_values(config: SyntheticConfig) -> tuple[list[str], list[str]]:
@@ -142,7 +149,7 @@ def make_document(
     if not values:
         raise ValueError("make_document: values must not be empty")
     k = config.facts_per_doc
-    keys = rng.sample(config.keys, k)
+    keys = list(config.keys[:k]) if config.layout == "form" else rng.sample(config.keys, k)
     if len(values) >= k:
         vals = rng.sample(list(values), k)
     else:

@@ -72,6 +72,7 @@ class PretrainConfig:
     seed: int = 0
     init_from: str = ""  # continue from a saved reader instead of a fresh tiny model
     start_stage: int = 0  # curriculum stage to start at (with init_from)
+    question_share: float = -1.0  # overrides every stage's share of key questions when >= 0
 
 
 def make_example(rng: random.Random, stage: Stage, syn: SyntheticConfig, values: list[str]) -> dict:
@@ -173,6 +174,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
     model.train()
     while time.time() - start < cfg.minutes * 60:
         stage = STAGES[stage_idx]
+        if cfg.question_share >= 0:
+            stage = Stage(stage.lines, stage.font_size, cfg.question_share)
         batch = collator([make_example(rng, stage, syn, train_values) for _ in range(cfg.batch_size)])
         for group in opt.param_groups:
             group["lr"] = lr_at(step)

@@ -245,8 +245,9 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp / "state"))
+        full_state = self._full_state_dict()
         if acc.is_main_process:
-            self._save_model(tmp)
+            self._save_model(tmp, full_state)
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
             if final.exists():
                 shutil.rmtree(final)
@@ -271,14 +272,24 @@ class Trainer:
         logger.info("resumed from %s", ckpt)
         return json.loads((ckpt / STATE_FILE).read_text())
 
-    def _save_model(self, directory: Path) -> None:
+    def _full_state_dict(self) -> dict | None:
+        """Under FSDP the weights are sharded: every rank must take part in gathering them
+        (untested here: no GPU cluster). Elsewhere the unwrapped model saves itself."""
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.distributed_type == DistributedType.FSDP:
+            return self.accelerator.get_state_dict(self._prepared)
+        return None
+
+    def _save_model(self, directory: Path, state_dict: dict | None = None) -> None:
         model = self.accelerator.unwrap_model(self._prepared)
-        model.save_pretrained(directory)
+        model.save_pretrained(directory, **({"state_dict": state_dict} if state_dict is not None else {}))
         self.processor.save_pretrained(directory)
 
     def save_final(self) -> str:
         """The trained model as a plain `save_pretrained` directory (LoRA merged into the base)."""
         final = self.out / "final"
+        full_state = self._full_state_dict()
         if self.accelerator.is_main_process:
             model = self.accelerator.unwrap_model(self._prepared)
             if self.config.use_lora:
@@ -290,7 +301,7 @@ class Trainer:
                     model = peft_model.merge_and_unload()
             tmp = self.out / ".final.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, **({"state_dict": full_state} if full_state is not None else {}))
             self.processor.save_pretrained(tmp)
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
