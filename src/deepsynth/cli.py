@@ -38,12 +38,13 @@ def demo(
     text_encoder: Optional[str] = typer.Option(
         None, help="Send the instruction through this text encoder (e.g. sentence-transformers/all-MiniLM-L6-v2)."),
     text_encoder_trainable: bool = typer.Option(False, help="Fine-tune the text encoder too."),
+    layout: str = typer.Option("shuffled", help="Synthetic page layout: 'shuffled' keys or a fixed-order 'form'."),
 ) -> None:
     """Fine-tune the tiny reader to answer questions about pages, evaluate, ablate, answer one."""
     from deepsynth.demo import DemoConfig, format_table, run_demo
 
     report = run_demo(DemoConfig(out=str(out), minutes=minutes, model=model, n_eval=n_eval, text_encoder=text_encoder,
-                                 text_encoder_trainable=text_encoder_trainable))
+                                 text_encoder_trainable=text_encoder_trainable, layout=layout))
     typer.echo(format_table(report))
     typer.echo(f"\nreport: {out / 'report.json'}   curves: {out / 'train' / 'curves.png'}")
 

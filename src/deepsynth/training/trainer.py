@@ -163,7 +163,9 @@ class Trainer:
         start = time.time()
         stopped = "max_steps"
         last_loss, window = None, []
-        bar = tqdm(total=total_steps, initial=step, desc="train", disable=not acc.is_local_main_process)
+        # A run bounded by minutes alone has no meaningful step total to show.
+        bar_total = None if cfg.max_minutes and not cfg.max_steps else total_steps
+        bar = tqdm(total=bar_total, initial=step, desc="train", disable=not acc.is_local_main_process)
         model.train()
         done = step >= total_steps
         while not done:
