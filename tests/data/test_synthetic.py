@@ -17,7 +17,7 @@ from deepsynth.data import (
     split_values,
     write_jsonl,
 )
-from deepsynth.data.synthetic import HELDOUT_SPLITS
+from deepsynth.data.synthetic import HELDOUT_SPLITS, fact_line
 
 
 def test_defaults_are_the_fixed_task():
@@ -36,7 +36,8 @@ def test_example_format():
         e.validate()
         lines = e.text.split("\n")
         assert len(lines) == 4
-        facts = [tuple(line.split(": ")) for line in lines]
+        facts = [tuple(part.strip() for part in line.split(":")) for line in lines]
+        assert lines == [fact_line(k, v, KEYS) for k, v in facts]
         assert [list(f) for f in facts] == e.meta["facts"]
         assert len({k for k, _ in facts}) == 4 and all(k in KEYS for k, _ in facts)
         assert all(len(v) == 2 and v.isdigit() for _, v in facts)
@@ -48,7 +49,8 @@ def test_example_format():
 def test_make_document():
     c = SyntheticConfig(facts_per_doc=3)
     text, facts = make_document(random.Random(1), c, ["01", "02", "03", "04"])
-    assert text == "\n".join(f"{k}: {v}" for k, v in facts)
+    assert text == "\n".join(fact_line(k, v, c.keys) for k, v in facts)
+    assert fact_line("echo", "42", KEYS) == "echo:  42" and fact_line("alpha", "42", KEYS) == "alpha: 42"
     assert len(facts) == 3 and len({v for _, v in facts}) == 3  # distinct values when possible
     text, facts = make_document(random.Random(1), c, ["05"])  # too few values: repeats allowed
     assert [v for _, v in facts] == ["05"] * 3
@@ -97,7 +99,7 @@ def test_heldout_values_never_in_train(split):
         assert e.meta["split"] == split and e.id.startswith(f"synth-{split}-")
         for key, value in e.meta["facts"]:  # every line of a held-out doc has a held-out value
             assert value in held_values and value not in train_values_seen
-            assert f"{key}: {value}" not in train_lines_seen
+            assert fact_line(key, value, c.keys) not in train_lines_seen
         assert e.answer in held_values
 
 
@@ -106,7 +108,7 @@ def test_answers_are_found_in_text():
     for split in ("train", "heldout"):
         for e in generate(c, 50, split=split, questions_per_doc=3, transcription=True):
             if e.meta["kind"] == "question":
-                assert f"{e.meta['key']}: {e.answer}" in e.text.split("\n")
+                assert fact_line(e.meta["key"], e.answer, c.keys) in e.text.split("\n")
                 assert e.instruction in (f"{e.meta['key']}?", f"what is {e.meta['key']}?")
             else:
                 assert e.instruction == TRANSCRIBE_INSTRUCTION and e.answer == e.text
@@ -149,7 +151,7 @@ def test_chance_em_matches_instruction_blind_reader():
     # a reader that ignores the instruction and answers a random line's value
     rng = random.Random(0)
     exs = generate(c, 4000, split="heldout")
-    hits = sum(rng.choice(e.text.split("\n")).split(": ")[1] == e.answer for e in exs)
+    hits = sum(rng.choice(e.text.split("\n")).split(":")[1].strip() == e.answer for e in exs)
     assert abs(hits / len(exs) - chance_em(c)) < 0.03
     # the asked line is uniform, so always answering line 0 is also at chance
     counts = Counter(e.meta["line"] for e in exs)

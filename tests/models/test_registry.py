@@ -33,6 +33,21 @@ def test_patch_readout_gives_one_token_per_patch():
     assert [f.shape[0] for f in features] == [17, 17]
 
 
+def test_patch_readout_equals_stock_encoder_outputs_at_patch_positions():
+    # The readout skips the learned queries; under the encoder's mask (patches attend only to
+    # patches) that must not change the patch outputs.
+    model, _ = load_model("tiny", seed=1)
+    tower = model.model.vision_tower
+    pixels = torch.randn(2, 3, 256, 256)
+    with torch.no_grad():
+        ours = tower(pixels).last_hidden_state
+        patches = tower.sam_encoder(pixels).last_hidden_state.flatten(2).transpose(1, 2)
+        queries = tower.query_768_resolution.weight.unsqueeze(0).expand(2, -1, -1)
+        stock = tower.vision_encoder(inputs_embeds=torch.cat([patches, queries], 1), num_patches=16).last_hidden_state
+    assert ours.shape == (2, 16, model.config.vision_config.encoder_config.hidden_size)
+    torch.testing.assert_close(ours, stock[:, :16], atol=1e-5, rtol=1e-5)
+
+
 def test_unknown_and_missing_models_fail_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_model(str(tmp_path))

@@ -35,6 +35,7 @@ __all__ = [
     "HELDOUT_SPLITS",
     "SyntheticConfig",
     "split_values",
+    "fact_line",
     "make_document",
     "generate",
     "chance_em",
@@ -138,10 +139,22 @@ def split_values(config: SyntheticConfig) -> tuple[list[str], list[str]]:
     return train, held
 
 
+def fact_line(key: str, value: str, keys: Sequence[str]) -> str:
+    """``"echo:  42"``: the key padded to the longest of ``keys``, so that values share one column.
+
+    Under a monospace font (the tiny preset's) the values then line up like the fields of a form
+    and a value's place on the line does not depend on its key, which is what lets a 16-token
+    tiny reader learn to read it (DESIGN.md, README "The tiny reader").
+    """
+    width = max(len(k) for k in keys) + 1
+    return f"{key + ':':<{width}} {value}"
+
+
 def make_document(
     rng: random.Random, config: SyntheticConfig, values: Sequence[str]
 ) -> tuple[str, list[tuple[str, str]]]:
-    """One page: ``facts_per_doc`` lines ``"key: value"`` with distinct keys in random order.
+    """One page: ``facts_per_doc`` lines ``"key: value"`` with distinct keys in random order
+    (``"echo:  42"``: keys padded to the longest key so that values share one column).
 
     Values are distinct within the document when ``values`` has enough of them (so that
     :func:`chance_em` is exact); otherwise they are drawn with replacement.
@@ -155,7 +168,7 @@ def make_document(
     else:
         vals = [rng.choice(values) for _ in range(k)]
     facts = list(zip(keys, vals))
-    text = "\n".join(f"{key}: {value}" for key, value in facts)
+    text = "\n".join(fact_line(key, value, config.keys) for key, value in facts)
     return text, facts
 
 

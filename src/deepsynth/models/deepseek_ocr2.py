@@ -47,12 +47,12 @@ class PatchReadoutVisionModel(DeepseekOcr2VisionModel):
     def forward(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutput:
         sam = self.sam_encoder(pixel_values, **kwargs)
         patches = sam.last_hidden_state.flatten(2).transpose(1, 2)
-        bsz, num_patches, _ = patches.shape
-        queries = self.query_768_resolution.weight if num_patches <= 144 else self.query_1024_resolution.weight
-        combined = torch.cat([patches, queries.unsqueeze(0).expand(bsz, -1, -1)], dim=1)
-        encoded = self.vision_encoder(inputs_embeds=combined, num_patches=num_patches, **kwargs)
+        # The encoder's mask lets patches attend only to patches (queries come after them and
+        # attend causally), so the patch outputs do not depend on the queries: running the
+        # encoder on the patches alone gives the same tokens (tested) at a tenth of the cost.
+        encoded = self.vision_encoder(inputs_embeds=patches, num_patches=patches.shape[1], **kwargs)
         return BaseModelOutput(
-            last_hidden_state=encoded.last_hidden_state[:, :num_patches, :],
+            last_hidden_state=encoded.last_hidden_state,
             hidden_states=encoded.hidden_states,
             attentions=encoded.attentions,
         )
@@ -66,9 +66,8 @@ def apply_vision_readout(model: DeepseekOcr2ForConditionalGeneration) -> Deepsee
     tower = model.model.vision_tower
     tower.__class__ = PatchReadoutVisionModel if readout == "patches" else DeepseekOcr2VisionModel
     if readout == "patches":
-        # The learned queries still run through the encoder (keeps the stock attention layout)
-        # but no longer reach the output, so they get no gradient; freezing them keeps
-        # optimisers and DDP from tracking dead parameters.
+        # The learned queries no longer reach the output, so they get no gradient; freezing
+        # them keeps optimisers and DDP from tracking dead parameters.
         tower.query_768_resolution.weight.requires_grad_(False)
         tower.query_1024_resolution.weight.requires_grad_(False)
     return model
@@ -83,7 +82,7 @@ def tiny_config(vocab_size: int, image_token_id: int, pad_token_id: int, bos_tok
     overwrite it); a randomly initialised model needs 0.02.
     """
     sam = dict(
-        hidden_size=128, output_channels=128, num_hidden_layers=2, num_attention_heads=4,
+        hidden_size=128, output_channels=256, num_hidden_layers=2, num_attention_heads=4,
         image_size=image_size, patch_size=16, window_size=8, global_attn_indexes=[1],
         downsample_channels=[128, 192], initializer_range=0.02,
     )

@@ -48,7 +48,8 @@ MONO_FONT = "DejaVuSansMono"
 #: Named configurations. ``tiny`` is what the tiny offline model reads: keep it unchanged.
 #: The square sizes are the resolutions the DeepSeek-OCR models read.
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(page_width=256, page_height=256, margin=12, font_size=36, bold=True, line_spacing=1.6),
+    "tiny": dict(page_width=256, page_height=256, margin=12, font=MONO_FONT, font_size=36, bold=True,
+                 line_spacing=1.6),
     "small": dict(page_width=512, page_height=512, font_size=14),
     "base": dict(page_width=640, page_height=640, font_size=16),
     "large": dict(page_width=1024, page_height=1024, font_size=20),

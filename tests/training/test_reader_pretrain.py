@@ -1,0 +1,25 @@
+import json
+from pathlib import Path
+
+import deepsynth.models
+from deepsynth.models import load_model
+from deepsynth.training.reader_pretrain import PretrainConfig, STAGES, pretrain, render_fingerprint
+
+
+def test_short_pretrain_writes_a_loadable_reader_with_its_history(tmp_path):
+    out = tmp_path / "reader"
+    meta = pretrain(PretrainConfig(out=str(out), minutes=0.05, batch_size=2, eval_examples=4, start_stage=len(STAGES) - 1))
+    assert meta["step"] >= 1 and set(meta["eval"]) == {"read_em", "read_char_acc", "question_em", "question_char_acc"}
+    saved = json.loads((out / "reader_pretrain.json").read_text())
+    assert saved["render_fingerprint"] == render_fingerprint() and saved["step"] == meta["step"]
+    history = [json.loads(line) for line in (out / "reader_pretrain.log.jsonl").read_text().splitlines()]
+    assert history[-1]["final"]["step"] == meta["step"]
+    model, processor = load_model(str(out))
+    assert model.config.vision_readout == "patches"
+    assert not (tmp_path / "reader.tmp").exists()
+
+
+def test_shipped_reader_matches_the_renderer():
+    # The reader only reads pages drawn exactly as when it was trained.
+    shipped = Path(deepsynth.models.__file__).parent / "checkpoints" / "tiny-reader" / "reader_pretrain.json"
+    assert json.loads(shipped.read_text())["render_fingerprint"] == render_fingerprint()
