@@ -38,7 +38,7 @@ def demo(
     text_encoder: Optional[str] = typer.Option(
         None, help="Send the instruction through this text encoder (e.g. sentence-transformers/all-MiniLM-L6-v2)."),
     text_encoder_trainable: bool = typer.Option(False, help="Fine-tune the text encoder too."),
-    layout: str = typer.Option("shuffled", help="Synthetic page layout: 'shuffled' keys or a fixed-order 'form'."),
+    layout: str = typer.Option("form", help="Synthetic page layout: a fixed-order 'form' or 'shuffled' keys."),
 ) -> None:
     """Fine-tune the tiny reader to answer questions about pages, evaluate, ablate, answer one."""
     from deepsynth.demo import DemoConfig, format_table, run_demo

@@ -1,10 +1,14 @@
 """The learning demo: synthetic document Q&A -> render -> fine-tune -> evaluate -> ablate -> ask.
 
-Starts from the shipped tiny reader (a tiny DeepSeek-OCR-2 pre-trained on transcription by
-`deepsynth.training.reader_pretrain`), fine-tunes it on CPU for a few minutes on key questions
-about 4-line pages, then scores it on held-out pages whose values never occur in training, with
-and without the instruction. The claim it checks: the model answers from the page *because* of
-the instruction (held-out EM high; without the instruction EM falls to the chance level).
+Starts from the shipped tiny reader (a tiny DeepSeek-OCR-2 pre-trained on transcription and key
+questions by `deepsynth.training.reader_pretrain`), fine-tunes it on CPU for a few minutes on key
+questions about 4-line pages, then scores it on held-out pages with and without the instruction.
+The claim it checks: the model answers from the page *because* of the instruction (held-out EM
+high; without the instruction EM falls to the chance level).
+
+Two held-out sets: new documents over the training values (`em`: finding the asked line and
+reading it) and documents whose values never occur in training (`em_unseen_values`: the same,
+plus reading a digit pair the model has never seen).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from deepsynth.data.synthetic import SyntheticConfig, chance_em, generate
+from deepsynth.data.synthetic import QUESTION_TEMPLATES, SyntheticConfig, chance_em, generate
 from deepsynth.evaluation.run import evaluate_examples, evaluate_with_ablation
 from deepsynth.inference.engine import InstructionEngine
 from deepsynth.models.generate import GenerationSettings
@@ -38,12 +42,14 @@ class DemoConfig:
     # Facts ("key: value" lines) per page.
     facts_per_doc: int = 4
     # Page layout of the synthetic documents: "form" (fixed field order) or "shuffled".
-    layout: str = "shuffled"
+    layout: str = "form"
+    # Question phrasings ("{key}" is replaced by the field name).
+    question_templates: tuple[str, ...] = QUESTION_TEMPLATES
     # Training documents asked one question each.
     train_questions: int = 6000
     # Training documents to transcribe (keeps the reading skill while questions are learned).
-    train_transcriptions: int = 1500
-    # Held-out documents (values never seen in training).
+    train_transcriptions: int = 0
+    # Held-out documents per held-out set.
     n_eval: int = 200
     batch_size: int = 16
     learning_rate: float = 4e-4
@@ -57,10 +63,15 @@ class DemoConfig:
 def run_demo(cfg: DemoConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    syn = SyntheticConfig(facts_per_doc=cfg.facts_per_doc, layout=cfg.layout, seed=cfg.seed)
+    started = time.perf_counter()
+    syn = SyntheticConfig(facts_per_doc=cfg.facts_per_doc, layout=cfg.layout, seed=cfg.seed,
+                          question_templates=cfg.question_templates)
     train = (generate(syn, cfg.train_questions, "train", kinds=("question",))
              + generate(syn, cfg.train_transcriptions, "train", kinds=("transcribe",), seed_offset=1))
-    heldout = generate(syn, cfg.n_eval, "heldout")
+    # New pages over the training values; a page that happens to equal a training page is dropped.
+    train_texts = {ex.text for ex in train}
+    heldout = [ex for ex in generate(syn, cfg.n_eval, "heldout_docs") if ex.text not in train_texts]
+    unseen = generate(syn, cfg.n_eval, "heldout")
     render_config = RenderConfig.from_preset("tiny")
     settings = GenerationSettings(max_new_tokens=8)
 
@@ -80,6 +91,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     engine = InstructionEngine(metrics["final_model"], render_preset="tiny")
     ablation = evaluate_with_ablation(engine.model, engine.processor, heldout, render_config, chance_em(syn),
                                       settings, out_path=out / "eval.json")
+    strict = evaluate_with_ablation(engine.model, engine.processor, unseen, render_config, chance_em(syn),
+                                    settings, out_path=out / "eval-unseen-values.json")
     example = heldout[random.Random(cfg.seed).randrange(len(heldout))]
     render_text(example.text, render_config)[0].image.save(out / "example-page.png")
     t0 = time.perf_counter()
@@ -91,6 +104,9 @@ def run_demo(cfg: DemoConfig) -> dict:
         "chance_em": chance_em(syn),
         "em_before_finetune": base["em"],
         "n_eval": len(heldout),
+        "heldout_pages_dropped": cfg.n_eval - len(heldout),
+        "em_unseen_values": strict["scores"]["em"],
+        "em_unseen_values_no_instruction": strict["scores_no_instruction"]["em"],
         "facts_per_page": cfg.facts_per_doc,
         "layout": cfg.layout,
         "train_steps": metrics["train_steps"],
@@ -104,6 +120,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         "example": {"document": example.text, "instruction": example.instruction, "gold": example.answer,
                     "answer": answer.answer, "latency_ms": round((time.perf_counter() - t0) * 1000, 1),
                     "page": str(out / "example-page.png")},
+        "total_seconds": round(time.perf_counter() - started, 1),
         "config": asdict(cfg),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
@@ -117,9 +134,11 @@ def format_table(report: dict) -> str:
         ("EM without instruction", f"{report['em_no_instruction']:.3f}"),
         ("chance EM", f"{report['chance_em']:.3f}"),
         ("EM before fine-tuning", f"{report['em_before_finetune']:.3f}"),
+        ("EM, values never seen", f"{report['em_unseen_values']:.3f}"),
         ("eval examples", str(report["n_eval"])),
         ("train steps", str(report["train_steps"])),
         ("train seconds", f"{report['train_seconds']:.0f}"),
+        ("total seconds", f"{report['total_seconds']:.0f}"),
         ("loss first -> last", f"{report['loss_first']:.3f} -> {report['loss_last']:.3f}"),
     ]
     width = max(len(k) for k, _ in rows)

@@ -221,3 +221,15 @@ def test_form_layout_keeps_field_order_and_heldout_values():
 
     with pytest.raises(ValueError, match="layout"):
         SyntheticConfig(layout="grid")
+
+
+def test_heldout_docs_are_new_pages_over_train_values():
+    cfg = SyntheticConfig(layout="form", facts_per_doc=4)
+    train_values, _ = split_values(cfg)
+    train_texts = {ex.text for ex in generate(cfg, 500, "train")}
+    docs = generate(cfg, 100, "heldout_docs")
+    assert all(v in train_values for ex in docs for _, v in ex.meta["facts"])
+    assert len({ex.text for ex in docs} & train_texts) == 0
+    assert [ex.text for ex in docs] == [ex.text for ex in generate(cfg, 100, "heldout_docs")]
+    with pytest.raises(ValueError, match="heldout_docs"):
+        generate_passages(1, split="heldout_docs")

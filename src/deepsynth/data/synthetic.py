@@ -7,7 +7,8 @@ Two generators:
   This exact task trains the project's tiny reader, so its formats and defaults are fixed.
   The value space is split once (per seed) into train values and held-out values; held-out
   documents use held-out values only, so no held-out ``(key, value)`` line is ever seen in
-  training, and a reader that ignores the instruction scores :func:`chance_em`.
+  training, and a reader that ignores the instruction scores :func:`chance_em`. The
+  ``"heldout_docs"`` split holds out documents but not values (new pages over the train values).
 * :func:`generate_passages` — short prose passages (names, dates, amounts, cities) with
   "Who/When/How much/Where" questions, for examples with larger models.
 
@@ -33,6 +34,7 @@ __all__ = [
     "KINDS",
     "TRAIN_SPLITS",
     "HELDOUT_SPLITS",
+    "HELDOUT_DOC_SPLITS",
     "SyntheticConfig",
     "split_values",
     "fact_line",
@@ -50,13 +52,15 @@ LAYOUTS = ("shuffled", "form")
 KINDS: tuple[str, ...] = ("question", "transcribe")
 TRAIN_SPLITS: tuple[str, ...] = ("train",)
 HELDOUT_SPLITS: tuple[str, ...] = ("heldout", "test", "eval", "validation")
+#: Held-out documents over the *train* values (key/value pages only): new pages from their own
+#: random stream, so they test finding the asked line apart from reading a never-seen value.
+HELDOUT_DOC_SPLITS: tuple[str, ...] = ("heldout_docs",)
 
 
-def _check_split(split: str) -> None:
-    if split not in TRAIN_SPLITS + HELDOUT_SPLITS:
-        raise ValueError(
-            f"split={split!r} is not supported; use one of {list(TRAIN_SPLITS + HELDOUT_SPLITS)}"
-        )
+def _check_split(split: str, extra: tuple[str, ...] = ()) -> None:
+    allowed = TRAIN_SPLITS + HELDOUT_SPLITS + extra
+    if split not in allowed:
+        raise ValueError(f"split={split!r} is not supported; use one of {list(allowed)}")
 
 
 @dataclass
@@ -207,9 +211,10 @@ def generate(
     ``kinds`` or ``questions_per_doc``.
 
     ``split="train"`` draws values from the train values; ``"heldout"``, ``"test"``, ``"eval"``
-    and ``"validation"`` from the held-out values only.
+    and ``"validation"`` from the held-out values only; ``"heldout_docs"`` draws new documents
+    (a random stream of their own) over the train values.
     """
-    _check_split(split)
+    _check_split(split, extra=HELDOUT_DOC_SPLITS)
     kinds_t = _resolve_kinds(kinds, transcription)
     if not isinstance(n_docs, int) or n_docs < 0:
         raise ValueError(f"n_docs={n_docs!r} must be an int >= 0")
@@ -219,7 +224,7 @@ def generate(
             f"facts_per_doc={config.facts_per_doc}"
         )
     train_values, held_values = split_values(config)
-    values = train_values if split in TRAIN_SPLITS else held_values
+    values = train_values if split in TRAIN_SPLITS + HELDOUT_DOC_SPLITS else held_values
     base = f"deepsynth.synthetic:{config.seed}:{split}:{seed_offset}"
     doc_rng = random.Random(base + ":docs")
     q_rng = random.Random(base + ":questions")

@@ -74,6 +74,7 @@ class PretrainConfig:
     init_from: str = ""  # continue from a saved reader instead of a fresh tiny model
     start_stage: int = 0  # curriculum stage to start at (with init_from)
     question_share: float = -1.0  # overrides every stage's share of key questions when >= 0
+    layout: str = "shuffled"  # synthetic page layout: "shuffled" or "form" (fixed key order)
 
 
 def make_example(rng: random.Random, stage: Stage, syn: SyntheticConfig, values: list[str]) -> dict:
@@ -81,7 +82,8 @@ def make_example(rng: random.Random, stage: Stage, syn: SyntheticConfig, values:
     if stage.lines == 0:
         text = rng.choice(values)
         return {"pages": [render_text(text, preset)[0].image], "instruction": TRANSCRIBE_INSTRUCTION, "answer": text}
-    cfg = SyntheticConfig(facts_per_doc=stage.lines, keys=syn.keys, value_digits=syn.value_digits, seed=syn.seed)
+    cfg = SyntheticConfig(facts_per_doc=stage.lines, keys=syn.keys, value_digits=syn.value_digits, seed=syn.seed,
+                          layout=syn.layout)
     text, facts = make_document(rng, cfg, values)
     pages = [p.image for p in render_text(text, preset)]
     if rng.random() < stage.question_share:
@@ -139,13 +141,28 @@ def render_fingerprint() -> str:
     return hashlib.sha256(page.tobytes()).hexdigest()[:16]
 
 
-def save_atomic(model, processor, out: Path, meta: dict, log_path: Path) -> None:
+def earlier_phases(init_from: str) -> tuple[list[dict], list[Path]]:
+    """The phases (metadata, logs) of the reader a run continues from, so the full history ships."""
+    info = Path(init_from) / "reader_pretrain.json" if init_from else None
+    if info is None or not info.exists():
+        return [], []
+    phases = json.loads(info.read_text())["phases"]
+    logs = [Path(init_from) / f"reader_pretrain.phase{i + 1}.log.jsonl" for i in range(len(phases))]
+    return phases, logs
+
+
+def save_atomic(model, processor, out: Path, meta: dict, log_path: Path, init_from: str = "") -> None:
+    """Write the reader to a temp dir, then rename: config, weights, processor, and every phase's
+    metadata (reader_pretrain.json) and log (reader_pretrain.phase{N}.log.jsonl)."""
+    phases, logs = earlier_phases(init_from)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
-    (tmp / "reader_pretrain.json").write_text(json.dumps({**meta, "render_fingerprint": render_fingerprint()}, indent=2))
-    shutil.copyfile(log_path, tmp / "reader_pretrain.log.jsonl")  # the training history ships with the weights
+    info = {"phases": [*phases, meta], "render_fingerprint": render_fingerprint()}
+    (tmp / "reader_pretrain.json").write_text(json.dumps(info, indent=2))
+    for n, src in enumerate([*logs, log_path], start=1):
+        shutil.copyfile(src, tmp / f"reader_pretrain.phase{n}.log.jsonl")
     old = out.with_name(out.name + ".old")
     if out.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -157,7 +174,7 @@ def save_atomic(model, processor, out: Path, meta: dict, log_path: Path) -> None
 def pretrain(cfg: PretrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    syn = SyntheticConfig(seed=cfg.seed)
+    syn = SyntheticConfig(seed=cfg.seed, layout=cfg.layout)
     train_values, _ = split_values(syn)
     if cfg.init_from:
         model, processor = load_model(cfg.init_from)
@@ -216,13 +233,13 @@ def pretrain(cfg: PretrainConfig) -> dict:
             log.flush()
             logger.info("%s", rec)
             save_atomic(model, processor, out, {"config": asdict(cfg), "step": step, "stages": history, "eval": scores},
-                        log_path)
+                        log_path, cfg.init_from)
     scores = evaluate_reader(model, collator, syn, n=cfg.eval_examples)
     meta = {"config": asdict(cfg), "step": step, "minutes": round((time.time() - start) / 60, 2),
             "stages": history, "final_stage": stage_idx, "eval": scores}
     log.write(json.dumps({"final": meta}) + "\n")
     log.close()
-    save_atomic(model, processor, out, meta, log_path)
+    save_atomic(model, processor, out, meta, log_path, cfg.init_from)
     return meta
 
 
