@@ -46,13 +46,14 @@ class DemoConfig:
     # Question phrasings ("{key}" is replaced by the field name).
     question_templates: tuple[str, ...] = QUESTION_TEMPLATES
     # Training documents asked one question each.
-    train_questions: int = 6000
+    train_questions: int = 20000
     # Training documents to transcribe (keeps the reading skill while questions are learned).
     train_transcriptions: int = 0
     # Held-out documents per held-out set.
     n_eval: int = 200
     batch_size: int = 16
-    learning_rate: float = 4e-4
+    # Peak learning rate; it decays (cosine) to 5% over the minutes of the budget.
+    learning_rate: float = 2e-4
     seed: int = 0
     # Send the instruction through this text encoder (projected soft prompt) instead of prompt text.
     text_encoder: str | None = None
@@ -77,7 +78,8 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     trainer_cfg = TrainerConfig(
         model_name=cfg.model, output_dir=str(out / "train"), batch_size=cfg.batch_size, num_epochs=100,
-        max_minutes=cfg.minutes, learning_rate=cfg.learning_rate, lr_scheduler="constant", seed=cfg.seed,
+        max_minutes=cfg.minutes, learning_rate=cfg.learning_rate, lr_scheduler="cosine", min_lr_ratio=0.05,
+        warmup_steps=20, seed=cfg.seed,
         eval_interval=400, eval_max_new_tokens=8, log_interval=25, render_preset="tiny",
         use_text_encoder=cfg.text_encoder is not None, text_encoder_model=cfg.text_encoder,
         text_encoder_trainable=cfg.text_encoder_trainable,

@@ -1,33 +1,38 @@
 """The learning claim, on CPU in a few minutes: the shipped tiny reader, fine-tuned on a question
-phrasing it never saw in pre-training, answers held-out pages (values never seen in training)
-far above chance, and without the instruction it falls to the chance level."""
+phrasing it never saw in pre-training, answers questions about new pages far above chance, and
+without the instruction it falls to the chance level."""
 
 from deepsynth.data.synthetic import SyntheticConfig, chance_em, generate
-from deepsynth.evaluation.run import evaluate_with_ablation
+from deepsynth.evaluation.run import evaluate_examples, evaluate_with_ablation
 from deepsynth.models.generate import GenerationSettings
 from deepsynth.render import RenderConfig
 from deepsynth.training.config import TrainerConfig
 from deepsynth.training.trainer import Trainer
 
 # Pre-training asked "{key}?"; this phrasing is new to the model.
-SYN = SyntheticConfig(question_templates=("value of {key}",))
+SYN = SyntheticConfig(layout="form", question_templates=("value of {key} please",))
+SETTINGS = GenerationSettings(max_new_tokens=6)
 
 
 def test_reader_learns_to_follow_a_new_instruction(tmp_path):
     train = generate(SYN, 4000, "train", kinds=("question",))
-    heldout = generate(SYN, 80, "heldout")
+    heldout = generate(SYN, 100, "heldout_docs")
+    assert not {ex.text for ex in heldout} & {ex.text for ex in train}
+    pages = RenderConfig.from_preset("tiny")
     cfg = TrainerConfig(model_name="tiny-reader", output_dir=str(tmp_path / "run"), batch_size=16, max_steps=STEPS,
-                        learning_rate=4e-4, lr_scheduler="constant", warmup_steps=10, log_interval=10, seed=0)
+                        learning_rate=4e-4, lr_scheduler="cosine", warmup_steps=10, log_interval=10, seed=0)
     trainer = Trainer(cfg)
+    before = evaluate_examples(trainer.model, trainer.processor, heldout, pages, SETTINGS)["scores"]["em"]
     metrics, _ = trainer.train(train)
-    report = evaluate_with_ablation(trainer.model, trainer.processor, heldout, RenderConfig.from_preset("tiny"),
-                                    chance_em(SYN), GenerationSettings(max_new_tokens=6))
+    report = evaluate_with_ablation(trainer.model, trainer.processor, heldout, pages, chance_em(SYN), SETTINGS)
     em, em_blind = report["scores"]["em"], report["scores_no_instruction"]["em"]
     assert metrics["loss_last"] < LOSS_DROP * metrics["loss_first"], metrics
-    assert em >= MIN_EM, report["scores"]
+    assert em >= MIN_EM and em >= before + MIN_GAIN, (before, report["scores"])
     assert em_blind <= chance_em(SYN) + 0.10, report["scores_no_instruction"]
 
 
-STEPS = 200
+# Calibrated on the shipped reader (see README "What the demo shows"); fixed seed, CPU.
+STEPS = 150
 LOSS_DROP = 0.3
-MIN_EM = 0.6
+MIN_EM = 0.4
+MIN_GAIN = 0.2

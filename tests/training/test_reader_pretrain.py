@@ -35,3 +35,20 @@ def test_shipped_reader_matches_the_renderer():
     # The reader only reads pages drawn exactly as when it was trained.
     shipped = Path(deepsynth.models.__file__).parent / "checkpoints" / "tiny-reader" / "reader_pretrain.json"
     assert json.loads(shipped.read_text())["render_fingerprint"] == render_fingerprint()
+
+
+
+def test_jitter_moves_training_pages():
+    import random
+
+    from deepsynth.data.synthetic import SyntheticConfig, split_values
+    from deepsynth.training.reader_pretrain import Stage, make_example
+
+    syn = SyntheticConfig(layout="form")
+    values, _ = split_values(syn)
+    stage = Stage(lines=4, font_size=36, question_share=0.5)
+    plain = make_example(random.Random(1), stage, syn, values)
+    moved = make_example(random.Random(1), stage, syn, values, jitter=8)
+    assert (plain["instruction"], plain["answer"]) == (moved["instruction"], moved["answer"])
+    assert plain["pages"][0].size == moved["pages"][0].size
+    assert plain["pages"][0].tobytes() != moved["pages"][0].tobytes()

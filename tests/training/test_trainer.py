@@ -105,3 +105,15 @@ def test_frozen_vision_does_not_change(tmp_path):
     for n, p in trainer.model.model.vision_tower.named_parameters():
         assert torch.equal(before[n], p), n
     assert not torch.equal(proj_before, trainer.model.model.multi_modal_projector.weight)
+
+
+def test_time_budgeted_run_decays_the_learning_rate_over_its_minutes(tmp_path):
+    cfg = config(tmp_path, max_steps=None, max_minutes=0.1, num_epochs=1000, warmup_steps=0, lr_scheduler="cosine",
+                 min_lr_ratio=0.1)
+    metrics, _ = Trainer(cfg).train(DATA)
+    assert metrics["stopped"] == "max_minutes"
+    recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in recs if "lr" in r]
+    assert lrs[0] > 0.9 * cfg.learning_rate
+    assert lrs[-1] < 0.2 * cfg.learning_rate  # near the floor (0.1 x) once the budget is spent
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))

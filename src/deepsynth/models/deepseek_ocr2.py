@@ -75,7 +75,7 @@ def apply_vision_readout(model: DeepseekOcr2ForConditionalGeneration) -> Deepsee
 
 def tiny_config(vocab_size: int, image_token_id: int, pad_token_id: int, bos_token_id: int,
                 eos_token_id: int, image_size: int = 256) -> DeepseekOcr2Config:
-    """The tiny preset: the real architecture at ~3.9M parameters, for CPU tests and the demo.
+    """The tiny preset: the real architecture at ~4.0M parameters, for CPU tests and the demo.
 
     Sizes follow what was measured to learn on 2 CPU cores: SAM 128 x 2 layers, vision encoder
     192 x 2, dense decoder 192 x 3. SAM's default initializer_range is 1e-10 (real weights

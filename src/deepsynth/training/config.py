@@ -24,6 +24,7 @@ class TrainerConfig:
     # Optimizer steps to run; None = num_epochs worth.
     max_steps: int | None = None
     # Wall-clock budget in minutes; training stops (and saves) when it is spent. None = no limit.
+    # Without max_steps, the linear/cosine decay runs over this budget (elapsed share of it).
     max_minutes: float | None = None
     # Peak learning rate of AdamW.
     learning_rate: float = 2e-4

@@ -7,10 +7,13 @@ prompt. A stage ends when the teacher-forced sequence accuracy of recent trainin
 `advance_at`, or after `stage_minutes`. Only training values (synthetic.split_values) are used,
 so held-out evaluation values are never seen here.
 
-    python -m deepsynth.training.reader_pretrain --out src/deepsynth/models/checkpoints/tiny-reader
+    python -m deepsynth.training.reader_pretrain --out runs/reader/phase1 --minutes 60
 
-The result is a normal `save_pretrained` directory (config.json + model.safetensors + processor
-files) that `deepsynth.models.load_model` reads like any checkpoint.
+A later phase continues from a saved reader (`--init-from DIR --start-stage 5`), e.g. key
+questions on the fixed-order form layout (`--layout form --question-share 0.9`); `make reader`
+runs the phases that made the shipped checkpoint. The result is a normal `save_pretrained`
+directory (config.json + model.safetensors + processor files) that `deepsynth.models.load_model`
+reads like any checkpoint, plus every phase's metadata and log.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from deepsynth.data.synthetic import TRANSCRIBE_INSTRUCTION, SyntheticConfig, make_document, split_values
 from deepsynth.models.collate import Collator
@@ -75,21 +79,34 @@ class PretrainConfig:
     start_stage: int = 0  # curriculum stage to start at (with init_from)
     question_share: float = -1.0  # overrides every stage's share of key questions when >= 0
     layout: str = "shuffled"  # synthetic page layout: "shuffled" or "form" (fixed key order)
+    jitter: int = 0  # move each training page by up to this many pixels in x and y (evaluation pages stay put)
 
 
-def make_example(rng: random.Random, stage: Stage, syn: SyntheticConfig, values: list[str]) -> dict:
+def shifted(page: Image.Image, dx: int, dy: int) -> Image.Image:
+    """The page moved by (dx, dy) pixels on a blank page of the same size."""
+    out = Image.new(page.mode, page.size, "white")
+    out.paste(page, (dx, dy))
+    return out
+
+
+def make_example(rng: random.Random, stage: Stage, syn: SyntheticConfig, values: list[str], jitter: int = 0) -> dict:
     preset = RenderConfig.from_preset("tiny", font_size=stage.font_size)
     if stage.lines == 0:
         text = rng.choice(values)
-        return {"pages": [render_text(text, preset)[0].image], "instruction": TRANSCRIBE_INSTRUCTION, "answer": text}
-    cfg = SyntheticConfig(facts_per_doc=stage.lines, keys=syn.keys, value_digits=syn.value_digits, seed=syn.seed,
-                          layout=syn.layout)
-    text, facts = make_document(rng, cfg, values)
-    pages = [p.image for p in render_text(text, preset)]
-    if rng.random() < stage.question_share:
-        key, value = rng.choice(facts)
-        return {"pages": pages, "instruction": cfg.question_templates[0].format(key=key), "answer": value}
-    return {"pages": pages, "instruction": TRANSCRIBE_INSTRUCTION, "answer": text}
+        pages = [render_text(text, preset)[0].image]
+        instruction, answer = TRANSCRIBE_INSTRUCTION, text
+    else:
+        cfg = SyntheticConfig(facts_per_doc=stage.lines, keys=syn.keys, value_digits=syn.value_digits, seed=syn.seed,
+                              layout=syn.layout)
+        text, facts = make_document(rng, cfg, values)
+        pages = [p.image for p in render_text(text, preset)]
+        instruction, answer = TRANSCRIBE_INSTRUCTION, text
+        if rng.random() < stage.question_share:
+            key, answer = rng.choice(facts)
+            instruction = cfg.question_templates[0].format(key=key)
+    if jitter:
+        pages = [shifted(p, rng.randint(-jitter, jitter), rng.randint(-jitter, jitter)) for p in pages]
+    return {"pages": pages, "instruction": instruction, "answer": answer}
 
 
 def sequence_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -202,7 +219,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         stage = STAGES[stage_idx]
         if cfg.question_share >= 0:
             stage = Stage(stage.lines, stage.font_size, cfg.question_share)
-        batch = collator([make_example(rng, stage, syn, train_values) for _ in range(cfg.batch_size)])
+        batch = collator([make_example(rng, stage, syn, train_values, cfg.jitter) for _ in range(cfg.batch_size)])
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         outputs = model(**batch)

@@ -60,13 +60,19 @@ class EpochSampler(Sampler[int]):
         return self.n
 
 
-def lr_lambda(config: TrainerConfig, total_steps: int):
+def lr_lambda(config: TrainerConfig, total_steps: int, time_progress=None):
+    """LR factor per step: warmup, then constant / linear / cosine decay over the run. A run bounded
+    by minutes alone has no step total, so `time_progress()` (the spent share of the budget) drives
+    the decay instead."""
     def factor(step: int) -> float:
         if step < config.warmup_steps:
             return (step + 1) / config.warmup_steps
         if config.lr_scheduler == "constant":
             return 1.0
-        progress = min(1.0, (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps))
+        if time_progress is not None:
+            progress = time_progress()
+        else:
+            progress = min(1.0, (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps))
         lo = config.min_lr_ratio
         if config.lr_scheduler == "linear":
             return 1.0 - (1.0 - lo) * progress
@@ -144,7 +150,10 @@ class Trainer:
         total_steps = cfg.max_steps or cfg.num_epochs * steps_per_epoch
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+        clock = {"seconds": 0.0}  # training seconds so far, for schedules over a time budget
+        budget = cfg.max_minutes * 60 if cfg.max_minutes and not cfg.max_steps else None
+        time_progress = (lambda: min(1.0, clock["seconds"] / budget)) if budget else None
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps, time_progress))
         model, optimizer, loader, scheduler = acc.prepare(self.model, optimizer, loader, scheduler)
         self._prepared = model
 
@@ -180,6 +189,7 @@ class Trainer:
                     if acc.sync_gradients and cfg.max_grad_norm:
                         acc.clip_grad_norm_(params, cfg.max_grad_norm)
                     optimizer.step()
+                    clock["seconds"] = seconds_before + time.time() - start
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                 batch_in_epoch += 1
