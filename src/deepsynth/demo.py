@@ -59,6 +59,8 @@ class DemoConfig:
     text_encoder: str | None = None
     # Fine-tune the text encoder too (otherwise frozen; the projection always trains).
     text_encoder_trainable: bool = False
+    # Peak learning rate of the new (random) text-encoder projection.
+    projection_learning_rate: float = 2e-3
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -82,7 +84,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         warmup_steps=20, seed=cfg.seed,
         eval_interval=400, eval_max_new_tokens=8, log_interval=25, render_preset="tiny",
         use_text_encoder=cfg.text_encoder is not None, text_encoder_model=cfg.text_encoder,
-        text_encoder_trainable=cfg.text_encoder_trainable,
+        text_encoder_trainable=cfg.text_encoder_trainable, projection_learning_rate=cfg.projection_learning_rate,
     )
     trainer = Trainer(trainer_cfg)
     base = evaluate_examples(trainer.model, trainer.processor, heldout, render_config, settings)["scores"]

@@ -86,3 +86,19 @@ def test_trainer_with_text_encoder_saves_and_reloads(tmp_path):
     pages, ins = [[PAGE], [PAGE]], ["alpha?", "bravo?"]
     assert generate_answers(trained, Collator.for_model(trained, processor), pages, ins, settings) == \
         generate_answers(loaded, Collator.for_model(loaded, processor), pages, ins, settings)
+
+
+def test_projection_gets_its_own_learning_rate():
+    from deepsynth.training.trainer import build_optimizer
+
+    cfg = TrainerConfig(model_name="tiny", use_text_encoder=True, text_encoder_model="tiny-qwen2",
+                        use_text_projection=True, learning_rate=1e-4, projection_learning_rate=2e-3)
+    model, _ = load_model("tiny")
+    wrapped = SoftPromptModel(model, TextEncoderModule("tiny-qwen2"), use_projection=True)
+    groups = build_optimizer(wrapped, cfg).param_groups
+    assert [g["lr"] for g in groups] == [1e-4, 2e-3]
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in wrapped.projection.parameters()}
+    plain = build_optimizer(model, cfg).param_groups
+    assert len(plain) == 1 and plain[0]["lr"] == 1e-4
+    with pytest.raises(ValueError, match="projection_learning_rate"):
+        TrainerConfig(projection_learning_rate=0.0)

@@ -66,6 +66,9 @@ class TrainerConfig:
     text_encoder_trainable: bool = False
     # Force a learned projection even when encoder and decoder widths match.
     use_text_projection: bool = False
+    # Learning rate of the text-encoder projection (new, randomly initialised weights, which
+    # usually want a higher rate than the pre-trained model); None = learning_rate.
+    projection_learning_rate: float | None = None
     # Instruction used for examples whose instruction is empty.
     instruction_prompt: str = "Answer the question about the document."
     # Render preset for documents given as text (must match what the model reads).
@@ -101,6 +104,8 @@ class TrainerConfig:
         check("max_steps", self.max_steps is None or self.max_steps >= 1, ">= 1 or None")
         check("max_minutes", self.max_minutes is None or self.max_minutes > 0, "> 0 or None")
         check("learning_rate", 0 < self.learning_rate < 1, "in (0, 1)")
+        check("projection_learning_rate",
+              self.projection_learning_rate is None or 0 < self.projection_learning_rate < 1, "in (0, 1) or None")
         check("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]")
         check("warmup_steps", self.warmup_steps >= 0, ">= 0")
         check("lr_scheduler", self.lr_scheduler in SCHEDULERS, f"one of {SCHEDULERS}")

@@ -81,6 +81,17 @@ def lr_lambda(config: TrainerConfig, total_steps: int, time_progress=None):
     return factor
 
 
+def build_optimizer(model, config: TrainerConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; a text-encoder projection gets its own learning rate."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    projection = {id(p) for p in getattr(model, "projection", torch.nn.Identity()).parameters()}
+    groups = [{"params": [p for p in params if id(p) not in projection]},
+              {"params": [p for p in params if id(p) in projection],
+               "lr": config.projection_learning_rate or config.learning_rate}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.learning_rate,
+                             weight_decay=config.weight_decay)
+
+
 def apply_training_options(model, config: TrainerConfig):
     """Apply the config's training options in order: 4-bit base (QLoRA), frozen vision tower,
     gradient checkpointing, LoRA adapters on the decoder (targets per backbone, see peft_utils),
@@ -149,7 +160,7 @@ class Trainer:
         steps_per_epoch = max(1, len(loader) // cfg.gradient_accumulation_steps)
         total_steps = cfg.max_steps or cfg.num_epochs * steps_per_epoch
         params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        optimizer = build_optimizer(self.model, cfg)
         clock = {"seconds": 0.0}  # training seconds so far, for schedules over a time budget
         budget = cfg.max_minutes * 60 if cfg.max_minutes and not cfg.max_steps else None
         time_progress = (lambda: min(1.0, clock["seconds"] / budget)) if budget else None
