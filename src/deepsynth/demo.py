@@ -59,8 +59,9 @@ class DemoConfig:
     text_encoder: str | None = None
     # Fine-tune the text encoder too (otherwise frozen; the projection always trains).
     text_encoder_trainable: bool = False
-    # Peak learning rate of the new (random) text-encoder projection.
-    projection_learning_rate: float = 2e-3
+    # Peak learning rate of the new (random) text-encoder projection; None = learning_rate
+    # (measured better here than 10x: EM 0.385 against 0.265).
+    projection_learning_rate: float | None = None
 
 
 def run_demo(cfg: DemoConfig) -> dict:
