@@ -128,17 +128,22 @@ def evaluate_reader(model, collator: Collator, syn: SyntheticConfig, n: int = 10
     # The same questions about new pages whose values do occur in training: separates finding the
     # line (both) from reading a digit pair never seen before (held-out only).
     seen = [make_document(rng, syn, train_values) for _ in range(n)]
-    pages = [[render_text(text, preset)[0].image] for text, _ in docs]
     asked = [rng.choice(facts) for _, facts in docs]
     asked_seen = [rng.choice(facts) for _, facts in seen]
-    seen_pages = [[render_text(text, preset)[0].image] for text, _ in seen]
+
+    def render(documents):
+        return [[render_text(text, preset)[0].image] for text, _ in documents]
+
+    def questions(facts):
+        return [syn.question_templates[0].format(key=k) for k, _ in facts], [v for _, v in facts]
+
+    pages = render(docs)
     model.eval()
     out = {}
-    for kind, page_lists, instructions, golds in (
-        ("read", pages, [TRANSCRIBE_INSTRUCTION] * n, [t for t, _ in docs]),
-        ("question", pages, [syn.question_templates[0].format(key=k) for k, _ in asked], [v for _, v in asked]),
-        ("question_seen_values", seen_pages, [syn.question_templates[0].format(key=k) for k, _ in asked_seen],
-         [v for _, v in asked_seen]),
+    for kind, page_lists, (instructions, golds) in (
+        ("read", pages, ([TRANSCRIBE_INSTRUCTION] * n, [t for t, _ in docs])),
+        ("question", pages, questions(asked)),
+        ("question_seen_values", render(seen), questions(asked_seen)),
     ):
         preds = []
         for i in range(0, n, 25):
