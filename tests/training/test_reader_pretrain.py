@@ -46,7 +46,7 @@ def test_jitter_moves_training_pages():
 
     syn = SyntheticConfig(layout="form")
     values, _ = split_values(syn)
-    stage = Stage(lines=4, font_size=36, question_share=0.5)
+    stage = STAGES[-1]
     plain = make_example(random.Random(1), stage, syn, values)
     moved = make_example(random.Random(1), stage, syn, values, jitter=8)
     assert (plain["instruction"], plain["answer"]) == (moved["instruction"], moved["answer"])

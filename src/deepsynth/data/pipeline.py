@@ -56,6 +56,7 @@ from deepsynth.data.schema import (
     REQUIRED_FIELDS,
     DataValidationError,
     InstructionExample,
+    iter_jsonl,
     read_examples,
 )
 
@@ -727,15 +728,8 @@ def _iter_rows(path: Path):
                 yield f"{path} row {i}", row, n_pages
         return
     if suffix == ".jsonl" or (suffix == ".json" and not path.read_text(encoding="utf-8").lstrip().startswith("[")):
-        with open(path, "r", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path} line {lineno}"
-                try:
-                    yield where, json.loads(line), None
-                except json.JSONDecodeError as exc:
-                    yield where, DataValidationError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})"), None
+        for where, record in iter_jsonl(path):
+            yield where, record, None
         return
     if suffix == ".json":
         try:

@@ -12,7 +12,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +22,7 @@ __all__ = [
     "REQUIRED_FIELDS",
     "OPTIONAL_FIELDS",
     "write_jsonl",
+    "iter_jsonl",
     "read_jsonl",
     "write_json",
     "read_json",
@@ -273,21 +274,30 @@ def write_jsonl(examples: Iterable[InstructionExample], path: str | os.PathLike)
     _atomic_write(path, _write)
 
 
-def read_jsonl(path: str | os.PathLike, validate: bool = True) -> list[InstructionExample]:
-    """Read a JSONL file. A bad line raises :class:`DataValidationError` naming the file and
-    the 1-based line number; blank lines are skipped."""
-    path = Path(path)
-    items: list[tuple[str, InstructionExample]] = []
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
+    """Yield ``(where, record)`` per non-blank line of a JSONL file, where ``where`` is
+    ``"{path} line {n}"`` and ``record`` is the parsed JSON value, or a
+    :class:`DataValidationError` for a line that is not JSON (so callers choose to stop or go on)."""
     with open(path, "r", encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             where = f"{path} line {lineno}"
             try:
-                obj = json.loads(line)
+                yield where, json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataValidationError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from exc
-            items.append((where, InstructionExample.from_dict(obj, where=where)))
+                yield where, DataValidationError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})")
+
+
+def read_jsonl(path: str | os.PathLike, validate: bool = True) -> list[InstructionExample]:
+    """Read a JSONL file. A bad line raises :class:`DataValidationError` naming the file and
+    the 1-based line number; blank lines are skipped."""
+    path = Path(path)
+    items: list[tuple[str, InstructionExample]] = []
+    for where, obj in iter_jsonl(path):
+        if isinstance(obj, DataValidationError):
+            raise obj
+        items.append((where, InstructionExample.from_dict(obj, where=where)))
     return _finish_read(items, path, validate)
 
 

@@ -18,6 +18,7 @@ Everything is a pure function of its arguments: the same config and seed give id
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import logging
 import random
 from dataclasses import dataclass
@@ -192,6 +193,13 @@ def _resolve_kinds(kinds: Iterable[str] | None, transcription: bool) -> tuple[st
     return tuple(k for k in KINDS if k in kinds)  # canonical order, no duplicates
 
 
+def _example(split: str, doc: int, text: str, facts: list[tuple[str, str]], suffix: str, instruction: str,
+             answer: str, key: str | None, line: int | None, kind: str) -> InstructionExample:
+    meta = {"facts": [list(f) for f in facts], "key": key, "line": line, "split": split, "kind": kind}
+    return InstructionExample(id=f"synth-{split}-{doc:06d}-{suffix}", text=text, instruction=instruction,
+                              answer=answer, source="synthetic", meta=meta)
+
+
 def generate(
     config: SyntheticConfig,
     n_docs: int,
@@ -232,45 +240,14 @@ def generate(
     out: list[InstructionExample] = []
     for doc in range(n_docs):
         text, facts = make_document(doc_rng, config, values)
-        facts_json = [[k, v] for k, v in facts]
+        example = functools.partial(_example, split, doc, text, facts)
         if "question" in kinds_t:
-            lines = q_rng.sample(range(len(facts)), questions_per_doc)
-            for j, line in enumerate(lines):
+            for j, line in enumerate(q_rng.sample(range(len(facts)), questions_per_doc)):
                 key, value = facts[line]
                 template = q_rng.choice(config.question_templates)
-                out.append(
-                    InstructionExample(
-                        id=f"synth-{split}-{doc:06d}-q{j}",
-                        text=text,
-                        instruction=template.format(key=key),
-                        answer=value,
-                        source="synthetic",
-                        meta={
-                            "facts": [list(f) for f in facts_json],
-                            "key": key,
-                            "line": line,
-                            "split": split,
-                            "kind": "question",
-                        },
-                    )
-                )
+                out.append(example(f"q{j}", template.format(key=key), value, key, line, "question"))
         if "transcribe" in kinds_t:
-            out.append(
-                InstructionExample(
-                    id=f"synth-{split}-{doc:06d}-t",
-                    text=text,
-                    instruction=TRANSCRIBE_INSTRUCTION,
-                    answer=text,
-                    source="synthetic",
-                    meta={
-                        "facts": [list(f) for f in facts_json],
-                        "key": None,
-                        "line": None,
-                        "split": split,
-                        "kind": "transcribe",
-                    },
-                )
-            )
+            out.append(example("t", TRANSCRIBE_INSTRUCTION, text, None, None, "transcribe"))
     logger.debug("generated %d synthetic examples (split=%s, docs=%d)", len(out), split, n_docs)
     return out
 

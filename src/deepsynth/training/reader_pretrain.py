@@ -38,6 +38,7 @@ from deepsynth.models.collate import Collator
 from deepsynth.models.deepseek_ocr2 import build_tiny
 from deepsynth.models.registry import load_model
 from deepsynth.render import RenderConfig, render_text
+from deepsynth.render.renderer import PRESETS
 
 logger = logging.getLogger(__name__)
 
@@ -51,13 +52,14 @@ class Stage:
     question_share: float  # share of examples that are key questions (rest: transcription)
 
 
+_PAGE_FONT = PRESETS["tiny"]["font_size"]
 STAGES = (
     Stage(lines=0, font_size=56, question_share=0.0),
-    Stage(lines=0, font_size=36, question_share=0.0),
-    Stage(lines=1, font_size=36, question_share=0.3),
-    Stage(lines=2, font_size=36, question_share=0.3),
-    Stage(lines=3, font_size=36, question_share=0.3),
-    Stage(lines=4, font_size=36, question_share=0.5),
+    Stage(lines=0, font_size=_PAGE_FONT, question_share=0.0),
+    Stage(lines=1, font_size=_PAGE_FONT, question_share=0.3),
+    Stage(lines=2, font_size=_PAGE_FONT, question_share=0.3),
+    Stage(lines=3, font_size=_PAGE_FONT, question_share=0.3),
+    Stage(lines=4, font_size=_PAGE_FONT, question_share=0.5),
 )
 
 

@@ -159,8 +159,8 @@ class Trainer:
                             num_workers=cfg.num_workers)
         steps_per_epoch = max(1, len(loader) // cfg.gradient_accumulation_steps)
         total_steps = cfg.max_steps or cfg.num_epochs * steps_per_epoch
-        params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = build_optimizer(self.model, cfg)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
         clock = {"seconds": 0.0}  # training seconds so far, for schedules over a time budget
         budget = cfg.max_minutes * 60 if cfg.max_minutes and not cfg.max_steps else None
         time_progress = (lambda: min(1.0, clock["seconds"] / budget)) if budget else None
