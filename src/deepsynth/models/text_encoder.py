@@ -138,24 +138,6 @@ class SoftPromptModel(nn.Module):
         decoder_dim = model.get_input_embeddings().embedding_dim
         self.projection = make_projection(text_encoder.hidden_size, decoder_dim, force=use_projection)
         self.use_projection = use_projection
-        if isinstance(self.projection, nn.Linear):
-            self._match_embedding_scale()
-
-    @torch.no_grad()
-    def _match_embedding_scale(self, probe: str = "What is the value of the first field?") -> None:
-        """Start the projection's outputs at the scale of the token embeddings they stand in for.
-
-        Encoder states are far larger than a decoder's input embeddings (all-MiniLM-L6-v2: norm
-        ~10 per token; the tiny reader's embeddings: ~0.45), and a default-initialised projection
-        keeps most of that gap, so the soft prompt would start as loud outliers in the residual
-        stream. Prompt tuning starts soft prompts from vocabulary embeddings for the same reason.
-        """
-        states, mask = self.text_encoder.encode_tokens([probe])
-        state_rms = states[mask.bool()].float().pow(2).mean().sqrt().item()
-        embed_std = self.model.get_input_embeddings().weight.float().std().item()
-        fan_in = self.projection.in_features
-        self.projection.weight.normal_(0.0, embed_std / (max(state_rms, 1e-6) * fan_in ** 0.5))
-        self.projection.bias.zero_()
 
     @property
     def config(self):
