@@ -136,5 +136,5 @@ def test_helpers():
     assert parse_page_size(" 64X64 ") == (64, 64)
     with pytest.raises(typer.BadParameter):
         parse_page_size("640*480")
-    assert build_config("tiny").font_size == 36
+    assert build_config("tiny").font_size == 32
     assert build_config(None, font_size=30).font_size == 30

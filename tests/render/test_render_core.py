@@ -206,7 +206,7 @@ def test_unknown_font_and_colour_errors(tmp_path):
 def test_presets():
     tiny = RenderConfig.from_preset("tiny")
     assert (tiny.page_width, tiny.page_height, tiny.margin, tiny.font_size, tiny.bold, tiny.line_spacing) == (
-        256, 256, 12, 36, True, 1.6)
+        256, 256, 4, 32, True, 2.0)
     expected = {"small": (512, 14), "base": (640, 16), "large": (1024, 20), "gundam": (1280, 24)}
     for name, (side, size) in expected.items():
         c = RenderConfig.from_preset(name)
@@ -217,6 +217,21 @@ def test_presets():
         RenderConfig.from_preset("nope")
     with pytest.raises(ValueError, match="unknown RenderConfig field"):
         RenderConfig.from_preset("base", colour=1)
+
+
+def test_tiny_preset_puts_each_fact_line_in_one_token_row():
+    """The tiny reader sees a 4 x 4 grid of 64 px tokens: every line of a 4-fact page must lie in
+    one token row, and the values must end before the last token column."""
+    from deepsynth.data.synthetic import KEYS, fact_line
+
+    keys = ["alpha", "bravo", "delta", "oscar"]
+    text = "\n".join(fact_line(key, "88", KEYS) for key in keys)
+    (page,) = render_text(text, RenderConfig.from_preset("tiny"))
+    for row in range(4):
+        band = page.image.crop((0, 64 * row, 256, 64 * row + 64))
+        left, top, right, bottom = ink_bbox(band)
+        assert 0 < top and bottom < 64, f"line {row} touches a token-row boundary: y {top}..{bottom}"
+        assert right <= 192, f"line {row} reaches the last token column: x up to {right}"
 
 
 def test_colours_and_bold():

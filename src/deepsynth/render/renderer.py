@@ -46,10 +46,13 @@ SHIPPED_FONTS: dict[str, tuple[str, str]] = {
 MONO_FONT = "DejaVuSansMono"
 
 #: Named configurations. ``tiny`` is what the tiny offline model reads: keep it unchanged.
+#: Its geometry follows the tiny model's 4 x 4 grid of 64 px image tokens: a 64 px line height
+#: puts each of the 4 lines inside one token row, and 32 px glyphs with a 4 px margin end a
+#: ``"alpha: 42"`` line at x = 172, so a value never reaches the last token column.
 #: The square sizes are the resolutions the DeepSeek-OCR models read.
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(page_width=256, page_height=256, margin=12, font=MONO_FONT, font_size=36, bold=True,
-                 line_spacing=1.6),
+    "tiny": dict(page_width=256, page_height=256, margin=4, font=MONO_FONT, font_size=32, bold=True,
+                 line_spacing=2.0),
     "small": dict(page_width=512, page_height=512, font_size=14),
     "base": dict(page_width=640, page_height=640, font_size=16),
     "large": dict(page_width=1024, page_height=1024, font_size=20),
