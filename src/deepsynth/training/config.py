@@ -66,8 +66,8 @@ class TrainerConfig:
     text_encoder_trainable: bool = False
     # Force a learned projection even when encoder and decoder widths match.
     use_text_projection: bool = False
-    # Learning rate of the text-encoder projection (new, randomly initialised weights, which
-    # usually want a higher rate than the pre-trained model); None = learning_rate.
+    # Learning rate of the text-encoder projection (new, randomly initialised weights); None =
+    # learning_rate. In the tiny demo 10x the model's rate did worse (EM 0.265 against 0.385).
     projection_learning_rate: float | None = None
     # Instruction used for examples whose instruction is empty.
     instruction_prompt: str = "Answer the question about the document."
