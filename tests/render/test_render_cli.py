@@ -138,3 +138,51 @@ def test_helpers():
         parse_page_size("640*480")
     assert build_config("tiny").font_size == 32
     assert build_config(None, font_size=30).font_size == 30
+
+
+@pytest.mark.parametrize("filename", ["...txt", ".txt", "a:b*c.txt", ".hidden.txt", "-"])
+def test_output_names_never_leave_the_output_folder(app, tmp_path, filename):
+    """'...txt' has the stem '..': its pages used to land in OUTDIR's parent, deleting page files there."""
+    work = tmp_path / "work"
+    work.mkdir()
+    if filename != "-":
+        (work / filename).write_text("escape attempt", encoding="utf-8")
+    victim = tmp_path / "page-0042.png"  # someone else's file beside OUTDIR
+    victim.write_bytes(b"not mine")
+    out = tmp_path / "out"
+    before = {p for p in tmp_path.rglob("*") if not p.is_relative_to(out)}
+    res = invoke(app, [filename if filename == "-" else str(work / filename), "-o", str(out)], input="from stdin")
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    (doc,) = manifest["documents"]
+    name = doc["name"]
+    assert name and "/" not in name and not name.startswith(".")
+    assert (out / name / "page-0001.png").is_file()
+    assert victim.read_bytes() == b"not mine"
+    assert {p for p in tmp_path.rglob("*") if not p.is_relative_to(out)} == before  # nothing written outside
+
+
+@pytest.mark.parametrize("stem, expected", [("..", "document"), ("", "document"), ("a/../b", "a_.._b"),
+                                            ("../../etc", "_.._etc"), ("x\\y", "x_y"), ("日本語", "日本語"),
+                                            ("report.v2", "report.v2"), ("a" * 300, "a" * 100)])
+def test_safe_name(stem, expected):
+    from deepsynth.render.cli import safe_name
+
+    assert safe_name(stem) == expected
+
+
+def test_names_are_unique_case_insensitively_and_symlinks_out_are_refused(tmp_path):
+    from deepsynth.render.cli import _unique_names
+
+    assert _unique_names(["a/Doc.txt", "b/doc.txt", "c/DOC.md"]) == ["Doc", "doc-2", "DOC-3"]
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "page-0001.png").write_bytes(b"keep")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "doc").symlink_to(outside, target_is_directory=True)
+    src = tmp_path / "doc.txt"
+    src.write_text("hello", encoding="utf-8")
+    m = render_command([str(src)], out, workers=1, progress=False)
+    assert m["documents"] == [] and "not a plain folder inside" in m["errors"][0]["error"]
+    assert (outside / "page-0001.png").read_bytes() == b"keep"

@@ -5,6 +5,10 @@ Output layout (always the same, whether one document or many)::
     OUTDIR/<doc-stem>/page-0001.png, page-0002.png, ...
     OUTDIR/manifest.json
 
+``<doc-stem>`` is the input's file stem made safe (see :func:`safe_name`: no separators, no
+leading dots, never empty), so nothing is written or deleted outside OUTDIR whatever the input
+is called.
+
 ``manifest.json`` lists the render config and, for every document, its source, whether it
 was read as Markdown, its pages (file name relative to OUTDIR, exact drawn text, broken-line
 indexes) and its stats (see :func:`deepsynth.render.render_stats`).  Documents that fail to
@@ -28,12 +32,18 @@ from typing import Any, Optional
 import typer
 from tqdm import tqdm
 
+from ..atomic import write_text_atomic
 from .renderer import PRESETS, RenderConfig, render_stats, render_text
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 _PAGE_SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
+# Characters kept in an output folder name; everything else (path separators, control
+# characters, shell/Windows specials) becomes "_" so a name can never leave OUTDIR.
+_UNSAFE_NAME_CHARS = re.compile(r"[^\w.\-]+")
+# Long enough to recognise the input, short enough to stay under file-name limits with "-NNN".
+MAX_NAME_CHARS = 100
 
 
 def parse_page_size(value: str) -> tuple[int, int]:
@@ -66,27 +76,45 @@ def build_config(preset: str | None = None, font_size: int | None = None, page_s
         raise typer.BadParameter(str(exc), param_hint=hint) from exc
 
 
+def safe_name(stem: str) -> str:
+    """A folder name made from an input's stem that stays one path component inside OUTDIR.
+
+    Separators and other unsafe characters become "_", leading dots are dropped (no ``.``/``..``
+    and no hidden folders), and an empty result becomes "document".
+    """
+    name = _UNSAFE_NAME_CHARS.sub("_", stem).lstrip(".")[:MAX_NAME_CHARS].rstrip(". ")
+    return name or "document"
+
+
 def _unique_names(sources: list[str]) -> list[str]:
-    """Output folder name per source: the file stem ("stdin" for "-"), made unique with -2, -3..."""
+    """Output folder name per source: the sanitised file stem ("stdin" for "-"), made unique with
+    -2, -3... (compared case-insensitively, since some file systems are)."""
     names: list[str] = []
-    seen: dict[str, int] = {}
+    taken: set[str] = set()
     for src in sources:
-        stem = "stdin" if src == "-" else (Path(src).stem or "document")
-        n = seen.get(stem, 0) + 1
-        seen[stem] = n
-        name = stem if n == 1 else f"{stem}-{n}"
-        while name in names:
+        stem = "stdin" if src == "-" else safe_name(Path(src).stem)
+        name, n = stem, 1
+        while name.casefold() in taken:
             n += 1
             name = f"{stem}-{n}"
+        taken.add(name.casefold())
         names.append(name)
     return names
+
+
+def _document_dir(out: Path, name: str) -> Path:
+    """OUTDIR/name, refused unless it is a real folder directly inside OUTDIR (not a link out)."""
+    out_dir = out / name
+    if name != safe_name(name) or out_dir.is_symlink() or out_dir.resolve().parent != out.resolve():
+        raise ValueError(f"output folder {str(out_dir)!r} is not a plain folder inside {str(out)!r}")
+    return out_dir
 
 
 def _render_document(job: dict[str, Any]) -> dict[str, Any]:
     """Render one document and write its PNGs (runs in a worker process)."""
     config = RenderConfig(**{**job["config"], "markdown": job["markdown"]})
-    out_dir = Path(job["out"]) / job["name"]
     try:
+        out_dir = _document_dir(Path(job["out"]), job["name"])
         pages = render_text(job["text"], config)
     except ValueError as exc:
         return {"source": job["source"], "name": job["name"], "error": str(exc)}
@@ -164,9 +192,7 @@ def render_command(inputs: list[str], out: Path, preset: str | None = None, font
     documents = [r for r in results if r is not None and "error" not in r]
     errors = [r for r in results if r is not None and "error" in r]
     manifest = {"config": base, "documents": documents, "errors": errors}
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
-    tmp.replace(out / MANIFEST)
+    write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False))
     logger.info("rendered %d document(s) into %s (%d failed)", len(documents), out, len(errors))
     return manifest
 
