@@ -1,13 +1,16 @@
-"""`InstructionDataset`: a torch Dataset of rendered pages + instruction + answer, and the
-two helpers users know from the original API (`create_instruction_dataset_from_qa`,
-`create_instruction_dataset_from_summarization`)."""
+"""`InstructionDataset`: a torch Dataset of rendered pages + instruction + answer;
+`open_examples`, the one way a path given by a user (an examples file or a folder written by
+`deepsynth prepare`) becomes one; and the two helpers users know from the original API
+(`create_instruction_dataset_from_qa`, `create_instruction_dataset_from_summarization`)."""
 
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "InstructionDataset",
+    "open_examples",
     "create_instruction_dataset_from_qa",
     "create_instruction_dataset_from_summarization",
     "IMAGE_COLUMNS",
@@ -85,10 +89,13 @@ class InstructionDataset(Dataset):
 
     examples:            the records; each is validated once here.
     render_config:       how documents become pages; it must match what the model reads
-                         (default `RenderConfig()`, 1024 px pages).
+                         (default `RenderConfig()`, 1024 px pages). With pre-rendered pages it is
+                         the config they were drawn with, so a trained model can record it.
     default_instruction: used where an example's instruction is empty.
     pages:               optional pre-rendered pages, one entry per example (a list of PIL
                          images / PNG bytes / `datasets` image dicts); an empty entry is rendered.
+
+    ``pre_rendered`` tells whether pages come from ``pages`` rather than from rendering.
     """
 
     def __init__(
@@ -106,6 +113,7 @@ class InstructionDataset(Dataset):
         if pages is not None and len(pages) != len(self.examples):
             raise ValueError(f"pages has {len(pages)} entries but there are {len(self.examples)} examples")
         self.pages = pages
+        self.pre_rendered = pages is not None
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -128,37 +136,139 @@ class InstructionDataset(Dataset):
     def from_prepared(cls, path: str | os.PathLike, render_config: RenderConfig | None = None,
                       default_instruction: str = "", cache_dir: str | None = None) -> "InstructionDataset":
         """Open a folder written by `deepsynth prepare` (or one of its Parquet shards). Pages
-        come from its ``Image`` column when it was rendered (decoded lazily), else are rendered
-        with ``render_config`` (default: the folder's render settings, else `RenderConfig()`).
-        ``cache_dir``: where `datasets` keeps its Arrow copy (default: its usual cache)."""
-        import json
+        come from its ``Image`` column when it was rendered (decoded lazily) and the dataset's
+        ``render_config`` is then the folder's; a ``render_config`` that differs is logged as a
+        warning naming both, and the folder's pages are still used, since a model must be served
+        on the pages it read. An unrendered folder is rendered with ``render_config`` (default
+        `RenderConfig()`). ``cache_dir``: where `datasets` keeps its Arrow copy (default: its
+        usual cache)."""
+        return _open_prepared(Path(path), render_config, default_instruction, cache_dir)
 
-        import datasets
 
-        path = Path(path)
-        files = [path] if path.is_file() else sorted((path / "data").glob("*.parquet"))
+def open_examples(path: str | os.PathLike, render_config: RenderConfig | None = None,
+                  default_instruction: str = "", cache_dir: str | None = None) -> InstructionDataset:
+    """The examples at ``path`` as an :class:`InstructionDataset`, whatever form they take:
+
+    * a ``.jsonl`` / ``.json`` / ``.parquet`` file of records (:func:`deepsynth.data.read_examples`):
+      pages are rendered with ``render_config``;
+    * a folder written by ``deepsynth prepare``, one of its Parquet shards, or any Parquet file
+      with an ``Image`` column: see :meth:`InstructionDataset.from_prepared` (pre-rendered pages
+      are used as they are and the result's ``render_config`` is the one they were drawn with).
+
+    ``render_config`` is the config the caller's model reads (default `RenderConfig()`);
+    ``default_instruction`` fills empty instructions. Raises ``FileNotFoundError`` for a missing
+    path and ``ValueError`` (naming the path and what to do) for a folder that is not a prepared
+    folder, an unfinished or empty one, or a file without examples."""
+    from deepsynth.data.schema import read_examples
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    if path.is_dir() or (path.suffix.lower() == ".parquet" and _is_prepared_shard(path)):
+        return _open_prepared(path, render_config, default_instruction, cache_dir)
+    examples = read_examples(path)
+    if not examples:
+        raise ValueError(f"{path}: the file holds no examples")
+    return InstructionDataset(examples, render_config, default_instruction)
+
+
+def _is_prepared_shard(path: Path) -> bool:
+    """A shard inside a prepared folder's data/, or any Parquet file holding rendered pages."""
+    import pyarrow.parquet as pq
+
+    from deepsynth.data.pipeline import DATA_DIR, MANIFEST
+
+    if path.parent.name == DATA_DIR and (path.parent.parent / MANIFEST).is_file():
+        return True
+    names = pq.read_schema(path).names
+    return any(c in names for c in IMAGE_COLUMNS)
+
+
+def _read_manifest(folder: Path) -> dict:
+    from deepsynth.data.pipeline import MANIFEST
+
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{folder / MANIFEST}: not valid JSON ({exc.msg} at line {exc.lineno}); "
+                         "run `deepsynth prepare` again") from exc
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{folder / MANIFEST}: expected a JSON object as `deepsynth prepare` writes it")
+    return manifest
+
+
+def _render_config_diff(a: RenderConfig, b: RenderConfig) -> str:
+    da, db = asdict(a), asdict(b)
+    return ", ".join(f"{k} {da[k]!r} vs {db[k]!r}" for k in da if da[k] != db[k])
+
+
+def _open_prepared(path: Path, render_config: RenderConfig | None, default_instruction: str,
+                   cache_dir: str | None) -> InstructionDataset:
+    import datasets
+
+    from deepsynth.data.pipeline import DATA_DIR, MANIFEST
+
+    if path.is_dir():
+        folder = path
+        if not (folder / MANIFEST).is_file():
+            raise ValueError(f"{folder}: not a folder written by `deepsynth prepare` (no {MANIFEST}); pass a "
+                             ".jsonl/.json/.parquet file of examples or a prepared folder")
+        manifest = _read_manifest(folder)
+        if not manifest.get("complete"):
+            raise ValueError(f"{folder}: `deepsynth prepare` has not finished writing this folder "
+                             f"({MANIFEST} says complete=false); run the same prepare command again to finish it")
+        shards = manifest.get("shards")
+        if shards is None:  # a manifest without a shard list: every Parquet file under data/
+            files = sorted((folder / DATA_DIR).glob("*.parquet"))
+        else:
+            files = [folder / s["file"] for s in shards if s.get("rows", 1)]
+            missing = [str(f) for f in files if not f.is_file()]
+            if missing:
+                raise ValueError(f"{folder}: shard(s) listed in {MANIFEST} are missing: {missing}; "
+                                 "run the prepare command again")
         if not files:
-            raise FileNotFoundError(f"{path}: no Parquet shards (expected {path}/data/*.parquet)")
-        if render_config is None and path.is_dir() and (path / "manifest.json").is_file():
-            manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
-            if manifest.get("render"):
-                render_config = RenderConfig(**manifest["render"]["config"])
-        data = datasets.Dataset.from_parquet([str(f) for f in files], cache_dir=cache_dir)
-        examples = []
-        for i, row in enumerate(data.select_columns([c for c in ("id", "text", "instruction", "answer", "source",
-                                                                 "meta") if c in data.column_names])):
-            row = dict(row)
-            meta = row.get("meta")
-            if isinstance(meta, str):
-                row["meta"] = json.loads(meta) if meta.strip() else {}
-            if row.get("meta") is None:
-                row.pop("meta", None)
-            if row.get("source") is None:
-                row.pop("source", None)
-            examples.append(InstructionExample.from_dict(row, where=f"{path} row {i + 1}"))
-        column = next((c for c in IMAGE_COLUMNS if c in data.column_names), None)
-        pages = _ColumnPages(data, column, range(len(examples))) if column else None
-        return cls(examples, render_config, default_instruction, pages=pages)
+            raise ValueError(f"{folder}: the prepared folder holds no examples (its rejected.jsonl and "
+                             "skipped.jsonl say why records were left out)")
+    else:
+        files = [path]
+        folder = path.parent.parent if path.parent.name == DATA_DIR else None
+        manifest = _read_manifest(folder) if folder is not None and (folder / MANIFEST).is_file() else None
+
+    data = datasets.Dataset.from_parquet([str(f) for f in files], cache_dir=cache_dir)
+    if len(data) == 0:
+        raise ValueError(f"{path}: the prepared data holds no examples")
+    examples = []
+    for i, row in enumerate(data.select_columns([c for c in ("id", "text", "instruction", "answer", "source",
+                                                             "meta") if c in data.column_names])):
+        row = dict(row)
+        meta = row.get("meta")
+        if isinstance(meta, str):
+            row["meta"] = json.loads(meta) if meta.strip() else {}
+        if row.get("meta") is None:
+            row.pop("meta", None)
+        if row.get("source") is None:
+            row.pop("source", None)
+        examples.append(InstructionExample.from_dict(row, where=f"{path} row {i + 1}"))
+
+    column = next((c for c in IMAGE_COLUMNS if c in data.column_names), None)
+    if column is None:
+        # Not rendered: pages are drawn as they are read, with the config the caller's model reads.
+        return InstructionDataset(examples, render_config, default_instruction)
+    rendered = (manifest or {}).get("render")
+    if rendered:
+        drawn = RenderConfig(**rendered["config"])
+        if render_config is not None and render_config != drawn:
+            logger.warning(
+                "%s: its pages were rendered at preset %r, which differs from the render config asked for "
+                "(%s; folder vs asked). The folder's pages are used as they are, so the dataset's "
+                "render_config is the folder's %s, not the asked %s; serve the trained model with it.",
+                path, rendered.get("preset"), _render_config_diff(drawn, render_config), drawn, render_config)
+    else:
+        drawn = render_config or RenderConfig()
+        logger.warning("%s: pre-rendered pages without a manifest.json saying how they were drawn; they are "
+                       "used as they are and recorded as drawn with %s", path, drawn)
+    pages = _ColumnPages(data, column, range(len(examples)))
+    return InstructionDataset(examples, drawn, default_instruction, pages=pages)
 
 
 # --------------------------------------------------------------------------------------------
