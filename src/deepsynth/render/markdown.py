@@ -20,6 +20,7 @@ re-flowed into paragraphs, so ``Page.text`` keeps the source's line structure):
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Iterator
 
 from .renderer import (
     MONO_FONT,
@@ -30,7 +31,7 @@ from .renderer import (
     resolve_font_path,
     _measure,
     normalize_spaces,
-    wrap_paragraph,
+    iter_wrap,
 )
 
 HEADING_SCALE = {1: 1.6, 2: 1.35, 3: 1.15}
@@ -82,6 +83,17 @@ def _fitting_size(font_path: str, size: int, config: RenderConfig) -> int:
 
 def layout_markdown(text: str, config: RenderConfig) -> list[_Line]:
     """Turn Markdown source into wrapped lines (see the module docstring for what is supported)."""
+    return list(iter_markdown_lines(text, config))
+
+
+def _advanced(lines: Iterable[_Line], advance: int) -> Iterator[_Line]:
+    for line in lines:
+        line.advance = advance
+        yield line
+
+
+def iter_markdown_lines(text: str, config: RenderConfig) -> Iterator[_Line]:
+    """``layout_markdown`` one line at a time, so the page limit can stop it early."""
     body_path = str(resolve_font_path(config.font, config.bold))
     bold_path = str(resolve_font_path(config.font, True))
     mono_path = str(resolve_font_path(MONO_FONT, config.bold))
@@ -92,13 +104,6 @@ def layout_markdown(text: str, config: RenderConfig) -> list[_Line]:
     step = round(config.font_size * 1.5)
     lh = config.line_height
 
-    lines: list[_Line] = []
-
-    def add(new: list[_Line], advance: int) -> None:
-        for line in new:
-            line.advance = advance
-        lines.extend(new)
-
     fence: str | None = None
     for raw in text.split("\n"):
         src = normalize_spaces(raw.expandtabs(config.tab_size))
@@ -107,8 +112,8 @@ def layout_markdown(text: str, config: RenderConfig) -> list[_Line]:
             if m and m.group(1)[0] == fence[0] and len(m.group(1)) >= len(fence) and not src[m.end():].strip():
                 fence = None
                 continue
-            add(wrap_paragraph(src, code, width, min(config.font_size, max_indent),
-                               min(config.font_size, max_indent)), lh)
+            yield from _advanced(iter_wrap(src, code, width, min(config.font_size, max_indent),
+                                           min(config.font_size, max_indent)), lh)
             continue
         if m:
             fence = m.group(1)
@@ -118,7 +123,8 @@ def layout_markdown(text: str, config: RenderConfig) -> list[_Line]:
             level = len(m.group(1))
             content = strip_inline(_CLOSING_HASHES.sub("", m.group(2)).strip())
             size = _fitting_size(bold_path, round(config.font_size * HEADING_SCALE.get(level, 1.0)), config)
-            add(wrap_paragraph(content, _Style(bold_path, size), width), round(size * config.line_spacing))
+            yield from _advanced(iter_wrap(content, _Style(bold_path, size), width),
+                                 round(size * config.line_spacing))
             continue
         m = _LIST.match(src)
         if m and m.group(3).strip():
@@ -128,13 +134,12 @@ def layout_markdown(text: str, config: RenderConfig) -> list[_Line]:
             drawn_marker = BULLET if marker in "-*+" else marker
             prefix = f"{drawn_marker} "
             hang = min(indent + round(_measure(prefix, body)), max_indent)
-            add(wrap_paragraph(prefix + strip_inline(content), body, width, indent, hang), lh)
+            yield from _advanced(iter_wrap(prefix + strip_inline(content), body, width, indent, hang), lh)
             continue
         m = _QUOTE.match(src)
         if m:
             indent = min(step, max_indent)
-            add(wrap_paragraph(strip_inline(m.group(1)), body, width, indent, indent), lh)
+            yield from _advanced(iter_wrap(strip_inline(m.group(1)), body, width, indent, indent), lh)
             continue
-        add(wrap_paragraph(strip_inline(src), body, width), lh)
-    return lines
+        yield from _advanced(iter_wrap(strip_inline(src), body, width), lh)
 

@@ -14,7 +14,9 @@ Layout rules (see ``render_text``):
   without a separator, so ``join_pages(pages).split() == text.split()`` always holds for plain
   text.
 * Text that does not fit on a page continues on the next page.  Nothing is cropped or dropped:
-  when more than ``max_pages`` pages would be needed a ``ValueError`` is raised instead.
+  when more than ``max_pages`` pages would be needed a ``ValueError`` is raised instead, as soon
+  as the first line of page ``max_pages + 1`` is placed (the rest of the text is not laid out).
+* Cost is linear in the text's length, including a word wider than a line (``_fit_len``).
 * Fonts are loaded from the files shipped in ``deepsynth/render/fonts`` with Pillow's BASIC
   layout engine (no dependency on libraqm), so the same input gives identical pixels on every
   machine.  Characters the chosen font cannot draw are drawn with a fallback font found on the
@@ -26,8 +28,10 @@ from __future__ import annotations
 import logging
 import re
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from functools import lru_cache
+from itertools import groupby
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -341,15 +345,14 @@ def _runs(text: str, style: _Style) -> list[tuple[str, str]]:
     if not covered or covered.issuperset(text):
         return [(text, primary)]
     fallbacks = fallback_font_paths()
-    runs: list[tuple[str, str]] = []
-    for ch in text:
-        path = primary if (ch in covered or ch.isspace()) else (
-            _font_for_char(primary, ord(ch), fallbacks) or primary)
-        if runs and runs[-1][1] == path:
-            runs[-1] = (runs[-1][0] + ch, path)
-        else:
-            runs.append((ch, path))
-    return runs
+
+    def font_of(ch: str) -> str:
+        if ch in covered or ch.isspace():
+            return primary
+        return _font_for_char(primary, ord(ch), fallbacks) or primary
+
+    # groupby joins each run once: growing a run one character at a time is quadratic in its length
+    return [("".join(chars), path) for path, chars in groupby(text, key=font_of)]
 
 
 def _missing_chars(text: str, style: _Style) -> set[str]:
@@ -379,39 +382,78 @@ def _metrics(text: str, style: _Style) -> tuple[int, int]:
 _TOKEN = re.compile(r"\s+|\S+")
 
 
-def _fit_prefix(word: str, style: _Style, width: float) -> str:
-    """Longest prefix of ``word`` no wider than ``width`` (at least one character)."""
-    lo, hi = 1, len(word)
+def _fit_len(word: str, style: _Style, width: float) -> int:
+    """Largest ``k`` with ``word[:k]`` no wider than ``width`` (0 when not even one character fits).
+
+    Galloping search: prefixes of 1, 2, 4, ... characters until one is too wide, then a binary
+    search between the last two.  Every probe is at most twice the answer, so breaking a word of
+    ``n`` characters into lines costs O(n log(line length)) measured characters, not O(n^2):
+    the rest of the word is never measured as a whole.  Widths grow with the prefix (no glyph has a
+    negative advance), so this finds the same prefix as a binary search over the whole word.
+    """
+    n = len(word)
+    fit, probe = 0, 1
+    while True:
+        probe = min(probe, n)
+        if _measure(word[:probe], style) > width:
+            break
+        fit = probe
+        if probe == n:
+            return n
+        probe *= 2
+    lo, hi = fit, probe - 1  # word[:fit] fits, word[:probe] does not
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if _measure(word[:mid], style) <= width:
             lo = mid
         else:
             hi = mid - 1
-    return word[:lo]
+    return lo
+
+
+def _fit_prefix(word: str, style: _Style, width: float) -> str:
+    """Longest prefix of ``word`` no wider than ``width`` (at least one character)."""
+    return word[:max(1, _fit_len(word, style, width))]
+
+
+#: Tokens up to this many characters have their widths cached; longer ones (rare in real text,
+#: and attacker-sized in hostile text) are measured each time so the cache's memory stays small.
+_CACHED_TOKEN_CHARS = 64
 
 
 @lru_cache(maxsize=1 << 16)
-def _token_width(text: str, style: _Style) -> float:
+def _cached_token_width(text: str, style: _Style) -> float:
     return _measure(text, style)
+
+
+def _token_width(text: str, style: _Style) -> float:
+    return _cached_token_width(text, style) if len(text) <= _CACHED_TOKEN_CHARS else _measure(text, style)
 
 
 def wrap_paragraph(text: str, style: _Style, width: float, first_indent: int = 0,
                    hanging_indent: int = 0) -> list[_Line]:
-    """Greedy word wrap of one paragraph (no newlines) at ``width`` pixels.
+    """Greedy word wrap of one paragraph (no newlines) at ``width`` pixels (see ``iter_wrap``)."""
+    return list(iter_wrap(text, style, width, first_indent, hanging_indent))
+
+
+def iter_wrap(text: str, style: _Style, width: float, first_indent: int = 0,
+              hanging_indent: int = 0) -> Iterator[_Line]:
+    """Greedy word wrap of one paragraph (no newlines) at ``width`` pixels, one line at a time.
 
     The first line starts ``first_indent`` px in, later lines ``hanging_indent`` px in.
     Leading whitespace and inner runs of spaces are kept; whitespace at a wrap point is dropped.
     Widths are summed from cached per-token widths (exact for fonts without kerning across
     spaces, such as DejaVu); near the limit, and for every finished line, the whole line is
-    measured exactly, so no line is ever wider than ``width``.
+    measured exactly, so no line is ever wider than ``width``.  Lines are produced lazily, so a
+    caller that stops early (the page limit) never pays for the rest of the paragraph.
     """
     text = text.rstrip()
     if not text:
-        return [_Line("", style, first_indent)]
+        yield _Line("", style, first_indent)
+        return
     tokens = _TOKEN.findall(text)
     tol = 1.0 + style.size * 0.05
-    lines: list[_Line] = []
+    emitted = 0
     cur = ""
     cur_w = 0.0
     starts: list[tuple[int, int]] = []  # (token index, len(cur) before it) of each word on the line
@@ -422,30 +464,32 @@ def wrap_paragraph(text: str, style: _Style, width: float, first_indent: int = 0
     def avail() -> float:
         return width - indent
 
-    def emit(line_text: str, broken: bool = False) -> None:
-        nonlocal indent
-        lines.append(_Line(line_text, style, indent, broken))
+    def line(line_text: str, broken: bool = False) -> _Line:
+        nonlocal indent, emitted
+        made = _Line(line_text, style, indent, broken)
         indent = hanging_indent
+        emitted += 1
+        return made
 
     while True:
         if i >= len(tokens):  # end of paragraph: the last line
-            if not cur and lines:
+            if not cur and emitted:
                 break
             if len(starts) > 1 and _measure(cur, style) > avail():  # kerning the estimate missed
                 while len(starts) > 1 and _measure(cur, style) > avail():
                     i, cut = starts.pop()
                     cur = cur[:cut]
-                emit(cur)
+                yield line(cur)
                 cur, cur_w, starts, pending_ws = "", 0.0, [], ""
                 continue
-            emit(cur)
+            yield line(cur)
             break
         tok = tokens[i]
         if tok[0].isspace():
             pending_ws = tok
             i += 1
             continue
-        piece = pending_ws + tok if (cur or not lines) else tok
+        piece = pending_ws + tok if (cur or not emitted) else tok
         est = cur_w + _token_width(piece, style)
         limit = avail()
         if est <= limit - tol:
@@ -466,22 +510,23 @@ def wrap_paragraph(text: str, style: _Style, width: float, first_indent: int = 0
             while len(starts) > 1 and _measure(cur, style) > limit:
                 i, cut = starts.pop()
                 cur = cur[:cut]
-            emit(cur)
+            yield line(cur)
             cur, cur_w, starts, pending_ws = "", 0.0, [], ""
             continue  # retry this token on the new line
         pending_ws = ""
-        if _measure(tok, style) <= limit:  # only the leading indentation did not fit: drop it
+        rest = tok
+        fit = _fit_len(rest, style, limit)
+        if fit == len(rest):  # only the leading indentation did not fit: drop it
             cur, cur_w, starts = tok, _token_width(tok, style), [(i, 0)]
             i += 1
             continue
-        rest = tok  # a word wider than a line: break it
-        while _measure(rest, style) > avail():
-            part = _fit_prefix(rest, style, avail())
-            emit(part, broken=True)
+        while fit < len(rest):  # a word wider than a line: break it
+            part = rest[:max(1, fit)]
+            yield line(part, broken=True)
             rest = rest[len(part):]
+            fit = _fit_len(rest, style, avail())
         cur, cur_w, starts = rest, _measure(rest, style), [(i, 0)]
         i += 1
-    return lines
 
 
 _OTHER_SPACE = re.compile(r"[^\S ]")
@@ -492,46 +537,21 @@ def normalize_spaces(line: str) -> str:
     return _OTHER_SPACE.sub(" ", line)
 
 
-def _layout_plain(text: str, config: RenderConfig) -> list[_Line]:
+def _iter_plain(text: str, config: RenderConfig) -> Iterator[_Line]:
     style = _Style(str(resolve_font_path(config.font, config.bold)), config.font_size)
-    lines: list[_Line] = []
     for para in text.split("\n"):
         para = normalize_spaces(para.expandtabs(config.tab_size))
-        lines.extend(wrap_paragraph(para, style, config.content_width))
-    for line in lines:
-        line.advance = config.line_height
-    return lines
+        for line in iter_wrap(para, style, config.content_width):
+            line.advance = config.line_height
+            yield line
 
 
-def _finish_lines(lines: list[_Line]) -> None:
-    """Fill in ascent/descent and warn about characters no font can draw."""
-    missing: set[str] = set()
-    for line in lines:
-        line.ascent, line.descent = _metrics(line.text, line.style)
-        if not line.advance:
-            line.advance = line.ascent + line.descent
-        missing |= _missing_chars(line.text, line.style)
+def _warn_missing(missing: set[str]) -> None:
     if missing:
         shown = ", ".join(f"{c!r} (U+{ord(c):04X})" for c in sorted(missing)[:20])
         more = f" and {len(missing) - 20} more" if len(missing) > 20 else ""
         logger.warning("no installed font can draw %d character(s): %s%s; they are drawn as boxes",
                        len(missing), shown, more)
-
-
-def _paginate(lines: list[_Line], config: RenderConfig) -> list[list[tuple[_Line, int]]]:
-    """Assign lines to pages; returns, per page, (line, baseline y) pairs."""
-    bottom = config.page_height - config.margin
-    pages: list[list[tuple[_Line, int]]] = [[]]
-    y = config.margin
-    for line in lines:
-        ink = line.ascent + line.descent
-        lead = max(0, (line.advance - ink) // 2)
-        if pages[-1] and y + lead + ink > bottom:
-            pages.append([])
-            y = config.margin
-        pages[-1].append((line, y + lead + line.ascent))
-        y += line.advance
-    return pages
 
 
 def _draw_page(placed: list[tuple[_Line, int]], config: RenderConfig) -> Image.Image:
@@ -548,23 +568,46 @@ def _draw_page(placed: list[tuple[_Line, int]], config: RenderConfig) -> Image.I
     return img
 
 
-def layout(text: str, config: RenderConfig) -> list[list[tuple[_Line, int]]]:
-    """Lay ``text`` out into pages of positioned lines (no drawing)."""
-    if config.markdown:
-        from .markdown import layout_markdown
+def layout(text: str, config: RenderConfig, page_limit: int | None = None) -> list[list[tuple[_Line, int]]]:
+    """Lay ``text`` out into pages of positioned lines (no drawing): per page, (line, baseline y).
 
-        lines = layout_markdown(text, config)
+    page_limit: stop as soon as a line lands on page ``page_limit + 1``; the result then holds
+    ``page_limit + 1`` pages (the last one with that single line) and the rest of the text is
+    never wrapped, so the cost of an over-long text is bounded by the limit, not by its length.
+    """
+    if config.markdown:
+        from .markdown import iter_markdown_lines
+
+        lines = iter_markdown_lines(text, config)
     else:
-        lines = _layout_plain(text, config)
-    _finish_lines(lines)
-    return _paginate(lines, config)
+        lines = _iter_plain(text, config)
+    bottom = config.page_height - config.margin
+    pages: list[list[tuple[_Line, int]]] = [[]]
+    y = config.margin
+    missing: set[str] = set()
+    for line in lines:
+        line.ascent, line.descent = _metrics(line.text, line.style)
+        if not line.advance:
+            line.advance = line.ascent + line.descent
+        missing |= _missing_chars(line.text, line.style)
+        ink = line.ascent + line.descent
+        lead = max(0, (line.advance - ink) // 2)
+        if pages[-1] and y + lead + ink > bottom:
+            pages.append([])
+            y = config.margin
+        pages[-1].append((line, y + lead + line.ascent))
+        y += line.advance
+        if page_limit is not None and len(pages) > page_limit:
+            break
+    _warn_missing(missing)
+    return pages
 
 
 def render_text(text: str, config: RenderConfig | None = None) -> list[Page]:
     """Render ``text`` to one or more page images.
 
     Raises ValueError("text is empty") for empty/whitespace-only text and a ValueError naming
-    ``max_pages`` when the text needs more pages than allowed.
+    ``max_pages`` as soon as the layout reaches page ``max_pages + 1`` (the rest is not laid out).
     """
     if not isinstance(text, str):
         raise TypeError(f"text must be str, got {type(text).__name__}")
@@ -574,11 +617,11 @@ def render_text(text: str, config: RenderConfig | None = None) -> list[Page]:
     # trailing whitespace / blank lines at the end are not drawn (a file's final newline is
     # a line terminator, not a blank line)
     text = text.replace("\r\n", "\n").replace("\r", "\n").rstrip()
-    placed_pages = layout(text, config)
+    placed_pages = layout(text, config, page_limit=config.max_pages)
     if len(placed_pages) > config.max_pages:
         raise ValueError(
-            f"text needs {len(placed_pages)} pages but max_pages={config.max_pages}; "
-            "raise max_pages, use a larger page or a smaller font, or split the text"
+            f"text needs more than {config.max_pages} pages but max_pages={config.max_pages} (layout stopped "
+            "there); raise max_pages, use a larger page or a smaller font, or split the text"
         )
     pages = []
     for i, placed in enumerate(placed_pages):
