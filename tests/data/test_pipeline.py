@@ -214,23 +214,24 @@ def test_resume_after_interruption(tmp_path, cache, squad_file, monkeypatch):
     ref = tmp_path / "ref"
     P.prepare(str(squad_file), ref, cache_dir=cache, render=True, preset="tiny", shard_size=4, progress=False)
     out = tmp_path / "out"
-    real = P._write_shard
+    real = P.write_atomic
     calls = {"n": 0}
 
-    def interrupted(part, path):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_bytes(b"half a file")  # what a kill mid-write leaves behind
-            raise KeyboardInterrupt
-        return real(part, path)
+    def interrupted(path, write):
+        if Path(path).suffix == ".parquet":
+            calls["n"] += 1
+            if calls["n"] == 2:
+                tmp = Path(path).with_name(f".{Path(path).name}.k1ll3d.tmp")
+                tmp.write_bytes(b"half a file")  # what a kill mid-write leaves behind
+                raise KeyboardInterrupt
+        return real(path, write)
 
-    monkeypatch.setattr(P, "_write_shard", interrupted)
+    monkeypatch.setattr(P, "write_atomic", interrupted)
     with pytest.raises(KeyboardInterrupt):
         P.prepare(str(squad_file), out, cache_dir=cache, render=True, preset="tiny", num_proc=2, shard_size=4,
                   progress=False)
     assert not manifest(out)["complete"] and len(list((out / "data").glob("*.parquet"))) == 1
-    monkeypatch.setattr(P, "_write_shard", real)
+    monkeypatch.setattr(P, "write_atomic", real)
     res = P.prepare(str(squad_file), out, cache_dir=cache, render=True, preset="tiny", num_proc=2, shard_size=4,
                     progress=False)
     assert (res.shards, res.shards_reused, res.shards_written) == (3, 1, 2)
@@ -251,6 +252,83 @@ def test_a_different_run_in_the_same_folder_is_refused(tmp_path, cache, squad_fi
         P.prepare(str(squad_file), out, cache_dir=cache, options={"no_answer": "none"}, progress=False)
     res = P.prepare(str(squad_file), out, cache_dir=cache, limit=5, overwrite=True, progress=False)
     assert res.examples == 5 and len(table(out)) == 5
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+@pytest.mark.parametrize("foreign", [
+    '{"name": "my project", "version": 3}',            # someone else's manifest
+    '{"config": {}, "documents": [], "errors": []}',   # a `deepsynth render` folder
+    '{"plan": {"format_version": 1}, "plan_hash": "x", "tool": "other"}',
+    '{"truncated": ',                                   # unreadable
+    '[1, 2, 3]',
+])
+def test_overwrite_refuses_a_folder_it_did_not_write_and_deletes_nothing(tmp_path, cache, squad_file, foreign):
+    out = tmp_path / "project"
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "train-00000-of-00001.parquet").write_bytes(b"their data")
+    (out / "data" / "notes.txt").write_text("keep me", encoding="utf-8")
+    (out / "README.md").write_text("their readme", encoding="utf-8")
+    (out / "rejected.jsonl").write_text("their log\n", encoding="utf-8")
+    (out / "manifest.json").write_text(foreign, encoding="utf-8")
+    before = _tree(out)
+    for overwrite in (False, True):
+        with pytest.raises(P.PrepareError, match="nothing was deleted"):
+            P.prepare(str(squad_file), out, cache_dir=cache, overwrite=overwrite, progress=False)
+        assert _tree(out) == before
+
+
+def test_overwrite_deletes_only_the_files_its_own_manifest_lists(app, tmp_path, cache, squad_file):
+    out = tmp_path / "out"
+    P.prepare(str(squad_file), out, cache_dir=cache, shard_size=5, progress=False)
+    m = manifest(out)
+    assert m["tool"] == "deepsynth prepare"
+    assert sorted(m["files"]) == sorted([f"data/train-0000{i}-of-00003.parquet" for i in range(3)]
+                                        + [f".prepare/shard-0000{i}.done" for i in range(3)]
+                                        + ["rejected.jsonl", "skipped.jsonl"])
+    # files the user put there afterwards, some with names prepare could have written
+    (out / "data" / "extra.parquet").write_bytes(b"mine")
+    (out / "notes.md").write_text("mine", encoding="utf-8")
+    (out / ".prepare" / "mine.txt").write_text("mine", encoding="utf-8")
+    (out / "README.md").write_text("mine", encoding="utf-8")  # upload never ran, so this is not prepare's
+    res = P.prepare(str(squad_file), out, cache_dir=cache, limit=4, overwrite=True, progress=False)
+    assert res.examples == 4 and len(table_of_manifest(out)) == 4
+    assert (out / "data" / "extra.parquet").read_bytes() == b"mine"
+    assert (out / "notes.md").read_text() == "mine" and (out / "README.md").read_text() == "mine"
+    assert (out / ".prepare" / "mine.txt").read_text() == "mine"
+    assert not (out / "data" / "train-00002-of-00003.parquet").exists()  # the old run's own shards are gone
+    assert P.validate_path(out)["records"] == 4  # the manifest's shards, not whatever lies in data/
+    # a manifest that lists a path outside the folder is refused before anything is deleted
+    m = manifest(out)
+    m["plan_hash"] = "changed"
+    victim = tmp_path / "victim.txt"
+    victim.write_text("outside", encoding="utf-8")
+    for bad in ("../victim.txt", str(victim), "data/../../victim.txt", "data"):
+        (out / "manifest.json").write_text(json.dumps(dict(m, files=m["files"] + [bad])), encoding="utf-8")
+        before = _tree(out)
+        with pytest.raises(P.PrepareError, match="not a file of this folder; nothing was deleted"):
+            P.prepare(str(squad_file), out, cache_dir=cache, overwrite=True, progress=False)
+        assert _tree(out) == before and victim.read_text() == "outside"
+
+
+def test_stale_temporary_files_of_a_killed_run_are_removed_at_start(tmp_path, cache, squad_file):
+    out = tmp_path / "out"
+    P.prepare(str(squad_file), out, cache_dir=cache, shard_size=5, progress=False)
+    left = [out / "data" / ".train-00001-of-00003.parquet.a1b2.tmp", out / ".prepare" / ".shard-00001.done.x.tmp",
+            out / ".manifest.json.q9.tmp", out / ".rejected.jsonl.z.tmp"]
+    for f in left:
+        f.write_bytes(b"half")
+    other = out / ".someone-elses.tmp"  # not a name prepare writes
+    other.write_bytes(b"keep")
+    res = P.prepare(str(squad_file), out, cache_dir=cache, shard_size=5, progress=False)
+    assert res.shards_reused == 3
+    assert not any(f.exists() for f in left) and other.read_bytes() == b"keep"
+
+
+def table_of_manifest(out: Path):
+    return [row for s in manifest(out)["shards"] for row in pq.read_table(out / s["file"]).to_pylist()]
 
 
 # ------------------------------------------------------------------ validate

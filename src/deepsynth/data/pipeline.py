@@ -31,7 +31,6 @@ import logging
 import math
 import os
 import re
-import shutil
 import statistics
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -42,6 +41,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from deepsynth.atomic import TMP_MARK, clean_stale_temps, write_atomic, write_text_atomic
 from deepsynth.data.converters import (
     CONVERTERS,
     KNOWN_DATASETS,
@@ -81,6 +81,8 @@ DATA_DIR = "data"
 MARKER_DIR = ".prepare"
 REJECTED = "rejected.jsonl"
 SKIPPED = "skipped.jsonl"
+CARD = "README.md"
+TOOL = "deepsynth prepare"
 FORMAT_VERSION = 1
 _LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 _PRIVATE_COLUMNS = ("_status", "_reason", "_row")
@@ -398,15 +400,12 @@ def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()[:16]
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    _atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def _write_manifest(path: Path, manifest: dict) -> None:
+    write_text_atomic(path, json.dumps(manifest, indent=1, ensure_ascii=False))
 
 
 def _split_name(split: str | None) -> str:
@@ -442,21 +441,82 @@ def _shard_done(out: Path, marker: Path, plan_hash: str) -> dict | None:
     return info
 
 
-def _write_shard(part, path: Path) -> None:
-    """Write one shard atomically (temporary file beside it, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    part.to_parquet(str(tmp))
-    os.replace(tmp, path)
+def _read_own_manifest(out: Path) -> dict:
+    """The manifest in ``out`` when `prepare` wrote it; anything else raises PrepareError.
+
+    A manifest this tool did not write (another program's, a `deepsynth render` one) or one
+    that cannot be read says nothing about which files in ``out`` are ours, so the caller must
+    stop before deleting or replacing anything."""
+    path = out / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise PrepareError(f"{path} cannot be read ({type(exc).__name__}: {exc}); nothing was deleted: "
+                           "remove the folder yourself or choose another --out") from None
+    plan = manifest.get("plan") if isinstance(manifest, dict) else None
+    if not (isinstance(plan, dict) and isinstance(manifest.get("plan_hash"), str)
+            and manifest.get("tool", TOOL) == TOOL and "format_version" in plan):
+        raise PrepareError(f"{path} was not written by `deepsynth prepare`; nothing was deleted: "
+                           "choose another --out (or remove that folder yourself)")
+    return manifest
 
 
-def _clear_outputs(out: Path) -> None:
+def _owned_files(out: Path, manifest: dict) -> list[Path]:
+    """Files a `prepare` manifest says its run wrote (listed before they were written), checked
+    to be plain relative paths inside ``out``; a listing that points elsewhere raises PrepareError."""
+    listed = manifest.get("files")
+    if listed is None:  # written before manifests listed their files: what they did record
+        shards = [s.get("file") for s in manifest.get("shards") or [] if isinstance(s, dict)]
+        listed = shards + [f"{MARKER_DIR}/shard-{i:05d}.done" for i in range(len(shards))] + [REJECTED, SKIPPED]
+    if not isinstance(listed, list) or not all(isinstance(f, str) for f in listed):
+        raise PrepareError(f"{out / MANIFEST}: 'files' is not a list of paths; nothing was deleted")
+    root = out.resolve()
+    files = []
+    for name in listed:
+        rel = Path(name)
+        target = out / rel
+        if (not name or rel.is_absolute() or ".." in rel.parts or rel == Path(MANIFEST) or target.is_symlink()
+                or not target.resolve().is_relative_to(root) or (target.exists() and not target.is_file())):
+            raise PrepareError(f"{out / MANIFEST} lists {name!r}, which is not a file of this folder; "
+                               "nothing was deleted")
+        files.append(target)
+    return files
+
+
+def _clear_outputs(out: Path, manifest: dict) -> list[str]:
+    """Delete the files the earlier run's manifest lists (and its folders when that empties them);
+    returns their names. Every entry is checked before the first deletion."""
+    files = _owned_files(out, manifest)
+    removed = []
+    for f in files:
+        if f.exists():
+            f.unlink()
+            removed.append(str(f.relative_to(out)))
     for name in (DATA_DIR, MARKER_DIR):
-        if (out / name).exists():
-            shutil.rmtree(out / name)
-    for name in (MANIFEST, REJECTED, SKIPPED, "README.md"):
-        if (out / name).exists():
-            (out / name).unlink()
+        folder = out / name
+        if folder.is_dir():
+            clean_stale_temps(folder)
+            if not any(folder.iterdir()):
+                folder.rmdir()
+    (out / MANIFEST).unlink()
+    logger.info("--overwrite: removed %d file(s) of the earlier prepare run in %s", len(removed), out)
+    return removed
+
+
+def _clean_stale(out: Path) -> None:
+    """Remove temporary files a killed run of ours left: every one under data/ and .prepare/
+    (folders only prepare writes), and in ``out`` itself only those of the names prepare writes."""
+    removed = []
+    for name in (DATA_DIR, MARKER_DIR):
+        removed += [f"{name}/{r}" for r in clean_stale_temps(out / name)]
+    ours = tuple(f".{n}." for n in (MANIFEST, REJECTED, SKIPPED, CARD))
+    for child in out.iterdir() if out.is_dir() else []:
+        if child.is_file() and child.name.startswith(ours) and child.name.endswith(TMP_MARK):
+            child.unlink()
+            removed.append(child.name)
+    if removed:
+        logger.info("removed %d temporary file(s) left by an interrupted run in %s: %s", len(removed), out,
+                    ", ".join(sorted(removed)[:10]))
 
 
 def prepare(
@@ -551,25 +611,21 @@ def prepare(
     }
     plan_hash = _hash(plan)
     manifest_path = out / MANIFEST
-    if manifest_path.is_file():
-        try:
-            old = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            old = {}
+    if manifest_path.exists():
+        old = _read_own_manifest(out)
         if old.get("plan_hash") != plan_hash:
             if not overwrite:
                 diff = sorted(k for k in plan if old.get("plan", {}).get(k) != plan[k])
                 raise PrepareError(f"{out} holds the output of a different prepare run (differs in: "
                                    f"{', '.join(diff) or 'format'}); use --overwrite or another --out")
-            _clear_outputs(out)
+            _clear_outputs(out, old)
         else:
             logger.info("resuming the prepare run in %s", out)
+        _clean_stale(out)
     out.mkdir(parents=True, exist_ok=True)
-    manifest: dict[str, Any] = {"plan": plan, "plan_hash": plan_hash, "complete": False,
-                                "license": info.get("license", "unknown")}
-    _atomic_write_text(manifest_path, json.dumps(manifest, indent=1, ensure_ascii=False))
-    for stale in list((out / DATA_DIR).glob(".*.tmp")) if (out / DATA_DIR).exists() else []:
-        stale.unlink()
+    manifest: dict[str, Any] = {"tool": TOOL, "plan": plan, "plan_hash": plan_hash, "complete": False,
+                                "license": info.get("license", "unknown"), "files": [REJECTED, SKIPPED]}
+    _write_manifest(manifest_path, manifest)
 
     # convert + validate (datasets.map with num_proc; cached for on-disk sources)
     source_ds, converted = _convert(data, converter, options, num_proc, limit)
@@ -594,14 +650,18 @@ def prepare(
         first_seen[rid] = rows[i]
         ok_idx.append(int(i))
     n_shards = max(1, math.ceil(len(ok_idx) / shard_size)) if ok_idx else 0
+    shard_names = [f"{DATA_DIR}/{split_name}-{s:05d}-of-{n_shards:05d}.parquet" for s in range(n_shards)]
+    marker_names = [f"{MARKER_DIR}/shard-{s:05d}.done" for s in range(n_shards)]
+    # listed before they exist, so --overwrite after a kill still knows every file this run may have written
+    manifest["files"] = shard_names + marker_names + [REJECTED, SKIPPED]
+    _write_manifest(manifest_path, manifest)
     written = reused = 0
     shard_infos: list[dict] = []
-    marker_dir = out / MARKER_DIR
-    marker_dir.mkdir(exist_ok=True)
+    (out / MARKER_DIR).mkdir(exist_ok=True)
     bar = tqdm(range(n_shards), desc="shards", unit="shard", disable=not progress)
     for s in bar:
-        name = f"{DATA_DIR}/{split_name}-{s:05d}-of-{n_shards:05d}.parquet"
-        marker = marker_dir / f"shard-{s:05d}.done"
+        name = shard_names[s]
+        marker = out / marker_names[s]
         done = _shard_done(out, marker, plan_hash)
         if done is not None:
             reused += 1
@@ -624,10 +684,10 @@ def prepare(
                                   for rid, i in zip(bad_ids, bad)]
                 part = part.select([i for i in range(len(part)) if not errs[i]])
             part = part.remove_columns(["_error"])
-        _write_shard(part, out / name)
+        write_atomic(out / name, part.to_parquet)
         info_s = {"file": name, "rows": len(part), "rejected": shard_rejected, "plan_hash": plan_hash,
                   "first_id": part[0]["id"] if len(part) else None}
-        _atomic_write_text(marker, json.dumps(info_s, ensure_ascii=False))
+        write_text_atomic(marker, json.dumps(info_s, ensure_ascii=False))
         shard_infos.append(info_s)
         written += 1
     bar.close()
@@ -650,7 +710,7 @@ def prepare(
     })
     if render_cfg is not None:
         manifest["render"] = {"preset": preset, "config": asdict(render_cfg)}
-    _atomic_write_text(manifest_path, json.dumps(manifest, indent=1, ensure_ascii=False))
+    _write_manifest(manifest_path, manifest)
     if rejected_rows:
         logger.warning("%d record(s) rejected; reasons in %s (first: %s)", len(rejected_rows),
                        out / REJECTED, rejected_rows[0]["reason"])
@@ -690,6 +750,16 @@ def _summary(values: Sequence[int]) -> dict:
             "mean": round(statistics.fmean(values), 2), "max": max(values)}
 
 
+def _shard_files(folder: Path, manifest: dict) -> list[Path]:
+    """The shards a complete prepare manifest lists (not whatever else lies in data/)."""
+    files = [folder / s["file"] for s in manifest.get("shards") or [] if s.get("rows", 1)]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise PrepareError(f"{folder}: shard(s) listed in {MANIFEST} are missing: {missing}; "
+                           "run the prepare command again")
+    return files
+
+
 def _files_of(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
@@ -697,7 +767,11 @@ def _files_of(path: Path) -> list[Path]:
         raise PrepareError(f"{path}: no such file or folder")
     data = path / DATA_DIR
     if (path / MANIFEST).is_file() and data.is_dir():
-        files = sorted(data.glob("*.parquet"))
+        manifest = _read_own_manifest(path)
+        if not manifest.get("complete"):
+            raise PrepareError(f"{path}: `deepsynth prepare` has not finished writing this folder; run the same "
+                               "prepare command again to finish it")
+        files = _shard_files(path, manifest)
     else:
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".parquet", ".jsonl", ".json")
                        and not any(part.startswith(".") for part in p.relative_to(path).parts)
@@ -972,14 +1046,17 @@ def upload(path: str | os.PathLike, repo_id: str, *, private: bool = False, lice
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         raise PrepareError(f"{path}: not a prepared folder (no {MANIFEST}); run `deepsynth prepare` first")
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    manifest = _read_own_manifest(path)
     if not manifest.get("complete"):
         raise PrepareError(f"{path}: the prepare run is not complete; run the same prepare command again to finish it")
-    files = sorted((path / DATA_DIR).glob("*.parquet"))
+    files = _shard_files(path, manifest)
     if not files:
         raise PrepareError(f"{path}: no Parquet shards under {DATA_DIR}/")
     card = build_dataset_card(manifest, license=license, repo_id=repo_id)
-    _atomic_write_text(path / "README.md", card)
+    if CARD not in manifest.setdefault("files", [REJECTED, SKIPPED]):
+        manifest["files"].append(CARD)  # recorded before it is written: a later --overwrite may remove it
+        _write_manifest(manifest_path, manifest)
+    write_text_atomic(path / CARD, card)
     token = token or get_token()
     if not token:
         raise PrepareError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")

@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
+
+from deepsynth.atomic import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -217,22 +218,6 @@ def _prepare_for_write(examples: Iterable[InstructionExample], path: Path) -> li
     return items
 
 
-def _atomic_write(path: Path, write_fn) -> None:
-    """Write to a temporary file beside ``path`` then rename, so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def _finish_read(
     items: list[tuple[str, InstructionExample]], path: Path, validate: bool
 ) -> list[InstructionExample]:
@@ -271,7 +256,7 @@ def write_jsonl(examples: Iterable[InstructionExample], path: str | os.PathLike)
                 f.write(json.dumps(ex.to_dict(), ensure_ascii=False))
                 f.write("\n")
 
-    _atomic_write(path, _write)
+    write_atomic(path, _write)
 
 
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
@@ -311,7 +296,7 @@ def write_json(examples: Iterable[InstructionExample], path: str | os.PathLike) 
             json.dump([ex.to_dict() for ex in items], f, ensure_ascii=False, indent=1)
             f.write("\n")
 
-    _atomic_write(path, _write)
+    write_atomic(path, _write)
 
 
 def read_json(path: str | os.PathLike, validate: bool = True) -> list[InstructionExample]:
@@ -359,7 +344,7 @@ def write_parquet(examples: Iterable[InstructionExample], path: str | os.PathLik
             columns[name].append(d[name])
         columns["meta"].append(json.dumps(d["meta"], ensure_ascii=False))
     table = pa.table(columns, schema=_parquet_schema())
-    _atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+    write_atomic(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def read_parquet(path: str | os.PathLike, validate: bool = True) -> list[InstructionExample]:
