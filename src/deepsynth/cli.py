@@ -52,21 +52,55 @@ def demo(
 @app.command()
 def train(
     recipe: Path = typer.Argument(..., exists=True, dir_okay=False, help="YAML recipe of TrainerConfig fields."),
-    train_file: Path = typer.Option(..., "--train", exists=True, help="Training examples (.jsonl/.json/.parquet)."),
-    eval_file: Optional[Path] = typer.Option(None, "--eval", exists=True, help="Evaluation examples."),
+    train_path: Path = typer.Option(
+        ..., "--train", exists=True,
+        help="Training examples: a .jsonl/.json/.parquet file, or a folder written by `deepsynth prepare` "
+             "(its rendered pages are used as they are)."),
+    eval_path: Optional[Path] = typer.Option(None, "--eval", exists=True,
+                                             help="Evaluation examples (same forms as --train)."),
+    overrides: Optional[list[str]] = typer.Option(
+        None, "--set", metavar="KEY=VALUE",
+        help="Override a recipe field, e.g. --set max_steps=5 --set use_lora=true (repeatable)."),
     output_dir: Optional[str] = typer.Option(None, help="Override the recipe's output_dir."),
     resume: Optional[str] = typer.Option(None, help="Checkpoint directory or 'latest'."),
 ) -> None:
-    """Train a model from a recipe on instruction examples."""
-    from deepsynth.data import read_examples
+    """Train a model from a recipe on instruction examples or prepared folders."""
+    from dataclasses import asdict
+
+    from deepsynth.data.instruction_dataset import open_examples
+    from deepsynth.data.pipeline import PrepareError
+    from deepsynth.render import RenderConfig
     from deepsynth.training.config import TrainerConfig
+    from deepsynth.training.overrides import parse_overrides
     from deepsynth.training.trainer import Trainer
 
-    overrides = {k: v for k, v in {"output_dir": output_dir, "resume_from_checkpoint": resume}.items() if v}
-    config = TrainerConfig.from_yaml(recipe, **overrides)
-    metrics, checkpoints = Trainer(config).train(read_examples(train_file),
-                                                 read_examples(eval_file) if eval_file else None)
-    typer.echo(json.dumps({"metrics": metrics, "checkpoints": checkpoints}, indent=2))
+    try:
+        fields = parse_overrides(overrides or [], TrainerConfig)
+        fields.update({k: v for k, v in {"output_dir": output_dir, "resume_from_checkpoint": resume}.items() if v})
+        config = TrainerConfig.from_yaml(recipe, **fields)
+        asked = RenderConfig.from_preset(config.render_preset)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="'RECIPE' / '--set'") from exc
+
+    def open_data(path: Path, option: str):
+        try:
+            return open_examples(path, asked, config.instruction_prompt)
+        except (ValueError, FileNotFoundError, PrepareError) as exc:
+            raise typer.BadParameter(str(exc), param_hint=f"'{option}'") from exc
+
+    train_dataset = open_data(train_path, "--train")
+    eval_dataset = open_data(eval_path, "--eval") if eval_path else None
+    if eval_dataset is not None and eval_dataset.render_config != train_dataset.render_config:
+        logging.getLogger(__name__).warning(
+            "--eval pages are drawn with %s but --train pages with %s: the scores are on pages unlike the "
+            "training ones", eval_dataset.render_config, train_dataset.render_config)
+    trainer = Trainer(config)
+    # Evaluation renders the examples itself: it must draw them as the training pages were drawn.
+    trainer.render_config = train_dataset.render_config
+    metrics, checkpoints = trainer.train(train_dataset,
+                                         eval_examples=eval_dataset.examples if eval_dataset is not None else None)
+    typer.echo(json.dumps({"metrics": metrics, "checkpoints": checkpoints,
+                           "render_config": asdict(train_dataset.render_config)}, indent=2))
 
 
 @app.command()

@@ -70,7 +70,7 @@ def stored_pages(folder: Path) -> dict[str, list[bytes]]:
 def test_prepared_folder_pages_are_used_as_they_are_and_its_config_reported(rendered, cache, caplog):
     with caplog.at_level(logging.WARNING, logger="deepsynth.data.instruction_dataset"):
         ds = open_examples(rendered, render_config=TINY, default_instruction="Answer.", cache_dir=cache)
-    assert ds.pre_rendered and len(ds) == 5
+    assert ds.pre_rendered and len(ds) == 5 and ds.source == str(rendered)
     assert ds.render_config == SMALL  # the folder's, not the asked tiny one
     # the mismatch is logged, naming both configs' differing fields
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -106,6 +106,7 @@ def test_examples_file_is_rendered_with_the_asked_config(tmp_path):
     write_jsonl([InstructionExample(id="a", text="The total is 42.", instruction="", answer="42")], path)
     ds = open_examples(path, render_config=TINY, default_instruction="What is the total?")
     assert isinstance(ds, InstructionDataset) and not ds.pre_rendered and ds.render_config == TINY
+    assert ds.source == str(path)
     item = ds[0]
     assert item["instruction"] == "What is the total?"
     assert [p.tobytes() for p in item["pages"]] == [p.image.tobytes() for p in render_text("The total is 42.", TINY)]
@@ -161,6 +162,6 @@ def test_clear_errors(tmp_path, rendered, cache):
     # a shard listed in the manifest but gone
     (unfinished / "manifest.json").write_text(json.dumps(m))
     sorted((unfinished / "data").glob("*.parquet"))[0].unlink()
-    with pytest.raises(ValueError, match="missing"):
+    with pytest.raises(P.PrepareError, match="missing"):
         open_examples(unfinished)
 

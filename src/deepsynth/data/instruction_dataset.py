@@ -94,6 +94,7 @@ class InstructionDataset(Dataset):
     default_instruction: used where an example's instruction is empty.
     pages:               optional pre-rendered pages, one entry per example (a list of PIL
                          images / PNG bytes / `datasets` image dicts); an empty entry is rendered.
+    source:              where the examples came from (a path), recorded with a model trained on them.
 
     ``pre_rendered`` tells whether pages come from ``pages`` rather than from rendering.
     """
@@ -104,6 +105,7 @@ class InstructionDataset(Dataset):
         render_config: RenderConfig | None = None,
         default_instruction: str = "",
         pages: Sequence[Any] | None = None,
+        source: str | None = None,
     ) -> None:
         for ex in examples:
             ex.validate()
@@ -114,6 +116,7 @@ class InstructionDataset(Dataset):
             raise ValueError(f"pages has {len(pages)} entries but there are {len(self.examples)} examples")
         self.pages = pages
         self.pre_rendered = pages is not None
+        self.source = source
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -157,8 +160,9 @@ def open_examples(path: str | os.PathLike, render_config: RenderConfig | None = 
 
     ``render_config`` is the config the caller's model reads (default `RenderConfig()`);
     ``default_instruction`` fills empty instructions. Raises ``FileNotFoundError`` for a missing
-    path and ``ValueError`` (naming the path and what to do) for a folder that is not a prepared
-    folder, an unfinished or empty one, or a file without examples."""
+    path, ``ValueError`` (naming the path and what to do) for a folder that is not a prepared
+    folder, an unfinished or empty one, or a file without examples, and
+    `deepsynth.data.pipeline.PrepareError` for shards its manifest lists but that are missing."""
     from deepsynth.data.schema import read_examples
 
     path = Path(path)
@@ -169,7 +173,7 @@ def open_examples(path: str | os.PathLike, render_config: RenderConfig | None = 
     examples = read_examples(path)
     if not examples:
         raise ValueError(f"{path}: the file holds no examples")
-    return InstructionDataset(examples, render_config, default_instruction)
+    return InstructionDataset(examples, render_config, default_instruction, source=str(path))
 
 
 def _is_prepared_shard(path: Path) -> bool:
@@ -206,7 +210,7 @@ def _open_prepared(path: Path, render_config: RenderConfig | None, default_instr
                    cache_dir: str | None) -> InstructionDataset:
     import datasets
 
-    from deepsynth.data.pipeline import DATA_DIR, MANIFEST
+    from deepsynth.data.pipeline import DATA_DIR, MANIFEST, _shard_files
 
     if path.is_dir():
         folder = path
@@ -217,15 +221,10 @@ def _open_prepared(path: Path, render_config: RenderConfig | None, default_instr
         if not manifest.get("complete"):
             raise ValueError(f"{folder}: `deepsynth prepare` has not finished writing this folder "
                              f"({MANIFEST} says complete=false); run the same prepare command again to finish it")
-        shards = manifest.get("shards")
-        if shards is None:  # a manifest without a shard list: every Parquet file under data/
+        if manifest.get("shards") is None:  # a manifest without a shard list: every Parquet file under data/
             files = sorted((folder / DATA_DIR).glob("*.parquet"))
         else:
-            files = [folder / s["file"] for s in shards if s.get("rows", 1)]
-            missing = [str(f) for f in files if not f.is_file()]
-            if missing:
-                raise ValueError(f"{folder}: shard(s) listed in {MANIFEST} are missing: {missing}; "
-                                 "run the prepare command again")
+            files = _shard_files(folder, manifest)
         if not files:
             raise ValueError(f"{folder}: the prepared folder holds no examples (its rejected.jsonl and "
                              "skipped.jsonl say why records were left out)")
@@ -253,7 +252,7 @@ def _open_prepared(path: Path, render_config: RenderConfig | None, default_instr
     column = next((c for c in IMAGE_COLUMNS if c in data.column_names), None)
     if column is None:
         # Not rendered: pages are drawn as they are read, with the config the caller's model reads.
-        return InstructionDataset(examples, render_config, default_instruction)
+        return InstructionDataset(examples, render_config, default_instruction, source=str(path))
     rendered = (manifest or {}).get("render")
     if rendered:
         drawn = RenderConfig(**rendered["config"])
@@ -268,7 +267,7 @@ def _open_prepared(path: Path, render_config: RenderConfig | None, default_instr
         logger.warning("%s: pre-rendered pages without a manifest.json saying how they were drawn; they are "
                        "used as they are and recorded as drawn with %s", path, drawn)
     pages = _ColumnPages(data, column, range(len(examples)))
-    return InstructionDataset(examples, drawn, default_instruction, pages=pages)
+    return InstructionDataset(examples, drawn, default_instruction, pages=pages, source=str(path))
 
 
 # --------------------------------------------------------------------------------------------
