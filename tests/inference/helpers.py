@@ -64,3 +64,38 @@ def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
     data[16:29] = ihdr
     data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr) & 0xFFFFFFFF)
     return bytes(data)
+
+
+def shared_stream_pdf(n_pages: int, stream: bytes, filters: tuple[str, ...] = ("FlateDecode",)) -> bytes:
+    """A PDF whose `n_pages` pages all draw one content stream (compressed with `filters`; only
+    FlateDecode is applied here, other filter names are declared as given)."""
+    objects: list[bytes] = []
+    content_id = 3 + n_pages
+    font_id = content_id + 1
+    kids = " ".join(f"{3 + i} 0 R" for i in range(n_pages))
+    objects.append(b"<< /Type /Catalog /Pages 2 0 R >>")
+    objects.append(f"<< /Type /Pages /Kids [{kids}] /Count {n_pages} >>".encode())
+    for _ in range(n_pages):
+        objects.append(f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents {content_id} 0 R "
+                       f"/Resources << /Font << /F1 {font_id} 0 R >> >> >>".encode())
+    data = zlib.compress(stream, 9) if "FlateDecode" in filters else stream
+    declared = ("/Filter [" + " ".join(f"/{f}" for f in filters) + "]").encode() if filters else b""
+    objects.append(b"<< /Length %d %s >>\nstream\n" % (len(data), declared) + data + b"\nendstream")
+    objects.append(b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>")
+    out = io.BytesIO()
+    out.write(b"%PDF-1.4\n")
+    offsets = []
+    for num, body in enumerate(objects, start=1):
+        offsets.append(out.tell())
+        out.write(b"%d 0 obj\n" % num + body + b"\nendobj\n")
+    xref = out.tell()
+    out.write(b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1))
+    for off in offsets:
+        out.write(b"%010d 00000 n \n" % off)
+    out.write(b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref))
+    return out.getvalue()
+
+
+def glyph_stream(n_glyphs: int) -> bytes:
+    """A content stream drawing `n_glyphs` one-glyph text runs (one page object each)."""
+    return b"BT /F1 1 Tf 10 10 Td " + b"(a) Tj " * n_glyphs + b"ET"
