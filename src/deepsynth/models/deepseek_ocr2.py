@@ -16,6 +16,8 @@ The model is `DeepseekOcr2ForConditionalGeneration` and its processor, loaded wi
 from __future__ import annotations
 
 import logging
+import math
+import re
 
 import torch
 from transformers import (
@@ -29,6 +31,7 @@ from transformers.models.deepseek_ocr2.image_processing_pil_deepseek_ocr2 import
 )
 from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import DeepseekOcr2VisionModel
 
+from deepsynth.models.backend import Backend
 from deepsynth.models.tokenizer import build_char_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -111,9 +114,10 @@ def tiny_processor(image_size: int = 256) -> DeepseekOcr2Processor:
     image_processor = DeepseekOcr2ImageProcessorPil(
         size={"height": image_size, "width": image_size}, tile_size=image_size, crop_to_patches=False
     )
-    return DeepseekOcr2Processor(
+    processor = DeepseekOcr2Processor(
         image_processor=image_processor, tokenizer=build_char_tokenizer(), patch_size=16, downsample_ratio=4
     )
+    return set_crop_mode(processor, "none")  # the processor class's default would cut crops anyway
 
 
 def build_tiny(seed: int = 0, image_size: int = 256) -> tuple[DeepseekOcr2ForConditionalGeneration, DeepseekOcr2Processor]:
@@ -151,3 +155,214 @@ def real_config() -> DeepseekOcr2Config:
     return DeepseekOcr2Config(
         vision_config={"sam_config": sam, "encoder_config": encoder}, text_config=text, image_token_id=128815
     )
+
+
+# ---- backend -----------------------------------------------------------------------------------
+CROP_MODES = ("none", "tiles")
+
+
+def set_crop_mode(processor: DeepseekOcr2Processor, crop_mode: str | None) -> None:
+    """Make the processor's crop mode explicit, so that the image-token count it writes into the
+    prompt always equals the features the model produces.
+
+    "none": one global view per page. The processor class's own default (`crop_to_patches=True`)
+    overrides the image processor's saved setting, so it is replaced on the instance; the global
+    view is drawn at `size`, and `tile_size` follows it (a smaller tile_size would shrink the view
+    while the token count still assumes `size`).
+    "tiles": the global view plus local crops of `tile_size` (the released checkpoint's mode).
+    None: leave the processor as it was saved.
+    """
+    if crop_mode is None:
+        return
+    if crop_mode not in CROP_MODES:
+        raise ValueError(f"crop_mode={crop_mode!r}: choose one of {CROP_MODES}")
+    image_processor = processor.image_processor
+    kwargs = dict(type(processor).images_kwargs)
+    if crop_mode == "none":
+        kwargs.update(crop_to_patches=False, tile_size=image_processor.size["height"])
+    else:
+        kwargs.update(crop_to_patches=True)
+    processor.images_kwargs = kwargs
+
+
+def load(path: str, dtype: torch.dtype | None = None):
+    """Backend loader: the native class and its processor, with the saved vision readout."""
+    from transformers import AutoProcessor
+
+    model = DeepseekOcr2ForConditionalGeneration.from_pretrained(path, dtype=dtype)
+    return apply_vision_readout(model), AutoProcessor.from_pretrained(path)
+
+
+def _build_tiny_preset(seed: int = 0):
+    model, processor = build_tiny(seed=seed)
+    set_crop_mode(processor, "none")
+    return model, processor
+
+
+BACKEND = Backend(
+    name="deepseek-ocr-2", model_types=("deepseek_ocr2",), load=load,
+    presets={"tiny": _build_tiny_preset}, aliases={"deepseek-ocr-2": CHECKPOINT},
+    prompt_layout="raw", render_preset="large", preset_render="tiny", encodes_pages=True,
+    configure_processor=set_crop_mode, default_crop_mode=None,
+)
+
+
+# ---- crop mode, image tokens, LoRA on the routed experts, parameter groups ---------------------
+# (used by peft_utils, memory and the real-size check; the backend exposes them)
+CROP_MODES = ("none", "tiles")
+# The released processor's image settings (`DeepseekOcr2ImageProcessorPil()` defaults): a 1024 px
+# global view, and local crops of 768 px, 2 to 6 of them, for pages larger than a crop.
+REAL_PAGE_SIZE = 1024
+REAL_TILE_SIZE = 768
+REAL_MIN_PATCHES, REAL_MAX_PATCHES = 2, 6
+
+
+def set_crop_mode(processor, mode: str | None = None, tile_size: int | None = None):
+    """Make the processor's crop mode explicit and honoured at call time; returns the processor.
+
+    mode "none": one global view per page at the processor's `size`; the image-token count is the
+    features the model produces (size / 64 squared + 1). "tiles": the global view plus local crops of
+    `tile_size` (default: 768 px for 1024 px pages as released, else the page size). None: the mode
+    saved in the image processor's config (`crop_to_patches`), i.e. what `save_pretrained` wrote.
+
+    Why both places: `DeepseekOcr2Processor.images_kwargs` (a class attribute) passes
+    crop_to_patches=True at every call, overriding the image processor's own setting, so a saved
+    `crop_to_patches: false` is ignored after a reload. And with crops off the image processor
+    resizes the global view to `tile_size` while the processor counts tokens for `size`, so "none"
+    also sets tile_size = size.
+    """
+    image_processor = processor.image_processor
+    if mode is None:
+        mode = crop_mode_of(processor)
+    if mode not in CROP_MODES:
+        raise ValueError(f"crop mode must be one of {CROP_MODES}, got {mode!r}")
+    side = image_processor.size["height"]
+    if mode == "none":
+        image_processor.crop_to_patches = False
+        image_processor.tile_size = side
+    else:
+        if type(processor).__name__ == "DeepseekOcrV1Processor":
+            raise ValueError("crop mode 'tiles': DeepSeek-OCR v1 (the port) reads one global view per page; "
+                             "use crop mode 'none'")
+        tile = tile_size or (REAL_TILE_SIZE if side == REAL_PAGE_SIZE else side)
+        if not 64 <= tile <= side:
+            raise ValueError(f"tile_size={tile} must be in [64, {side}] (the page size)")
+        image_processor.crop_to_patches = True
+        image_processor.tile_size = tile
+    # An instance attribute shadows the class default for this processor only.
+    processor.images_kwargs = {"crop_to_patches": mode == "tiles", "min_patches": image_processor.min_patches,
+                               "max_patches": image_processor.max_patches}
+    return processor
+
+
+def crop_mode_of(processor) -> str:
+    """The crop mode stated by the image processor's own settings ("tiles" or "none")."""
+    return "tiles" if processor.image_processor.crop_to_patches else "none"
+
+
+def _image_settings(config_or_processor, crop_mode: str) -> dict:
+    """Page size, tile size, crop limits, token geometry and v1's row newlines, from a processor or
+    (for estimates without one) from a config: the released settings at 1024 px, else one view of
+    the SAM input size."""
+    if hasattr(config_or_processor, "image_processor"):
+        ip = config_or_processor.image_processor
+        side = ip.size["height"]
+        tile = ip.tile_size if crop_mode == "tiles" else side
+        if crop_mode == "tiles" and tile >= side and side == REAL_PAGE_SIZE:
+            tile = REAL_TILE_SIZE
+        return dict(side=side, tile=tile, min_patches=ip.min_patches, max_patches=ip.max_patches,
+                    cell=config_or_processor.patch_size * config_or_processor.downsample_ratio,
+                    newlines=type(config_or_processor).__name__ == "DeepseekOcrV1Processor")
+    config = config_or_processor
+    v1 = config.model_type == "deepseek_ocr_v1"
+    sam = config.sam_config if v1 else config.vision_config.sam_config
+    side = sam.image_size
+    tile = (REAL_TILE_SIZE if side == REAL_PAGE_SIZE else side) if crop_mode == "tiles" else side
+    return dict(side=side, tile=tile, min_patches=REAL_MIN_PATCHES, max_patches=REAL_MAX_PATCHES,
+                cell=sam.patch_size * 4, newlines=v1)
+
+
+def local_crops(width: int, height: int, tile: int, min_patches: int = REAL_MIN_PATCHES,
+                max_patches: int = REAL_MAX_PATCHES) -> int:
+    """Local crops the image processor cuts from a width x height page (0 when it fits one tile)."""
+    from transformers.models.deepseek_ocr2.image_processing_pil_deepseek_ocr2 import get_optimal_tiled_canvas
+
+    if max(width, height) <= tile:
+        return 0
+    columns, rows = get_optimal_tiled_canvas((height, width), (tile, tile), min_patches, max_patches)
+    return columns * rows
+
+
+def image_tokens(config_or_processor, width: int, height: int, crop_mode: str = "none") -> int:
+    """Image tokens of one width x height page in `crop_mode`: the global view's grid, each local
+    crop's grid, and the view separator (v1: plus a newline token per grid row, no crops)."""
+    if crop_mode not in CROP_MODES:
+        raise ValueError(f"crop mode must be one of {CROP_MODES}, got {crop_mode!r}")
+    if width < 1 or height < 1:
+        raise ValueError(f"page size must be positive, got {width} x {height}")
+    s = _image_settings(config_or_processor, crop_mode)
+    if s["newlines"]:
+        if crop_mode == "tiles":
+            raise ValueError("crop mode 'tiles': DeepSeek-OCR v1 (the port) reads one global view per page")
+        q = math.ceil(s["side"] / s["cell"])
+        return q * (q + 1) + 1
+    crops = local_crops(width, height, s["tile"], s["min_patches"], s["max_patches"]) if crop_mode == "tiles" else 0
+    return math.ceil(s["side"] / s["cell"]) ** 2 + crops * math.ceil(s["tile"] / s["cell"]) ** 2 + 1
+
+
+def vision_views(config_or_processor, width: int, height: int, crop_mode: str = "none") -> list[int]:
+    """Side in pixels of every view the vision tower encodes for one page (global first, then crops)."""
+    s = _image_settings(config_or_processor, crop_mode)
+    crops = local_crops(width, height, s["tile"], s["min_patches"], s["max_patches"]) if crop_mode == "tiles" else 0
+    return [s["side"]] + [s["tile"]] * crops
+
+
+# The routed experts are fused 3-D parameters of `DeepseekOcr2TextExperts` (not nn.Linear), so peft
+# reaches them through `target_parameters` (suffix match on the parameter name).
+EXPERT_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+
+
+def lora_expert_parameters(model: torch.nn.Module) -> list[str]:
+    """peft `target_parameters` for the decoder's routed experts; [] for a dense decoder."""
+    names = {n.replace(".base_layer", "") for n, p in model.named_parameters() if p.ndim == 3}
+    return [target for target in EXPERT_PARAMETERS if any(n.endswith("." + target) for n in names)]
+
+
+_GROUP_PATTERNS = (  # first match wins; names may carry peft's prefixes and `base_layer` / `lora_A` parts
+    ("vision", re.compile(r"(^|\.)vision_tower\.")),
+    ("projector", re.compile(r"(^|\.)(multi_modal_projector\.|view_separator$|image_newline$)")),
+    ("embeddings", re.compile(r"(^|\.)(embed_tokens\.|lm_head\.)")),
+    ("routed_experts", re.compile(r"\.mlp\.experts\.")),
+    ("shared_experts", re.compile(r"\.mlp\.shared_experts\.")),
+    ("router", re.compile(r"\.mlp\.gate\.weight$")),
+    ("attention", re.compile(r"\.self_attn\.")),
+    ("dense_mlp", re.compile(r"\.mlp\.")),
+    ("norms", re.compile(r"(layernorm|\.norm)\.weight$")),
+)
+
+
+def parameter_group(name: str) -> str:
+    """The report group of a parameter: attention, dense_mlp, shared_experts, routed_experts,
+    router, vision, projector, embeddings, norms, or other (text encoder, ...)."""
+    for group, pattern in _GROUP_PATTERNS:
+        if pattern.search(name):
+            return group
+    return "other"
+
+
+def build_tiny_moe(seed: int = 0, n_experts: int = 4, image_size: int = 256):
+    """The tiny preset with routed experts: decoder layers dense, sparse, sparse; `n_experts` routed
+    experts (top-2, one shared), for tests of LoRA on the experts. Returns (model, processor)."""
+    processor = tiny_processor(image_size)
+    tok = processor.tokenizer
+    config = tiny_config(
+        vocab_size=len(tok), image_token_id=processor.image_token_id, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, image_size=image_size,
+    )
+    config.text_config.mlp_layer_types = ["dense", "sparse", "sparse"]
+    config.text_config.n_routed_experts = n_experts
+    torch.manual_seed(seed)
+    model = apply_vision_readout(DeepseekOcr2ForConditionalGeneration(config))
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    return model, set_crop_mode(processor, "none")

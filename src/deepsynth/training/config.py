@@ -24,8 +24,13 @@ class TrainerConfig:
     # Optimizer steps to run; None = num_epochs worth.
     max_steps: int | None = None
     # Wall-clock budget in minutes; training stops (and saves) when it is spent. None = no limit.
-    # Without max_steps, the linear/cosine decay runs over this budget (elapsed share of it).
+    # Without max_steps (and schedule_steps), the linear/cosine decay runs over this budget (elapsed
+    # share of it, by the trainer's clock).
     max_minutes: float | None = None
+    # Steps the warm-up + linear/cosine decay span; None = the run's length (max_steps or num_epochs,
+    # else the max_minutes budget). Set it to keep a fixed schedule in a run that may stop earlier
+    # (the reader's time-budgeted phases).
+    schedule_steps: int | None = None
     # Peak learning rate of AdamW.
     learning_rate: float = 2e-4
     # Final learning rate of the linear/cosine decay, as a fraction of learning_rate.
@@ -54,6 +59,10 @@ class TrainerConfig:
     lora_alpha: int = 32
     # LoRA dropout.
     lora_dropout: float = 0.05
+    # LoRA on the routed experts of MoE decoders too (DeepSeek-OCR-2 / v1: fused 3-D expert parameters,
+    # reached through peft `target_parameters`; most of the adapter parameters, docs/memory.md).
+    # False: attention, dense MLP and shared experts only. No effect on dense decoders.
+    lora_experts: bool = True
     # QLoRA: LoRA adapters on a 4-bit (bitsandbytes NF4) decoder; needs use_lora and a CUDA GPU.
     use_qlora: bool = False
     # Recompute activations in the backward pass: less memory, about 30% more compute.
@@ -79,8 +88,9 @@ class TrainerConfig:
     eval_interval: int = 0
     # Number of eval examples used at each periodic evaluation (0 = all).
     eval_samples: int = 0
-    # Max tokens generated per answer during evaluation.
-    eval_max_new_tokens: int = 32
+    # Max tokens generated per answer during evaluation; None = the model's decoding default
+    # (what `ask` and `serve` use), so that reported scores are scores of served answers.
+    eval_max_new_tokens: int | None = None
     # Save a checkpoint every N optimizer steps (0 = only at the end).
     save_interval: int = 0
     # Checkpoints kept on disk (oldest deleted first).
@@ -103,6 +113,7 @@ class TrainerConfig:
         check("num_epochs", self.num_epochs >= 1, ">= 1")
         check("max_steps", self.max_steps is None or self.max_steps >= 1, ">= 1 or None")
         check("max_minutes", self.max_minutes is None or self.max_minutes > 0, "> 0 or None")
+        check("schedule_steps", self.schedule_steps is None or self.schedule_steps >= 1, ">= 1 or None")
         check("learning_rate", 0 < self.learning_rate < 1, "in (0, 1)")
         check("projection_learning_rate",
               self.projection_learning_rate is None or 0 < self.projection_learning_rate < 1, "in (0, 1) or None")

@@ -15,12 +15,16 @@ Idefics3 / SmolVLM model.vision_model          model.connector                mo
 =================  ==========================  =============================  ==========================
 
 LoRA goes on the decoder's attention and MLP projections (q/k/v/o, gate/up/down, and DeepSeek's
-MLA projections when present). DeepSeek-V2's routed experts are fused 3-D parameters, not
-`nn.Linear` modules, so they are left out; its shared experts and dense MLP get adapters.
+MLA projections when present) through peft `target_modules`. The DeepSeek decoders' routed
+experts are fused 3-D parameters, not `nn.Linear` modules; `target_modules` cannot reach them, so
+they get adapters through peft `target_parameters` (on by default, `TrainerConfig.lora_experts`).
+Which parameters those are, and how parameters are grouped in the report, is family knowledge:
+it comes from the family module (`FAMILY_MODULES`), not from this file.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import re
@@ -96,27 +100,163 @@ def lora_target_modules(model: nn.Module) -> str:
     return "^(?:" + "|".join(patterns) + ")$"
 
 
+# ---- family knowledge, looked up by model_type ---------------------------------------------------
+# model_type -> the family module that knows its fused expert parameters (`lora_expert_parameters`)
+# and its parameter groups (`parameter_group`). DeepSeek-OCR v1's port reuses DeepSeek-OCR-2's decoder
+# classes, so the same functions serve it.
+FAMILY_MODULES = {
+    "deepseek_ocr2": "deepsynth.models.deepseek_ocr2",
+    "deepseek_ocr_v1": "deepsynth.models.deepseek_ocr2",
+}
+
+
+def model_type_of(model: nn.Module) -> str | None:
+    """`config.model_type` of the model, seen through peft and soft-prompt wrappers."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type in FAMILY_MODULES:
+        return model_type
+    for module in model.modules():  # a wrapper whose own config is not the VLM's
+        inner = getattr(getattr(module, "config", None), "model_type", None)
+        if inner in FAMILY_MODULES:
+            return inner
+    return model_type
+
+
+def family_module(model: nn.Module):
+    """The family module of this model (see FAMILY_MODULES), or None for families without one."""
+    name = FAMILY_MODULES.get(model_type_of(model))
+    return importlib.import_module(name) if name else None
+
+
+def lora_target_parameters(model: nn.Module, experts: bool = True) -> list[str]:
+    """peft `target_parameters` for this backbone: its fused routed-expert parameters when `experts`
+    (empty for dense decoders and families that keep every target in nn.Linear)."""
+    family = family_module(model)
+    if not experts or family is None or not hasattr(family, "lora_expert_parameters"):
+        return []
+    return list(family.lora_expert_parameters(model))
+
+
 def lora_config(model: nn.Module, config) -> "LoraConfig":  # noqa: F821 (peft imported lazily)
-    """peft LoraConfig from TrainerConfig's lora_rank / lora_alpha / lora_dropout and this backbone's targets."""
+    """peft LoraConfig from TrainerConfig's lora_rank / lora_alpha / lora_dropout / lora_experts and
+    this backbone's targets.
+
+    With expert targets the config's dropout is 0: peft's LoRA on a bare parameter (`ParamWrapper`)
+    has no dropout (it refuses one). `apply_lora` puts lora_dropout back on the nn.Linear adapters.
+    """
     from peft import LoraConfig
 
-    return LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=lora_target_modules(model))
+    experts = lora_target_parameters(model, getattr(config, "lora_experts", True))
+    return LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha,
+                      lora_dropout=0.0 if experts else config.lora_dropout,
+                      target_modules=lora_target_modules(model), target_parameters=experts or None)
+
+
+def apply_lora(model: nn.Module, config) -> nn.Module:
+    """`get_peft_model` with `lora_config(model, config)`; when the experts are adapted (no dropout
+    possible there), the nn.Linear adapters still get `config.lora_dropout`."""
+    from peft import get_peft_model
+    from peft.tuners.lora import Linear as LoraLinear
+
+    peft_config = lora_config(model, config)
+    wrapped = get_peft_model(model, peft_config)
+    if peft_config.target_parameters and config.lora_dropout > 0:
+        restored = 0
+        for module in wrapped.modules():
+            if isinstance(module, LoraLinear):
+                for adapter in module.lora_dropout:
+                    module.lora_dropout[adapter] = nn.Dropout(p=config.lora_dropout)
+                    restored += 1
+        logger.info("LoRA on %s: dropout %.3g on the %d nn.Linear adapters, none on the expert parameters "
+                    "(peft cannot drop out inside a fused parameter)",
+                    peft_config.target_parameters, config.lora_dropout, restored)
+    return wrapped
+
+
+_ADAPTER_WEIGHT = re.compile(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)(?=\.|$)")
+
+
+def load_adapters(model: nn.Module, adapter_dir: str | os.PathLike, adapter_name: str = "default",
+                  is_trainable: bool = False) -> nn.Module:
+    """`model` with the LoRA adapters saved by peft's `save_pretrained` in `adapter_dir` (a PeftModel).
+
+    Same result as `PeftModel.from_pretrained`, which on transformers 5 drops every adapter weight of
+    a DeepSeek-OCR-2 model: peft runs the adapter keys through transformers' checkpoint-conversion
+    renames, and the deepseek_ocr2 rename `(^|model\\.)layers\\.` -> `language_model.layers.` also
+    matches the already-converted `language_model.layers.` (the keys become
+    `language_model.language_model.layers...`, all missing, the adapters stay at their initial
+    values). Here the adapters are built from adapter_config.json and the saved tensors are loaded
+    by name; a missing or unexpected adapter tensor is an error.
+    """
+    from peft import PeftConfig, PeftModel
+    from safetensors.torch import load_file
+
+    directory = Path(adapter_dir)
+    weights = directory / "adapter_model.safetensors"
+    if not (directory / "adapter_config.json").is_file() or not weights.is_file():
+        raise FileNotFoundError(f"{directory} is not a peft adapter directory (needs adapter_config.json and "
+                                "adapter_model.safetensors)")
+    config = PeftConfig.from_pretrained(str(directory))
+    config.inference_mode = not is_trainable
+    wrapped = PeftModel(model, config, adapter_name=adapter_name)
+    saved = {_ADAPTER_WEIGHT.sub(lambda m: f".{m.group(1)}.{adapter_name}", key): value
+             for key, value in load_file(str(weights)).items()}
+    expected = {n for n, _ in wrapped.named_parameters() if f".{adapter_name}." in n and "lora_" in n}
+    missing, unexpected = sorted(expected - set(saved)), sorted(set(saved) - expected)
+    if missing or unexpected:
+        raise ValueError(f"{directory}: adapter tensors do not match the model ({len(missing)} missing, e.g. "
+                         f"{missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]}); was it saved "
+                         "from this architecture with the same LoRA targets?")
+    wrapped.load_state_dict(saved, strict=False)
+    if is_trainable:
+        for name, param in wrapped.named_parameters():
+            param.requires_grad_(name in expected)
+    return wrapped
 
 
 # ---- report ------------------------------------------------------------------------------------
+REPORT_GROUPS = ("attention", "dense_mlp", "shared_experts", "routed_experts", "router", "vision", "projector",
+                 "embeddings", "norms", "other")
+_GENERIC_GROUPS = (  # transformers' usual names, for families without their own `parameter_group`
+    ("vision", re.compile(r"(^|\.)(vision_tower|visual|vision_model|vision_encoder|image_encoder)\.")),
+    ("projector", re.compile(r"(^|\.)(multi_modal_projector|connector|merger)\.")),
+    ("embeddings", re.compile(r"(^|\.)(embed_tokens|lm_head|wte|wpe)\.")),
+    ("routed_experts", re.compile(r"\.experts\.")),
+    ("shared_experts", re.compile(r"\.shared_experts?\.")),
+    ("attention", re.compile(r"\.(self_attn|attention|attn)\.")),
+    ("dense_mlp", re.compile(r"\.(mlp|feed_forward)\.")),
+    ("norms", re.compile(r"norm")),
+)
+
+
+def generic_parameter_group(name: str) -> str:
+    """Report group of a parameter by transformers' usual module names."""
+    for group, pattern in _GENERIC_GROUPS:
+        if pattern.search(name):
+            return group
+    return "other"
+
+
 def trainable_parameter_report(model: nn.Module) -> dict:
-    """Trainable and total parameter counts, overall and per part (vision / decoder / lora / other).
+    """Trainable and total parameter counts: overall, per part (vision / decoder / lora / other), and
+    per group (attention, dense MLP, shared experts, routed experts, router, vision, projector,
+    embeddings, norms, other), where a LoRA adapter counts in the group of the weight it adapts and
+    `lora` says how many of a group's parameters are adapters.
 
     4-bit parameters (bitsandbytes packs two values per byte) are counted by their logical size.
     """
     vision = _named(model, VISION_TOWER_NAMES)
     decoder = _named(model, DECODER_NAMES)
+    family = family_module(model)
+    group_of = getattr(family, "parameter_group", None) or generic_parameter_group
     parts: dict[str, dict[str, int]] = {}
+    groups: dict[str, dict[str, int]] = {}
     total = trainable = 0
     for name, param in model.named_parameters():
         n = param.numel() * (2 if getattr(param, "quant_type", None) in ("nf4", "fp4") else 1)
-        if "lora_" in name:
+        is_lora = "lora_" in name
+        if is_lora:
             part = "lora"
         elif vision and name.startswith(vision[0] + "."):
             part = "vision"
@@ -124,20 +264,29 @@ def trainable_parameter_report(model: nn.Module) -> dict:
             part = "decoder"
         else:
             part = "other"  # projector, lm_head, text encoder, ...
-        entry = parts.setdefault(part, {"trainable": 0, "total": 0})
-        entry["total"] += n
+        entries = (parts.setdefault(part, {"trainable": 0, "total": 0}),
+                   groups.setdefault(group_of(name), {"trainable": 0, "total": 0, "lora": 0}))
         total += n
+        for entry in entries:
+            entry["total"] += n
+            if param.requires_grad:
+                entry["trainable"] += n
+        entries[1]["lora"] += n if is_lora else 0
         if param.requires_grad:
-            entry["trainable"] += n
             trainable += n
+    order = {g: i for i, g in enumerate(REPORT_GROUPS)}
+    groups = dict(sorted(groups.items(), key=lambda kv: order.get(kv[0], len(order))))
     return {"trainable": trainable, "total": total, "percent": round(100 * trainable / max(total, 1), 4),
-            "parts": parts}
+            "parts": parts, "groups": groups}
 
 
 def format_report(report: dict) -> str:
-    lines = [f"trainable parameters: {report['trainable']:,} of {report['total']:,} ({report['percent']:.2f}%)"]
-    for part, entry in sorted(report["parts"].items()):
-        lines.append(f"  {part:<8} {entry['trainable']:>14,} trainable of {entry['total']:>14,}")
+    """The report as text: one line overall, then one per group (LoRA adapters counted in the group
+    they adapt)."""
+    lines = [f"trainable parameters: {report['trainable']:,} of {report['total']:,} ({report['percent']:.2f}%)",
+             f"  {'group':<15} {'trainable':>14} {'of which LoRA':>14} {'total':>15}"]
+    for group, entry in report["groups"].items():
+        lines.append(f"  {group:<15} {entry['trainable']:>14,} {entry['lora']:>14,} {entry['total']:>15,}")
     return "\n".join(lines)
 
 

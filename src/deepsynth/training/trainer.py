@@ -1,33 +1,41 @@
 """One trainer for every backbone and method: setup -> fit -> validate, on accelerate.
 
-Full fine-tuning, frozen vision and LoRA are options of the same loop. Each checkpoint is a
+Full fine-tuning, frozen vision and LoRA are options of the same loop; so is a curriculum (the
+tiny reader's pre-training, `deepsynth.training.reader_pretrain`): an endless `IterableDataset` of
+generated examples plus a `TrainerCallback` that gates its stages. Each checkpoint is a
 `save_pretrained` directory (so evaluation and serving load it like any model) plus accelerate's
-state (optimizer, scheduler, RNG) and `trainer_state.json` (step, epoch, position in the epoch),
-written to a temporary directory and renamed into place, so a crash never leaves half a checkpoint.
+state (optimizer, scheduler, RNG) and `trainer_state.json` (step, epoch, position in the epoch or
+in the stream, callback states), written through `deepsynth.atomic.atomic_dir` (fsync, then
+rename), so a crash, even SIGKILL, never leaves half a checkpoint; temporary folders of a killed
+run are removed when the next run starts. Time (the `max_minutes` budget, the LR decay over it,
+callbacks' timers) is read from an injectable clock, so tests do not depend on the machine's speed.
+Every log record carries tokens/s and peak memory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import shutil
+import sys
 import time
-from collections.abc import Sequence
-from dataclasses import asdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
-from torch.utils.data import DataLoader, Dataset, Sampler
+from accelerate.utils import broadcast_object_list, set_seed
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from tqdm.auto import tqdm
 
+from deepsynth.atomic import atomic_dir, clean_stale_temps
 from deepsynth.data.instruction_dataset import InstructionDataset
 from deepsynth.data.schema import InstructionExample
 from deepsynth.evaluation.run import evaluate_examples
-from deepsynth.models import Collator, load_model
-from deepsynth.models.generate import GenerationSettings
+from deepsynth.models.bundle import ModelSpec, load_bundle, make_collator, make_decoder, save_bundle, spec_of_loaded
 from deepsynth.models.text_encoder import SoftPromptModel, TextEncoderModule
 from deepsynth.render import RenderConfig
 from deepsynth.training import peft_utils
@@ -44,13 +52,16 @@ class TrainingDiverged(RuntimeError):
 
 class EpochSampler(Sampler[int]):
     """Shuffles with a permutation derived from (seed, epoch) only, so that a resumed run sees
-    exactly the batches the interrupted run would have seen."""
+    exactly the batches the interrupted run would have seen, in any epoch.
+
+    The trainer sets `epoch` itself. The sampler deliberately has no `set_epoch`: accelerate's
+    prepared loader calls that at every pass with its own pass count, which starts again at 0 in
+    a resumed process, so a run resumed in epoch 2 would replay epoch 0's order.
+    """
 
     def __init__(self, n: int, seed: int) -> None:
-        self.n, self.seed, self.epoch = n, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.n, self.seed = n, seed
+        self.epoch = 0  # the trainer's epoch; picks the permutation
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
@@ -60,10 +71,10 @@ class EpochSampler(Sampler[int]):
         return self.n
 
 
-def lr_lambda(config: TrainerConfig, total_steps: int, time_progress=None):
-    """LR factor per step: warmup, then constant / linear / cosine decay over the run. A run bounded
-    by minutes alone has no step total, so `time_progress()` (the spent share of the budget) drives
-    the decay instead."""
+def lr_lambda(config: TrainerConfig, schedule_steps: float, time_progress=None):
+    """LR factor per step: warmup, then constant / linear / cosine decay over `schedule_steps`. A run
+    bounded by minutes alone has no step total, so `time_progress()` (the spent share of the
+    budget) drives the decay instead."""
     def factor(step: int) -> float:
         if step < config.warmup_steps:
             return (step + 1) / config.warmup_steps
@@ -72,13 +83,59 @@ def lr_lambda(config: TrainerConfig, total_steps: int, time_progress=None):
         if time_progress is not None:
             progress = time_progress()
         else:
-            progress = min(1.0, (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps))
+            progress = min(1.0, (step - config.warmup_steps) / max(1, schedule_steps - config.warmup_steps))
         lo = config.min_lr_ratio
         if config.lr_scheduler == "linear":
             return 1.0 - (1.0 - lo) * progress
         return lo + 0.5 * (1.0 - lo) * (1.0 + math.cos(math.pi * progress))
 
     return factor
+
+
+@dataclass
+class StepControl:
+    """What callbacks ask of the trainer at the end of an optimizer step (in a multi-process run,
+    the main process's answer holds on every rank)."""
+
+    log: bool = False  # write this step's record even off the log interval
+    save: bool = False  # write a checkpoint after this step
+    stop: str | None = None  # end training after this step; the reason becomes metrics["stopped"]
+
+
+class TrainerCallback:
+    """Hooks into `Trainer.train`; override what you need. A callback's `state_dict()` is saved in
+    every checkpoint and handed back to `load_state_dict()` on resume, so a curriculum or any
+    other schedule continues where it was."""
+
+    def on_train_begin(self, trainer: "Trainer") -> None:
+        """After the model is prepared and a checkpoint (if any) is restored, before the first batch."""
+
+    def on_batch_end(self, trainer: "Trainer", batch: dict, outputs) -> None:
+        """After the backward pass of every micro-batch (`outputs` holds loss and logits)."""
+
+    def on_step_end(self, trainer: "Trainer", step: int, record: dict, control: StepControl) -> None:
+        """After optimizer step `step` (1-based). Fields added to `record` go into its log line."""
+
+    def on_train_end(self, trainer: "Trainer", metrics: dict) -> None:
+        """After the last step, before the final checkpoint and model are written."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned (JSON round trip: tuples come back as lists)."""
+
+
+def peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    """(peak memory in MiB, what was measured): the CUDA caching allocator's max allocated bytes on
+    `device` when training on CUDA, the process's peak resident set size otherwise."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # ru_maxrss is in bytes on macOS and in KiB on Linux.
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024, "process_peak_rss"
 
 
 def build_optimizer(model, config: TrainerConfig) -> torch.optim.AdamW:
@@ -108,9 +165,7 @@ def apply_training_options(model, config: TrainerConfig):
     if config.use_qlora:
         model = peft_utils.prepare_for_kbit_training(model, config.gradient_checkpointing)
     if config.use_lora:
-        from peft import get_peft_model
-
-        model = get_peft_model(model, peft_utils.lora_config(model, config))
+        model = peft_utils.apply_lora(model, config)
     if config.use_text_encoder:
         encoder = TextEncoderModule(config.text_encoder_model, trainable=config.text_encoder_trainable)
         model = SoftPromptModel(model, encoder, use_projection=config.use_text_projection)
@@ -119,10 +174,18 @@ def apply_training_options(model, config: TrainerConfig):
 
 
 class Trainer:
-    """Trains a model on instruction examples. `train()` returns (metrics, checkpoint paths)."""
+    """Trains a model on instruction examples. `train()` returns (metrics, checkpoint paths).
 
-    def __init__(self, config: TrainerConfig, model=None, processor=None) -> None:
+    clock:     seconds as a float (default `time.monotonic`); drives the `max_minutes` budget, the
+               LR decay over it and callbacks' timers. Tests pass a fake one.
+    callbacks: `TrainerCallback`s (e.g. a curriculum's stage gate), called in order.
+    """
+
+    def __init__(self, config: TrainerConfig, model=None, processor=None, *,
+                 clock: Callable[[], float] = time.monotonic, callbacks: Sequence[TrainerCallback] = ()) -> None:
         self.config = config
+        self.clock = clock
+        self.callbacks = list(callbacks)
         self.out = Path(config.output_dir)
         trackers = [t for t in config.report_to if _tracker_available(t)]
         self.accelerator = Accelerator(
@@ -133,12 +196,18 @@ class Trainer:
         )
         set_seed(config.seed)
         if model is None:
-            model, processor = load_model(config.model_name, seed=config.seed)
+            model, processor, self.base_spec = load_bundle(config.model_name, seed=config.seed)
+        elif processor is not None:
+            self.base_spec = spec_of_loaded(model, processor)
         if processor is None:
             raise ValueError("a processor is needed when a model object is passed")
         self.processor = processor
         self.model = apply_training_options(model, config)
         self.render_config = RenderConfig.from_preset(config.render_preset)
+        # What the model read in training; a prepared folder's pages may differ from the recipe's preset.
+        self.data_render_config = self.render_config
+        self.training_data: dict | None = None
+        self.evaluation: dict = {}
         self.checkpoints: list[str] = []
 
     # ---- setup -------------------------------------------------------------------------------
@@ -147,64 +216,131 @@ class Trainer:
             return data
         return InstructionDataset(list(data), self.render_config, self.config.instruction_prompt)
 
+    def _note_training_data(self, dataset: Dataset) -> None:
+        self.data_render_config = getattr(dataset, "render_config", None) or self.render_config
+        self.training_data = {"train": getattr(dataset, "source", None) or type(dataset).__name__,
+                              "examples": None if isinstance(dataset, IterableDataset) else len(dataset),
+                              "pages": "prepared" if getattr(dataset, "prerendered", False) else "rendered"}
+
+    def spec(self) -> ModelSpec:
+        """The bundle of the model this run writes: what it read, how it is prompted and decoded."""
+        cfg = self.config
+        return ModelSpec(
+            backend=self.base_spec.backend, render=asdict(self.data_render_config), crop_mode=self.base_spec.crop_mode,
+            prompt_layout=self.base_spec.prompt_layout, default_instruction=cfg.instruction_prompt,
+            loop_guard=self.base_spec.loop_guard, base_model=cfg.model_name, base_seed=cfg.seed,
+            training=asdict(cfg), training_data=self.training_data, evaluation=dict(self.evaluation))
+
     # ---- fit ---------------------------------------------------------------------------------
     def train(self, train_data, eval_examples: Sequence[InstructionExample] | None = None) -> tuple[dict, list[str]]:
+        """Fit on `train_data`: examples or their dicts, a map-style `Dataset`, or a stream.
+
+        A stream is an `IterableDataset` (e.g. generated curriculum examples). It has no length, so
+        max_steps or max_minutes must bound the run. To be resumable it provides `state_at(n)` (its
+        state before the n-th example it produced; accelerate's loader draws one batch ahead, so
+        this is not its current state) and `load_state_dict(state)`.
+        """
         cfg, acc = self.config, self.accelerator
         dataset = self._dataset(train_data)
-        if len(dataset) == 0:
-            raise ValueError("the training set is empty")
-        sampler = EpochSampler(len(dataset), cfg.seed)
-        loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler,
-                            collate_fn=Collator.for_model(self.model, self.processor, cfg.max_length),
-                            num_workers=cfg.num_workers)
-        steps_per_epoch = max(1, len(loader) // cfg.gradient_accumulation_steps)
-        total_steps = cfg.max_steps or cfg.num_epochs * steps_per_epoch
+        stream = isinstance(dataset, IterableDataset)
+        self._note_training_data(dataset)
+        collate = make_collator(self.model, self.processor, self.base_spec, cfg.max_length)
+        if stream:
+            if not (cfg.max_steps or cfg.max_minutes):
+                raise ValueError("a streamed training set (IterableDataset) has no end: set max_steps or max_minutes")
+            if cfg.num_workers:
+                raise ValueError(f"TrainerConfig.num_workers={cfg.num_workers} is invalid with a streamed training set: "
+                                 "must be 0 (the stream is drawn in the training process, where its state is saved)")
+            sampler = None
+            loader = DataLoader(dataset, batch_size=cfg.batch_size, collate_fn=collate)
+            total_steps = cfg.max_steps or math.inf
+        else:
+            if len(dataset) == 0:
+                raise ValueError("the training set is empty")
+            sampler = EpochSampler(len(dataset), cfg.seed)
+            loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate,
+                                num_workers=cfg.num_workers)
+            steps_per_epoch = max(1, len(loader) // cfg.gradient_accumulation_steps)
+            total_steps = cfg.max_steps or cfg.num_epochs * steps_per_epoch
+        self._stream = dataset if stream else None
         optimizer = build_optimizer(self.model, cfg)
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        clock = {"seconds": 0.0}  # training seconds so far, for schedules over a time budget
-        budget = cfg.max_minutes * 60 if cfg.max_minutes and not cfg.max_steps else None
-        time_progress = (lambda: min(1.0, clock["seconds"] / budget)) if budget else None
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps, time_progress))
+        progress = {"seconds": 0.0}  # training seconds so far, for schedules over a time budget
+        budget = cfg.max_minutes * 60 if cfg.max_minutes and not cfg.max_steps and not cfg.schedule_steps else None
+        time_progress = (lambda: min(1.0, progress["seconds"] / budget)) if budget else None
+        schedule = lr_lambda(cfg, cfg.schedule_steps or total_steps, time_progress)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         model, optimizer, loader, scheduler = acc.prepare(self.model, optimizer, loader, scheduler)
         self._prepared = model
 
-        state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "train_seconds": 0.0, "loss_first": None}
+        if acc.is_main_process:
+            stale = clean_stale_temps(self.out)
+            if stale:
+                logger.warning("removed temporary folders left in %s by an interrupted run: %s", self.out, stale)
+        acc.wait_for_everyone()
+        state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "train_seconds": 0.0, "loss_first": None,
+                 "tokens": 0, "stream_examples": 0}
+        resumed_from = None
         if cfg.resume_from_checkpoint:
-            state = self._load_checkpoint(cfg.resume_from_checkpoint)
+            loaded = self._load_checkpoint(cfg.resume_from_checkpoint)
+            resumed_from = loaded.pop("resumed_from", None)
+            self._restore_extras(loaded.pop("callbacks", {}), loaded.pop("data", None), loaded.get("step", 0))
+            state.update(loaded)
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             cfg.to_yaml(self.out / "config.yaml")
         if acc.trackers:
             acc.init_trackers("deepsynth", config={k: v for k, v in asdict(cfg).items() if not isinstance(v, list)})
-        log = (self.out / "metrics.jsonl").open("a") if acc.is_main_process else None
+        log = self._log_file = (self.out / "metrics.jsonl").open("a") if acc.is_main_process else None
+        if resumed_from:
+            self._log(log, {"step": state["step"], "resumed_from": resumed_from})
 
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        seconds_before = state["train_seconds"]
-        start = time.time()
+        seconds_before, tokens_before = state["train_seconds"], state["tokens"]
+        start = self.clock()
+        self._seconds_before, self._clock_start = seconds_before, start
+        # Examples the stream produces per micro-batch: accelerate dispatches a stream's batches
+        # from the main process, which draws one batch per process.
+        examples_per_batch = cfg.batch_size * acc.num_processes if stream else cfg.batch_size
+        self.examples_per_step = examples_per_batch * cfg.gradient_accumulation_steps
+        tokens = 0  # non-pad input tokens of this process since this session started
+        since_log = {"seconds": seconds_before, "tokens": 0}
+        for callback in self.callbacks:
+            callback.on_train_begin(self)
         stopped = "max_steps"
         last_loss, window = None, []
         # A run bounded by minutes alone has no meaningful step total to show.
-        bar_total = None if cfg.max_minutes and not cfg.max_steps else total_steps
+        bar_total = None if (cfg.max_minutes and not cfg.max_steps) or math.isinf(total_steps) else total_steps
         bar = tqdm(total=bar_total, initial=step, desc="train", disable=not acc.is_local_main_process)
         model.train()
         done = step >= total_steps
         while not done:
-            sampler.set_epoch(epoch)
-            batches = acc.skip_first_batches(loader, batch_in_epoch) if batch_in_epoch else loader
+            if sampler is not None:
+                sampler.epoch = epoch
+            batches = acc.skip_first_batches(loader, batch_in_epoch) if batch_in_epoch and not stream else loader
+            drawn = 0
             for batch in batches:
+                drawn += 1
                 with acc.accumulate(model):
-                    loss = model(**batch).loss
+                    outputs = model(**batch)
+                    loss = outputs.loss
                     if not torch.isfinite(loss):
                         self._diverged(step, loss, log)
                     acc.backward(loss)
                     if acc.sync_gradients and cfg.max_grad_norm:
                         acc.clip_grad_norm_(params, cfg.max_grad_norm)
                     optimizer.step()
-                    clock["seconds"] = seconds_before + time.time() - start
+                    progress["seconds"] = self.elapsed()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                 batch_in_epoch += 1
+                if stream:
+                    state["stream_examples"] += examples_per_batch
+                tokens += _input_tokens(batch)
+                for callback in self.callbacks:
+                    callback.on_batch_end(self, batch, outputs)
                 window.append(loss.detach().float().item())
+                del outputs, loss
                 if not acc.sync_gradients:
                     continue
                 step += 1
@@ -214,67 +350,165 @@ class Trainer:
                     state["loss_first"] = last_loss
                 bar.update(1)
                 bar.set_postfix(loss=f"{last_loss:.4f}")
-                elapsed = seconds_before + time.time() - start
-                if step % cfg.log_interval == 0 or step == 1:
-                    rec = {"step": step, "epoch": epoch, "loss": round(last_loss, 6),
-                           "lr": scheduler.get_last_lr()[0], "seconds": round(elapsed, 2)}
+                elapsed = self.elapsed()
+                rec = {"step": step, "epoch": epoch, "loss": round(last_loss, 6),
+                       "lr": scheduler.get_last_lr()[0], "seconds": round(elapsed, 2)}
+                if stream:
+                    del rec["epoch"]
+                control = StepControl()
+                for callback in self.callbacks:
+                    callback.on_step_end(self, step, rec, control)
+                if step >= total_steps:
+                    control.stop = "max_steps"
+                elif cfg.max_minutes and elapsed >= cfg.max_minutes * 60:
+                    control.stop = "max_minutes"
+                control = self._agree(control)
+                if step % cfg.log_interval == 0 or step == 1 or control.log:
+                    rec.update(self._telemetry(tokens, elapsed, since_log))
                     self._log(log, rec)
                 if cfg.eval_interval and eval_examples and step % cfg.eval_interval == 0:
                     self._log(log, {"step": step, "eval": self.validate(eval_examples, cfg.eval_samples)})
-                state.update(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, train_seconds=elapsed)
-                if cfg.save_interval and step % cfg.save_interval == 0:
+                state.update(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, train_seconds=elapsed,
+                             tokens=tokens_before + self._all_processes(tokens))
+                if (cfg.save_interval and step % cfg.save_interval == 0) or control.save:
                     self.save_checkpoint(state)
-                if step >= total_steps:
-                    done = True
-                    break
-                if cfg.max_minutes and elapsed >= cfg.max_minutes * 60:
-                    done, stopped = True, "max_minutes"
+                if control.stop:
+                    done, stopped = True, control.stop
                     break
             else:
+                if not drawn:
+                    raise ValueError("the training set is empty: a pass over it gave no batch")
                 epoch, batch_in_epoch = epoch + 1, 0
         bar.close()
-        train_seconds = seconds_before + time.time() - start
-        state.update(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, train_seconds=train_seconds)
+        train_seconds = self.elapsed()
+        state.update(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, train_seconds=train_seconds,
+                     tokens=tokens_before + self._all_processes(tokens))
+        session_seconds = train_seconds - seconds_before
+        peak, peak_kind = peak_memory_mb(acc.device)
+        telemetry = {"tokens": state["tokens"],
+                     "tokens_per_s": round((state["tokens"] - tokens_before) / session_seconds, 2)
+                     if session_seconds > 0 else None,
+                     "peak_memory_mb": round(peak, 1), "peak_memory_kind": peak_kind}
         if last_loss is not None:
-            self._log(log, {"step": step, "loss": round(last_loss, 6), "final": True})
+            self._log(log, {"step": step, "loss": round(last_loss, 6), "final": True, **telemetry})
         metrics = {"train_steps": step, "train_seconds": round(train_seconds, 2), "stopped": stopped,
-                   "loss_first": state["loss_first"], "loss_last": last_loss}
+                   "loss_first": state["loss_first"], "loss_last": last_loss, **telemetry}
+        for callback in self.callbacks:
+            callback.on_train_end(self, metrics)
         if eval_examples:
             metrics["eval"] = self.validate(eval_examples, 0)
+            self.evaluation["eval"] = metrics["eval"]
             self._log(log, {"step": step, "eval": metrics["eval"]})
         if not self.checkpoints or not self.checkpoints[-1].endswith(f"checkpoint-{step:06d}"):
             self.save_checkpoint(state)
         final = self.save_final()
         if log:
             log.close()
+            self._log_file = None
             plot_curves(self.out / "metrics.jsonl", self.out / "curves.png")
         acc.end_training()
         metrics["final_model"] = final
         return metrics, list(self.checkpoints)
 
+    # ---- helpers for callbacks ----------------------------------------------------------------
+    def elapsed(self) -> float:
+        """Training seconds of the run so far by the trainer's clock, time before a resume included."""
+        return self._seconds_before + self.clock() - self._clock_start
+
+    @property
+    def trained_model(self):
+        """The model being trained, unwrapped from accelerate's wrappers."""
+        return self.accelerator.unwrap_model(self._prepared) if hasattr(self, "_prepared") else self.model
+
+    def log(self, record: dict) -> None:
+        """Append a record to metrics.jsonl (and the trackers) during `train()`."""
+        self._log(getattr(self, "_log_file", None), record)
+
+    def _agree(self, control: StepControl) -> StepControl:
+        # Time-based decisions differ between processes; every rank must save and stop together.
+        if self.accelerator.num_processes == 1:
+            return control
+        box = [control]
+        broadcast_object_list(box, from_process=0)
+        return box[0]
+
+    def _all_processes(self, count: int) -> int:
+        if self.accelerator.num_processes == 1:
+            return count
+        return int(self.accelerator.reduce(torch.tensor(count, device=self.accelerator.device), "sum").item())
+
+    def _telemetry(self, tokens: int, elapsed: float, since_log: dict) -> dict:
+        """tokens/s since the previous log record (all processes) and peak memory so far."""
+        total = self._all_processes(tokens)
+        seconds = elapsed - since_log["seconds"]
+        rate = (total - since_log["tokens"]) / seconds if seconds > 0 else None
+        since_log.update(seconds=elapsed, tokens=total)
+        peak, kind = peak_memory_mb(self.accelerator.device)
+        return {"tokens_per_s": round(rate, 2) if rate is not None else None, "peak_memory_mb": round(peak, 1),
+                "peak_memory_kind": kind}
+
+    def _extra_state(self, state: dict) -> dict:
+        """Callback states and the stream's position, saved beside the step counters."""
+        extra = {"callbacks": {_callback_key(i, cb): cb.state_dict() for i, cb in enumerate(self.callbacks)}}
+        stream = getattr(self, "_stream", None)
+        if stream is not None and self.accelerator.is_main_process:
+            if hasattr(stream, "state_at"):
+                extra["data"] = stream.state_at(state["stream_examples"])
+            else:
+                logger.warning("%s has no state_at(): a resume from this checkpoint cannot continue the stream",
+                               type(stream).__name__)
+        return extra
+
+    def _restore_extras(self, callbacks: dict, data, step: int) -> None:
+        for i, callback in enumerate(self.callbacks):
+            key = _callback_key(i, callback)
+            if key in callbacks:
+                callback.load_state_dict(callbacks[key])
+            else:
+                logger.warning("the checkpoint has no state for callback %s; it starts afresh", key)
+        stream = getattr(self, "_stream", None)
+        if stream is None or step == 0:
+            return
+        if data is None or not hasattr(stream, "load_state_dict"):
+            raise ValueError(f"cannot resume the stream {type(stream).__name__} at step {step}: the checkpoint holds "
+                             "no stream state, or the stream has no load_state_dict() (see Trainer.train)")
+        stream.load_state_dict(data)
+
     # ---- validate ----------------------------------------------------------------------------
+    def decoder(self, model=None):
+        """The decoding path of the model being trained, as `ask` and `serve` will run it."""
+        if model is None:
+            model = self.accelerator.unwrap_model(self._prepared) if hasattr(self, "_prepared") else self.model
+        return make_decoder(model, self.processor, self.spec())
+
     def validate(self, examples: Sequence[InstructionExample], limit: int = 0) -> dict:
         examples = list(examples)[:limit] if limit else list(examples)
         model = self.accelerator.unwrap_model(self._prepared)
-        settings = GenerationSettings(max_new_tokens=self.config.eval_max_new_tokens)
-        return evaluate_examples(model, self.processor, examples, self.render_config, settings)["scores"]
+        decoder = self.decoder(model)
+        settings = (decoder.settings.replace(max_new_tokens=self.config.eval_max_new_tokens)
+                    if self.config.eval_max_new_tokens else None)
+        return evaluate_examples(decoder, examples, self.render_config, settings)["scores"]
 
     # ---- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self, state: dict) -> str:
+        """Model, accelerate state (optimizer, scheduler, RNG of every rank), step counters, callback
+        states and the stream's position in `checkpoint-NNNNNN/`, fsynced and renamed into place."""
         acc = self.accelerator
         final = self.out / f"checkpoint-{state['step']:06d}"
-        tmp = self.out / f".{final.name}.tmp"
+        payload = {**state, **self._extra_state(state)}
+        with contextlib.ExitStack() as stack:
+            # The main process owns the temporary folder; every rank writes its RNG state into it.
+            box = [str(stack.enter_context(atomic_dir(final))) if acc.is_main_process else None]
+            if acc.num_processes > 1:
+                broadcast_object_list(box, from_process=0)
+            tmp = Path(box[0])
+            acc.save_state(str(tmp / "state"))
+            full_state = self._full_state_dict()
+            if acc.is_main_process:
+                self._save_model(tmp, full_state)
+                (tmp / STATE_FILE).write_text(json.dumps(payload, indent=2))
+            acc.wait_for_everyone()  # all ranks' files are in place before the rename
         if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp / "state"))
-        full_state = self._full_state_dict()
-        if acc.is_main_process:
-            self._save_model(tmp, full_state)
-            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
             self.checkpoints.append(str(final))
             for old in sorted(self.out.glob("checkpoint-*"))[:-self.config.keep_checkpoints]:
                 shutil.rmtree(old)
@@ -293,7 +527,7 @@ class Trainer:
             raise FileNotFoundError(f"{ckpt} is not a trainer checkpoint (no {STATE_FILE})")
         self.accelerator.load_state(str(ckpt / "state"))
         logger.info("resumed from %s", ckpt)
-        return json.loads((ckpt / STATE_FILE).read_text())
+        return {**json.loads((ckpt / STATE_FILE).read_text()), "resumed_from": str(ckpt)}
 
     def _full_state_dict(self) -> dict | None:
         """Under FSDP the weights are sharded: every rank must take part in gathering them
@@ -306,28 +540,28 @@ class Trainer:
 
     def _save_model(self, directory: Path, state_dict: dict | None = None) -> None:
         model = self.accelerator.unwrap_model(self._prepared)
-        model.save_pretrained(directory, **({"state_dict": state_dict} if state_dict is not None else {}))
-        self.processor.save_pretrained(directory)
+        # LoRA checkpoints hold the adapters (a bundle on the base model), full runs the weights.
+        save_bundle(directory, model, self.processor, self.spec(), adapter_only=self.config.use_lora,
+                    state_dict=state_dict)
 
     def save_final(self) -> str:
-        """The trained model as a plain `save_pretrained` directory (LoRA merged into the base)."""
+        """The trained model as a bundle in `final/` (LoRA merged into the base); a LoRA run also
+        writes its adapters (with the text-encoder projection, if any) as a bundle in `adapter/`."""
         final = self.out / "final"
         full_state = self._full_state_dict()
         if self.accelerator.is_main_process:
             model = self.accelerator.unwrap_model(self._prepared)
+            spec = self.spec()
             if self.config.use_lora:
+                with atomic_dir(self.out / "adapter") as tmp:
+                    save_bundle(tmp, model, self.processor, spec, adapter_only=True)
                 peft_model = model.model if isinstance(model, SoftPromptModel) else model
-                peft_model.save_pretrained(self.out / "adapter")
                 if isinstance(model, SoftPromptModel):
                     model.model = peft_model.merge_and_unload()
                 else:
                     model = peft_model.merge_and_unload()
-            tmp = self.out / ".final.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            model.save_pretrained(tmp, **({"state_dict": full_state} if full_state is not None else {}))
-            self.processor.save_pretrained(tmp)
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
+            with atomic_dir(final) as tmp:
+                save_bundle(tmp, model, self.processor, spec, state_dict=full_state)
         self.accelerator.wait_for_everyone()
         return str(final)
 
@@ -351,6 +585,16 @@ class Trainer:
             self.accelerator.log(flat, step=rec.get("step"))
 
 
+def _input_tokens(batch: dict) -> int:
+    """Non-pad input tokens of a batch (image tokens included): what the model processed."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+
+
+def _callback_key(index: int, callback: TrainerCallback) -> str:
+    return f"{index}:{type(callback).__name__}"
+
+
 def _tracker_available(name: str) -> bool:
     import importlib.util
 
@@ -362,7 +606,8 @@ def _tracker_available(name: str) -> bool:
 
 
 def plot_curves(metrics_path: Path, png_path: Path) -> None:
-    """Training loss (and eval EM when logged) against step, saved as a PNG."""
+    """Training loss (and eval EM when logged) against step; below it, tokens/s and peak memory
+    when the records carry them. Saved as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -371,10 +616,11 @@ def plot_curves(metrics_path: Path, png_path: Path) -> None:
     records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     loss = [(r["step"], r["loss"]) for r in records if "loss" in r and not isinstance(r["loss"], str)]
     evals = [(r["step"], r["eval"]["em"]) for r in records if "eval" in r and "em" in r["eval"]]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    speed = [(r["step"], r["tokens_per_s"]) for r in records if r.get("tokens_per_s") is not None and not r.get("final")]
+    memory = [(r["step"], r["peak_memory_mb"]) for r in records if "peak_memory_mb" in r and not r.get("final")]
+    fig, (ax, ax_speed) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(2, 1))
     if loss:
         ax.plot(*zip(*loss), label="train loss", color="tab:blue")
-    ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
     if evals:
@@ -383,6 +629,15 @@ def plot_curves(metrics_path: Path, png_path: Path) -> None:
         ax2.set_ylabel("eval EM")
         ax2.set_ylim(0, 1)
     ax.set_title(metrics_path.parent.name)
+    if speed:
+        ax_speed.plot(*zip(*speed), color="tab:green")
+    ax_speed.set_ylabel("tokens/s", color="tab:green")
+    if memory:
+        kind = next((r["peak_memory_kind"] for r in records if "peak_memory_kind" in r), "")
+        ax_mem = ax_speed.twinx()
+        ax_mem.plot(*zip(*memory), color="tab:red")
+        ax_mem.set_ylabel(f"peak MiB ({kind})" if kind else "peak MiB", color="tab:red")
+    ax_speed.set_xlabel("step")
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
