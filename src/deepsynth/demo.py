@@ -1,10 +1,14 @@
 """The learning demo: synthetic document Q&A -> render -> fine-tune -> evaluate -> ablate -> ask.
 
 Starts from the shipped tiny reader (a tiny DeepSeek-OCR-2 pre-trained on transcription and key
-questions by `deepsynth.training.reader_pretrain`), fine-tunes it on CPU for a few minutes on key
-questions about 4-line pages, then scores it on held-out pages with and without the instruction.
-The claim it checks: the model answers from the page *because* of the instruction (held-out EM
-high; without the instruction EM falls to the chance level).
+questions by `deepsynth.training.reader_pretrain`) and, by default, teaches it something it cannot
+do at the start: to take its instruction through a separate text encoder (all-MiniLM-L6-v2) whose
+states reach the decoder through a new, randomly initialised projection. It fine-tunes on CPU for a
+few minutes on key questions about 4-line pages, then scores held-out pages with and without the
+instruction, through the same decoding path as `deepsynth ask` and `deepsynth serve`. The claim it
+checks: the model answers from the page *because* of the instruction (EM before near zero, held-out
+EM high after; without the instruction EM falls to the chance level). `text_encoder=None` runs the
+same demo with the instruction as prompt text, a task the reader's pre-training already taught.
 
 Two held-out sets: new documents over the training values (`em`: finding the asked line and
 reading it) and documents whose values never occur in training (`em_unseen_values`: the same,
@@ -23,7 +27,8 @@ from pathlib import Path
 from deepsynth.data.synthetic import QUESTION_TEMPLATES, SyntheticConfig, chance_em, generate
 from deepsynth.evaluation.run import evaluate_examples, evaluate_with_ablation
 from deepsynth.inference.engine import InstructionEngine
-from deepsynth.models.generate import GenerationSettings
+from deepsynth.models.bundle import record_evaluation
+from deepsynth.models.text_encoder import MINILM
 from deepsynth.render import RenderConfig, render_text
 from deepsynth.training.config import TrainerConfig
 from deepsynth.training.trainer import Trainer
@@ -55,8 +60,8 @@ class DemoConfig:
     # Peak learning rate; it decays (cosine) to 5% over the minutes of the budget.
     learning_rate: float = 2e-4
     seed: int = 0
-    # Send the instruction through this text encoder (projected soft prompt) instead of prompt text.
-    text_encoder: str | None = None
+    # Send the instruction through this text encoder (projected soft prompt); None = as prompt text.
+    text_encoder: str | None = MINILM
     # Fine-tune the text encoder too (otherwise frozen; the projection always trains).
     text_encoder_trainable: bool = False
     # Peak learning rate of the new (random) text-encoder projection; None = learning_rate
@@ -77,31 +82,34 @@ def run_demo(cfg: DemoConfig) -> dict:
     heldout = [ex for ex in generate(syn, cfg.n_eval, "heldout_docs") if ex.text not in train_texts]
     unseen = generate(syn, cfg.n_eval, "heldout")
     render_config = RenderConfig.from_preset("tiny")
-    settings = GenerationSettings(max_new_tokens=8)
 
     trainer_cfg = TrainerConfig(
         model_name=cfg.model, output_dir=str(out / "train"), batch_size=cfg.batch_size, num_epochs=100,
         max_minutes=cfg.minutes, learning_rate=cfg.learning_rate, lr_scheduler="cosine", min_lr_ratio=0.05,
         warmup_steps=20, seed=cfg.seed,
-        eval_interval=400, eval_max_new_tokens=8, log_interval=25, render_preset="tiny",
+        eval_interval=400, log_interval=25, render_preset="tiny",
         use_text_encoder=cfg.text_encoder is not None, text_encoder_model=cfg.text_encoder,
         text_encoder_trainable=cfg.text_encoder_trainable, projection_learning_rate=cfg.projection_learning_rate,
     )
     trainer = Trainer(trainer_cfg)
-    base = evaluate_examples(trainer.model, trainer.processor, heldout, render_config, settings)["scores"]
+    base = evaluate_examples(trainer.decoder(), heldout, render_config)["scores"]
     logger.info("held-out EM before fine-tuning: %.3f", base["em"])
     # Periodic evaluation on 50 held-out examples draws the EM curve; nothing is selected on it.
     metrics, checkpoints = trainer.train(train, eval_examples=heldout[:50])
 
-    engine = InstructionEngine(metrics["final_model"], render_preset="tiny")
-    ablation = evaluate_with_ablation(engine.model, engine.processor, heldout, render_config, chance_em(syn),
-                                      settings, out_path=out / "eval.json")
-    strict = evaluate_with_ablation(engine.model, engine.processor, unseen, render_config, chance_em(syn),
-                                    settings, out_path=out / "eval-unseen-values.json")
+    # The served model, loaded from its bundle: its own render config and decoding defaults.
+    engine = InstructionEngine(metrics["final_model"])
+    ablation = evaluate_with_ablation(engine.decoder, heldout, engine.render_config, chance_em(syn),
+                                      out_path=out / "eval.json")
+    strict = evaluate_with_ablation(engine.decoder, unseen, engine.render_config, chance_em(syn),
+                                    out_path=out / "eval-unseen-values.json")
+    for name, result in (("heldout_docs", ablation), ("heldout_values", strict)):
+        record_evaluation(metrics["final_model"], name, {"scores": result["scores"],
+                                                         "scores_no_instruction": result["scores_no_instruction"]})
     example = heldout[random.Random(cfg.seed).randrange(len(heldout))]
     render_text(example.text, render_config)[0].image.save(out / "example-page.png")
     t0 = time.perf_counter()
-    answer = engine.ask(example.text, example.instruction, settings)
+    answer = engine.ask(example.text, example.instruction)
     report = {
         "em": ablation["scores"]["em"],
         "f1": ablation["scores"]["f1"],

@@ -71,7 +71,8 @@ def test_cached_features_path_matches_pixel_path(engine):
     # and the prompt ids are the collator's
     doc = engine.prepare(DOC)
     batch = engine.collator.prompt_batch([doc.pages], ["Q?"])
-    assert batch["input_ids"][0].tolist() == engine._prompt_ids(doc, "Q?")
+    features = engine.decoder.prepare_inputs([doc.pages], ["Q?"], [doc.features])
+    assert batch["input_ids"][0].tolist() == features["input_ids"][0].tolist()
 
 
 def test_answer_fields_and_compression(engine):

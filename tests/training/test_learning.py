@@ -4,14 +4,12 @@ questions about new pages in that phrasing, and without the instruction it falls
 
 from deepsynth.data.synthetic import SyntheticConfig, chance_em, generate
 from deepsynth.evaluation.run import evaluate_examples, evaluate_with_ablation
-from deepsynth.models.generate import GenerationSettings
 from deepsynth.render import RenderConfig
 from deepsynth.training.config import TrainerConfig
 from deepsynth.training.trainer import Trainer
 
 # Pre-training asked "{key}?"; this phrasing is new to the model.
 SYN = SyntheticConfig(layout="form", question_templates=("value of {key} please",))
-SETTINGS = GenerationSettings(max_new_tokens=6)
 
 
 def test_reader_learns_to_follow_a_new_instruction(tmp_path):
@@ -22,9 +20,9 @@ def test_reader_learns_to_follow_a_new_instruction(tmp_path):
     cfg = TrainerConfig(model_name="tiny-reader", output_dir=str(tmp_path / "run"), batch_size=16, max_steps=STEPS,
                         learning_rate=4e-4, lr_scheduler="cosine", warmup_steps=10, log_interval=10, seed=0)
     trainer = Trainer(cfg)
-    before = evaluate_examples(trainer.model, trainer.processor, heldout, pages, SETTINGS)["scores"]["em"]
+    before = evaluate_examples(trainer.decoder(), heldout, pages)["scores"]["em"]
     metrics, _ = trainer.train(train)
-    report = evaluate_with_ablation(trainer.model, trainer.processor, heldout, pages, chance_em(SYN), SETTINGS)
+    report = evaluate_with_ablation(trainer.decoder(), heldout, pages, chance_em(SYN))
     em, em_blind = report["scores"]["em"], report["scores_no_instruction"]["em"]
     assert metrics["loss_last"] < LOSS_DROP * metrics["loss_first"], metrics
     assert em >= MIN_EM and em >= before + MIN_GAIN, (before, report["scores"])

@@ -1,4 +1,8 @@
-"""Evaluation runs: generate answers for examples, score them, ablate the instruction."""
+"""Evaluation runs: answer examples through the model's decoding path, score them, ablate the instruction.
+
+Answers come from `deepsynth.models.generate.Decoder`, the path the engine and the server use, with
+the bundle's decoding defaults, so a reported score is a score of what `ask` and `serve` return.
+"""
 
 from __future__ import annotations
 
@@ -7,65 +11,93 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from torch.utils.data import Dataset
+
 from deepsynth.data.instruction_dataset import InstructionDataset
 from deepsynth.data.schema import InstructionExample
-from deepsynth.evaluation.metrics import aggregate, ablation_summary
-from deepsynth.models.collate import Collator
-from deepsynth.models.generate import GenerationSettings, generate_answers
+from deepsynth.evaluation.metrics import ablation_summary, aggregate
+from deepsynth.models.generate import Decoder, GenerationSettings
 from deepsynth.render import RenderConfig
 
 logger = logging.getLogger(__name__)
 
+QA_METRICS = ("em", "f1")
+SUMMARY_METRICS = ("em", "f1", "rouge1", "rouge2", "rougeL")
+
+
+def default_metrics(examples: Sequence[InstructionExample]) -> tuple[str, ...]:
+    """EM/F1 for extractive answers; ROUGE-1/2/L as well when any target is free-form
+    (summaries: converters mark them `meta["extractive"] = False`)."""
+    if any((ex.meta or {}).get("extractive") is False for ex in examples):
+        return SUMMARY_METRICS
+    return QA_METRICS
+
+
+def _items(data, render_config: RenderConfig | None) -> tuple[list[dict], list[InstructionExample]]:
+    if isinstance(data, Dataset):
+        dataset = data
+    else:
+        dataset = InstructionDataset(list(data), render_config)
+    examples = list(getattr(dataset, "examples", []))
+    items = [dataset[i] for i in range(len(dataset))]
+    return items, examples
+
 
 def evaluate_examples(
-    model,
-    processor,
-    examples: Sequence[InstructionExample],
-    render_config: RenderConfig,
+    decoder: Decoder,
+    data: Sequence[InstructionExample] | Dataset,
+    render_config: RenderConfig | None = None,
     settings: GenerationSettings | None = None,
-    metrics: Sequence[str] = ("em", "f1"),
+    metrics: Sequence[str] | None = None,
     instruction: str | None = None,
     batch_size: int = 16,
 ) -> dict:
-    """Score a model on examples. `instruction` replaces every example's instruction when given
-    ("" removes it: the ablation). Returns {"scores": {...}, "predictions": [...]}."""
-    dataset = InstructionDataset(examples, render_config)
-    items = [dataset[i] for i in range(len(dataset))]
+    """Score a model on examples (rendered with `render_config`) or on a dataset of pages
+    (e.g. `InstructionDataset.from_prepared`). `instruction` replaces every example's instruction
+    when given ("" removes it: the ablation). Returns {"scores", "metrics", "predictions"}; each
+    prediction records why generation stopped and how many tokens it took."""
+    items, examples = _items(data, render_config)
+    metrics = tuple(metrics) if metrics else default_metrics(examples)
     instructions = [it["instruction"] if instruction is None else instruction for it in items]
-    preds = generate_answers(model, Collator.for_model(model, processor), [it["pages"] for it in items], instructions,
-                             settings, batch_size=batch_size)
-    scores = aggregate(preds, [ex.answer for ex in examples], metrics=metrics)
+    rows = decoder.run_all([it["pages"] for it in items], instructions, settings, batch_size=batch_size)
+    preds = [r["answer"] for r in rows]
+    scores = aggregate(preds, [it["answer"] for it in items], metrics=metrics)
     records = [
-        {"id": ex.id, "instruction": ins, "prediction": p, "answer": ex.answer}
-        for ex, ins, p in zip(examples, instructions, preds)
+        {"id": it["id"], "instruction": ins, "prediction": r["answer"], "answer": it["answer"],
+         "stopped": r["stopped"], "new_tokens": r["new_tokens"], "prompt_tokens": r["prompt_tokens"]}
+        for it, ins, r in zip(items, instructions, rows)
     ]
-    return {"scores": scores, "predictions": records}
+    scores["stopped"] = {k: sum(r["stopped"] == k for r in rows) for k in sorted({r["stopped"] for r in rows})}
+    return {"scores": scores, "metrics": list(metrics), "predictions": records}
 
 
 def evaluate_with_ablation(
-    model,
-    processor,
-    examples: Sequence[InstructionExample],
-    render_config: RenderConfig,
-    chance: float,
+    decoder: Decoder,
+    data: Sequence[InstructionExample] | Dataset,
+    render_config: RenderConfig | None = None,
+    chance: float = 0.0,
     settings: GenerationSettings | None = None,
     out_path: str | Path | None = None,
+    metrics: Sequence[str] | None = None,
 ) -> dict:
     """Normal score, score with the instruction removed, and the chance level, side by side.
 
     A model that really reads the instruction must fall towards `chance` without it.
     """
-    normal = evaluate_examples(model, processor, examples, render_config, settings)
-    ablated = evaluate_examples(model, processor, examples, render_config, settings, instruction="")
+    normal = evaluate_examples(decoder, data, render_config, settings, metrics)
+    ablated = evaluate_examples(decoder, data, render_config, settings, normal["metrics"], instruction="")
+    key = "em" if "em" in normal["scores"] else normal["metrics"][0]
     report = {
-        "n": len(examples),
+        "n": len(normal["predictions"]),
+        "metrics": normal["metrics"],
         "scores": normal["scores"],
         "scores_no_instruction": ablated["scores"],
-        "ablation": ablation_summary(normal["scores"]["em"], ablated["scores"]["em"], chance),
+        "ablation": {"metric": key, **ablation_summary(normal["scores"][key], ablated["scores"][key], chance)},
         "predictions": normal["predictions"],
         "predictions_no_instruction": ablated["predictions"],
     }
     if out_path is not None:
-        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_path).write_text(json.dumps(report, indent=2))
+        from deepsynth.atomic import write_text_atomic
+
+        write_text_atomic(out_path, json.dumps(report, indent=2))
     return report

@@ -2,7 +2,7 @@
 
 from deepsynth.inference.documents import DocumentError, DocumentLimits, Markdown, Pdf, read_document
 from deepsynth.inference.engine import DEFAULT_GENERATION, Answer, InstructionEngine, PreparedDocument
-from deepsynth.inference.loops import LoopPolicy, find_loop
+from deepsynth.models.loops import LoopPolicy, find_loop
 from deepsynth.inference.templates import TEMPLATES, Template, get_template
 
 __all__ = [

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -39,18 +40,21 @@ def ask_command(
     document: str = typer.Argument(..., help="A .txt/.md/.pdf file, an image, or '-' for stdin."),
     instruction: str = typer.Option(..., "--instruction", "-i", help="Question or instruction."),
     model: str = typer.Option("tiny-reader", "--model", "-m", help="Model directory, preset or hub id."),
-    preset: str = typer.Option("tiny", help="Render preset the model reads."),
-    max_new_tokens: int = typer.Option(64, help="Most tokens the answer may have."),
+    preset: Optional[str] = typer.Option(None, help="Render preset override (default: the pages the model was "
+                                                    "trained on, from its bundle)."),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Most tokens the answer may have (default: the "
+                                                            "model's decoding default)."),
     as_json: bool = typer.Option(False, "--json", help="Print the full answer record as JSON."),
     stream: bool = typer.Option(False, "--stream", help="Print the answer as it is generated."),
 ) -> None:
     """Answer an instruction about a document."""
     from deepsynth.inference.documents import DocumentError, read_document
     from deepsynth.inference.engine import Answer, InstructionEngine
+    from deepsynth.models.bundle import resolve_generation
 
     if not instruction.strip():
         raise typer.BadParameter("the instruction is empty", param_hint="'--instruction'")
-    if not 1 <= max_new_tokens <= 8192:
+    if max_new_tokens is not None and not 1 <= max_new_tokens <= 8192:
         raise typer.BadParameter(f"{max_new_tokens} is out of range: allowed [1, 8192]",
                                  param_hint="'--max-new-tokens'")
     try:
@@ -66,6 +70,8 @@ def ask_command(
         raise typer.BadParameter("the document is empty", param_hint="DOCUMENT")
     try:
         engine = InstructionEngine(model, render_preset=preset)
+        overrides = {"max_new_tokens": max_new_tokens} if max_new_tokens is not None else {}
+        settings = resolve_generation(engine.model, engine.generation, **overrides)
     except (FileNotFoundError, OSError, ValueError) as exc:
         raise typer.BadParameter(f"cannot load model {model!r}: {exc}", param_hint="'--model'") from None
     try:
@@ -73,7 +79,7 @@ def ask_command(
         if stream:
             out = sys.stderr if as_json else sys.stdout
             result = None
-            for piece in engine.stream(prepared, instruction, max_new_tokens=max_new_tokens):
+            for piece in engine.stream(prepared, instruction, settings):
                 if isinstance(piece, Answer):
                     result = piece
                 else:
@@ -84,11 +90,11 @@ def ask_command(
             if result is not None and result.stopped == "loop" and not as_json:
                 typer.echo("[stopped: the answer repeated itself; repeats removed in --json output]", err=True)
         else:
-            result = engine.ask(prepared, instruction, max_new_tokens=max_new_tokens)
+            result = engine.ask(prepared, instruction, settings)
     except DocumentError as exc:
         raise typer.BadParameter(exc.message, param_hint="DOCUMENT") from None
     if as_json:
-        typer.echo(json.dumps(result.to_dict(), indent=2))
+        typer.echo(json.dumps({**result.to_dict(), "served_with": engine.describe()}, indent=2, default=list))
     elif not stream:
         typer.echo(result.answer)
 

@@ -9,9 +9,13 @@ A request goes through three steps, each reusable on its own:
    same cache entry) and handed to `generate` as `mm_encoder_outputs`, transformers' input for
    pre-computed multimodal features, so the next question about the document skips the vision
    tower entirely.
-3. `generate` runs with loop guards: n-gram blocking (`no_repeat_ngram_size`) while decoding and
-   `LoopStop`, which ends a row whose answer ends in a repeated cycle; the answer then says
-   `stopped="loop"` and keeps one copy of the cycle.
+3. Answers come from the project's one decoding path (`deepsynth.models.generate.Decoder`, the
+   same that evaluation uses) with the model bundle's decoding defaults and loop guards: n-gram
+   blocking while decoding and a stop when the answer ends in a repeated cycle (the answer then
+   says `stopped="loop"` and keeps one copy of the cycle).
+
+The model, its render config, prompt layout and decoding defaults come from its bundle
+(`deepsynth.models.bundle`); arguments given here override them with a warning.
 """
 
 from __future__ import annotations
@@ -30,8 +34,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import DeepseekOcr2ForConditionalGeneration, StoppingCriteriaList, TextIteratorStreamer
-from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers import TextIteratorStreamer
 
 from deepsynth.inference.documents import (
     Document,
@@ -45,21 +48,24 @@ from deepsynth.inference.documents import (
     read_document,
     read_pdf,
 )
-from deepsynth.inference.loops import CancelStop, LoopPolicy, LoopStop, trim_loop
-from deepsynth.models import Collator, load_model
-from deepsynth.models.collate import RAW_PROMPT
+from deepsynth.models.bundle import (
+    LoadedModel,
+    apply_adapter,
+    load_bundle,
+    make_decoder,
+    resolve_render,
+    spec_of_loaded,
+)
 from deepsynth.models.generate import GenerationSettings
+from deepsynth.models.loops import LoopPolicy
 from deepsynth.render import RenderConfig, render_text
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["Answer", "DEFAULT_GENERATION", "InstructionEngine", "PreparedDocument", "read_document"]
 
-# Defaults for long outputs. No exact 30-token repeat (DeepSeek-OCR's own serving recipe blocks
-# repeated n-grams of this order) and a loop stop for shorter cycles; no token-level repetition
-# penalty, because answers copy numbers, names and words from the page, and penalising every
-# reused token distorts those copies (more so with a character-level tokenizer).
-DEFAULT_GENERATION = GenerationSettings(max_new_tokens=256, no_repeat_ngram_size=30, repetition_penalty=1.0)
+# Decoding defaults of models whose generation_config.json does not state them.
+DEFAULT_GENERATION = GenerationSettings()
 
 
 @dataclass
@@ -174,65 +180,56 @@ def _image_digest(img: Image.Image) -> bytes:
 class InstructionEngine:
     """Answers instructions about documents with one loaded model.
 
-    model:          preset, alias, hub id or directory (anything `load_model` takes), or a LoRA
-                    adapter directory (adapter_config.json naming its base model).
-    render_preset:  how text documents become pages; must match what the model was trained on.
+    model:          preset, alias, hub id, model directory or adapter bundle (anything
+                    `load_bundle` takes), or an already loaded `LoadedModel` / (model, processor[, spec]).
+    render_preset:  override of the bundle's render config (logged when it differs); None = the
+                    pages the model was trained on, as its bundle states.
     adapter:        optional LoRA adapter directory applied to `model` and merged at load time.
     cache_pages:    pages the document cache may hold (0 turns the cache off).
-    generation:     default generation settings; each call may override fields.
+    generation:     default generation settings (None = the model's generation_config.json); each
+                    call may override fields.
     max_batch_size: largest batch handed to one `generate` call.
+    loop_policy:    override of the bundle's loop-stop policy.
     """
 
-    def __init__(self, model: str | tuple = "tiny-reader", render_preset: str = "tiny",
+    def __init__(self, model: str | tuple | LoadedModel = "tiny-reader", render_preset: str | None = None,
                  device: str | None = None, dtype: torch.dtype | None = None, adapter: str | None = None,
                  cache_pages: int = 256, generation: GenerationSettings | None = None,
-                 max_batch_size: int = 16, loop_policy: LoopPolicy = LoopPolicy()) -> None:
-        if isinstance(model, tuple):  # an already loaded (model, processor)
-            (self.model, self.processor), self.name = model, type(model[0]).__name__
+                 max_batch_size: int = 16, loop_policy: LoopPolicy | None = None) -> None:
+        if isinstance(model, tuple):  # already loaded: (model, processor) or (model, processor, spec)
+            loaded = model if len(model) == 3 else LoadedModel(*model, spec_of_loaded(*model))
+            self.name = type(loaded.model).__name__
         else:
-            (self.model, self.processor), self.name = self._load(model, adapter, dtype), model
+            loaded, self.name = load_bundle(model, dtype=dtype), model
+        if adapter is not None:
+            loaded = apply_adapter(loaded, adapter, base_name=self.name)
+        self.model, self.processor, self.spec = loaded
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device).eval()
-        self.collator = Collator.for_model(self.model, self.processor)
-        self.tokenizer = self.processor.tokenizer
-        self.render_config = RenderConfig.from_preset(render_preset)
+        self.render_config = resolve_render(self.spec, render_preset)
         self._render_key = json.dumps(dataclasses.asdict(self.render_config), sort_keys=True, default=str).encode()
-        self.render_preset = render_preset
-        self.generation = generation or DEFAULT_GENERATION
+        self.loop_policy = loop_policy or self.spec.loop_policy()
+        self.decoder = make_decoder(self.model, self.processor, self.spec, generation)
+        self.decoder.loop_policy = self.loop_policy
+        self.collator = self.decoder.collator
+        self.tokenizer = self.processor.tokenizer
+        self.generation = self.decoder.settings
         self.max_batch_size = max_batch_size
-        self.loop_policy = loop_policy
         self.cache = DocumentCache(cache_pages)
         self._model_lock = threading.RLock()
-        self.image_token_id = getattr(self.model.config, "image_token_id", None)
+        self.image_token_id = self.decoder.image_token_id
         text_config = getattr(self.model.config, "text_config", self.model.config)
         self.max_positions = getattr(text_config, "max_position_embeddings", None)
-        # Soft-prompt models (text-encoder channel) generate from inputs_embeds: the token ids that
-        # stopping criteria see hold the new tokens only.
-        self._ids_hold_prompt = getattr(self.model, "text_encoder", None) is None
-        # Pre-computed page features (mm_encoder_outputs) for DeepSeek-OCR-2 with the raw prompt
-        # layout; any other model gets pixels on every call (the render cache still applies).
-        self.encodes_pages = (
-            isinstance(self.model, DeepseekOcr2ForConditionalGeneration)
-            and self.collator.instruction_tokenizer is None
-            and self.collator.prompt_builder is RAW_PROMPT
-            and self.model._supports_mm_encoder_outputs()
-        )
+        # Page features are cached per document only where the model takes them pre-computed
+        # (the backend says so); any other model gets pixels on every call (the render cache still applies).
+        self.encodes_pages = self.decoder.encodes_pages
 
-    @staticmethod
-    def _load(model: str, adapter: str | None, dtype):
-        adapter_dir = Path(adapter) if adapter else None
-        if adapter_dir is None and (Path(model) / "adapter_config.json").is_file():
-            adapter_dir = Path(model)
-            model = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
-        net, processor = load_model(model, dtype=dtype)
-        if adapter_dir is not None:
-            from peft import PeftModel
-
-            if not (adapter_dir / "adapter_config.json").is_file():
-                raise FileNotFoundError(f"adapter directory {str(adapter_dir)!r} has no adapter_config.json")
-            net = PeftModel.from_pretrained(net, str(adapter_dir)).merge_and_unload()
-            logger.info("merged LoRA adapter %s into %s", adapter_dir, model)
-        return net, processor
+    def describe(self) -> dict:
+        """What requests are answered with: the model, its render config and decoding defaults."""
+        return {"model": self.name, "backend": self.spec.backend, "render": dataclasses.asdict(self.render_config),
+                "crop_mode": self.spec.crop_mode, "prompt_layout": self.spec.prompt_layout,
+                "instruction_channel": self.spec.instruction_channel.get("kind"),
+                "generation": {k: v for k, v in dataclasses.asdict(self.generation).items() if k != "extra"}}
 
     # ------------------------------------------------------------------ documents
 
@@ -338,35 +335,12 @@ class InstructionEngine:
 
     # ------------------------------------------------------------------ encoding and prompts
 
-    @torch.no_grad()
-    def _encode(self, docs: Sequence[PreparedDocument], chunk: int = 16) -> None:
+    def _encode(self, docs: Sequence[PreparedDocument]) -> None:
         """Fill `features` of every document that has none (vision tower, once per document)."""
-        todo = [d for d in docs if d.features is None]
-        todo = list({id(d): d for d in todo}.values())
-        if not todo:
-            return
-        pages = [(d, i, p) for d in todo for i, p in enumerate(d.pages)]
-        feats: dict[int, list] = {id(d): [None] * len(d.pages) for d in todo}
-        for start in range(0, len(pages), chunk):
-            part = pages[start:start + chunk]
-            enc = self.processor.image_processor(images=[p for _, _, p in part], return_tensors="pt")
-            kwargs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in enc.items()
-                      if k in ("pixel_values", "pixel_values_local", "num_local_patches")}
-            if "pixel_values" in kwargs:
-                kwargs["pixel_values"] = kwargs["pixel_values"].to(self.model.dtype)
-            if kwargs.get("pixel_values_local") is not None:
-                kwargs["pixel_values_local"] = kwargs["pixel_values_local"].to(self.model.dtype)
-            out = self.model.get_image_features(**kwargs, return_dict=True)
-            for (d, i, _), f in zip(part, out.pooler_output):
-                feats[id(d)][i] = f
+        todo = list({id(d): d for d in docs if d.features is None}.values())
         for d in todo:
-            d.features = feats[id(d)]
-        self.cache.stats.encoded_pages += len(pages)
-
-    def _prompt_ids(self, doc: PreparedDocument, instruction: str) -> list[int]:
-        image_token = self.processor.image_token
-        text = "".join(image_token * int(f.shape[0]) for f in doc.features) + "\n" + instruction + "\n"
-        return self.tokenizer(text)["input_ids"]
+            d.features = self.decoder.encode_pages(d.pages)
+            self.cache.stats.encoded_pages += len(d.pages)
 
     # ------------------------------------------------------------------ generation
 
@@ -445,64 +419,21 @@ class InstructionEngine:
                 f"{settings.max_new_tokens}; together they exceed the model's {self.max_positions} positions: "
                 "use fewer pages, a shorter instruction or fewer new tokens", self.max_positions)
 
-    @torch.no_grad()
     def _run(self, docs: list[PreparedDocument], instructions: list[str], settings: GenerationSettings,
              streamer=None, cancel: threading.Event | None = None) -> list[dict]:
-        tok = self.tokenizer
         instructions = [clean_text(i) for i in instructions]
         with self._model_lock:
             cached = [d.uses > 0 for d in docs]
             if self.encodes_pages:
                 self._encode(docs)
-                prompts = [self._prompt_ids(d, ins) for d, ins in zip(docs, instructions)]
-                width = max(len(p) for p in prompts)
-                input_ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
-                mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-                features = [f for d in docs for f in d.features]
-                inputs = {"input_ids": input_ids.to(self.device), "attention_mask": mask.to(self.device),
-                          "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=features)}}
-            else:
-                batch = self.collator.prompt_batch([d.pages for d in docs], instructions)
-                inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                width = inputs["input_ids"].shape[1]
-                mask = inputs["attention_mask"].cpu()
-                input_ids = inputs["input_ids"].cpu()
-            for i, m in enumerate(mask):
+            inputs = self.decoder.prepare_inputs([d.pages for d in docs], instructions,
+                                                 [d.features for d in docs] if self.encodes_pages else None)
+            for i, m in enumerate(inputs["attention_mask"]):
                 self.check_length(int(m.sum()), settings, field=f"documents[{i}]" if len(docs) > 1 else "document")
-            criteria = StoppingCriteriaList([LoopStop(width if self._ids_hold_prompt else 0, self.loop_policy)])
-            canceller = CancelStop(cancel) if cancel is not None else None
-            if canceller is not None:
-                criteria.append(canceller)
-            kwargs = settings.kwargs()
-            if self.image_token_id is not None:  # an answer never holds image tokens
-                kwargs.setdefault("suppress_tokens", [self.image_token_id])
-            out = self.model.generate(**inputs, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                                      stopping_criteria=criteria, streamer=streamer, **kwargs)
-        cancelled = canceller is not None and canceller.fired
-        rows = []
-        for doc, ids, m, new, was_cached in zip(docs, input_ids, mask, out[:, width:].tolist(), cached):
-            ended = tok.eos_token_id in new
-            if ended:
-                new = new[:new.index(tok.eos_token_id)]
-            else:
-                while new and new[-1] == tok.pad_token_id:
-                    new.pop()
-            n_new = len(new)
-            looped = False
-            if not ended:
-                new, looped = trim_loop(new, self.loop_policy)
-            stopped = ("eos" if ended else "loop" if looped else "cancelled" if cancelled
-                       else "max_new_tokens")
-            rows.append({
-                "doc": doc,
-                "answer": tok.decode(new, skip_special_tokens=True).strip(),
-                "prompt_tokens": int(m.sum()),
-                "visual_tokens": int((ids[m.bool()] == self.image_token_id).sum()) if self.image_token_id is not None else 0,
-                "new_tokens": n_new,
-                "stopped": stopped,
-                "cached": was_cached,
-            })
-        for doc in docs:
+            rows = self.decoder.run([d.pages for d in docs], instructions, settings, streamer=streamer, cancel=cancel,
+                                    inputs=inputs)
+        for doc, row, was_cached in zip(docs, rows, cached):
+            row.update(doc=doc, cached=was_cached)
             doc.uses += 1
         return rows
 

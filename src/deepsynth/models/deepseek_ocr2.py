@@ -117,7 +117,8 @@ def tiny_processor(image_size: int = 256) -> DeepseekOcr2Processor:
     processor = DeepseekOcr2Processor(
         image_processor=image_processor, tokenizer=build_char_tokenizer(), patch_size=16, downsample_ratio=4
     )
-    return set_crop_mode(processor, "none")  # the processor class's default would cut crops anyway
+    set_crop_mode(processor, "none")  # the processor class's default would cut crops anyway
+    return processor
 
 
 def build_tiny(seed: int = 0, image_size: int = 256) -> tuple[DeepseekOcr2ForConditionalGeneration, DeepseekOcr2Processor]:
@@ -209,7 +210,6 @@ BACKEND = Backend(
 
 # ---- crop mode, image tokens, LoRA on the routed experts, parameter groups ---------------------
 # (used by peft_utils, memory and the real-size check; the backend exposes them)
-CROP_MODES = ("none", "tiles")
 # The released processor's image settings (`DeepseekOcr2ImageProcessorPil()` defaults): a 1024 px
 # global view, and local crops of 768 px, 2 to 6 of them, for pages larger than a crop.
 REAL_PAGE_SIZE = 1024
@@ -217,47 +217,18 @@ REAL_TILE_SIZE = 768
 REAL_MIN_PATCHES, REAL_MAX_PATCHES = 2, 6
 
 
-def set_crop_mode(processor, mode: str | None = None, tile_size: int | None = None):
-    """Make the processor's crop mode explicit and honoured at call time; returns the processor.
-
-    mode "none": one global view per page at the processor's `size`; the image-token count is the
-    features the model produces (size / 64 squared + 1). "tiles": the global view plus local crops of
-    `tile_size` (default: 768 px for 1024 px pages as released, else the page size). None: the mode
-    saved in the image processor's config (`crop_to_patches`), i.e. what `save_pretrained` wrote.
-
-    Why both places: `DeepseekOcr2Processor.images_kwargs` (a class attribute) passes
-    crop_to_patches=True at every call, overriding the image processor's own setting, so a saved
-    `crop_to_patches: false` is ignored after a reload. And with crops off the image processor
-    resizes the global view to `tile_size` while the processor counts tokens for `size`, so "none"
-    also sets tile_size = size.
-    """
-    image_processor = processor.image_processor
-    if mode is None:
-        mode = crop_mode_of(processor)
-    if mode not in CROP_MODES:
-        raise ValueError(f"crop mode must be one of {CROP_MODES}, got {mode!r}")
-    side = image_processor.size["height"]
-    if mode == "none":
-        image_processor.crop_to_patches = False
-        image_processor.tile_size = side
-    else:
-        if type(processor).__name__ == "DeepseekOcrV1Processor":
-            raise ValueError("crop mode 'tiles': DeepSeek-OCR v1 (the port) reads one global view per page; "
-                             "use crop mode 'none'")
-        tile = tile_size or (REAL_TILE_SIZE if side == REAL_PAGE_SIZE else side)
-        if not 64 <= tile <= side:
-            raise ValueError(f"tile_size={tile} must be in [64, {side}] (the page size)")
-        image_processor.crop_to_patches = True
-        image_processor.tile_size = tile
-    # An instance attribute shadows the class default for this processor only.
-    processor.images_kwargs = {"crop_to_patches": mode == "tiles", "min_patches": image_processor.min_patches,
-                               "max_patches": image_processor.max_patches}
-    return processor
+def effective_image_settings(processor) -> dict:
+    """What the processor will use at call time: its `images_kwargs` (instance or class default,
+    which win, see `set_crop_mode`) over the image processor's own attributes."""
+    ip = processor.image_processor
+    kwargs = dict(getattr(processor, "images_kwargs", {}) or {})
+    return {key: kwargs.get(key, getattr(ip, key)) for key in ("crop_to_patches", "tile_size", "min_patches",
+                                                              "max_patches")} | {"size": ip.size["height"]}
 
 
 def crop_mode_of(processor) -> str:
-    """The crop mode stated by the image processor's own settings ("tiles" or "none")."""
-    return "tiles" if processor.image_processor.crop_to_patches else "none"
+    """The crop mode the processor applies at call time ("tiles" or "none")."""
+    return "tiles" if effective_image_settings(processor)["crop_to_patches"] else "none"
 
 
 def _image_settings(config_or_processor, crop_mode: str) -> dict:
@@ -265,12 +236,10 @@ def _image_settings(config_or_processor, crop_mode: str) -> dict:
     (for estimates without one) from a config: the released settings at 1024 px, else one view of
     the SAM input size."""
     if hasattr(config_or_processor, "image_processor"):
-        ip = config_or_processor.image_processor
-        side = ip.size["height"]
-        tile = ip.tile_size if crop_mode == "tiles" else side
-        if crop_mode == "tiles" and tile >= side and side == REAL_PAGE_SIZE:
-            tile = REAL_TILE_SIZE
-        return dict(side=side, tile=tile, min_patches=ip.min_patches, max_patches=ip.max_patches,
+        settings = effective_image_settings(config_or_processor)
+        side = settings["size"]
+        tile = settings["tile_size"] if crop_mode == "tiles" else side
+        return dict(side=side, tile=tile, min_patches=settings["min_patches"], max_patches=settings["max_patches"],
                     cell=config_or_processor.patch_size * config_or_processor.downsample_ratio,
                     newlines=type(config_or_processor).__name__ == "DeepseekOcrV1Processor")
     config = config_or_processor
@@ -365,4 +334,4 @@ def build_tiny_moe(seed: int = 0, n_experts: int = 4, image_size: int = 256):
     model = apply_vision_readout(DeepseekOcr2ForConditionalGeneration(config))
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
-    return model, set_crop_mode(processor, "none")
+    return model, processor

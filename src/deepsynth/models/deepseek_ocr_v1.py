@@ -59,6 +59,8 @@ from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import (
 )
 from transformers.models.deepseek_ocr2.processing_deepseek_ocr2 import DeepseekOcr2Processor
 
+from deepsynth.models.backend import Backend
+
 logger = logging.getLogger(__name__)
 
 V1_CHECKPOINT = "deepseek-ai/DeepSeek-OCR"
@@ -591,3 +593,19 @@ def build_tiny_v1(seed: int = 0, image_size: int = 256):
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model, processor
+
+
+def _set_crop_mode(processor, crop_mode: str | None) -> None:
+    from deepsynth.models.deepseek_ocr2 import set_crop_mode
+
+    set_crop_mode(processor, crop_mode)  # the v1 processor is the OCR-2 processor with v1 sizes
+
+
+BACKEND = Backend(
+    # Original checkpoints (remote-code layout, model_type "deepseek_vl_v2") are converted once to
+    # the port; converted directories have model_type "deepseek_ocr_v1".
+    name="deepseek-ocr-v1", model_types=("deepseek_vl_v2", MODEL_TYPE), load=load_v1,
+    presets={"tiny-deepseek-ocr-v1": build_tiny_v1}, aliases={"deepseek-ocr": V1_CHECKPOINT},
+    prompt_layout="raw", render_preset="large", preset_render="tiny", encodes_pages=False,
+    configure_processor=_set_crop_mode,
+)

@@ -34,6 +34,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 from transformers.utils import is_torchvision_available
 
+from deepsynth.models.backend import Backend
 from deepsynth.models.tokenizer import CHARACTERS
 
 logger = logging.getLogger(__name__)
@@ -250,3 +251,11 @@ TINY_PRESETS: dict[str, Callable[..., tuple]] = {
     "tiny-qwen2.5-vl": functools.partial(build_tiny_qwen2_vl, version="2.5"),
     "tiny-idefics3": build_tiny_idefics3,
 }
+
+
+BACKEND = Backend(
+    # Tried after the DeepSeek backends; every other AutoModelForImageTextToText type.
+    name="generic", model_types=tuple(t for t in IMAGE_TEXT_TO_TEXT_TYPES if t != "deepseek_ocr2"),
+    load=load_generic, presets=TINY_PRESETS, prompt_layout="chat-template", render_preset="large",
+    preset_render="tiny", encodes_pages=False,
+)

@@ -6,13 +6,13 @@ width; the projected vectors replace placeholder positions of the prompt and rea
 through `inputs_embeds`, in training and in generation alike.
 
 `SoftPromptModel` wraps a vision-language model with this channel. It saves as the wrapped
-model's `save_pretrained` directory plus `text_encoder/` (model + tokenizer) and
-`text_projection.safetensors`, and `load_soft_prompt_model` reads that layout back.
+model's `save_pretrained` directory plus `text_projection.safetensors` and, only when the encoder
+was fine-tuned, `text_encoder/`; a frozen encoder is referenced by its id in the model bundle
+(`deepsynth.models.bundle`), and `load_soft_prompt_model` reads that layout back.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from deepsynth.models.tokenizer import build_char_tokenizer
 logger = logging.getLogger(__name__)
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
-SOFT_PROMPT_FILE = "deepsynth_text_encoder.json"
+ENCODER_DIR = "text_encoder"
 PROJECTION_FILE = "text_projection.safetensors"
 
 
@@ -172,31 +172,45 @@ class SoftPromptModel(nn.Module):
         new = self.model.generate(inputs_embeds=embeds, **kwargs)
         return torch.cat([input_ids, new], dim=1)
 
-    def save_pretrained(self, directory, **kwargs) -> None:
+    def channel(self) -> dict:
+        """The instruction channel as the model bundle records it."""
+        return {
+            "kind": "text-encoder", "model": self.text_encoder.model_name, "trainable": self.text_encoder.trainable,
+            "pooling": self.text_encoder.pooling, "use_projection": self.use_projection,
+            "projection": PROJECTION_FILE if isinstance(self.projection, nn.Linear) else None,
+            # A frozen encoder is the published one: referenced by id, never copied into checkpoints.
+            "weights": ENCODER_DIR if self.text_encoder.trainable else None,
+        }
+
+    def save_pretrained(self, directory, **kwargs) -> dict:
+        """The wrapped model's `save_pretrained` plus the projection (and the encoder when it was
+        fine-tuned); returns the channel record for the bundle."""
         directory = Path(directory)
         self.model.save_pretrained(directory, **kwargs)
-        self.text_encoder.model.save_pretrained(directory / "text_encoder")
-        self.text_encoder.tokenizer.save_pretrained(directory / "text_encoder")
+        self.save_channel(directory)
+        return self.channel()
+
+    def save_channel(self, directory) -> None:
+        """Projection weights, and the encoder's own weights only when it was fine-tuned."""
+        directory = Path(directory)
         if isinstance(self.projection, nn.Linear):
-            save_file({k: v.contiguous() for k, v in self.projection.state_dict().items()}, directory / PROJECTION_FILE)
-        (directory / SOFT_PROMPT_FILE).write_text(json.dumps({
-            "text_encoder": self.text_encoder.model_name, "trainable": self.text_encoder.trainable,
-            "pooling": self.text_encoder.pooling, "use_projection": self.use_projection,
-            "projection": isinstance(self.projection, nn.Linear),
-        }, indent=2))
+            save_file({k: v.detach().contiguous() for k, v in self.projection.state_dict().items()},
+                      directory / PROJECTION_FILE)
+        if self.text_encoder.trainable:
+            self.text_encoder.model.save_pretrained(directory / ENCODER_DIR)
+            self.text_encoder.tokenizer.save_pretrained(directory / ENCODER_DIR)
 
 
-def is_soft_prompt_dir(path: str | Path) -> bool:
-    return (Path(path) / SOFT_PROMPT_FILE).is_file()
-
-
-def load_soft_prompt_model(model, path: str | Path) -> SoftPromptModel:
-    """Wrap an already loaded base model with the text encoder and projection saved beside it."""
+def load_soft_prompt_model(model, path: str | Path, channel: dict) -> SoftPromptModel:
+    """Wrap an already loaded base model with the text encoder (its saved fine-tuned copy, or the
+    published one by id) and the projection saved in `path`."""
     path = Path(path)
-    meta = json.loads((path / SOFT_PROMPT_FILE).read_text())
-    encoder = TextEncoderModule(str(path / "text_encoder"), trainable=meta["trainable"], pooling=meta["pooling"])
-    encoder.model_name = meta["text_encoder"]
-    wrapped = SoftPromptModel(model, encoder, use_projection=meta["use_projection"])
-    if meta["projection"]:
-        wrapped.projection.load_state_dict(load_file(path / PROJECTION_FILE))
+    source = str(path / channel["weights"]) if channel.get("weights") else channel["model"]
+    encoder = TextEncoderModule(source, trainable=channel["trainable"], pooling=channel["pooling"])
+    encoder.model_name = channel["model"]
+    wrapped = SoftPromptModel(model, encoder, use_projection=channel["use_projection"])
+    if channel.get("projection"):
+        wrapped.projection.load_state_dict(load_file(path / channel["projection"]))
+    elif isinstance(wrapped.projection, nn.Linear):
+        raise FileNotFoundError(f"{path}: the text-encoder channel needs a projection but none was saved")
     return wrapped

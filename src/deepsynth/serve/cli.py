@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from typing import Optional
 
 import typer
 
@@ -30,7 +31,8 @@ def serve_command(
                                                                   "the server's lifetime)."),
     host: str = typer.Option("127.0.0.1", help="Address to bind; 127.0.0.1 keeps the server local."),
     port: int = typer.Option(8000, min=1, max=65535, help="TCP port."),
-    preset: str = typer.Option("tiny", help="Render preset the model reads."),
+    preset: Optional[str] = typer.Option(None, help="Render preset override (default: the pages the model was "
+                                                    "trained on, from its bundle)."),
     adapter: str = typer.Option(None, help="Optional LoRA adapter directory merged into the model."),
     max_batch_size: int = typer.Option(8, min=1, max=64, help="Requests answered by one generate call."),
     max_wait_ms: float = typer.Option(10.0, min=0, max=1000, help="How long a batch waits for companions."),
@@ -49,20 +51,21 @@ def serve_command(
     from deepsynth.serve.app import create_app
     from deepsynth.serve.config import API_KEY_ENV, ServeConfig
 
-    try:
-        config = ServeConfig.from_env(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
-                                      max_new_tokens=max_new_tokens, max_pages=max_pages,
-                                      default_new_tokens=min(128, max_new_tokens))
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
-    if not _is_loopback(host) and config.api_key is None:
-        typer.echo(f"warning: serving on {host} without an API key; set {API_KEY_ENV} to require one", err=True)
     if threads:
         torch.set_num_threads(threads)
     try:
         engine = InstructionEngine(model, render_preset=preset, adapter=adapter, cache_pages=cache_pages)
     except (FileNotFoundError, OSError, ValueError) as exc:
         raise typer.BadParameter(f"cannot load model {model!r}: {exc}", param_hint="'--model'") from None
+    try:
+        # A request without max_new_tokens gets the model's own decoding default, within the server's cap.
+        config = ServeConfig.from_env(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
+                                      max_new_tokens=max_new_tokens, max_pages=max_pages,
+                                      default_new_tokens=min(engine.generation.max_new_tokens, max_new_tokens))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if not _is_loopback(host) and config.api_key is None:
+        typer.echo(f"warning: serving on {host} without an API key; set {API_KEY_ENV} to require one", err=True)
     app = create_app(engine, config)
     typer.echo(f"DeepSynth serving {model} on http://{host}:{port}/  (API docs: /docs)", err=True)
     uvicorn.run(app, host=host, port=port, log_level="info", server_header=False)
