@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 import torch
 
 from deepsynth.atomic import write_text_atomic
+from deepsynth.models.adapters import load_adapters
 from deepsynth.models.backend import Backend
 from deepsynth.models.collate import CHAT_TEMPLATE_PROMPT, RAW_PROMPT, Collator, PromptBuilder
 from deepsynth.models.generate import Decoder, GenerationSettings
@@ -287,8 +288,6 @@ def apply_adapter(base: LoadedModel, adapter: str | Path, base_name: str = "", s
                   merge: bool = True) -> LoadedModel:
     """`base` with the LoRA adapters of `adapter` (merged unless `merge=False`); the adapter bundle's
     spec when it has one, else the base's."""
-    from peft import PeftModel
-
     path = Path(adapter)
     if not (path / "adapter_config.json").is_file():
         raise FileNotFoundError(f"adapter directory {str(path)!r} has no adapter_config.json")
@@ -296,7 +295,7 @@ def apply_adapter(base: LoadedModel, adapter: str | Path, base_name: str = "", s
     if isinstance(base.model, SoftPromptModel):
         raise BundleError(f"{path}: the base model {base_name!r} carries a text-encoder channel; adapters go on "
                           "a plain model")
-    model = PeftModel.from_pretrained(base.model, str(path))
+    model = load_adapters(base.model, path)
     if merge:
         model = model.merge_and_unload()
         logger.info("merged LoRA adapter %s into %s", path, base_name)
