@@ -134,6 +134,10 @@ class Collator:
         ids = [row[mask.bool()].tolist() for row, mask in zip(enc["input_ids"], enc["attention_mask"])]
         if self.prompt_builder.pass_through:
             extra.update(_split_processor_outputs(enc))
+        elif "pixel_values_local" in enc:
+            # DeepSeek-OCR-2 in crop mode "tiles": the prompt counts the crops' tokens, so their pixels
+            # and the number per page must reach the model too.
+            extra["mm_inputs"] = {k: enc[k] for k in ("pixel_values_local", "num_local_patches")}
         return {"input_ids": ids, "pixel_values": enc["pixel_values"], **extra}
 
     def __call__(self, batch: Sequence[dict]) -> dict:
