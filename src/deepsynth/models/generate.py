@@ -152,7 +152,10 @@ class Decoder:
         processor = self.collator.processor
         out: list[torch.Tensor] = []
         for start in range(0, len(pages), chunk):
-            enc = processor.image_processor(images=list(pages[start:start + chunk]), return_tensors="pt")
+            # The processor's call-time image settings (its crop mode, see deepseek_ocr2.set_crop_mode)
+            # override the image processor's own, here as in the collator's processor call.
+            enc = processor.image_processor(images=list(pages[start:start + chunk]), return_tensors="pt",
+                                            **dict(getattr(processor, "images_kwargs", None) or {}))
             kwargs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in enc.items()
                       if k in ("pixel_values", "pixel_values_local", "num_local_patches")}
             for key in ("pixel_values", "pixel_values_local"):
