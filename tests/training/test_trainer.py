@@ -1,4 +1,5 @@
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 from deepsynth.data.synthetic import SyntheticConfig, generate
 from deepsynth.models import load_model
 from deepsynth.training.config import TrainerConfig
-from deepsynth.training.trainer import Trainer, TrainingDiverged
+from deepsynth.training.trainer import Trainer, TrainerCallback, TrainingDiverged
 
 SYN = SyntheticConfig(facts_per_doc=2)
 DATA = generate(SYN, 16, "train")
@@ -107,13 +108,96 @@ def test_frozen_vision_does_not_change(tmp_path):
     assert not torch.equal(proj_before, trainer.model.model.multi_modal_projector.weight)
 
 
+class FakeClock:
+    """Seconds that pass only when a training batch is processed (see Tick)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Tick(TrainerCallback):
+    """Every training forward pass takes `seconds` by the fake clock (the clock moves inside the
+    step, as real time does); records each micro-batch's non-pad tokens."""
+
+    def __init__(self, clock: FakeClock, seconds: float, pad_id: int) -> None:
+        self.clock, self.seconds, self.pad_id, self.tokens = clock, seconds, pad_id, []
+
+    def attach(self, model) -> None:
+        model.register_forward_pre_hook(self._advance)
+
+    def _advance(self, module, args) -> None:
+        if module.training:
+            self.clock.now += self.seconds
+
+    def on_batch_end(self, trainer, batch, outputs) -> None:
+        self.tokens.append(int((batch["input_ids"] != self.pad_id).sum()))
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def ticking_trainer(cfg: TrainerConfig, seconds: float) -> tuple[Trainer, Tick]:
+    model, processor = load_model(cfg.model_name, seed=cfg.seed)
+    clock = FakeClock()
+    tick = Tick(clock, seconds, processor.tokenizer.pad_token_id)
+    tick.attach(model)
+    return Trainer(cfg, model=model, processor=processor, clock=clock, callbacks=[tick]), tick
+
+
 def test_time_budgeted_run_decays_the_learning_rate_over_its_minutes(tmp_path):
+    # 0.1 minutes = 6 s of a fake clock that advances 1 s per batch: exactly 6 steps, whatever the
+    # machine's speed, and the cosine decay follows the spent share of the budget.
     cfg = config(tmp_path, max_steps=None, max_minutes=0.1, num_epochs=1000, warmup_steps=0, lr_scheduler="cosine",
                  min_lr_ratio=0.1)
-    metrics, _ = Trainer(cfg).train(DATA)
-    assert metrics["stopped"] == "max_minutes"
-    recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    lrs = [r["lr"] for r in recs if "lr" in r]
-    assert lrs[0] > 0.9 * cfg.learning_rate
-    assert lrs[-1] < 0.2 * cfg.learning_rate  # near the floor (0.1 x) once the budget is spent
-    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    trainer, _ = ticking_trainer(cfg, seconds=1.0)
+    metrics, _ = trainer.train(DATA)
+    assert metrics["stopped"] == "max_minutes" and metrics["train_steps"] == 6
+    assert metrics["train_seconds"] == 6.0
+    lrs = [r["lr"] for r in records(tmp_path / "run") if "lr" in r]
+    expected = [cfg.learning_rate * (0.1 + 0.45 * (1 + math.cos(math.pi * k / 6))) for k in range(1, 7)]
+    assert lrs == pytest.approx(expected, rel=1e-9)
+    assert lrs[0] > 0.9 * cfg.learning_rate and lrs[-1] == pytest.approx(0.1 * cfg.learning_rate)
+
+
+def test_fixed_schedule_steps_decay_by_step_in_a_time_budgeted_run(tmp_path):
+    # schedule_steps keeps a step schedule although minutes end the run (the reader's phases).
+    cfg = config(tmp_path, max_steps=None, max_minutes=0.05, num_epochs=1000, warmup_steps=2, schedule_steps=6,
+                 min_lr_ratio=0.1)
+    trainer, _ = ticking_trainer(cfg, seconds=1.0)
+    metrics, _ = trainer.train(DATA)
+    assert metrics["train_steps"] == 3 and metrics["stopped"] == "max_minutes"
+    lrs = [r["lr"] for r in records(tmp_path / "run") if "lr" in r]
+    factor = [(s + 1) / 2 if s < 2 else 0.1 + 0.45 * (1 + math.cos(math.pi * (s - 2) / 4)) for s in range(1, 4)]
+    assert lrs == pytest.approx([cfg.learning_rate * f for f in factor], rel=1e-9)
+
+
+def test_telemetry_tokens_per_second_and_peak_memory(tmp_path):
+    cfg = config(tmp_path, max_steps=4, log_interval=2, gradient_accumulation_steps=2)
+    trainer, tick = ticking_trainer(cfg, seconds=0.5)
+    metrics, _ = trainer.train(DATA)
+    logged = [r for r in records(tmp_path / "run") if "lr" in r]
+    assert [r["step"] for r in logged] == [1, 2, 4]
+    # Each step is 2 micro-batches of 0.5 s; tokens/s covers the batches since the previous record.
+    per_step = [sum(tick.tokens[i:i + 2]) for i in range(0, 8, 2)]
+    assert [r["tokens_per_s"] for r in logged] == pytest.approx(
+        [per_step[0] / 1.0, per_step[1] / 1.0, (per_step[2] + per_step[3]) / 2.0], abs=0.01)
+    assert metrics["tokens"] == sum(tick.tokens)
+    assert metrics["tokens_per_s"] == pytest.approx(sum(tick.tokens) / 4.0, abs=0.01)
+    assert all(r["peak_memory_kind"] == "process_peak_rss" and r["peak_memory_mb"] > 50 for r in logged)
+    assert metrics["peak_memory_mb"] >= logged[-1]["peak_memory_mb"]
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
+
+
+def test_stale_temporary_folders_are_removed_at_start(tmp_path):
+    run = tmp_path / "run"
+    (run / ".checkpoint-000004.tmp" / "state").mkdir(parents=True)
+    (run / ".final.old.tmp").mkdir()
+    (run / "notes.txt").parent.mkdir(exist_ok=True)
+    (run / "notes.txt").write_text("kept")
+    Trainer(config(tmp_path, max_steps=1)).train(DATA)
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []
+    assert (run / "notes.txt").read_text() == "kept" and (run / "checkpoint-000001" / "trainer_state.json").is_file()
