@@ -122,16 +122,35 @@ class CacheStats:
     evictions: int = 0
     entries: int = 0
     pages: int = 0
+    bytes: int = 0  # page pixels plus encoded page features held, as of the last insertion
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
 
-class DocumentCache:
-    """LRU of prepared documents, bounded by the total number of pages it holds (0 = off)."""
+#: Default byte bound of the document cache: room for ~1,000 pages at 256 px, or ~80 at 1024 px.
+DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
 
-    def __init__(self, max_pages: int = 256) -> None:
-        self.max_pages = max_pages
+
+def document_bytes(doc: PreparedDocument) -> int:
+    """Memory a prepared document holds: its page pixels and its encoded page features."""
+    pixels = sum(p.width * p.height * len(p.getbands()) for p in doc.pages)
+    features = sum(f.numel() * f.element_size() for f in doc.features) if doc.features is not None else 0
+    return pixels + features
+
+
+class DocumentCache:
+    """LRU of prepared documents, bounded by pages, bytes and entries (max_pages=0 turns it off).
+
+    max_pages:   pages held, summed over documents.
+    max_bytes:   page pixels plus encoded features held; features are added after a document is
+                 cached, so they count from the next insertion on.
+    max_entries: documents held.
+    A document larger than a bound on its own is not cached.
+    """
+
+    def __init__(self, max_pages: int = 256, max_bytes: int = DEFAULT_CACHE_BYTES, max_entries: int = 1024) -> None:
+        self.max_pages, self.max_bytes, self.max_entries = max_pages, max_bytes, max_entries
         self._items: OrderedDict[str, PreparedDocument] = OrderedDict()
         self._lock = threading.Lock()
         self.stats = CacheStats()
@@ -147,17 +166,20 @@ class DocumentCache:
             return item
 
     def put(self, item: PreparedDocument) -> None:
-        if self.max_pages <= 0 or len(item.pages) > self.max_pages:
+        if (self.max_pages <= 0 or self.max_entries <= 0 or len(item.pages) > self.max_pages
+                or document_bytes(item) > self.max_bytes):
             return
         with self._lock:
             self._items[item.key] = item
             self._items.move_to_end(item.key)
-            total = sum(len(x.pages) for x in self._items.values())
-            while total > self.max_pages:
-                _, old = self._items.popitem(last=False)
-                total -= len(old.pages)
+            sizes = {key: document_bytes(x) for key, x in self._items.items()}
+            pages, size = sum(len(x.pages) for x in self._items.values()), sum(sizes.values())
+            while pages > self.max_pages or size > self.max_bytes or len(self._items) > self.max_entries:
+                key, old = self._items.popitem(last=False)
+                pages -= len(old.pages)
+                size -= sizes[key]
                 self.stats.evictions += 1
-            self.stats.entries, self.stats.pages = len(self._items), total
+            self.stats.entries, self.stats.pages, self.stats.bytes = len(self._items), pages, size
 
     def clear(self) -> None:
         with self._lock:
@@ -283,22 +305,54 @@ class InstructionEngine:
             return self._render(clean_text(document), kind, key, limits, field)
         if kind == "pdf":
             data = document.data if isinstance(document, Pdf) else bytes(document)
-            side = max(self.render_config.page_width, self.render_config.page_height)
-            content = read_pdf(data, limits, page_side=side, field=field)
+            content = read_pdf(data, limits, page_side=self.max_page_side, field=field)
             if isinstance(content, str):
                 return self._render(content, "pdf-text", key, limits, field)
             return PreparedDocument(key=key, kind="pdf-images", pages=content)
         if kind == "image":
-            return PreparedDocument(key=key, kind="images", pages=[open_image(bytes(document), limits, field)])
+            return PreparedDocument(key=key, kind="images",
+                                    pages=[self._fit(open_image(bytes(document), limits, field))])
         if isinstance(document, Image.Image):
-            return PreparedDocument(key=key, kind="images", pages=[check_image(document, limits, field)])
+            return PreparedDocument(key=key, kind="images", pages=[self._fit(check_image(document, limits, field))])
         limits.check_pages(len(document), field)
+        # each page is shrunk as soon as it is decoded, so only one full-size page is held at a time
         pages = [
-            open_image(bytes(p), limits, f"{field}[{i}]") if isinstance(p, (bytes, bytearray))
-            else check_image(p, limits, f"{field}[{i}]")
+            self._fit(open_image(bytes(p), limits, f"{field}[{i}]") if isinstance(p, (bytes, bytearray))
+                      else check_image(p, limits, f"{field}[{i}]"))
             for i, p in enumerate(document)
         ]
         return PreparedDocument(key=key, kind="images", pages=pages)
+
+    @property
+    def max_page_side(self) -> int:
+        """Longest page side, in pixels, the model reads: larger page images are shrunk to it.
+
+        The image processor's input size, or its tile grid's extent when it cuts pages into tiles
+        (up to `max_patches` tiles in a row), and never less than the rendered page's side.
+        """
+        side = getattr(self, "_max_page_side", None)
+        if side is None:
+            side = max(self.render_config.page_width, self.render_config.page_height)
+            ip = getattr(self.processor, "image_processor", None)
+            size = getattr(ip, "size", None) or {}
+            size = size if isinstance(size, dict) else {"side": size}
+            side = max([side, *(int(v) for v in size.values() if isinstance(v, (int, float)))])
+            spec = getattr(self, "spec", None)
+            if getattr(ip, "crop_to_patches", False) or getattr(spec, "crop_mode", "none") not in (None, "none"):
+                tile, most = getattr(ip, "tile_size", None), getattr(ip, "max_patches", None)
+                if tile and most:
+                    side = max(side, int(tile) * int(most))
+            self._max_page_side = side
+        return side
+
+    def _fit(self, img: Image.Image) -> Image.Image:
+        """`img` shrunk (aspect kept) to `max_page_side`: what is cached is what the model reads."""
+        side = self.max_page_side
+        if max(img.size) <= side:
+            return img
+        scale = side / max(img.size)
+        size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+        return img.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
 
     def _render(self, text: str, kind: str, key: str, limits: DocumentLimits, field: str) -> PreparedDocument:
         config = self.render_config
@@ -312,7 +366,7 @@ class InstructionEngine:
             pages = [p.image for p in render_text(text, config)]
         except ValueError as exc:
             if "max_pages" in str(exc):
-                raise DocumentError(field, f"the text needs more than {config.max_pages} pages",
+                raise DocumentError(field, f"the text needs more than {config.max_pages} pages (max_pages)",
                                     config.max_pages) from None
             raise DocumentError(field, str(exc)) from None
         tokens = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
