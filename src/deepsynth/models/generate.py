@@ -75,17 +75,13 @@ class GenerationSettings:
     @classmethod
     def from_model(cls, model) -> "GenerationSettings":
         """The decoding defaults stored in the model's generation_config (written by `write_to`);
-        fields it does not set keep this class's defaults."""
+        fields it leaves unset (None in transformers' GenerationConfig) keep this class's defaults."""
         config = getattr(model, "generation_config", None)
         values = {}
         for name in _CONFIG_FIELDS:
             value = getattr(config, name, None) if config is not None else None
             if value is not None:
                 values[name] = value
-        # transformers' GenerationConfig defaults (e.g. repetition_penalty 1.0, no_repeat_ngram_size 0)
-        # are indistinguishable from explicit values, so the bundle marks configs it wrote.
-        if not getattr(config, "deepsynth_decoding", False):
-            values = {k: v for k, v in values.items() if k == "max_new_tokens"}
         return cls(**values)
 
     def write_to(self, model) -> None:
@@ -93,7 +89,6 @@ class GenerationSettings:
         config = model.generation_config
         for name in _CONFIG_FIELDS:
             setattr(config, name, getattr(self, name))
-        config.deepsynth_decoding = True
 
 
 def _answer_row(new: list[int], tokenizer, policy: LoopPolicy, cancelled: bool) -> dict:

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from deepsynth.models.adapters import load_adapters  # noqa: F401  (re-exported for training code)
+from deepsynth.models.push import resolve_token
 
 logger = logging.getLogger(__name__)
 
@@ -339,16 +340,6 @@ def peft_model_of(model: nn.Module):
         if isinstance(candidate, PeftModel):
             return candidate
     raise ValueError("this model has no LoRA adapters to push (train with use_lora: true)")
-
-
-def resolve_token(token: str | None = None) -> str:
-    """`token`, else HF_TOKEN / the stored `hf auth login` token. The token is never logged."""
-    from huggingface_hub import get_token
-
-    token = token or os.environ.get("HF_TOKEN") or get_token()
-    if not token:
-        raise RuntimeError("no Hugging Face token: pass token=..., set HF_TOKEN, or run `hf auth login`")
-    return token
 
 
 def push_adapters_to_hub(model: nn.Module | str | os.PathLike, repo_id: str, token: str | None = None,
