@@ -32,6 +32,7 @@ import math
 import os
 import re
 import statistics
+import sys
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -57,7 +58,9 @@ from deepsynth.data.schema import (
     DataValidationError,
     InstructionExample,
     iter_jsonl,
+    parse_json,
     read_examples,
+    read_text_file,
 )
 
 logger = logging.getLogger(__name__)
@@ -137,21 +140,51 @@ def _load_local_file(path: Path, cache_dir: str | None):
                 rows[k].append(d[k])
             rows["meta"].append(json.dumps(d["meta"], ensure_ascii=False))
         return _datasets().Dataset.from_dict(rows)
+    if suffix != ".parquet":
+        # the datasets text loaders accept some damage (bytes that are not UTF-8) and fail later,
+        # inside conversion, without naming the line: read every line once first
+        problem = _locate_problem(path)
+        if problem:
+            raise PrepareError(problem)
     return _load_dataset(_LOCAL_BUILDERS[suffix], data_files=str(path), split="train", cache_dir=cache_dir)
 
 
 def _looks_like_examples(path: Path) -> bool:
-    with open(path, "r", encoding="utf-8") as f:
-        head = f.read(1 << 16).lstrip()
+    with open(path, "rb") as f:
+        # bad bytes are reported with their line by the reader that runs next; this only sniffs
+        raw = f.read(1 << 16).decode("utf-8", errors="replace")
+    head = raw.lstrip()
     if not head:
         raise PrepareError(f"{path}: the file is empty")
     if head.startswith("["):
         head = head[1:].lstrip()
     try:
         first, _ = json.JSONDecoder().raw_decode(head)
-    except json.JSONDecodeError:
+    except RecursionError:
+        line = raw[:len(raw) - len(head)].count("\n") + 1
+        raise PrepareError(f"{path} line {line}: JSON nested too deeply to read (more than about "
+                           f"{sys.getrecursionlimit()} levels of arrays/objects)") from None
+    except ValueError:  # not JSON (or not readable as such): let the datasets loader decide
         return False
-    return isinstance(first, dict) and set(REQUIRED_FIELDS) <= set(first)
+    return isinstance(first, dict) and set(REQUIRED_FIELDS) - {"id"} <= set(first)
+
+
+def _locate_problem(path: Path) -> str | None:
+    """The first unreadable place in a local file (file and line/row), or None when every
+    record reads; used to explain a failure of the datasets loader, which rarely names it."""
+    suffix = path.suffix.lower()
+    if suffix not in (".json", ".jsonl", ".parquet"):
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    return f"{path} line {lineno}: not UTF-8 text ({exc.reason} at byte {exc.start})"
+        return None
+    for _, row, _ in _iter_rows(path):
+        if isinstance(row, DataValidationError):
+            return str(row)
+    return None
 
 
 def _is_beir_dir(path: Path) -> bool:
@@ -221,9 +254,12 @@ def load_source(source: str, *, config: str | None = None, split: str | None = N
             ds = _load_dataset(name, config, split=split, cache_dir=cache_dir)
     except PrepareError:
         raise
+    except DataValidationError as exc:
+        raise PrepareError(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - load_dataset raises many types; name the source
-        raise PrepareError(f"cannot load {source!r} (config={config!r}, split={split!r}): "
-                           f"{type(exc).__name__}: {exc}") from exc
+        where = _locate_problem(path) if path.is_file() else None
+        raise PrepareError(where or f"cannot load {source!r} (config={config!r}, split={split!r}): "
+                           f"{type(exc).__name__}: {exc}") from None
     if known is not None:
         info.update(converter=known.converter, license=known.license)
     if not hasattr(ds, "map"):
@@ -782,42 +818,59 @@ def _files_of(path: Path) -> list[Path]:
 
 
 def _iter_rows(path: Path):
-    """Yield (where, row dict or exception, num_pages or None)."""
+    """Yield (where, row dict or exception, num_pages or None); a file that cannot be read
+    (damaged Parquet, bytes that are not UTF-8, JSON nested too deeply) yields a
+    DataValidationError naming the file and the line/row instead of raising."""
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        import pyarrow.compute as pc
-        import pyarrow.parquet as pq
+        yield from _iter_parquet_rows(path)
+        return
+    if suffix not in (".jsonl", ".json"):
+        raise PrepareError(f"{path}: unsupported file type {path.suffix!r}; use .parquet, .jsonl or .json")
+    if suffix == ".json":
+        try:
+            content = read_text_file(path)
+        except DataValidationError as exc:
+            yield str(path), exc, None
+            return
+        if content.lstrip().startswith("["):
+            try:
+                data = parse_json(content, str(path))
+            except DataValidationError as exc:
+                yield str(path), exc, None
+                return
+            if not isinstance(data, list):
+                yield f"{path}", DataValidationError(f"{path}: expected a JSON array of records"), None
+                return
+            for i, row in enumerate(data, start=1):
+                yield f"{path} record {i}", row, None
+            return
+    for where, record in iter_jsonl(path):
+        yield where, record, None
 
+
+def _iter_parquet_rows(path: Path):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    i = 0
+    try:
         pf = pq.ParquetFile(path)
         names = pf.schema_arrow.names
         lengths = None
         if "num_pages" not in names and "Image" in names:  # page counts without decoding images
-            lengths = pc.list_value_length(pq.read_table(path, columns=["Image"]).column("Image")).to_pylist()
-        i = 0
+            lengths = pc.list_value_length(pf.read(columns=["Image"]).column("Image")).to_pylist()
         for batch in pf.iter_batches(batch_size=1000, columns=[c for c in names if c != "Image"]):
             pages = batch.column("num_pages").to_pylist() if "num_pages" in names else None
             for j, row in enumerate(batch.to_pylist()):
                 n_pages = pages[j] if pages is not None else (lengths[i] if lengths is not None else None)
                 i += 1
                 yield f"{path} row {i}", row, n_pages
-        return
-    if suffix == ".jsonl" or (suffix == ".json" and not path.read_text(encoding="utf-8").lstrip().startswith("[")):
-        for where, record in iter_jsonl(path):
-            yield where, record, None
-        return
-    if suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            yield f"{path}", DataValidationError(f"{path} line {exc.lineno}: invalid JSON ({exc.msg})"), None
-            return
-        if not isinstance(data, list):
-            yield f"{path}", DataValidationError(f"{path}: expected a JSON array of records"), None
-            return
-        for i, row in enumerate(data, start=1):
-            yield f"{path} record {i}", row, None
-        return
-    raise PrepareError(f"{path}: unsupported file type {path.suffix!r}; use .parquet, .jsonl or .json")
+    except (OSError, pa.ArrowException, ValueError) as exc:
+        where = f"{path} row {i + 1}" if i else str(path)
+        yield where, DataValidationError(f"{where}: not a readable Parquet file ({type(exc).__name__}: "
+                                         f"{str(exc).strip()})"), None
 
 
 def validate_path(path: str | os.PathLike, *, preset: str = "base", count_pages: bool = True,
@@ -863,10 +916,9 @@ def validate_path(path: str | os.PathLike, *, preset: str = "base", count_pages:
                 row = {k: v for k, v in row.items() if k not in _EXTRA_COLUMNS}
                 if isinstance(row.get("meta"), str):
                     try:
-                        row["meta"] = json.loads(row["meta"]) if row["meta"].strip() else {}
-                    except json.JSONDecodeError as exc:
-                        errors.append({"where": where, "id": row.get("id"), "field": "meta",
-                                       "message": f"{where}: field 'meta' is not valid JSON ({exc.msg})"})
+                        row["meta"] = parse_json(row["meta"], f"{where}: field 'meta'") if row["meta"].strip() else {}
+                    except DataValidationError as exc:
+                        errors.append({"where": where, "id": row.get("id"), "field": "meta", "message": str(exc)})
                         error_fields["meta"] += 1
                         continue
                 for k in ("source", "meta"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -24,6 +25,9 @@ __all__ = [
     "OPTIONAL_FIELDS",
     "write_jsonl",
     "iter_jsonl",
+    "parse_json",
+    "read_text_file",
+    "read_parquet_table",
     "read_jsonl",
     "write_json",
     "read_json",
@@ -259,19 +263,52 @@ def write_jsonl(examples: Iterable[InstructionExample], path: str | os.PathLike)
     write_atomic(path, _write)
 
 
+def parse_json(text: str, where: str) -> Any:
+    """``json.loads`` whose every failure is a :class:`DataValidationError` naming ``where``.
+
+    Besides syntax errors this covers values Python refuses to build: nesting deeper than the
+    interpreter's recursion limit and integers longer than its digit limit."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        at = f"line {exc.lineno} column {exc.colno}" if exc.lineno > 1 else f"column {exc.colno}"
+        raise DataValidationError(f"{where}: invalid JSON ({exc.msg} at {at})") from None
+    except RecursionError:
+        raise DataValidationError(f"{where}: JSON nested too deeply to read (more than about "
+                                  f"{sys.getrecursionlimit()} levels of arrays/objects)") from None
+    except ValueError as exc:  # e.g. an integer with more digits than int() accepts
+        raise DataValidationError(f"{where}: JSON value cannot be read ({exc})") from None
+
+
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
     """Yield ``(where, record)`` per non-blank line of a JSONL file, where ``where`` is
     ``"{path} line {n}"`` and ``record`` is the parsed JSON value, or a
-    :class:`DataValidationError` for a line that is not JSON (so callers choose to stop or go on)."""
-    with open(path, "r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    :class:`DataValidationError` for a line that cannot be read (not UTF-8, not JSON, nested too
+    deeply), so callers choose to stop or go on."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
             where = f"{path} line {lineno}"
             try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield where, DataValidationError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})")
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield where, DataValidationError(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start})")
+                continue
+            if not line.strip():
+                continue
+            try:
+                yield where, parse_json(line, where)
+            except DataValidationError as exc:
+                yield where, exc
+
+
+def read_text_file(path: str | os.PathLike) -> str:
+    """A whole UTF-8 file; bad bytes raise :class:`DataValidationError` naming the file and line."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DataValidationError(f"{path} line {line}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
 def read_jsonl(path: str | os.PathLike, validate: bool = True) -> list[InstructionExample]:
@@ -303,16 +340,12 @@ def read_json(path: str | os.PathLike, validate: bool = True) -> list[Instructio
     """Read a ``.json`` file: a JSON array of records (errors name the 1-based record number),
     or, if it does not start with ``[``, JSON Lines."""
     path = Path(path)
-    with open(path, "r", encoding="utf-8") as f:
-        content = f.read()
+    content = read_text_file(path)
     if not content.lstrip().startswith("["):
         return read_jsonl(path, validate=validate)
-    try:
-        data = json.loads(content)
-    except json.JSONDecodeError as exc:
-        raise DataValidationError(
-            f"{path} line {exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})"
-        ) from exc
+    data = parse_json(content, str(path))
+    if not isinstance(data, list):
+        raise DataValidationError(f"{path}: expected a JSON array of records, got {type(data).__name__}")
     items = []
     for i, obj in enumerate(data, start=1):
         where = f"{path} record {i}"
@@ -328,6 +361,19 @@ def _parquet_schema():
     import pyarrow as pa
 
     return pa.schema([(name, pa.string()) for name in REQUIRED_FIELDS + OPTIONAL_FIELDS])
+
+
+def read_parquet_table(path: str | os.PathLike, columns: list[str] | None = None):
+    """``pyarrow.parquet.read_table`` whose failures (not Parquet, a damaged footer or page)
+    raise :class:`DataValidationError` naming the file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path, columns=columns)
+    except (OSError, pa.ArrowException, ValueError) as exc:
+        raise DataValidationError(f"{path}: not a readable Parquet file ({type(exc).__name__}: "
+                                  f"{str(exc).strip()})") from None
 
 
 def write_parquet(examples: Iterable[InstructionExample], path: str | os.PathLike) -> None:
@@ -353,7 +399,7 @@ def read_parquet(path: str | os.PathLike, validate: bool = True) -> list[Instruc
     import pyarrow.parquet as pq
 
     path = Path(path)
-    table = pq.read_table(path)
+    table = read_parquet_table(path)
     names = set(table.column_names)
     missing = [c for c in REQUIRED_FIELDS if c not in names]
     if missing:
@@ -384,13 +430,9 @@ def read_parquet(path: str | os.PathLike, validate: bool = True) -> list[Instruc
             row.pop("meta", None)
         elif isinstance(meta, str):
             try:
-                row["meta"] = json.loads(meta) if meta.strip() else {}
-            except json.JSONDecodeError as exc:
-                raise DataValidationError(
-                    f"{where}: field 'meta' is not valid JSON ({exc.msg})",
-                    record_id=row.get("id"),
-                    field="meta",
-                ) from exc
+                row["meta"] = parse_json(meta, f"{where}: field 'meta'") if meta.strip() else {}
+            except DataValidationError as exc:
+                raise DataValidationError(str(exc), record_id=row.get("id"), field="meta") from None
         items.append((where, InstructionExample.from_dict(row, where=where)))
     return _finish_read(items, path, validate)
 
