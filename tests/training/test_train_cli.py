@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 import deepsynth.data.instruction_dataset as ID
 from deepsynth.cli import app
+from deepsynth.data import InstructionExample, write_jsonl
 from deepsynth.data import pipeline as P
 from deepsynth.render import RenderConfig
 from deepsynth.training.config import TrainerConfig
@@ -53,7 +54,7 @@ def folders(tmp_path_factory) -> tuple[Path, Path]:
 def recipe(tmp_path) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump({"model_name": "tiny", "output_dir": str(tmp_path / "recipe-run"), "batch_size": 2,
-                                    "max_steps": 2, "learning_rate": 1e-3, "render_preset": "tiny", "log_interval": 1,
+                                    "max_steps": 1, "learning_rate": 1e-3, "render_preset": "tiny", "log_interval": 1,
                                     "eval_max_new_tokens": 4, "seed": 3}))
     return path
 
@@ -87,28 +88,28 @@ def test_train_from_a_prepared_folder_uses_its_pages_and_the_set_overrides(folde
     monkeypatch.setattr(ID.InstructionDataset, "__getitem__", spy)
     monkeypatch.setattr(ID, "render_text", no_rendering)
     out = tmp_path / "run"
-    result = CliRunner().invoke(app, ["train", str(recipe), "--train", str(train_dir), "--set", "max_steps=3",
+    result = CliRunner().invoke(app, ["train", str(recipe), "--train", str(train_dir), "--set", "max_steps=2",
                                       "--set", "learning_rate=5e-4", "--set", "use_lora=false",
                                       "--set", f"output_dir={out}"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout[result.stdout.index("{"):])
-    assert report["metrics"]["train_steps"] == 3
+    assert report["metrics"]["train_steps"] == 2
     drawn = RenderConfig.from_preset(FOLDER_PRESET)
     assert report["render_config"] == json.loads(json.dumps(asdict(drawn)))  # what the pages were drawn with
 
-    # it read the folder's stored pages: 3 steps x batch 2 items, each equal to its stored PNGs
+    # it read the folder's stored pages (at least 2 steps x batch 2 items), each equal to its stored PNGs
     stored = stored_pages(train_dir)
-    assert len(seen) == 6 and all(s["pre"] for s in seen)
+    assert len(seen) >= 4 and all(s["pre"] for s in seen)
     for s in seen:
         assert s["pages"] == stored[s["id"]]
 
     # the overrides are what the run recorded; the recipe's other fields are kept
     config = yaml.safe_load((out / "config.yaml").read_text())
-    assert (config["max_steps"], config["learning_rate"], config["use_lora"]) == (3, 5e-4, False)
+    assert (config["max_steps"], config["learning_rate"], config["use_lora"]) == (2, 5e-4, False)
     assert (config["batch_size"], config["model_name"], config["seed"]) == (2, "tiny", 3)
     assert not (tmp_path / "recipe-run").exists()
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert max(steps) == 3
+    assert max(steps) == 2
 
 
 def test_train_with_an_eval_folder_reports_eval_scores(folders, recipe, tmp_path):
@@ -118,9 +119,22 @@ def test_train_with_an_eval_folder_reports_eval_scores(folders, recipe, tmp_path
                                       "--set", f"output_dir={out}"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout[result.stdout.index("{"):])
-    assert report["metrics"]["train_steps"] == 2
+    assert report["metrics"]["train_steps"] == 1
     assert set(report["metrics"]["eval"]) >= {"em", "f1"}
     assert any("eval" in json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())
+
+
+def test_train_from_an_examples_file_renders_with_the_recipe_preset(recipe, tmp_path):
+    src = tmp_path / "train.jsonl"
+    write_jsonl([InstructionExample(id=f"e{i}", text=f"Item {i} costs {i} dollars.", instruction="Cost?",
+                                    answer=str(i)) for i in range(2)], src)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", str(recipe), "--train", str(src), "--set", "max_steps=1",
+                                      "--output-dir", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout[result.stdout.index("{"):])
+    assert report["metrics"]["train_steps"] == 1
+    assert report["render_config"] == json.loads(json.dumps(asdict(RenderConfig.from_preset("tiny"))))
 
 
 @pytest.mark.parametrize("args, message", [
