@@ -416,6 +416,8 @@ def test_upload_writes_card_and_pushes_without_leaking_the_token(app, tmp_path, 
         seen["commit"] = (repo_id, [op.path_in_repo for op in operations], kw)
         seen["card"] = next(Path(op.path_or_fileobj).read_text(encoding="utf-8") for op in operations
                             if op.path_in_repo == "README.md")
+        seen["published"] = {op.path_in_repo: (op.path_or_fileobj if isinstance(op.path_or_fileobj, bytes)
+                                               else Path(op.path_or_fileobj).read_bytes()) for op in operations}
 
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
     monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", create_commit)
@@ -437,6 +439,16 @@ def test_upload_writes_card_and_pushes_without_leaking_the_token(app, tmp_path, 
     assert "path: data/train-*.parquet" in card and "**Examples:** 3" in card and '"page_width": 256' in card
     assert "`squad_v2.jsonl`" in card and str(FIX) not in card  # no local paths in a public card
     assert (out / "README.md").read_text(encoding="utf-8") == card
+    assert "README.md" in manifest(out)["files"]  # recorded, so a later --overwrite may replace it
+    # the published manifest names the source file, never where it lies on this machine
+    local = manifest(out)
+    assert local["plan"]["source"] == str(FIX / "squad_v2.jsonl")
+    published = json.loads(seen["published"]["manifest.json"])
+    for blob in seen["published"].values():
+        for secret_path in (str(FIX), str(tmp_path), str(Path.home())):
+            assert secret_path.encode() not in blob
+    assert published["plan"]["source"] == published["plan"]["name"] == "squad_v2.jsonl"
+    assert published["plan_hash"] == local["plan_hash"] and published["shards"] == local["shards"]
 
     def failing(self, repo_id, **kw):
         raise RuntimeError(f"401 Unauthorized for token {kw['token']}")
@@ -462,3 +474,20 @@ def test_upload_needs_a_token_and_a_complete_folder(tmp_path, cache, monkeypatch
         P.upload(out, "me/x")
     with pytest.raises(P.PrepareError, match="not a prepared folder"):
         P.upload(tmp_path, "me/x")
+
+
+def test_public_manifest_drops_every_local_path(tmp_path):
+    src = tmp_path / "private" / "corpus.jsonl"
+    m = {"plan": {"kind": "file", "source": str(src), "name": str(src),
+                  "options": {"vocab": str(tmp_path / "private" / "vocab.txt"), "home": "~/notes.txt",
+                              "note": f"built from {src.parent} on this machine", "seed": 3}},
+         "files": ["data/train-00000-of-00001.parquet"], "complete": True}
+    pub = P.public_manifest(m)
+    text = json.dumps(pub)
+    assert str(tmp_path) not in text and str(Path.home()) not in text
+    assert pub["plan"]["source"] == pub["plan"]["name"] == "corpus.jsonl"
+    assert pub["plan"]["options"] == {"vocab": "vocab.txt", "home": "notes.txt",
+                                      "note": "built from private on this machine", "seed": 3}
+    assert pub["files"] == m["files"] and m["plan"]["source"] == str(src)  # the local copy is untouched
+    hub = {"plan": {"kind": "hub", "source": "rajpurkar/squad", "name": "rajpurkar/squad"}}
+    assert P.public_manifest(hub) == hub

@@ -75,6 +75,7 @@ __all__ = [
     "format_report",
     "build_dataset_card",
     "upload",
+    "public_manifest",
     "MANIFEST",
     "DATA_DIR",
 ]
@@ -1036,9 +1037,8 @@ def build_dataset_card(manifest: Mapping, *, license: str | None = None, repo_id
     counts, converter options and render settings."""
     from huggingface_hub import DatasetCard, DatasetCardData
 
+    manifest = public_manifest(manifest)  # no local paths in a public card
     plan = dict(manifest.get("plan", {}))
-    if plan.get("kind") in ("file", "folder", "beir"):  # no local paths in a public card
-        plan["name"] = Path(str(plan.get("source", ""))).name
     counts = manifest.get("counts", {})
     split = manifest.get("split", "train")
     lic = license or manifest.get("license") or "unknown"
@@ -1082,6 +1082,36 @@ ds = load_dataset("{repo_id or 'REPO_ID'}", split="{split}")
     return str(DatasetCard(f"---\n{data.to_yaml()}\n---\n{body}"))
 
 
+def public_manifest(manifest: Mapping) -> dict:
+    """The manifest as it may be published: local paths (the source file or folder, any absolute
+    or home-relative path in the plan or options) reduced to their last component."""
+    local_roots = []
+    plan = manifest.get("plan") or {}
+    if plan.get("kind") in ("file", "folder", "beir") and isinstance(plan.get("source"), str):
+        src = Path(plan["source"]).expanduser()
+        # longest first, so a folder inside home is cut before home itself
+        local_roots = sorted({str(src.resolve().parent), str(Path.home())}, key=len, reverse=True)
+
+    def scrub(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: scrub(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [scrub(v) for v in value]
+        if not isinstance(value, str):
+            return value
+        if os.path.isabs(value) or value.startswith("~"):
+            return Path(value).name
+        for root in local_roots:
+            if root not in ("", ".", "/") and root in value:
+                value = value.replace(root, Path(root).name)
+        return value
+
+    out = scrub(dict(manifest))
+    if plan.get("kind") in ("file", "folder", "beir"):
+        out["plan"]["source"] = out["plan"]["name"] = Path(str(plan.get("source", ""))).name
+    return out
+
+
 def _scrub(message: str, token: str | None) -> str:
     return message.replace(token, "***") if token else message
 
@@ -1089,6 +1119,8 @@ def _scrub(message: str, token: str | None) -> str:
 def upload(path: str | os.PathLike, repo_id: str, *, private: bool = False, license: str | None = None,
            token: str | None = None, commit_message: str | None = None) -> str:
     """Push a prepared folder to the hub as a dataset repo, with a generated dataset card.
+
+    The published manifest.json is :func:`public_manifest`'s copy: no local paths.
 
     The token comes from ``token``, else the environment (``HF_TOKEN``) or the stored login
     (``huggingface_hub.get_token``); it is never printed or logged. Returns the repo URL."""
@@ -1113,8 +1145,9 @@ def upload(path: str | os.PathLike, repo_id: str, *, private: bool = False, lice
     if not token:
         raise PrepareError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
     api = HfApi()
-    operations = [CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(path / "README.md")),
-                  CommitOperationAdd(path_in_repo=MANIFEST, path_or_fileobj=str(manifest_path))]
+    published = json.dumps(public_manifest(manifest), indent=1, ensure_ascii=False).encode("utf-8")
+    operations = [CommitOperationAdd(path_in_repo=CARD, path_or_fileobj=str(path / CARD)),
+                  CommitOperationAdd(path_in_repo=MANIFEST, path_or_fileobj=published)]
     operations += [CommitOperationAdd(path_in_repo=f"{DATA_DIR}/{f.name}", path_or_fileobj=str(f)) for f in files]
     try:
         repo = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True, token=token)
