@@ -235,24 +235,33 @@ def test_wrong_method_and_path(client):
     assert_error(client.post("/api/nope", json={}), 404)
 
 
-def test_internal_errors_hide_details(client, caplog, monkeypatch):
+def test_internal_errors_hide_details(make_client, caplog, monkeypatch):
+    """The answer names only a request id; the log line has that id and the exception's message,
+    with the API key and bearer tokens redacted (issue 14: a 500 must be diagnosable)."""
+    client = make_client(api_key="k3y-do-not-log")
+    auth = {"Authorization": "Bearer k3y-do-not-log"}
     engine = client.app.state.engine
 
     def boom(*args, **kwargs):
-        raise RuntimeError("secret-detail /home/user/key.txt")
+        raise RuntimeError("secret-detail /home/user/key.txt k3y-do-not-log Bearer hf_abcdef123")
 
     monkeypatch.setattr(engine, "ask_batch", boom)
     monkeypatch.setattr(engine, "ask", boom)
     with caplog.at_level(logging.DEBUG):
-        r = client.post("/api/inference/instruct", json={"text": DOC, "instruction": "Q?"})
+        r = client.post("/api/inference/instruct", json={"text": DOC, "instruction": "Q?"}, headers=auth)
         body = assert_error(r, 500, code="internal_error")
         assert "secret" not in r.text and "RuntimeError" not in r.text
         monkeypatch.setattr(engine, "visual_token_count", boom)
-        r = client.post("/api/render", json={"text": DOC})
-        assert_error(r, 500, code="internal_error")
+        r = client.post("/api/render", json={"text": DOC}, headers=auth)
+        render_body = assert_error(r, 500, code="internal_error")
         assert "secret" not in r.text
     logged = "\n".join(rec.getMessage() + (rec.exc_text or "") for rec in caplog.records)
-    assert "secret-detail" not in logged and "Traceback" not in logged
+    assert "RuntimeError: secret-detail /home/user/key.txt" in logged  # the message, for diagnosis
+    assert "k3y-do-not-log" not in logged and "hf_abcdef123" not in logged and "[redacted]" in logged
+    assert "Traceback" not in logged
     assert all(rec.exc_info is None for rec in caplog.records)
-    assert body["message"].split("id ")[1].rstrip(")") in logged  # the id ties the answer to the log line
+    for answer in (body, render_body):
+        request_id = answer["message"].split("request id ")[1].rstrip(")")
+        assert f"request {request_id}" in logged  # the id ties the answer to the log line
+    assert r.headers["X-Request-ID"] == request_id
     assert client.get("/health").json()["status"] == "ok"

@@ -27,7 +27,7 @@ class FakeEngine:
         self.gate = threading.Event()
         self.gate.set()
 
-    def ask_batch(self, docs, instructions, settings):
+    def ask_batch(self, docs, instructions, settings, cancel=None):
         self.gate.wait(10)
         self.batches.append(list(instructions))
         return [Answer(answer=i.upper(), pages=1, visual_tokens=1, prompt_tokens=2, stopped="eos", latency_ms=1.0)

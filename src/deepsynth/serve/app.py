@@ -12,6 +12,10 @@ Routes
 
 Every error is JSON: {"error": code, "field": name or null, "message": text, "limit": number or
 null}. The model is fixed when the app is created; no request can name another one.
+
+With an API key set, every route but /health and the web UI (/ and /static) needs it. Every
+response carries an X-Request-ID; error logs name it with the exception's message (the key and
+bearer tokens redacted), and a 500 answer names it too.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the request models, which are built
@@ -20,6 +24,7 @@ import asyncio
 import base64
 import binascii
 import hmac
+import ipaddress
 import json
 import logging
 import re
@@ -42,7 +47,7 @@ from deepsynth.inference.documents import DocumentError, DocumentLimits, Markdow
 from deepsynth.inference.engine import Answer, InstructionEngine, encode_png
 from deepsynth.inference.templates import BY_ID, TEMPLATES
 from deepsynth.serve.batcher import Job, MicroBatcher, QueueFull
-from deepsynth.serve.config import ServeConfig
+from deepsynth.serve.config import LOOPBACK_HOSTS, ServeConfig
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +159,33 @@ class ErrorResponse(BaseModel):
 
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 422, 503, 504)}
+_BEARER = re.compile(r"(?i)(bearer\s+|hf_)[\w.~+/=-]+")
+# Routes open without the API key: liveness and the web page (which asks for the key itself).
+_OPEN_PATHS = ("/health", "/", "/favicon.ico")
+
+
+def redact(text: str, secret: str | None = None) -> str:
+    """`text` safe to log: the API key and anything that looks like a token replaced, at most 500 characters."""
+    if secret:
+        text = text.replace(secret, "[redacted]")
+    return _BEARER.sub(lambda m: m.group(1) + "[redacted]", text)[:500]
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_name(value: bytes) -> str:
+    """The name in a Host header, without its port (IPv6 literals lose their brackets)."""
+    host = value.decode("latin-1").strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host[1:]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
 # ---------------------------------------------------------------------- middleware
@@ -172,12 +204,15 @@ class GuardMiddleware:
         start = time.perf_counter()
         started = False
         status_box = {"status": 500}
+        request_id = uuid.uuid4().hex[:12]
+        scope.setdefault("state", {})["request_id"] = request_id
 
         async def send_wrapper(message) -> None:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
                 status_box["status"] = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())]}
             await send(message)
 
         async def respond(err: JSONResponse) -> None:
@@ -185,7 +220,11 @@ class GuardMiddleware:
 
         path = scope.get("path", "")
         try:
-            if path.startswith("/api/") and self._key is not None and not self._authorized(scope):
+            host_error = self._host_error(scope)
+            if host_error is not None:
+                await respond(error_response(400, "host_not_allowed", host_error, field="Host"))
+                return
+            if self._key is not None and self._needs_key(path) and not self._authorized(scope):
                 await respond(error_response(401, "unauthorized", "missing or wrong API key: send "
                                              "'Authorization: Bearer <key>'", field="Authorization",
                                              headers={"WWW-Authenticate": "Bearer"}))
@@ -199,16 +238,41 @@ class GuardMiddleware:
                     return
                 receive = _replay(body, receive)
             await self.app(scope, receive, send_wrapper)
-        except Exception as exc:  # the one place errors become a 500; no traceback is logged or sent
-            error_id = uuid.uuid4().hex[:12]
-            logger.error("internal error %s on %s %s: %s", error_id, scope.get("method"), path, type(exc).__name__)
+        except Exception as exc:  # the one place errors become a 500; no traceback is sent
+            logger.error("internal error on %s %s (request %s): %s: %s", scope.get("method"), path, request_id,
+                         type(exc).__name__, redact(str(exc), self.config.api_key))
             if not started:
-                await respond(error_response(500, "internal_error", f"internal error (id {error_id})"))
+                await respond(error_response(500, "internal_error", f"internal error (request id {request_id})"))
         finally:
             route = scope.get("route")
             label = getattr(route, "path", None) or ("static" if path.startswith("/static/") else "other")
             self.metrics.requests.labels(route=label, status=str(status_box["status"])).inc()
             self.metrics.latency.labels(route=label).observe(time.perf_counter() - start)
+
+    @staticmethod
+    def _needs_key(path: str) -> bool:
+        return not (path in _OPEN_PATHS or path.startswith("/static/"))
+
+    def _host_error(self, scope) -> str | None:
+        """Why the Host header is refused (None when it is allowed).
+
+        A server bound to loopback answers only to loopback names unless configured otherwise: a
+        web page whose DNS name is re-pointed at 127.0.0.1 sends its own name as the Host.
+        """
+        allowed = self.config.allowed_hosts
+        if allowed is None:
+            server = scope.get("server") or ("", None)
+            if not _is_loopback(str(server[0])):
+                return None
+            allowed = LOOPBACK_HOSTS
+        if "*" in allowed:
+            return None
+        value = next((v for name, v in scope.get("headers", []) if name == b"host"), b"")
+        host = _host_name(value)
+        if host in allowed:
+            return None
+        return (f"Host {host[:100]!r} is not allowed: this server answers to {', '.join(allowed)} "
+                "(set DEEPSYNTH_ALLOWED_HOSTS to allow others)")
 
     def _authorized(self, scope) -> bool:
         for name, value in scope.get("headers", []):
@@ -272,7 +336,7 @@ class Metrics:
                                registry=registry)
         Gauge("deepsynth_queue_depth", "Requests waiting for the model", registry=registry).set_function(
             lambda: batcher.depth)
-        for name in ("hits", "misses", "encoded_pages", "evictions", "entries", "pages"):
+        for name in ("hits", "misses", "encoded_pages", "evictions", "entries", "pages", "bytes"):
             Gauge(f"deepsynth_document_cache_{name}", f"Document cache: {name}", registry=registry).set_function(
                 lambda name=name: getattr(engine.cache.stats, name, 0))
 
@@ -325,13 +389,18 @@ def create_app(engine: InstructionEngine, config: ServeConfig | None = None) -> 
     InstructRequest, SummarizeRequest, RenderRequest = (
         schemas["InstructRequest"], schemas["SummarizeRequest"], schemas["RenderRequest"])
     limits = DocumentLimits(max_text_chars=config.max_text_chars, max_pages=config.max_pages,
-                            max_image_pixels=config.max_image_pixels)
+                            max_image_pixels=config.max_image_pixels, min_image_side=config.min_image_side,
+                            max_aspect_ratio=config.max_aspect_ratio,
+                            max_pdf_content_bytes=config.max_pdf_content_bytes,
+                            max_pdf_objects=config.max_pdf_objects)
     metrics_box: dict = {}
 
     def on_batch(size: int, seconds: float) -> None:
         metrics_box["m"].batch_size.observe(size)
         metrics_box["m"].batch_seconds.observe(seconds)
 
+    if config.cache_bytes is not None:
+        engine.cache.max_bytes = config.cache_bytes
     batcher = MicroBatcher(engine, config.max_batch_size, config.max_wait_ms, config.max_queue, on_batch=on_batch)
     metrics = metrics_box["m"] = Metrics(engine, batcher)
 
@@ -424,14 +493,20 @@ def create_app(engine: InstructionEngine, config: ServeConfig | None = None) -> 
             batch_size=job.batch_size, cached=answer.cached, model=engine.name,
         ).model_dump()
 
-    def job_error(exc: BaseException) -> APIError:
+    def job_error(exc: BaseException, request: Request) -> APIError:
         if isinstance(exc, APIError):
             return exc
         if isinstance(exc, DocumentError):
             return APIError(422, "invalid_document", exc.message, field=exc.field, limit=exc.limit)
-        error_id = uuid.uuid4().hex[:12]
-        logger.error("generation failed (id %s): %s", error_id, type(exc).__name__)
-        return APIError(500, "internal_error", f"internal error (id {error_id})")
+        request_id = request.scope.get("state", {}).get("request_id", "-")
+        logger.error("generation failed (request %s): %s: %s", request_id, type(exc).__name__,
+                     redact(str(exc), config.api_key))
+        return APIError(500, "internal_error", f"internal error (request id {request_id})")
+
+    async def client_gone(request: Request) -> None:
+        """Returns when the client disconnects (the body has been read: only the disconnect is left)."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
 
     async def answer(request: Request, req, instruction: str, start: float):
         doc = await prepare(req)
@@ -439,17 +514,28 @@ def create_app(engine: InstructionEngine, config: ServeConfig | None = None) -> 
         if req.stream:
             return stream_answer(request, doc, instruction, settings, start)
         job = submit(Job(doc=doc, instruction=instruction, settings=settings))
+        result_future = asyncio.wrap_future(job.future)
+        gone = asyncio.ensure_future(client_gone(request))
         try:
-            result = await asyncio.wait_for(asyncio.wrap_future(job.future), config.request_timeout_s)
-        except asyncio.TimeoutError:
-            job.cancel.set()
-            raise APIError(504, "timeout", f"no answer within {config.request_timeout_s:g} s",
-                           limit=config.request_timeout_s) from None
+            # whichever comes first: the answer, the client leaving, or the timeout (both cancel the job)
+            done, _ = await asyncio.wait({result_future, gone}, timeout=config.request_timeout_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             job.cancel.set()
             raise
+        finally:
+            gone.cancel()
+        if result_future not in done:
+            job.cancel.set()
+            if gone in done:
+                logger.info("client left; request %s cancelled", request.scope.get("state", {}).get("request_id"))
+                return Response(status_code=499)  # nobody reads it; ends the request cleanly
+            raise APIError(504, "timeout", f"no answer within {config.request_timeout_s:g} s",
+                           limit=config.request_timeout_s)
+        try:
+            result = result_future.result()
         except Exception as exc:
-            raise job_error(exc) from None
+            raise job_error(exc, request) from None
         return answer_body(result, instruction, job, start)
 
     def stream_answer(request: Request, doc, instruction: str, settings, start: float) -> StreamingResponse:
@@ -479,7 +565,7 @@ def create_app(engine: InstructionEngine, config: ServeConfig | None = None) -> 
                         continue
                     exc = job.future.exception()
                     if exc is not None:
-                        err = job_error(exc)
+                        err = job_error(exc, request)
                         yield event("error", {"error": err.code, "field": err.field, "message": err.message,
                                               "limit": err.limit})
                     else:

@@ -4,6 +4,10 @@ The first request of a batch waits up to `max_wait_ms` for companions with the s
 settings, then up to `max_batch_size` of them are answered by one `ask_batch` call. Streaming
 requests run alone (one streamer per `generate`). A full queue raises `QueueFull` at once, so the
 server answers 503 instead of piling up work it cannot finish.
+
+Isolation: when a batch fails, whatever the exception, each of its requests is answered alone, so
+one bad request fails only itself. Cancellation: a job whose `cancel` is set before its batch
+starts is dropped; a running batch stops generating once every one of its jobs is cancelled.
 """
 
 from __future__ import annotations
@@ -14,10 +18,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
-from deepsynth.inference.documents import DocumentError
 from deepsynth.inference.engine import Answer, InstructionEngine, PreparedDocument
 from deepsynth.models.generate import GenerationSettings
 
@@ -30,6 +33,32 @@ class QueueFull(Exception):
     def __init__(self, retry_after: int) -> None:
         super().__init__(f"queue full; retry after {retry_after} s")
         self.retry_after = retry_after
+
+
+class AllCancelled(threading.Event):
+    """Set while every job of a batch is cancelled: what the engine's cancel check reads.
+
+    The engine stops a whole `generate` call at once, so a batch stops only when nobody is left
+    waiting for any of its answers.
+    """
+
+    def __init__(self, jobs: list["Job"]) -> None:
+        super().__init__()
+        self.jobs = jobs
+
+    def is_set(self) -> bool:
+        return super().is_set() or all(job.cancel.is_set() for job in self.jobs)
+
+
+def _settle(job: "Job", answer: Answer | None = None, exc: BaseException | None = None) -> None:
+    """Resolve a job's future unless its waiter already cancelled it (then nobody reads the result)."""
+    try:
+        if exc is not None:
+            job.future.set_exception(exc)
+        else:
+            job.future.set_result(answer)
+    except InvalidStateError:
+        pass  # cancelled by the waiter (timeout, client gone) while the model was running
 
 
 @dataclass
@@ -78,7 +107,7 @@ class MicroBatcher:
         for job in pending:
             job.cancel.set()
             if not job.future.done():
-                job.future.set_exception(RuntimeError("the server is shutting down"))
+                _settle(job, exc=RuntimeError("the server is shutting down"))
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -131,7 +160,10 @@ class MicroBatcher:
             batch = self._take_batch()
             if batch is None:
                 return
-            batch = [j for j in batch if not j.cancel.is_set() and not j.future.done()]
+            for j in batch:
+                if j.cancel.is_set() and not j.future.done():
+                    j.future.cancel()
+            batch = [j for j in batch if not j.future.done()]
             if not batch:
                 continue
             for job in batch:
@@ -146,7 +178,7 @@ class MicroBatcher:
             except BaseException as exc:  # never let the worker die
                 for job in batch:
                     if not job.future.done():
-                        job.future.set_exception(exc)
+                        _settle(job, exc=exc)
             finally:
                 self.busy = False
             seconds = time.perf_counter() - start
@@ -156,18 +188,28 @@ class MicroBatcher:
 
     def _run_batch(self, batch: list[Job]) -> None:
         try:
-            answers = self.engine.ask_batch([j.doc for j in batch], [j.instruction for j in batch], batch[0].settings)
-        except DocumentError:
+            answers = self.engine.ask_batch([j.doc for j in batch], [j.instruction for j in batch], batch[0].settings,
+                                            cancel=AllCancelled(batch))
+        except Exception as exc:
             if len(batch) == 1:
                 raise
-            for job in batch:  # find which request does not fit; answer the others
+            # Which request broke the batch is unknown (a bad page, a prompt too long, a bug): answer
+            # each alone, so only the requests that fail on their own get an error.
+            logger.warning("a batch of %d failed (%s: %s); answering its requests one by one", len(batch),
+                           type(exc).__name__, exc)
+            for job in batch:
+                if job.cancel.is_set():
+                    job.future.cancel()
+                    continue
                 try:
-                    job.future.set_result(self.engine.ask(job.doc, job.instruction, job.settings))
-                except Exception as exc:
-                    job.future.set_exception(exc)
+                    answer = self.engine.ask_batch([job.doc], [job.instruction], job.settings, cancel=job.cancel)[0]
+                except Exception as job_exc:
+                    _settle(job, exc=job_exc)
+                else:
+                    _settle(job, answer)
             return
         for job, answer in zip(batch, answers):
-            job.future.set_result(answer)
+            _settle(job, answer)
 
     def _run_stream(self, job: Job) -> None:
         answer: Answer | None = None
@@ -176,4 +218,4 @@ class MicroBatcher:
                 answer = piece
             else:
                 job.on_piece(piece)
-        job.future.set_result(answer)
+        _settle(job, answer)
