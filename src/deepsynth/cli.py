@@ -10,8 +10,10 @@ from typing import Optional
 import typer
 
 from deepsynth.data.cli import register as register_data
+from deepsynth.evaluation.cli import register as register_evaluate
 from deepsynth.inference.cli import register as register_ask
 from deepsynth.models.cli import register as register_models
+from deepsynth.models.push import register as register_push
 from deepsynth.render.cli import register as register_render
 from deepsynth.serve.cli import register as register_serve
 
@@ -19,9 +21,11 @@ app = typer.Typer(help="DeepSynth: teach document vision-language models to foll
                   no_args_is_help=True, add_completion=False)
 register_render(app)
 register_data(app)
+register_evaluate(app)
 register_ask(app)
 register_serve(app)
 register_models(app)
+register_push(app)
 
 
 @app.callback()
@@ -35,15 +39,18 @@ def demo(
     minutes: float = typer.Option(12.0, help="Fine-tuning budget (wall-clock minutes)."),
     model: str = typer.Option("tiny-reader", help="Starting model."),
     n_eval: int = typer.Option(200, help="Held-out examples."),
-    text_encoder: Optional[str] = typer.Option(
-        None, help="Send the instruction through this text encoder (e.g. sentence-transformers/all-MiniLM-L6-v2)."),
+    text_encoder: str = typer.Option(
+        "sentence-transformers/all-MiniLM-L6-v2",
+        help="Send the instruction through this text encoder (a new skill for the reader); 'none' sends it as "
+             "prompt text (the task the reader was pre-trained on)."),
     text_encoder_trainable: bool = typer.Option(False, help="Fine-tune the text encoder too."),
     layout: str = typer.Option("form", help="Synthetic page layout: a fixed-order 'form' or 'shuffled' keys."),
 ) -> None:
     """Fine-tune the tiny reader to answer questions about pages, evaluate, ablate, answer one."""
     from deepsynth.demo import DemoConfig, format_table, run_demo
 
-    report = run_demo(DemoConfig(out=str(out), minutes=minutes, model=model, n_eval=n_eval, text_encoder=text_encoder,
+    encoder = None if text_encoder.lower() == "none" else text_encoder
+    report = run_demo(DemoConfig(out=str(out), minutes=minutes, model=model, n_eval=n_eval, text_encoder=encoder,
                                  text_encoder_trainable=text_encoder_trainable, layout=layout))
     typer.echo(format_table(report))
     typer.echo(f"\nreport: {out / 'report.json'}   curves: {out / 'train' / 'curves.png'}")
@@ -95,34 +102,11 @@ def train(
             "--eval pages are drawn with %s but --train pages with %s: the scores are on pages unlike the "
             "training ones", eval_dataset.render_config, train_dataset.render_config)
     trainer = Trainer(config)
-    # Evaluation renders the examples itself: it must draw them as the training pages were drawn.
+    # Records without stored pages are evaluated on pages drawn as the training pages were drawn.
     trainer.render_config = train_dataset.render_config
-    metrics, checkpoints = trainer.train(train_dataset,
-                                         eval_examples=eval_dataset.examples if eval_dataset is not None else None)
+    metrics, checkpoints = trainer.train(train_dataset, eval_examples=eval_dataset)
     typer.echo(json.dumps({"metrics": metrics, "checkpoints": checkpoints,
                            "render_config": asdict(train_dataset.render_config)}, indent=2))
-
-
-@app.command()
-def evaluate(
-    data: Path = typer.Argument(..., exists=True, help="Examples (.jsonl/.json/.parquet)."),
-    model: str = typer.Option(..., "--model", "-m", help="Model directory, preset or hub id."),
-    out: Path = typer.Option(Path("runs/eval.json"), "--out", "-o", help="Predictions and scores (JSON)."),
-    preset: str = typer.Option("tiny", help="Render preset the model reads."),
-    max_new_tokens: int = typer.Option(32),
-    chance: float = typer.Option(0.0, help="Chance level reported beside the ablation."),
-) -> None:
-    """Score a model (EM/F1) with and without the instruction."""
-    from deepsynth.data import read_examples
-    from deepsynth.evaluation.run import evaluate_with_ablation
-    from deepsynth.models import load_model
-    from deepsynth.models.generate import GenerationSettings
-    from deepsynth.render import RenderConfig
-
-    net, processor = load_model(model)
-    report = evaluate_with_ablation(net, processor, read_examples(data), RenderConfig.from_preset(preset), chance,
-                                    GenerationSettings(max_new_tokens=max_new_tokens), out_path=out)
-    typer.echo(json.dumps({k: report[k] for k in ("n", "scores", "scores_no_instruction", "ablation")}, indent=2))
 
 
 if __name__ == "__main__":

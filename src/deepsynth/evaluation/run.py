@@ -38,7 +38,7 @@ def _items(data, render_config: RenderConfig | None) -> tuple[list[dict], list[I
         dataset = data
     else:
         dataset = InstructionDataset(list(data), render_config)
-    examples = list(getattr(dataset, "examples", []))
+    examples = list(getattr(dataset, "examples", None) or getattr(getattr(dataset, "dataset", None), "examples", []))
     items = [dataset[i] for i in range(len(dataset))]
     return items, examples
 

@@ -47,28 +47,38 @@ def serve_command(
     import torch
     import uvicorn
 
-    from deepsynth.inference.engine import InstructionEngine
-    from deepsynth.serve.app import create_app
-    from deepsynth.serve.config import API_KEY_ENV, ServeConfig
+    from deepsynth.serve.config import API_KEY_ENV
 
     if threads:
         torch.set_num_threads(threads)
+    app = build_app(model, preset=preset, adapter=adapter, cache_pages=cache_pages, max_batch_size=max_batch_size,
+                    max_wait_ms=max_wait_ms, max_queue=max_queue, max_new_tokens=max_new_tokens, max_pages=max_pages)
+    if not _is_loopback(host) and app.state.config.api_key is None:
+        typer.echo(f"warning: serving on {host} without an API key; set {API_KEY_ENV} to require one", err=True)
+    typer.echo(f"DeepSynth serving {model} on http://{host}:{port}/  (API docs: /docs)", err=True)
+    uvicorn.run(app, host=host, port=port, log_level="info", server_header=False)
+
+
+def build_app(model: str, preset: str | None = None, adapter: str | None = None, cache_pages: int = 256,
+              **limits):
+    """The app `deepsynth serve` runs: the model loaded from its bundle, limits from the options and
+    the environment (ServeConfig.from_env)."""
+    from deepsynth.inference.engine import InstructionEngine
+    from deepsynth.serve.app import create_app
+    from deepsynth.serve.config import ServeConfig
+
     try:
         engine = InstructionEngine(model, render_preset=preset, adapter=adapter, cache_pages=cache_pages)
     except (FileNotFoundError, OSError, ValueError) as exc:
         raise typer.BadParameter(f"cannot load model {model!r}: {exc}", param_hint="'--model'") from None
+    cap = limits.get("max_new_tokens", engine.generation.max_new_tokens)
     try:
         # A request without max_new_tokens gets the model's own decoding default, within the server's cap.
-        config = ServeConfig.from_env(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
-                                      max_new_tokens=max_new_tokens, max_pages=max_pages,
-                                      default_new_tokens=min(engine.generation.max_new_tokens, max_new_tokens))
+        config = ServeConfig.from_env(**limits, default_new_tokens=min(engine.generation.max_new_tokens, cap))
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
-    if not _is_loopback(host) and config.api_key is None:
-        typer.echo(f"warning: serving on {host} without an API key; set {API_KEY_ENV} to require one", err=True)
     app = create_app(engine, config)
-    typer.echo(f"DeepSynth serving {model} on http://{host}:{port}/  (API docs: /docs)", err=True)
-    uvicorn.run(app, host=host, port=port, log_level="info", server_header=False)
+    return app
 
 
 def register(app: typer.Typer) -> None:

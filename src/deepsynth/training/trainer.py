@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, Subset
 from tqdm.auto import tqdm
 
 from deepsynth.atomic import atomic_dir, clean_stale_temps
@@ -220,7 +220,7 @@ class Trainer:
         self.data_render_config = getattr(dataset, "render_config", None) or self.render_config
         self.training_data = {"train": getattr(dataset, "source", None) or type(dataset).__name__,
                               "examples": None if isinstance(dataset, IterableDataset) else len(dataset),
-                              "pages": "prepared" if getattr(dataset, "prerendered", False) else "rendered"}
+                              "pages": "prepared" if getattr(dataset, "pre_rendered", False) else "rendered"}
 
     def spec(self) -> ModelSpec:
         """The bundle of the model this run writes: what it read, how it is prompted and decoded."""
@@ -481,8 +481,14 @@ class Trainer:
             model = self.accelerator.unwrap_model(self._prepared) if hasattr(self, "_prepared") else self.model
         return make_decoder(model, self.processor, self.spec())
 
-    def validate(self, examples: Sequence[InstructionExample], limit: int = 0) -> dict:
-        examples = list(examples)[:limit] if limit else list(examples)
+    def validate(self, examples: Sequence[InstructionExample] | Dataset, limit: int = 0) -> dict:
+        """Scores on `examples` (records rendered with the run's render config, or a dataset of
+        pages such as a prepared folder), decoded as `ask` and `serve` will decode them."""
+        if isinstance(examples, Dataset):
+            if limit:
+                examples = Subset(examples, range(min(limit, len(examples))))
+        else:
+            examples = list(examples)[:limit] if limit else list(examples)
         model = self.accelerator.unwrap_model(self._prepared)
         decoder = self.decoder(model)
         settings = (decoder.settings.replace(max_new_tokens=self.config.eval_max_new_tokens)
