@@ -69,7 +69,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from deepsynth.data.schema import DataValidationError, InstructionExample
+from deepsynth.data.schema import DataValidationError, InstructionExample, parse_json
 
 logger = logging.getLogger(__name__)
 
@@ -551,10 +551,9 @@ def instruction_row(row: Mapping, index: int = 0, *, source: str | None = None) 
     d = {k: row[k] for k in ("id", "text", "instruction", "answer", "source", "meta") if k in row}
     if isinstance(d.get("meta"), str):
         try:
-            d["meta"] = json.loads(d["meta"]) if d["meta"].strip() else {}
-        except json.JSONDecodeError as exc:
-            raise DataValidationError(f"row {index}: field 'meta' is not valid JSON ({exc.msg})",
-                                      record_id=_str(d.get("id")), field="meta") from exc
+            d["meta"] = parse_json(d["meta"], f"row {index}: field 'meta'") if d["meta"].strip() else {}
+        except DataValidationError as exc:
+            raise DataValidationError(str(exc), record_id=_str(d.get("id")), field="meta") from None
     if d.get("meta") is None:
         d.pop("meta", None)
     if d.get("source") is None:
@@ -682,7 +681,7 @@ KNOWN_DATASETS["cnn_dm"] = KNOWN_DATASETS["cnn_dailymail"]
 def detect_converter(columns: Iterable[str]) -> str | None:
     """The converter whose source schema has these columns, or ``None``."""
     cols = set(columns)
-    if {"id", "text", "instruction", "answer"} <= cols:
+    if {"text", "instruction", "answer"} <= cols:  # records without an id get a content id
         return "instruction"
     if {"context", "question", "answers"} <= cols:
         return "squad"

@@ -1,11 +1,14 @@
 """The instruction-data record and its on-disk formats (JSONL, JSON, Parquet).
 
 Every reader reports the exact place of a bad record (file and 1-based line or row) and never
-skips a record silently; every writer validates before it writes and writes atomically.
+skips a record silently; every writer validates before it writes and writes atomically
+(:mod:`deepsynth.atomic`). A record without an ``id`` gets one derived from its content
+(:func:`content_id`), the same on every read.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -22,6 +25,7 @@ __all__ = [
     "DataValidationError",
     "InstructionExample",
     "REQUIRED_FIELDS",
+    "content_id",
     "OPTIONAL_FIELDS",
     "write_jsonl",
     "iter_jsonl",
@@ -58,6 +62,25 @@ class DataValidationError(ValueError):
         super().__init__(message)
         self.record_id = record_id
         self.field = field
+
+
+AUTO_ID_PREFIX = "auto-"
+
+
+def content_id(record: dict) -> str:
+    """The id of a record that has none: a hash of its content (text, instruction, answer,
+    source, meta, with their defaults), so the same record gets the same id on every read and in
+    every format, and different records get different ids."""
+    meta = record.get("meta")
+    payload = {
+        "text": record.get("text"),
+        "instruction": record.get("instruction"),
+        "answer": record.get("answer"),
+        "source": "unknown" if record.get("source") is None else record.get("source"),
+        "meta": {} if meta is None else meta,
+    }
+    blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=repr)
+    return AUTO_ID_PREFIX + hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
 
 def _prefix(where: str) -> str:
@@ -148,10 +171,13 @@ class InstructionExample:
     @classmethod
     def from_dict(cls, d: Any, *, where: str = "") -> "InstructionExample":
         """Build a record from a mapping; errors name missing/unknown fields, wrong types and
-        ``where`` (e.g. ``"train.jsonl line 7"``)."""
+        ``where`` (e.g. ``"train.jsonl line 7"``). A record without an ``id`` (absent or null)
+        gets :func:`content_id`."""
         p = _prefix(where)
         if not isinstance(d, dict):
             raise DataValidationError(f"{p}expected a JSON object (dict), got {type(d).__name__}")
+        if d.get("id") is None:
+            d = {**d, "id": content_id(d)}
         rid = d.get("id")
         rid_s = rid if isinstance(rid, str) else None
         known = set(REQUIRED_FIELDS) | set(OPTIONAL_FIELDS)
@@ -401,7 +427,7 @@ def read_parquet(path: str | os.PathLike, validate: bool = True) -> list[Instruc
     path = Path(path)
     table = read_parquet_table(path)
     names = set(table.column_names)
-    missing = [c for c in REQUIRED_FIELDS if c not in names]
+    missing = [c for c in REQUIRED_FIELDS if c not in names and c != "id"]  # no id column: content ids
     if missing:
         raise DataValidationError(
             f"{path}: missing required column(s) {missing} (found: {table.column_names})",
@@ -418,7 +444,7 @@ def read_parquet(path: str | os.PathLike, validate: bool = True) -> list[Instruc
     items = []
     for i, row in enumerate(rows, start=1):
         where = f"{path} row {i}"
-        for name in REQUIRED_FIELDS:
+        for name in (n for n in REQUIRED_FIELDS if n != "id"):  # a null id gets a content id
             if row.get(name) is None:
                 raise DataValidationError(
                     f"{where}: field {name!r} is null", record_id=row.get("id"), field=name
