@@ -200,12 +200,6 @@ def _build_tiny_preset(seed: int = 0):
     return model, processor
 
 
-BACKEND = Backend(
-    name="deepseek-ocr-2", model_types=("deepseek_ocr2",), load=load,
-    presets={"tiny": _build_tiny_preset}, aliases={"deepseek-ocr-2": CHECKPOINT},
-    prompt_layout="raw", render_preset="large", preset_render="tiny", encodes_pages=True,
-    configure_processor=set_crop_mode, default_crop_mode=None,
-)
 
 
 # ---- crop mode, image tokens, LoRA on the routed experts, parameter groups ---------------------
@@ -335,3 +329,12 @@ def build_tiny_moe(seed: int = 0, n_experts: int = 4, image_size: int = 256):
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     return model, processor
+
+
+BACKEND = Backend(
+    name="deepseek-ocr-2", model_types=("deepseek_ocr2",), load=load,
+    presets={"tiny": _build_tiny_preset}, aliases={"deepseek-ocr-2": CHECKPOINT},
+    prompt_layout="raw", render_preset="large", preset_render="tiny", encodes_pages=True,
+    configure_processor=set_crop_mode, default_crop_mode=None,
+    lora_target_parameters=lora_expert_parameters, parameter_group=parameter_group,
+)

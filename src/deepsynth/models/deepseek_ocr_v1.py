@@ -608,4 +608,13 @@ BACKEND = Backend(
     presets={"tiny-deepseek-ocr-v1": build_tiny_v1}, aliases={"deepseek-ocr": V1_CHECKPOINT},
     prompt_layout="raw", render_preset="large", preset_render="tiny", encodes_pages=False,
     configure_processor=_set_crop_mode,
+    # The port reuses DeepSeek-OCR-2's decoder classes: same fused experts, same parameter groups.
+    lora_target_parameters=lambda model: _ocr2().lora_expert_parameters(model),
+    parameter_group=lambda name: _ocr2().parameter_group(name),
 )
+
+
+def _ocr2():
+    from deepsynth.models import deepseek_ocr2
+
+    return deepseek_ocr2

@@ -19,12 +19,11 @@ MLA projections when present) through peft `target_modules`. The DeepSeek decode
 experts are fused 3-D parameters, not `nn.Linear` modules; `target_modules` cannot reach them, so
 they get adapters through peft `target_parameters` (on by default, `TrainerConfig.lora_experts`).
 Which parameters those are, and how parameters are grouped in the report, is family knowledge:
-it comes from the family module (`FAMILY_MODULES`), not from this file.
+it comes from the model's backend (`deepsynth.models.backend.Backend`), not from this file.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import re
@@ -103,42 +102,25 @@ def lora_target_modules(model: nn.Module) -> str:
     return "^(?:" + "|".join(patterns) + ")$"
 
 
-# ---- family knowledge, looked up by model_type ---------------------------------------------------
-# model_type -> the family module that knows its fused expert parameters (`lora_expert_parameters`)
-# and its parameter groups (`parameter_group`). DeepSeek-OCR v1's port reuses DeepSeek-OCR-2's decoder
-# classes, so the same functions serve it.
-FAMILY_MODULES = {
-    "deepseek_ocr2": "deepsynth.models.deepseek_ocr2",
-    "deepseek_ocr_v1": "deepsynth.models.deepseek_ocr2",
-}
+# ---- family knowledge comes from the model's backend ----------------------------------------------
+def backend_or_none(model: nn.Module):
+    """The backend of this model (seen through peft and soft-prompt wrappers), None when no backend
+    serves its model_type (e.g. a bare test module)."""
+    from deepsynth.models.registry import backend_of
 
-
-def model_type_of(model: nn.Module) -> str | None:
-    """`config.model_type` of the model, seen through peft and soft-prompt wrappers."""
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type in FAMILY_MODULES:
-        return model_type
-    for module in model.modules():  # a wrapper whose own config is not the VLM's
-        inner = getattr(getattr(module, "config", None), "model_type", None)
-        if inner in FAMILY_MODULES:
-            return inner
-    return model_type
-
-
-def family_module(model: nn.Module):
-    """The family module of this model (see FAMILY_MODULES), or None for families without one."""
-    name = FAMILY_MODULES.get(model_type_of(model))
-    return importlib.import_module(name) if name else None
+    try:
+        return backend_of(model)
+    except ValueError:
+        return None
 
 
 def lora_target_parameters(model: nn.Module, experts: bool = True) -> list[str]:
     """peft `target_parameters` for this backbone: its fused routed-expert parameters when `experts`
     (empty for dense decoders and families that keep every target in nn.Linear)."""
-    family = family_module(model)
-    if not experts or family is None or not hasattr(family, "lora_expert_parameters"):
+    backend = backend_or_none(model)
+    if not experts or backend is None:
         return []
-    return list(family.lora_expert_parameters(model))
+    return list(backend.lora_target_parameters(model))
 
 
 def lora_config(model: nn.Module, config) -> "LoraConfig":  # noqa: F821 (peft imported lazily)
@@ -210,8 +192,8 @@ def trainable_parameter_report(model: nn.Module) -> dict:
     """
     vision = _named(model, VISION_TOWER_NAMES)
     decoder = _named(model, DECODER_NAMES)
-    family = family_module(model)
-    group_of = getattr(family, "parameter_group", None) or generic_parameter_group
+    backend = backend_or_none(model)
+    group_of = (backend.parameter_group if backend is not None else None) or generic_parameter_group
     parts: dict[str, dict[str, int]] = {}
     groups: dict[str, dict[str, int]] = {}
     total = trainable = 0
