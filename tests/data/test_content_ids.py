@@ -86,3 +86,22 @@ def test_validate_prepare_and_training_input_accept_records_without_ids(tmp_path
     parquet = _write(tmp_path, ".parquet", RECORDS)
     res = P.prepare(str(parquet), tmp_path / "out-pq", cache_dir=str(tmp_path / "cache"), progress=False)
     assert res.examples == len(RECORDS) and [ex.id for ex in open_examples(tmp_path / "out-pq").examples] == expected
+
+
+def test_deepsynth_train_accepts_a_file_of_records_without_ids(tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from deepsynth.cli import app
+
+    recs = [{"text": f"Item {i} has code K{i}.", "instruction": f"Code of item {i}?", "answer": f"K{i}"}
+            for i in range(4)]
+    data = _write(tmp_path, ".jsonl", recs)
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump({"model_name": "tiny", "output_dir": str(tmp_path / "run"), "batch_size": 2,
+                                      "max_steps": 1, "learning_rate": 1e-3, "render_preset": "tiny",
+                                      "log_interval": 1, "eval_max_new_tokens": 4, "seed": 3}))
+    res = CliRunner().invoke(app, ["train", str(recipe), "--train", str(data)])
+    assert res.exit_code == 0, res.output
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if line]
+    assert any("loss" in s for s in steps)
