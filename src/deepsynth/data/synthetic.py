@@ -149,7 +149,7 @@ def fact_line(key: str, value: str, keys: Sequence[str]) -> str:
 
     Under a monospace font (the tiny preset's) the values then line up like the fields of a form
     and a value's place on the line does not depend on its key, which is what lets a 16-token
-    tiny reader learn to read it (DESIGN.md, README "The tiny reader").
+    tiny reader learn to read it (README "The tiny models").
     """
     width = max(len(k) for k in keys) + 1
     return f"{key + ':':<{width}} {value}"

@@ -1,6 +1,6 @@
 """Prompt building and collation: pages + instruction (+ answer) -> model inputs.
 
-Layout of one example (the native instruction channel, DESIGN.md):
+Layout of one example (the native instruction channel, docs/architecture.md):
     <image tokens of page 1> ... <image tokens of page n> "\\n" instruction "\\n" | answer <eos>
 That raw layout is for DeepSeek-OCR models; chat VLMs (Qwen2-VL, Idefics3, ...) get their processor's
 chat template instead (a user turn with the pages and the instruction, then the assistant header),

@@ -6,7 +6,7 @@ and engine as DeepSeek-OCR-2. Prompts go through the processor's chat template
 (`deepsynth.models.collate.CHAT_TEMPLATE_PROMPT`), so a checkpoint is fine-tuned on the layout it
 was instruction-tuned on.
 
-Without torchvision (this project never installs it, DESIGN.md) some processors cannot be built
+Without torchvision (this project never installs it: PyPI's build breaks beside the CPU torch) some processors cannot be built
 as published: Qwen2-VL's and SmolVLM's processors insist on a video processor, and video
 processors need torchvision. `load_processor` then falls back to the same processor class minus
 its video slot (`image_only_processor_class`); images go through the Pillow image processor and
@@ -253,9 +253,38 @@ TINY_PRESETS: dict[str, Callable[..., tuple]] = {
 }
 
 
+# ---- page geometry for memory estimates (deepsynth.models.memory) -------------------------------
+QWEN_VL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+
+def _one_view(crop_mode: str) -> None:
+    if crop_mode != "none":
+        raise ValueError(f"crop_mode={crop_mode!r}: this model family has no local crops (use 'none')")
+
+
+def vision_tokens(config, stack: str, side: int = 1024, crop_mode: str = "none") -> int:
+    """Vision tokens of one side x side page: Qwen-VL models keep the page's pixels (dynamic
+    resolution, 2x2 merge cells); other families resize pages to their fixed input size."""
+    _one_view(crop_mode)
+    vision = getattr(config, "vision_config", None)
+    if config.model_type in QWEN_VL_TYPES:
+        cells = round(side / (vision.patch_size * vision.spatial_merge_size)) * vision.spatial_merge_size
+        return cells * cells
+    size, patch = getattr(vision, "image_size", 224), getattr(vision, "patch_size", 14)
+    return (size // patch) ** 2
+
+
+def image_tokens(config, width: int, height: int, crop_mode: str = "none") -> int:
+    """Decoder tokens of one page (square pages: max(width, height) is the side)."""
+    tokens = vision_tokens(config, "", max(width, height), crop_mode)
+    if config.model_type in QWEN_VL_TYPES:
+        return tokens // config.vision_config.spatial_merge_size ** 2
+    return tokens // getattr(config, "scale_factor", 1) ** 2
+
+
 BACKEND = Backend(
     # Tried after the DeepSeek backends; every other AutoModelForImageTextToText type.
     name="generic", model_types=tuple(t for t in IMAGE_TEXT_TO_TEXT_TYPES if t != "deepseek_ocr2"),
     load=load_generic, presets=TINY_PRESETS, prompt_layout="chat-template", render_preset="large",
-    preset_render="tiny", encodes_pages=False,
+    preset_render="tiny", encodes_pages=False, image_tokens=image_tokens, vision_tokens=vision_tokens,
 )

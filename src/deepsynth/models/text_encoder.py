@@ -1,4 +1,4 @@
-"""The text-encoder instruction channel (option 2 in DESIGN.md).
+"""The text-encoder instruction channel (docs/architecture.md, "The model bundle").
 
 A separate text model (any HF encoder or decoder: MiniLM, BERT, Qwen2.5, ...) encodes the
 instruction into per-token hidden states; a learned projection maps them to the decoder's
