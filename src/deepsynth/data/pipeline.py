@@ -882,7 +882,8 @@ def validate_path(path: str | os.PathLike, *, preset: str = "base", count_pages:
     file and row), ``empty_ids``, ``duplicate_ids``, length and pages-per-document histograms and,
     for records marked extractive, the share whose answer occurs verbatim in the text. Page counts
     come from a rendered ``num_pages``/``Image`` column, else from laying the text out with
-    ``preset`` (no drawing); ``count_pages=False`` skips that."""
+    ``preset`` (no drawing; the layout stops at page ``max_pages + 1``, so a text over the limit
+    counts as ``max_pages + 1`` pages and in ``over_max_pages``); ``count_pages=False`` skips that."""
     from deepsynth.render import RenderConfig
     from deepsynth.render.renderer import layout
 
@@ -960,7 +961,9 @@ def validate_path(path: str | os.PathLike, *, preset: str = "base", count_pages:
                 elif ex.text.strip():
                     key = hashlib.sha1(ex.text.encode("utf-8")).hexdigest()
                     if key not in pages_cache:
-                        pages_cache[key] = len(layout(ex.text.replace("\r\n", "\n").replace("\r", "\n").rstrip(), cfg))
+                        # stops at page max_pages + 1: an over-long text costs what the limit allows
+                        text = ex.text.replace("\r\n", "\n").replace("\r", "\n").rstrip()
+                        pages_cache[key] = len(layout(text, cfg, page_limit=cfg.max_pages))
                         page_source = f"layout with preset {preset!r}"
                     pages.append(pages_cache[key])
                     if pages_cache[key] > cfg.max_pages:
