@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pypdfium2 as pdfium
 import pytest
+from PIL import ImageFile
 
 from deepsynth.inference.engine import Answer
 from deepsynth.models.generate import GenerationSettings
@@ -174,13 +175,26 @@ def test_a_pdf_sharing_a_ten_million_glyph_stream_is_refused_before_parsing(make
 
 def test_huge_pages_are_cached_at_the_size_the_model_reads(make_client, engine):
     engine.cache.clear()
-    client = make_client(max_pages=8, max_image_pixels=16_000_000)
-    pages = [b64(png_bytes(4_000, 4_000, (i * 30, 0, 0))) for i in range(8)]
+    client = make_client(max_pages=4, max_image_pixels=16_000_000)
+    pages = [b64(png_bytes(4_000, 4_000, (i * 30, 0, 0))) for i in range(4)]
     r = client.post("/api/render", json={"pages": pages})
     assert r.status_code == 200, r.text
-    assert r.json()["pages"] == 8
-    # 8 full-size pages would hold 384 MB; what is kept is 8 pages of 256 x 256
-    assert engine.cache.stats.bytes == 8 * 256 * 256 * 3
+    assert r.json()["pages"] == 4
+    # 4 full-size pages would hold 192 MB; what is kept is 4 pages of 256 x 256
+    assert engine.cache.stats.bytes == 4 * 256 * 256 * 3
+
+
+def test_many_huge_pages_in_one_request_are_refused_before_decoding(make_client, monkeypatch, asked):
+    decoded = []
+    original = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self.size) or original(self))
+    client = make_client(max_pages=16, max_image_pixels=16_000_000, max_body_bytes=16_000_000)
+    page = b64(png_bytes(4_000, 4_000))
+    r = client.post("/api/inference/instruct", json={"pages": [page] * 5, "instruction": "Q"})
+    assert r.status_code == 422, r.text
+    body = r.json()
+    assert body["field"] == "pages" and body["limit"] == 64_000_000 and "max_total_pixels" in body["message"]
+    assert decoded == [] and asked == []
 
 
 # --------------------------------------------------------------------------- cancellation

@@ -68,6 +68,10 @@ class DocumentLimits:
     # Width x height of any one image, checked from the header *before* the image is decoded
     # (a small PNG can claim 100000 x 100000 pixels: a decompression bomb).
     max_image_pixels: int | None = 40_000_000
+    # Width x height summed over a document's page images, checked from every page's header before
+    # any page is decoded: decoding costs time and memory in proportion to pixels, however small
+    # the compressed upload (16 plain 16-megapixel PNGs fit in about 1 MB).
+    max_total_pixels: int | None = None
     # Shortest side, in pixels, of an image page (PDF pages: in points): a 1-pixel-wide sliver
     # is not a page, and resizing it for the vision tower leaves nothing to read.
     min_image_side: int | None = 8
@@ -94,6 +98,12 @@ class DocumentLimits:
         if self.max_text_chars is not None and len(text) > self.max_text_chars:
             raise DocumentError(field, f"{len(text)} characters exceed the limit of {self.max_text_chars}",
                                 self.max_text_chars)
+
+    def check_total_pixels(self, sizes: Sequence[tuple[int, int]], field: str) -> None:
+        total = sum(w * h for w, h in sizes)
+        if self.max_total_pixels is not None and total > self.max_total_pixels:
+            raise DocumentError(field, f"the {len(sizes)} pages hold {total} pixels together, more than the limit of "
+                                f"{self.max_total_pixels} (max_total_pixels)", self.max_total_pixels)
 
     def check_shape(self, width: float, height: float, field: str, unit: str = "pixels") -> None:
         """Refuse a degenerate page shape (too thin, too elongated) before any work on it."""
@@ -132,6 +142,17 @@ def open_image(data: bytes, limits: DocumentLimits = DocumentLimits(), field: st
     except Image.DecompressionBombError:
         raise DocumentError(field, "the image header claims far too many pixels (a decompression bomb); "
                             f"the limit is {limits.max_image_pixels} pixels", limits.max_image_pixels) from None
+    except Exception:  # PIL raises many types for corrupt data; none of them is the caller's fault
+        raise DocumentError(field, "not a readable image (PNG, JPEG, WebP, BMP, GIF or TIFF expected)") from None
+
+
+def image_size(data: bytes, field: str = "image") -> tuple[int, int]:
+    """Width and height from an encoded image's header (nothing is decoded)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.size
+    except Image.DecompressionBombError:
+        raise DocumentError(field, "the image header claims far too many pixels (a decompression bomb)") from None
     except Exception:  # PIL raises many types for corrupt data; none of them is the caller's fault
         raise DocumentError(field, "not a readable image (PNG, JPEG, WebP, BMP, GIF or TIFF expected)") from None
 

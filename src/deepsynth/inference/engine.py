@@ -44,6 +44,7 @@ from deepsynth.inference.documents import (
     Pdf,
     check_image,
     clean_text,
+    image_size,
     open_image,
     read_document,
     read_pdf,
@@ -315,6 +316,9 @@ class InstructionEngine:
         if isinstance(document, Image.Image):
             return PreparedDocument(key=key, kind="images", pages=[self._fit(check_image(document, limits, field))])
         limits.check_pages(len(document), field)
+        if limits.max_total_pixels is not None:  # from the headers, before any page is decoded
+            limits.check_total_pixels([image_size(bytes(p), f"{field}[{i}]") if isinstance(p, (bytes, bytearray))
+                                       else p.size for i, p in enumerate(document)], field)
         # each page is shrunk as soon as it is decoded, so only one full-size page is held at a time
         pages = [
             self._fit(open_image(bytes(p), limits, f"{field}[{i}]") if isinstance(p, (bytes, bytearray))

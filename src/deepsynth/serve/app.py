@@ -389,7 +389,8 @@ def create_app(engine: InstructionEngine, config: ServeConfig | None = None) -> 
     InstructRequest, SummarizeRequest, RenderRequest = (
         schemas["InstructRequest"], schemas["SummarizeRequest"], schemas["RenderRequest"])
     limits = DocumentLimits(max_text_chars=config.max_text_chars, max_pages=config.max_pages,
-                            max_image_pixels=config.max_image_pixels, min_image_side=config.min_image_side,
+                            max_image_pixels=config.max_image_pixels, max_total_pixels=config.max_total_pixels,
+                            min_image_side=config.min_image_side,
                             max_aspect_ratio=config.max_aspect_ratio,
                             max_pdf_content_bytes=config.max_pdf_content_bytes,
                             max_pdf_objects=config.max_pdf_objects)

@@ -20,6 +20,8 @@ class ServeConfig:
     max_instruction_chars: `instruction` / template `input` characters.
     max_pages:             pages per document (`pages` images, PDF pages, rendered text pages).
     max_image_pixels:      width x height of one image, checked from its header before decoding.
+    max_total_pixels:      width x height summed over a request's page images, checked from
+                           every header before any page is decoded.
     max_new_tokens:        largest `max_new_tokens` a request may ask for.
     default_new_tokens:    `max_new_tokens` when a request gives none.
     max_batch_size:        requests answered by one `generate` call.
@@ -47,6 +49,7 @@ class ServeConfig:
     max_instruction_chars: int = 2_000
     max_pages: int = 16
     max_image_pixels: int = 16_000_000
+    max_total_pixels: int = 64_000_000
     max_new_tokens: int = 512
     default_new_tokens: int = 128
     max_batch_size: int = 8
@@ -64,7 +67,7 @@ class ServeConfig:
     def __post_init__(self) -> None:
         for name in ("max_body_bytes", "max_text_chars", "max_instruction_chars", "max_pages", "max_image_pixels",
                      "max_new_tokens", "default_new_tokens", "max_batch_size", "max_queue", "max_pdf_content_bytes",
-                     "max_pdf_objects", "min_image_side"):
+                     "max_pdf_objects", "min_image_side", "max_total_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.default_new_tokens > self.max_new_tokens:
