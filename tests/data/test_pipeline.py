@@ -327,6 +327,15 @@ def test_stale_temporary_files_of_a_killed_run_are_removed_at_start(tmp_path, ca
     assert not any(f.exists() for f in left) and other.read_bytes() == b"keep"
 
 
+def test_validate_reads_a_foreign_folder_as_plain_files(tmp_path):
+    out = tmp_path / "theirs"
+    (out / "data").mkdir(parents=True)
+    (out / "manifest.json").write_text('{"name": "their project"}', encoding="utf-8")
+    write_jsonl([InstructionExample(id="a", text="Some text.", instruction="?", answer="x")], out / "data" / "a.jsonl")
+    rep = P.validate_path(out, count_pages=False)
+    assert rep["ok"] and rep["records"] == 1
+
+
 def table_of_manifest(out: Path):
     return [row for s in manifest(out)["shards"] for row in pq.read_table(out / s["file"]).to_pylist()]
 

@@ -96,6 +96,7 @@ def test_sigkill_mid_shard_then_resume_loses_and_duplicates_nothing(tmp_path):
     assert m["complete"] is False
     assert sorted(p.name for p in (out / "data").glob("*.parquet")) == ["train-00000-of-00004.parquet"]
     assert Path(in_shard.read_text()).is_file()  # the temporary file of shard 1
+    assert P.validate_path(out, count_pages=False)["records"] == 4  # the finished shard, not the half one
 
     res = P.prepare(str(source), out, cache_dir=cache, shard_size=4, progress=False)
     assert (res.shards, res.shards_reused, res.shards_written) == (4, 1, 3)

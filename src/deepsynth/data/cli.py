@@ -88,7 +88,7 @@ def register(app: typer.Typer) -> None:
             result = prepare(source, out, config=config, split=split, limit=limit, converter=converter,
                              mapping=mapping, options=options, render=render, preset=preset, num_proc=num_proc,
                              shard_size=shard_size, cache_dir=cache_dir, overwrite=overwrite)
-        except (PrepareError, ValueError, DataValidationError) as exc:
+        except (PrepareError, ValueError, DataValidationError, OSError) as exc:
             _fail(exc)
             return
         skipped = ", ".join(f"{k} {v}" for k, v in sorted(result.skipped.items())) or "none"
@@ -113,7 +113,7 @@ def register(app: typer.Typer) -> None:
 
         try:
             report = validate_path(path, preset=preset, count_pages=pages, progress=not as_json)
-        except (PrepareError, ValueError) as exc:
+        except (PrepareError, ValueError, OSError) as exc:
             _fail(exc)
             return
         typer.echo(json.dumps(report, indent=1, ensure_ascii=False) if as_json else format_report(report))

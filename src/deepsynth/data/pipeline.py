@@ -803,12 +803,18 @@ def _files_of(path: Path) -> list[Path]:
     if not path.is_dir():
         raise PrepareError(f"{path}: no such file or folder")
     data = path / DATA_DIR
+    manifest = None
     if (path / MANIFEST).is_file() and data.is_dir():
-        manifest = _read_own_manifest(path)
-        if not manifest.get("complete"):
-            raise PrepareError(f"{path}: `deepsynth prepare` has not finished writing this folder; run the same "
-                               "prepare command again to finish it")
+        try:
+            manifest = _read_own_manifest(path)
+        except PrepareError:  # another tool's folder: check the files it holds
+            manifest = None
+    if manifest is not None and manifest.get("complete"):
         files = _shard_files(path, manifest)
+    elif manifest is not None:
+        logger.warning("%s: `deepsynth prepare` has not finished writing this folder; checking the shards "
+                       "written so far", path)
+        files = [path / f for f in manifest.get("files", []) if f.endswith(".parquet") and (path / f).is_file()]
     else:
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".parquet", ".jsonl", ".json")
                        and not any(part.startswith(".") for part in p.relative_to(path).parts)
