@@ -313,6 +313,19 @@ def test_overwrite_deletes_only_the_files_its_own_manifest_lists(app, tmp_path, 
         assert _tree(out) == before and victim.read_text() == "outside"
 
 
+def test_overwrite_of_a_manifest_written_before_files_were_listed(tmp_path, cache, squad_file):
+    out = tmp_path / "out"
+    P.prepare(str(squad_file), out, cache_dir=cache, shard_size=5, progress=False)
+    m = manifest(out)
+    del m["files"], m["tool"]  # as the earlier format wrote it: only its shards are recorded
+    m["plan_hash"] = "earlier"
+    (out / "manifest.json").write_text(json.dumps(m), encoding="utf-8")
+    (out / "data" / "mine.parquet").write_bytes(b"mine")
+    res = P.prepare(str(squad_file), out, cache_dir=cache, limit=3, overwrite=True, progress=False)
+    assert res.examples == 3 and (out / "data" / "mine.parquet").read_bytes() == b"mine"
+    assert sorted(p.name for p in (out / "data").iterdir()) == ["mine.parquet", "train-00000-of-00001.parquet"]
+
+
 def test_stale_temporary_files_of_a_killed_run_are_removed_at_start(tmp_path, cache, squad_file):
     out = tmp_path / "out"
     P.prepare(str(squad_file), out, cache_dir=cache, shard_size=5, progress=False)

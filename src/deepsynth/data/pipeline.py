@@ -4,7 +4,7 @@
 Output folder of :func:`prepare`::
 
     OUT/data/{split}-00000-of-0000N.parquet   the examples (+ ``num_pages`` and ``Image`` with --render)
-    OUT/manifest.json                          plan, counts, render settings, shards; ``complete``
+    OUT/manifest.json                          plan, counts, render settings, shards, ``files``; ``complete``
     OUT/rejected.jsonl                         records that failed validation or rendering, with why
     OUT/skipped.jsonl                          records a policy left out (e.g. unanswerable), with why
     OUT/.prepare/shard-0000i.done              completion marker of each written shard
@@ -18,7 +18,13 @@ Resuming: the plan (source, converter, options, render settings, input fingerpri
 ``manifest.json``. Running the same command again skips every shard whose marker and file are
 complete; a different plan in the same folder is refused unless ``overwrite=True``. Conversion
 uses ``datasets.map`` (``num_proc`` workers) and its cache; rendering runs ``datasets.map`` per
-shard, so an interruption loses at most the shards in progress.
+shard, so an interruption (even SIGKILL) loses at most the shard in progress. Every file is
+written with :mod:`deepsynth.atomic` (fsync, then rename), and the temporary files a killed run
+left are removed when the next run starts.
+
+Ownership: the manifest names its writer (``tool``) and lists in ``files`` every file the run
+writes, before writing it. ``overwrite=True`` deletes only those files; a ``manifest.json`` that
+`prepare` did not write, or that cannot be read, is an error that deletes nothing.
 """
 
 from __future__ import annotations
