@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import json
 import logging
 import random
 import re
