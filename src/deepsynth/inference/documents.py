@@ -146,15 +146,20 @@ def open_image(data: bytes, limits: DocumentLimits = DocumentLimits(), field: st
         raise DocumentError(field, "not a readable image (PNG, JPEG, WebP, BMP, GIF or TIFF expected)") from None
 
 
-def image_size(data: bytes, field: str = "image") -> tuple[int, int]:
-    """Width and height from an encoded image's header (nothing is decoded)."""
+def image_size(data: bytes, limits: DocumentLimits = DocumentLimits(), field: str = "image") -> tuple[int, int]:
+    """Width and height from an encoded image's header (nothing is decoded), within `max_image_pixels`."""
     try:
         with Image.open(io.BytesIO(data)) as img:
-            return img.size
+            width, height = img.size
     except Image.DecompressionBombError:
-        raise DocumentError(field, "the image header claims far too many pixels (a decompression bomb)") from None
+        raise DocumentError(field, "the image header claims far too many pixels (a decompression bomb); "
+                            f"the limit is {limits.max_image_pixels} pixels", limits.max_image_pixels) from None
     except Exception:  # PIL raises many types for corrupt data; none of them is the caller's fault
         raise DocumentError(field, "not a readable image (PNG, JPEG, WebP, BMP, GIF or TIFF expected)") from None
+    if limits.max_image_pixels is not None and width * height > limits.max_image_pixels:
+        raise DocumentError(field, f"{width}x{height} = {width * height} pixels exceed the limit of "
+                            f"{limits.max_image_pixels} pixels", limits.max_image_pixels)
+    return width, height
 
 
 def check_image(img: Image.Image, limits: DocumentLimits, field: str) -> Image.Image:
