@@ -55,7 +55,8 @@ def shared_stream_pdf(n_pages: int, n_glyphs: int) -> bytes:
     data = zlib.compress(stream, 9)
     content, font = 3 + n_pages, 4 + n_pages
     objects = [b"<< /Type /Catalog /Pages 2 0 R >>",
-               f"<< /Type /Pages /Kids [{' '.join(f'{3 + i} 0 R' for i in range(n_pages))}] /Count {n_pages} >>".encode()]
+               f"<< /Type /Pages /Kids [{' '.join(f'{3 + i} 0 R' for i in range(n_pages))}] "
+               f"/Count {n_pages} >>".encode()]
     objects += [f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents {content} 0 R "
                 f"/Resources << /Font << /F1 {font} 0 R >> >> >>".encode()] * n_pages
     objects.append(b"<< /Length %d /Filter /FlateDecode >>\nstream\n" % len(data) + data + b"\nendstream")
@@ -188,9 +189,11 @@ def main() -> None:
                                       {"pages": big_pages, "instruction": "Q", "max_new_tokens": 8}))),
             ("distinct 4000x4000 PNGs to /api/render, x8", distinct_renders),
             (f"a {len(glyph_pdf) // 1000} KB PDF whose 16 pages share a 10M-glyph content stream",
-             lambda: summary(*request(base, "/api/inference/instruct", {"pdf": b64(glyph_pdf), "instruction": "Q"}))),
+             lambda: summary(*request(base, "/api/inference/instruct",
+                                      {"pdf": b64(glyph_pdf), "instruction": "Q"}))),
             (f"a {len(one_page_pdf) // 1000} KB one-page PDF of 30M glyphs",
-             lambda: summary(*request(base, "/api/inference/instruct", {"pdf": b64(one_page_pdf), "instruction": "Q"}))),
+             lambda: summary(*request(base, "/api/inference/instruct",
+                                      {"pdf": b64(one_page_pdf), "instruction": "Q"}))),
             (f"a {len(object_pdf) // 1000} KB PDF whose 16 pages share a 250k-object stream (within the byte limit)",
              lambda: summary(*request(base, "/api/inference/instruct", {"pdf": b64(object_pdf), "instruction": "Q"}))),
             (f"4 pages of 16 megapixels in one {sum(map(len, big_pages[:4])) / 1e6:.1f} MB request (within limits)",

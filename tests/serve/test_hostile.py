@@ -164,7 +164,8 @@ def test_a_pdf_sharing_a_ten_million_glyph_stream_is_refused_before_parsing(make
                                                                              asked):
     opened = []
     original = pdfium.PdfDocument.__init__
-    monkeypatch.setattr(pdfium.PdfDocument, "__init__", lambda self, *a, **k: opened.append(1) or original(self, *a, **k))
+    monkeypatch.setattr(pdfium.PdfDocument, "__init__",
+                        lambda self, *a, **k: opened.append(1) or original(self, *a, **k))
     client = make_client()
     r = client.post("/api/inference/instruct", json={"pdf": b64(glyph_bomb), "instruction": "Q"})
     assert r.status_code == 422, r.text

@@ -317,8 +317,9 @@ class InstructionEngine:
             return PreparedDocument(key=key, kind="images", pages=[self._fit(check_image(document, limits, field))])
         limits.check_pages(len(document), field)
         if limits.max_total_pixels is not None:  # from the headers, before any page is decoded
-            limits.check_total_pixels([image_size(bytes(p), limits, f"{field}[{i}]") if isinstance(p, (bytes, bytearray))
-                                       else p.size for i, p in enumerate(document)], field)
+            sizes = [image_size(bytes(p), limits, f"{field}[{i}]") if isinstance(p, (bytes, bytearray)) else p.size
+                     for i, p in enumerate(document)]
+            limits.check_total_pixels(sizes, field)
         # each page is shrunk as soon as it is decoded, so only one full-size page is held at a time
         pages = [
             self._fit(open_image(bytes(p), limits, f"{field}[{i}]") if isinstance(p, (bytes, bytearray))
