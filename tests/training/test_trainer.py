@@ -122,8 +122,9 @@ class Tick(TrainerCallback):
     """Every training forward pass takes `seconds` by the fake clock (the clock moves inside the
     step, as real time does); records each micro-batch's non-pad tokens."""
 
-    def __init__(self, clock: FakeClock, seconds: float, pad_id: int) -> None:
+    def __init__(self, clock: FakeClock, seconds: float, pad_id: int, after_step: float = 0.0) -> None:
         self.clock, self.seconds, self.pad_id, self.tokens = clock, seconds, pad_id, []
+        self.after_step = after_step  # seconds spent after each step (as logging or evaluation would)
 
     def attach(self, model) -> None:
         model.register_forward_pre_hook(self._advance)
@@ -135,15 +136,18 @@ class Tick(TrainerCallback):
     def on_batch_end(self, trainer, batch, outputs) -> None:
         self.tokens.append(int((batch["input_ids"] != self.pad_id).sum()))
 
+    def on_step_end(self, trainer, step, record, control) -> None:
+        self.clock.now += self.after_step
+
 
 def records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def ticking_trainer(cfg: TrainerConfig, seconds: float) -> tuple[Trainer, Tick]:
+def ticking_trainer(cfg: TrainerConfig, seconds: float, after_step: float = 0.0) -> tuple[Trainer, Tick]:
     model, processor = load_model(cfg.model_name, seed=cfg.seed)
     clock = FakeClock()
-    tick = Tick(clock, seconds, processor.tokenizer.pad_token_id)
+    tick = Tick(clock, seconds, processor.tokenizer.pad_token_id, after_step)
     tick.attach(model)
     return Trainer(cfg, model=model, processor=processor, clock=clock, callbacks=[tick]), tick
 
@@ -176,12 +180,14 @@ def test_fixed_schedule_steps_decay_by_step_in_a_time_budgeted_run(tmp_path):
 
 
 def test_telemetry_tokens_per_second_and_peak_memory(tmp_path):
+    # Each step is 2 micro-batches of 0.5 s, then 100 s of other work (logging, evaluation) that
+    # tokens/s leaves out; it covers the batches since the previous record.
     cfg = config(tmp_path, max_steps=4, log_interval=2, gradient_accumulation_steps=2)
-    trainer, tick = ticking_trainer(cfg, seconds=0.5)
+    trainer, tick = ticking_trainer(cfg, seconds=0.5, after_step=100.0)
     metrics, _ = trainer.train(DATA)
     logged = [r for r in records(tmp_path / "run") if "lr" in r]
     assert [r["step"] for r in logged] == [1, 2, 4]
-    # Each step is 2 micro-batches of 0.5 s; tokens/s covers the batches since the previous record.
+    assert metrics["train_seconds"] == 404.0 and metrics["step_seconds"] == 4.0
     per_step = [sum(tick.tokens[i:i + 2]) for i in range(0, 8, 2)]
     assert [r["tokens_per_s"] for r in logged] == pytest.approx(
         [per_step[0] / 1.0, per_step[1] / 1.0, (per_step[2] + per_step[3]) / 2.0], abs=0.01)

@@ -9,7 +9,8 @@ in the stream, callback states), written through `deepsynth.atomic.atomic_dir` (
 rename), so a crash, even SIGKILL, never leaves half a checkpoint; temporary folders of a killed
 run are removed when the next run starts. Time (the `max_minutes` budget, the LR decay over it,
 callbacks' timers) is read from an injectable clock, so tests do not depend on the machine's speed.
-Every log record carries tokens/s and peak memory.
+Every log record carries tokens/s (non-pad input tokens per second spent drawing batches and
+stepping) and peak memory (CUDA max allocated on CUDA, the process's peak RSS otherwise).
 """
 
 from __future__ import annotations
@@ -304,7 +305,10 @@ class Trainer:
         examples_per_batch = cfg.batch_size * acc.num_processes if stream else cfg.batch_size
         self.examples_per_step = examples_per_batch * cfg.gradient_accumulation_steps
         tokens = 0  # non-pad input tokens of this process since this session started
-        since_log = {"seconds": seconds_before, "tokens": 0}
+        # Seconds spent drawing batches and stepping (evaluation, logging and checkpoints left
+        # out): what tokens/s is measured against.
+        step_seconds = 0.0
+        since_log = {"seconds": 0.0, "tokens": 0}
         for callback in self.callbacks:
             callback.on_train_begin(self)
         stopped = "max_steps"
@@ -319,6 +323,7 @@ class Trainer:
                 sampler.epoch = epoch
             batches = acc.skip_first_batches(loader, batch_in_epoch) if batch_in_epoch and not stream else loader
             drawn = 0
+            mark = self.clock()
             for batch in batches:
                 drawn += 1
                 with acc.accumulate(model):
@@ -333,6 +338,7 @@ class Trainer:
                     progress["seconds"] = self.elapsed()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
+                step_seconds += self.clock() - mark
                 batch_in_epoch += 1
                 if stream:
                     state["stream_examples"] += examples_per_batch
@@ -342,6 +348,7 @@ class Trainer:
                 window.append(loss.detach().float().item())
                 del outputs, loss
                 if not acc.sync_gradients:
+                    mark = self.clock()
                     continue
                 step += 1
                 last_loss = sum(window) / len(window)
@@ -364,7 +371,7 @@ class Trainer:
                     control.stop = "max_minutes"
                 control = self._agree(control)
                 if step % cfg.log_interval == 0 or step == 1 or control.log:
-                    rec.update(self._telemetry(tokens, elapsed, since_log))
+                    rec.update(self._telemetry(tokens, step_seconds, since_log))
                     self._log(log, rec)
                 if cfg.eval_interval and eval_examples and step % cfg.eval_interval == 0:
                     self._log(log, {"step": step, "eval": self.validate(eval_examples, cfg.eval_samples)})
@@ -375,6 +382,7 @@ class Trainer:
                 if control.stop:
                     done, stopped = True, control.stop
                     break
+                mark = self.clock()
             else:
                 if not drawn:
                     raise ValueError("the training set is empty: a pass over it gave no batch")
@@ -383,11 +391,11 @@ class Trainer:
         train_seconds = self.elapsed()
         state.update(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, train_seconds=train_seconds,
                      tokens=tokens_before + self._all_processes(tokens))
-        session_seconds = train_seconds - seconds_before
         peak, peak_kind = peak_memory_mb(acc.device)
         telemetry = {"tokens": state["tokens"],
-                     "tokens_per_s": round((state["tokens"] - tokens_before) / session_seconds, 2)
-                     if session_seconds > 0 else None,
+                     "tokens_per_s": round((state["tokens"] - tokens_before) / step_seconds, 2)
+                     if step_seconds > 0 else None,
+                     "step_seconds": round(step_seconds, 2),
                      "peak_memory_mb": round(peak, 1), "peak_memory_kind": peak_kind}
         if last_loss is not None:
             self._log(log, {"step": step, "loss": round(last_loss, 6), "final": True, **telemetry})
@@ -437,12 +445,13 @@ class Trainer:
             return count
         return int(self.accelerator.reduce(torch.tensor(count, device=self.accelerator.device), "sum").item())
 
-    def _telemetry(self, tokens: int, elapsed: float, since_log: dict) -> dict:
-        """tokens/s since the previous log record (all processes) and peak memory so far."""
+    def _telemetry(self, tokens: int, step_seconds: float, since_log: dict) -> dict:
+        """tokens/s (all processes) over the step seconds since the previous log record, and peak
+        memory so far."""
         total = self._all_processes(tokens)
-        seconds = elapsed - since_log["seconds"]
+        seconds = step_seconds - since_log["seconds"]
         rate = (total - since_log["tokens"]) / seconds if seconds > 0 else None
-        since_log.update(seconds=elapsed, tokens=total)
+        since_log.update(seconds=step_seconds, tokens=total)
         peak, kind = peak_memory_mb(self.accelerator.device)
         return {"tokens_per_s": round(rate, 2) if rate is not None else None, "peak_memory_mb": round(peak, 1),
                 "peak_memory_kind": kind}
