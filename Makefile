@@ -37,7 +37,9 @@ bench: $(STAMP)
 # machine): the transcription curriculum; 8 more minutes of its last stage with the learning rate
 # decaying to 1e-5 (this is what teaches the page's last line); then key questions on the
 # fixed-order form layout (80% of examples at a flat learning rate, then 90% with a cosine decay
-# to 1e-5; the rest keep transcribing).
+# to 1e-5; the rest keep transcribing). Each phase runs on the one Trainer; its run folder
+# (<out>.run, or --run-dir) holds checkpoints and metrics.jsonl, and a killed phase continues with
+# the same command plus --resume latest.
 READER := src/deepsynth/models/checkpoints/tiny-reader
 PRETRAIN := $(BIN)/python -m deepsynth.training.reader_pretrain
 FORM_PHASE := --start-stage 5 --layout form --warmup-steps 1
@@ -45,7 +47,7 @@ reader: $(STAMP)
 	$(PRETRAIN) --out runs/reader/phase1 --minutes 60
 	$(PRETRAIN) --out runs/reader/phase1b --init-from runs/reader/phase1 --start-stage 5 --warmup-steps 1 --lr 4e-4 --lr-min 1e-5 --planned-steps 1200 --minutes 8 --eval-every-minutes 100
 	$(PRETRAIN) --out runs/reader/phase2 --init-from runs/reader/phase1b $(FORM_PHASE) --question-share 0.8 --lr 4e-4 --lr-min 4e-4 --minutes 12 --eval-every-minutes 3
-	$(PRETRAIN) --out $(READER) --init-from runs/reader/phase2 $(FORM_PHASE) --question-share 0.9 --lr 4e-4 --lr-min 1e-5 --planned-steps 1300 --minutes 9 --eval-every-minutes 3
+	$(PRETRAIN) --out $(READER) --run-dir runs/reader/phase3.run --init-from runs/reader/phase2 $(FORM_PHASE) --question-share 0.9 --lr 4e-4 --lr-min 1e-5 --planned-steps 1300 --minutes 9 --eval-every-minutes 3
 
 clean:
 	rm -rf $(VENV) runs
