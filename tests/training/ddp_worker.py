@@ -28,8 +28,9 @@ class RecordingDataset(InstructionDataset):
 
 
 def main(out: str) -> None:
+    # The last step is also a save_interval step: every rank must skip the end-of-run save together.
     config = TrainerConfig(model_name="tiny", output_dir=str(Path(out) / "run"), batch_size=2, max_steps=3,
-                           learning_rate=1e-3, log_interval=1, seed=11)
+                           learning_rate=1e-3, log_interval=1, save_interval=3, seed=11)
     trainer = Trainer(config)
     data = RecordingDataset(generate(SyntheticConfig(facts_per_doc=2), 16, "train"), RenderConfig.from_preset("tiny"))
     metrics, checkpoints = trainer.train(data)

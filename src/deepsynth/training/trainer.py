@@ -407,7 +407,9 @@ class Trainer:
             metrics["eval"] = self.validate(eval_examples, 0)
             self.evaluation["eval"] = metrics["eval"]
             self._log(log, {"step": step, "eval": metrics["eval"]})
-        if not self.checkpoints or not self.checkpoints[-1].endswith(f"checkpoint-{step:06d}"):
+        # Every rank knows the last saved step (only the main process lists checkpoints), so all
+        # take part in this save or none does.
+        if getattr(self, "_saved_step", None) != step:
             self.save_checkpoint(state)
         final = self.save_final()
         if log:
@@ -510,6 +512,7 @@ class Trainer:
         states and the stream's position in `checkpoint-NNNNNN/`, fsynced and renamed into place."""
         acc = self.accelerator
         final = self.out / f"checkpoint-{state['step']:06d}"
+        self._saved_step = state["step"]
         payload = {**state, **self._extra_state(state)}
         with contextlib.ExitStack() as stack:
             # The main process owns the temporary folder; every rank writes its RNG state into it.
