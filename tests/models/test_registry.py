@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from transformers import DeepseekOcr2ForConditionalGeneration
 
 from deepsynth.models import load_model
 from deepsynth.models.collate import Collator
@@ -12,7 +13,7 @@ from deepsynth.render import RenderConfig, render_text
 
 def test_tiny_is_the_real_class_and_saves_and_loads(tmp_path):
     model, processor = load_model("tiny", seed=3)
-    assert type(model).__name__ == "DeepseekOcr2ForConditionalGeneration"
+    assert isinstance(model, DeepseekOcr2ForConditionalGeneration)
     assert isinstance(model.model.vision_tower, PatchReadoutVisionModel)
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
@@ -64,3 +65,26 @@ def test_real_config_builds_on_meta_without_download():
     params = sum(p.numel() for p in model.parameters())
     assert model.config.text_config.hidden_size == 1280
     assert 2.5e9 < params < 4.5e9, params
+
+
+def test_a_patch_readout_checkpoint_is_never_read_with_the_stock_readout(tmp_path):
+    """Plain transformers refuses the patch-readout model type instead of loading it with the stock
+    readout; with deepsynth imported the Auto class builds the patch readout."""
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForImageTextToText
+
+    from deepsynth.models.deepseek_ocr2 import PATCH_READOUT_TYPE, PatchReadoutVisionModel
+
+    model, processor = load_model("tiny")
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == PATCH_READOUT_TYPE
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path)
+    assert isinstance(loaded.model.vision_tower, PatchReadoutVisionModel)
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    plain = subprocess.run([sys.executable, "-c", "import sys; from transformers import AutoModelForImageTextToText; "
+                            "AutoModelForImageTextToText.from_pretrained(sys.argv[1])", str(tmp_path)],
+                           capture_output=True, text=True)
+    assert plain.returncode != 0 and PATCH_READOUT_TYPE in plain.stderr

@@ -13,7 +13,7 @@ from inference.helpers import image_pdf, png_bomb, png_bytes, text_pdf
 
 DOC = "Invoice 77. Total: 42 dollars, paid by Ada Lovelace on 3 March 2024."
 ANSWER_KEYS = {"answer", "instruction", "pages", "visual_tokens", "prompt_tokens", "text_tokens", "compression",
-               "stopped", "new_tokens", "latency_ms", "model_ms", "batch_size", "cached", "model"}
+               "stopped", "new_tokens", "latency_ms", "model_ms", "batch_size", "cached", "model", "render"}
 
 
 def b64(data: bytes) -> str:

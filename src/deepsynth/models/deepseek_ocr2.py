@@ -76,6 +76,52 @@ def apply_vision_readout(model: DeepseekOcr2ForConditionalGeneration) -> Deepsee
     return model
 
 
+PATCH_READOUT_TYPE = "deepseek_ocr2_patches"
+
+
+class DeepseekOcr2PatchReadoutConfig(DeepseekOcr2Config):
+    """The DeepSeek-OCR-2 config of checkpoints that read image tokens at the patch positions.
+
+    Its own `model_type` makes plain transformers refuse such a checkpoint ("unrecognized model
+    type") rather than load it with the stock readout and silently read the page differently;
+    importing `deepsynth.models` registers it with the Auto classes, so that
+    `AutoModelForImageTextToText.from_pretrained` then builds the patch readout.
+    """
+
+    model_type = PATCH_READOUT_TYPE
+
+
+class DeepseekOcr2PatchReadoutForConditionalGeneration(DeepseekOcr2ForConditionalGeneration):
+    """`DeepseekOcr2ForConditionalGeneration` with `PatchReadoutVisionModel` as its vision tower."""
+
+    config_class = DeepseekOcr2PatchReadoutConfig
+
+    def __init__(self, config) -> None:
+        config.vision_readout = "patches"
+        super().__init__(config)
+        apply_vision_readout(self)
+
+
+def _register_patch_readout() -> None:
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers.conversion_mapping import (
+        get_checkpoint_conversion_mapping,
+        register_checkpoint_conversion_mapping,
+    )
+
+    try:
+        AutoConfig.register(PATCH_READOUT_TYPE, DeepseekOcr2PatchReadoutConfig)
+        AutoModelForImageTextToText.register(DeepseekOcr2PatchReadoutConfig,
+                                             DeepseekOcr2PatchReadoutForConditionalGeneration)
+        # Same weights as the stock class: the same key renames when loading and saving.
+        register_checkpoint_conversion_mapping(PATCH_READOUT_TYPE, get_checkpoint_conversion_mapping("deepseek_ocr2"))
+    except ValueError:  # already registered (module reloaded)
+        logger.debug("%s already registered", PATCH_READOUT_TYPE)
+
+
+_register_patch_readout()
+
+
 def tiny_config(vocab_size: int, image_token_id: int, pad_token_id: int, bos_token_id: int,
                 eos_token_id: int, image_size: int = 256) -> DeepseekOcr2Config:
     """The tiny preset: the real architecture at ~4.0M parameters, for CPU tests and the demo.
@@ -100,7 +146,7 @@ def tiny_config(vocab_size: int, image_token_id: int, pad_token_id: int, bos_tok
         max_position_embeddings=1024, pad_token_id=pad_token_id, bos_token_id=bos_token_id,
         eos_token_id=eos_token_id,
     )
-    config = DeepseekOcr2Config(
+    config = DeepseekOcr2PatchReadoutConfig(
         vision_config={"sam_config": sam, "encoder_config": encoder},
         text_config=text,
         image_token_id=image_token_id,
@@ -130,7 +176,7 @@ def build_tiny(seed: int = 0, image_size: int = 256) -> tuple[DeepseekOcr2ForCon
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, image_size=image_size,
     )
     torch.manual_seed(seed)
-    model = apply_vision_readout(DeepseekOcr2ForConditionalGeneration(config))
+    model = DeepseekOcr2PatchReadoutForConditionalGeneration(config)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     return model, processor
@@ -188,9 +234,11 @@ def set_crop_mode(processor: DeepseekOcr2Processor, crop_mode: str | None) -> No
 
 def load(path: str, dtype: torch.dtype | None = None):
     """Backend loader: the native class and its processor, with the saved vision readout."""
-    from transformers import AutoProcessor
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    model = DeepseekOcr2ForConditionalGeneration.from_pretrained(path, dtype=dtype)
+    # The Auto class picks the patch-readout class for its model type; older checkpoints that
+    # store `vision_readout` under the stock type get the readout applied here.
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
     return apply_vision_readout(model), AutoProcessor.from_pretrained(path)
 
 
@@ -280,6 +328,18 @@ def vision_views(config_or_processor, width: int, height: int, crop_mode: str = 
     return [s["side"]] + [s["tile"]] * crops
 
 
+def vision_tokens(config, stack: str, side: int = REAL_PAGE_SIZE, crop_mode: str = "none") -> int:
+    """Tokens through a vision stack for one side x side page, summed over its views: SAM ("sam" in
+    the stack's name) sees the 16 px patches; the encoder sees the 4x-downsampled patches plus its
+    learned queries (144 up to 768 px, else 256)."""
+    sam = config.vision_config.sam_config
+    total = 0
+    for view in vision_views(config, side, side, crop_mode):
+        patches = (view // sam.patch_size) ** 2
+        total += patches if "sam" in stack else patches // 16 + (144 if patches // 16 <= 144 else 256)
+    return total
+
+
 # The routed experts are fused 3-D parameters of `DeepseekOcr2TextExperts` (not nn.Linear), so peft
 # reaches them through `target_parameters` (suffix match on the parameter name).
 EXPERT_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
@@ -331,10 +391,28 @@ def build_tiny_moe(seed: int = 0, n_experts: int = 4, image_size: int = 256):
     return model, processor
 
 
+def build_random(seed: int = 0):
+    """The released architecture (`real_config()`, 3.39B parameters) with random bf16 weights, the
+    released 1024 px image processor and a stand-in tokenizer of the real vocabulary size: the base
+    that the real-size check (`deepsynth.models.real_size`) trains, saves and reloads, offline."""
+    from deepsynth.models.real_size import random_weights, stand_in_tokenizer
+
+    config = real_config()
+    tok = stand_in_tokenizer(config.text_config.vocab_size, config.image_token_id)
+    processor = DeepseekOcr2Processor(image_processor=DeepseekOcr2ImageProcessorPil(), tokenizer=tok)
+    model = apply_vision_readout(random_weights(DeepseekOcr2ForConditionalGeneration, config, seed))
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    set_crop_mode(processor, "none")
+    return model, processor
+
+
 BACKEND = Backend(
-    name="deepseek-ocr-2", model_types=("deepseek_ocr2",), load=load,
-    presets={"tiny": _build_tiny_preset}, aliases={"deepseek-ocr-2": CHECKPOINT},
+    name="deepseek-ocr-2", model_types=("deepseek_ocr2", PATCH_READOUT_TYPE), load=load,
+    presets={"tiny": _build_tiny_preset, "tiny-moe": build_tiny_moe, "random-deepseek-ocr-2": build_random},
+    aliases={"deepseek-ocr-2": CHECKPOINT},
     prompt_layout="raw", render_preset="large", preset_render="tiny", encodes_pages=True,
     configure_processor=set_crop_mode, default_crop_mode=None,
     lora_target_parameters=lora_expert_parameters, parameter_group=parameter_group,
+    image_tokens=image_tokens, vision_tokens=vision_tokens,
 )

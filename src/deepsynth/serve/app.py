@@ -140,6 +140,7 @@ class AnswerResponse(BaseModel):
     batch_size: int
     cached: bool = Field(description="the document's pages were already rendered and encoded")
     model: str
+    render: dict = Field(description="how text documents were drawn (the model bundle's render config)")
 
 
 class RenderResponse(BaseModel):
@@ -483,6 +484,8 @@ def create_app(engine: InstructionEngine, config: ServeConfig | None = None) -> 
             raise APIError(503, "queue_full", "the server is busy; retry later", limit=config.max_queue,
                            headers={"Retry-After": str(exc.retry_after)}) from None
 
+    render_config = engine.describe()["render"]
+
     def answer_body(answer: Answer, instruction: str, job: Job, start: float) -> dict:
         metrics.tokens.inc(answer.new_tokens)
         metrics.stopped.labels(stopped=answer.stopped).inc()
@@ -491,7 +494,7 @@ def create_app(engine: InstructionEngine, config: ServeConfig | None = None) -> 
             prompt_tokens=answer.prompt_tokens, text_tokens=answer.text_tokens, compression=answer.compression,
             stopped=answer.stopped, new_tokens=answer.new_tokens,
             latency_ms=round((time.perf_counter() - start) * 1000, 2), model_ms=answer.latency_ms,
-            batch_size=job.batch_size, cached=answer.cached, model=engine.name,
+            batch_size=job.batch_size, cached=answer.cached, model=engine.name, render=render_config,
         ).model_dump()
 
     def job_error(exc: BaseException, request: Request) -> APIError:
