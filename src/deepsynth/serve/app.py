@@ -172,7 +172,7 @@ def redact(text: str, secret: str | None = None) -> str:
     return _BEARER.sub(lambda m: m.group(1) + "[redacted]", text)[:500]
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
@@ -263,7 +263,7 @@ class GuardMiddleware:
         allowed = self.config.allowed_hosts
         if allowed is None:
             server = scope.get("server") or ("", None)
-            if not _is_loopback(str(server[0])):
+            if not is_loopback(str(server[0])):
                 return None
             allowed = LOOPBACK_HOSTS
         if "*" in allowed:

@@ -3,27 +3,20 @@
     deepsynth serve --model DIR [--host 127.0.0.1] [--port 8000]
 
 Binds 127.0.0.1 unless told otherwise. Set DEEPSYNTH_API_KEY to require
-`Authorization: Bearer <key>` on every /api route (strongly advised before binding elsewhere).
+`Authorization: Bearer <key>` on every route but /health and the web page (strongly advised before
+binding elsewhere). On loopback only loopback Host names are answered (DNS rebinding); set
+DEEPSYNTH_ALLOWED_HOSTS (comma-separated) to allow others. The model, its render config and its
+decoding defaults come from the model's bundle.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from typing import Optional
 
 import typer
 
 logger = logging.getLogger(__name__)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def serve_command(
@@ -47,13 +40,14 @@ def serve_command(
     import torch
     import uvicorn
 
+    from deepsynth.serve.app import is_loopback
     from deepsynth.serve.config import API_KEY_ENV
 
     if threads:
         torch.set_num_threads(threads)
     app = build_app(model, preset=preset, adapter=adapter, cache_pages=cache_pages, max_batch_size=max_batch_size,
                     max_wait_ms=max_wait_ms, max_queue=max_queue, max_new_tokens=max_new_tokens, max_pages=max_pages)
-    if not _is_loopback(host) and app.state.config.api_key is None:
+    if not is_loopback(host) and app.state.config.api_key is None:
         typer.echo(f"warning: serving on {host} without an API key; set {API_KEY_ENV} to require one", err=True)
     typer.echo(f"DeepSynth serving {model} on http://{host}:{port}/  (API docs: /docs)", err=True)
     uvicorn.run(app, host=host, port=port, log_level="info", server_header=False)

@@ -62,7 +62,6 @@ def as_examples(data: Any) -> list[InstructionExample]:
             out.append(item)
         elif isinstance(item, Mapping):
             row = {k: v for k, v in item.items() if k in ("id", "text", "instruction", "answer", "source", "meta")}
-            row.setdefault("id", f"example-{i}")
             out.append(InstructionExample.from_dict(row, where=f"example {i}"))
         else:
             raise TypeError(f"example {i}: expected an InstructionExample or a dict, got {type(item).__name__}")
