@@ -40,6 +40,12 @@ class Backend:
                      reach through peft `target_parameters`; empty when every target is an nn.Linear.
     parameter_group: parameter name -> group for the trainable-parameter report (attention,
                      dense_mlp, shared_experts, routed_experts, vision, ...); None = generic groups.
+    image_tokens:    (config, page width, page height, crop_mode) -> decoder tokens that one page
+                     becomes, local crops counted; what `deepsynth.models.memory` estimates with
+                     (it has a config, not a processor). None = the family cannot say.
+    vision_tokens:   (config, vision stack name, page side, crop_mode) -> tokens through that stack
+                     for one square page, summed over its views (global view and crops); used for
+                     the activations of a trainable vision tower. None = the family cannot say.
     """
 
     name: str
@@ -55,3 +61,5 @@ class Backend:
     default_crop_mode: str | None = None
     lora_target_parameters: Callable[[torch.nn.Module], list[str]] = lambda model: []
     parameter_group: Callable[[str], str] | None = None
+    image_tokens: Callable[[object, int, int, str], int] | None = None
+    vision_tokens: Callable[[object, str, int, str], int] | None = None

@@ -601,16 +601,45 @@ def _set_crop_mode(processor, crop_mode: str | None) -> None:
     set_crop_mode(processor, crop_mode)  # the v1 processor is the OCR-2 processor with v1 sizes
 
 
+def _image_tokens(config, width: int, height: int, crop_mode: str = "none") -> int:
+    return _ocr2().image_tokens(config, width, height, crop_mode)  # knows v1's row newlines, refuses crops
+
+
+def _vision_tokens(config, stack: str, side: int = 1024, crop_mode: str = "none") -> int:
+    """Tokens through SAM ("sam" in the stack's name: the 16 px patches) or CLIP-L (the
+    4x-downsampled grid + CLS) for one page; one global view (the port has no crops)."""
+    if crop_mode != "none":
+        raise ValueError(f"crop_mode={crop_mode!r}: the DeepSeek-OCR v1 port reads one global view per page")
+    patches = (config.sam_config.image_size // config.sam_config.patch_size) ** 2
+    return patches if "sam" in stack else patches // 16 + 1
+
+
+def build_random_v1(seed: int = 0):
+    """v1's released architecture (`real_v1_config()`) with random bf16 weights, its 1024 px base-mode
+    processor and a stand-in tokenizer of the real vocabulary size (the real-size check's base)."""
+    from deepsynth.models.real_size import random_weights, stand_in_tokenizer
+
+    config = real_v1_config()
+    tok = stand_in_tokenizer(config.text_config.vocab_size, config.image_token_id)
+    processor = DeepseekOcrV1Processor(image_processor=v1_image_processor(1024), tokenizer=tok)
+    model = random_weights(DeepseekOcrV1ForConditionalGeneration, config, seed)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    return model, processor
+
+
 BACKEND = Backend(
     # Original checkpoints (remote-code layout, model_type "deepseek_vl_v2") are converted once to
     # the port; converted directories have model_type "deepseek_ocr_v1".
     name="deepseek-ocr-v1", model_types=("deepseek_vl_v2", MODEL_TYPE), load=load_v1,
-    presets={"tiny-deepseek-ocr-v1": build_tiny_v1}, aliases={"deepseek-ocr": V1_CHECKPOINT},
+    presets={"tiny-deepseek-ocr-v1": build_tiny_v1, "random-deepseek-ocr": build_random_v1},
+    aliases={"deepseek-ocr": V1_CHECKPOINT},
     prompt_layout="raw", render_preset="large", preset_render="tiny", encodes_pages=False,
     configure_processor=_set_crop_mode,
     # The port reuses DeepSeek-OCR-2's decoder classes: same fused experts, same parameter groups.
     lora_target_parameters=lambda model: _ocr2().lora_expert_parameters(model),
     parameter_group=lambda name: _ocr2().parameter_group(name),
+    image_tokens=_image_tokens, vision_tokens=_vision_tokens,
 )
 
 

@@ -23,7 +23,15 @@ Byte model (per GPU, no sharding; FSDP/ZeRO divide weights/grads/optimizer by th
   attention is assumed (no seq^2 score matrix). Gradient checkpointing keeps one h-vector per
   layer plus one layer's activations. A trainable vision tower adds 8h + 3i per vision token and
   layer; a frozen one (LoRA, freeze_vision) keeps nothing. One page per example.
+* pages: image tokens and vision tokens per page come from the model's backend
+  (`Backend.image_tokens` / `vision_tokens`), in the asked crop mode (`crops`: the global view plus
+  local crops, DeepSeek-OCR-2 at 1024 px: 257 -> 833 image tokens).
+* LoRA on fused routed experts (`lora_experts`, peft `target_parameters`): r x experts x (a + b)
+  adapter parameters per (experts, a, b) tensor; peft folds the adapters into a new copy of each
+  expert tensor at every forward, and the experts' matmuls keep that copy for backward, so the
+  activations hold one copy of all adapted expert weights (4.5 GiB for DeepSeek-OCR-2 in bf16).
 These are estimates (expect +-25%); add about 1 GiB per GPU for the CUDA context and allocator.
+`deepsynth check-real-size` measures the real architecture against them (docs/memory.md).
 """
 
 from __future__ import annotations
@@ -85,7 +93,9 @@ def _real_v1_config():
 
 
 VLM_CONFIGS = {"deepseek-ocr-2": real_config, CHECKPOINT: real_config, QWEN25_VL_7B: qwen2_5_vl_7b_config,
-               "deepseek-ocr": _real_v1_config, "deepseek-ai/DeepSeek-OCR": _real_v1_config}
+               "deepseek-ocr": _real_v1_config, "deepseek-ai/DeepSeek-OCR": _real_v1_config,
+               # the real-size check's presets: the real architectures with random weights
+               "random-deepseek-ocr-2": real_config, "random-deepseek-ocr": _real_v1_config}
 TEXT_ENCODER_CONFIGS = {QWEN25_7B: qwen2_5_7b_config, "qwen2.5-7b": qwen2_5_7b_config,
                         MINILM: minilm_config, "all-MiniLM-L6-v2": minilm_config, "minilm": minilm_config}
 
@@ -93,14 +103,14 @@ TEXT_ENCODER_CONFIGS = {QWEN25_7B: qwen2_5_7b_config, "qwen2.5-7b": qwen2_5_7b_c
 def build_meta_model(name: str) -> nn.Module:
     """The vision-language model `name` without weights: a known config, a tiny preset, a local
     directory, or a hub id whose config is reachable (cache or network)."""
-    from deepsynth.models.generic import TINY_PRESETS
+    from deepsynth.models.registry import preset_backend
 
-    if name in ("tiny", "tiny-reader", "tiny-deepseek-ocr-v1") or name in TINY_PRESETS:
-        from deepsynth.models.registry import load_model
-
-        return load_model(name)[0]  # a few MB: built for real
     if name in VLM_CONFIGS:
         config = VLM_CONFIGS[name]()
+    elif name == "tiny-reader" or preset_backend(name) is not None:
+        from deepsynth.models.registry import load_model
+
+        return load_model(name)[0]  # tiny presets, a few MB: built for real
     else:
         from transformers import AutoConfig
 
@@ -150,13 +160,24 @@ def _linears(module: nn.Module) -> list[nn.Linear]:
     return [m for m in module.modules() if isinstance(m, nn.Linear)]
 
 
-def vision_stacks(model: nn.Module, page_size: int = 1024) -> list[Stack]:
-    """The vision tower's layer stacks (ModuleLists), with tokens per page from the config."""
+def _backend(model: nn.Module):
+    from deepsynth.models.registry import backend_for_type
+
+    return backend_for_type(getattr(model.config, "model_type", None), type(model).__name__)
+
+
+def vision_stacks(model: nn.Module, page_size: int = 1024, crop_mode: str = "none") -> list[Stack]:
+    """The vision tower's layer stacks (ModuleLists), with tokens per page (all views) from the
+    family's `vision_tokens`."""
     from deepsynth.training.peft_utils import VISION_TOWER_NAMES, _named
 
     found = _named(model, VISION_TOWER_NAMES)
     if not found:
         return []
+    backend = _backend(model)
+    if backend.vision_tokens is None:
+        raise ValueError(f"backend {backend.name!r} cannot say how many vision tokens a page makes "
+                         "(Backend.vision_tokens)")
     prefix, tower = found
     stacks = []
     for name, module in tower.named_modules():
@@ -165,43 +186,18 @@ def vision_stacks(model: nn.Module, page_size: int = 1024) -> list[Stack]:
         lin = _linears(module[0])
         hidden = lin[0].in_features
         stacks.append(Stack(f"{prefix}.{name}", len(module), hidden, max(m.out_features for m in lin),
-                            _vision_tokens(model.config, name, page_size)))
+                            backend.vision_tokens(model.config, name, page_size, crop_mode)))
     return stacks
 
 
-def _vision_tokens(config, stack_name: str, page_size: int = 1024) -> int:
-    """Tokens per page through a vision stack. DeepSeek-OCR-2 (global view, no crops) and Idefics3
-    (no splitting) resize pages to their fixed input size; Qwen-VL models keep `page_size` pixels."""
-    vision = getattr(config, "vision_config", None)
-    if config.model_type == "deepseek_ocr_v1":  # SAM sees the patches, CLIP-L the 4x-downsampled grid + CLS
-        sam = config.sam_config
-        patches = (sam.image_size // sam.patch_size) ** 2
-        return patches if "sam" in stack_name else patches // 16 + 1
-    if config.model_type == "deepseek_ocr2":
-        sam = vision.sam_config
-        patches = (sam.image_size // sam.patch_size) ** 2  # 4096 at 1024 px
-        # The encoder sees the 4x-downsampled patches plus learned queries (144 up to 768 px, else 256).
-        return patches if "sam" in stack_name else patches // 16 + (144 if patches // 16 <= 144 else 256)
-    if config.model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
-        side = round(page_size / (vision.patch_size * vision.spatial_merge_size)) * vision.spatial_merge_size
-        return side * side
-    size, patch = getattr(vision, "image_size", 224), getattr(vision, "patch_size", 14)
-    return (size // patch) ** 2
-
-
-def image_tokens_per_page(model: nn.Module, page_size: int = 1024) -> int:
-    """Decoder tokens that one square page of `page_size` pixels becomes."""
-    config = model.config
-    vision = getattr(config, "vision_config", None)
-    if config.model_type == "deepseek_ocr_v1":
-        side = math.isqrt(_vision_tokens(config, "sam") // 16)
-        return side * (side + 1) + 1  # 16 x 16 grid + a newline per row + view separator
-    if config.model_type == "deepseek_ocr2":
-        return _vision_tokens(config, "sam") // 16 + 1  # 16 x 16 grid (at 1024 px) + view separator
-    if config.model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
-        return _vision_tokens(config, "", page_size) // vision.spatial_merge_size**2
-    scale = getattr(config, "scale_factor", 1)
-    return _vision_tokens(config, "") // scale**2
+def image_tokens_per_page(model: nn.Module, page_size: int = 1024, crop_mode: str = "none") -> int:
+    """Decoder tokens that one square page of `page_size` pixels becomes in `crop_mode` (the
+    family's `image_tokens`: DeepSeek-OCR-2 at 1024 px: 257 without crops, 833 with 2 x 2 crops)."""
+    backend = _backend(model)
+    if backend.image_tokens is None:
+        raise ValueError(f"backend {backend.name!r} cannot say how many image tokens a page makes "
+                         "(Backend.image_tokens); pass seq_len")
+    return backend.image_tokens(model.config, page_size, page_size, crop_mode)
 
 
 def _decoder_per_token_elements(text) -> tuple[float, int]:
@@ -228,7 +224,7 @@ class MemoryEstimate:
     model: str
     method: str  # "full", "lora", "qlora"
     text_encoder: str | None
-    options: list[str]  # "frozen vision", "grad ckpt", "encoder trainable"
+    options: list[str]  # "frozen vision", "grad ckpt", "encoder trainable", "crops", "experts frozen"
     precision: str
     batch_size: int
     seq_len: int
@@ -248,21 +244,33 @@ class MemoryEstimate:
 def estimate_memory(model: str, lora: bool = False, text_encoder: str | None = None, batch_size: int = 1,
                     precision: str = "bf16", seq_len: int | None = None, qlora: bool = False,
                     lora_rank: int = 16, freeze_vision: bool = False, text_encoder_trainable: bool = False,
-                    gradient_checkpointing: bool = False, page_size: int = 1024) -> MemoryEstimate:
-    """Parameters, trainable parameters and per-GPU memory for training `model` (see module doc)."""
+                    gradient_checkpointing: bool = False, page_size: int = 1024, crops: bool = False,
+                    lora_experts: bool = True, text_tokens: int = TEXT_TOKENS) -> MemoryEstimate:
+    """Parameters, trainable parameters and per-GPU memory for training `model` (see module doc).
+
+    crops:        pages in crop mode "tiles" (global view + local crops; DeepSeek-OCR-2 at 1024 px:
+                  833 image tokens instead of 257), else one global view.
+    lora_experts: LoRA reaches the routed experts too (TrainerConfig.lora_experts).
+    text_tokens:  instruction + answer tokens per example, added to the page's image tokens (when
+                  seq_len is not given).
+    """
     if precision not in PRECISION_BYTES:
         raise ValueError(f"precision must be one of {sorted(PRECISION_BYTES)}, got {precision!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if seq_len is not None and seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-    from deepsynth.training.peft_utils import DECODER_NAMES, VISION_TOWER_NAMES, _named, lora_target_modules
+    if text_tokens < 0:
+        raise ValueError(f"text_tokens must be >= 0, got {text_tokens}")
+    from deepsynth.training.peft_utils import (DECODER_NAMES, VISION_TOWER_NAMES, _named, lora_target_modules,
+                                               lora_target_parameters)
 
     lora = lora or qlora
     net = build_meta_model(model)
     pbytes = PRECISION_BYTES[precision]
     text = net.config.get_text_config()
-    seq = seq_len or image_tokens_per_page(net, page_size) + TEXT_TOKENS
+    crop_mode = "tiles" if crops else "none"
+    seq = seq_len or image_tokens_per_page(net, page_size, crop_mode) + text_tokens
     notes = []
 
     params = {n: p.numel() for n, p in net.named_parameters()}
@@ -280,6 +288,11 @@ def estimate_memory(model: str, lora: bool = False, text_encoder: str | None = N
         pattern = lora_target_modules(net)
         targets = [m for n, m in net.named_modules() if re.fullmatch(pattern, n)]
         lora_params = sum(lora_rank * (m.in_features + m.out_features) for m in targets)
+        # Fused expert parameters (experts, a, b) reached through peft target_parameters: one rank-r
+        # pair per expert, r x experts x (a + b) parameters.
+        fused_names = lora_target_parameters(net, lora_experts)
+        fused = [p for n, p in net.named_parameters() if p.ndim == 3 and any(n.endswith("." + t) for t in fused_names)]
+        lora_params += sum(lora_rank * p.shape[0] * (p.shape[1] + p.shape[2]) for p in fused)
         if qlora:
             # every decoder Linear is quantised (not only the LoRA targets)
             quantized = sum(m.weight.numel() for n, m in net.named_modules()
@@ -300,11 +313,21 @@ def estimate_memory(model: str, lora: bool = False, text_encoder: str | None = N
     else:
         decoder_act = tokens * per_token * act_bytes
     logits = tokens * text.vocab_size * (act_bytes + 4)
+    if lora and fused:
+        # peft folds the adapters into each adapted expert parameter (W + s * B @ A, one baddbmm per
+        # forward): the folded copy is a new tensor the experts' matmuls keep for backward, so every
+        # sparse layer holds a full copy of its expert weights until its backward runs, whatever the
+        # batch; the backward adds one layer's gradient of that copy.
+        folded = sum(p.numel() for p in fused) * act_bytes
+        activations_folded = folded + max(p.numel() for p in fused) * act_bytes * len(fused_names)
+        notes.append(f"expert LoRA: {_gib(activations_folded):.2f} GiB of folded expert weights kept for backward")
+    else:
+        activations_folded = 0
     vision_act = 0.0
     if not lora and not freeze_vision:
-        for stack in vision_stacks(net, page_size):
+        for stack in vision_stacks(net, page_size, crop_mode):
             vision_act += batch_size * stack.tokens * stack.layers * (8 * stack.hidden + 3 * stack.intermediate) * act_bytes
-    activations = decoder_act + logits + vision_act
+    activations = decoder_act + logits + vision_act + activations_folded
 
     encoder_name = None
     if text_encoder:
@@ -329,9 +352,12 @@ def estimate_memory(model: str, lora: bool = False, text_encoder: str | None = N
                      + (f"projection {enc_dim}->{text.hidden_size}" if proj else "no projection (same width)"))
 
     total = weights + grads + optimizer + activations
+    has_experts = lora and bool(lora_target_parameters(net, True))
     options = [label for flag, label in ((freeze_vision and not lora, "frozen vision"),
                                          (gradient_checkpointing, "grad ckpt"),
-                                         (text_encoder and text_encoder_trainable, "encoder trainable")) if flag]
+                                         (text_encoder and text_encoder_trainable, "encoder trainable"),
+                                         (crops, "crops"),
+                                         (has_experts and not lora_experts, "experts frozen")) if flag]
     return MemoryEstimate(
         model=model, method="qlora" if qlora else "lora" if lora else "full", text_encoder=encoder_name,
         options=options,
@@ -372,6 +398,9 @@ COMMON = [  # the configurations in docs/memory.md
     dict(model="deepseek-ocr-2", freeze_vision=True),
     dict(model="deepseek-ocr-2", batch_size=8, gradient_checkpointing=True),
     dict(model="deepseek-ocr-2", lora=True),
+    dict(model="deepseek-ocr-2", lora=True, lora_experts=False),
+    dict(model="deepseek-ocr-2", lora=True, crops=True),
+    dict(model="deepseek-ocr-2", lora=True, crops=True, lora_experts=False),
     dict(model="deepseek-ocr-2", lora=True, batch_size=8),
     dict(model="deepseek-ocr-2", lora=True, batch_size=2, seq_len=2048),  # recipes/lora-24gb.yaml
     dict(model="deepseek-ocr-2", batch_size=2, seq_len=2048),  # recipes/full-finetune.yaml (per GPU, unsharded)

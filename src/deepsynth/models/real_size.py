@@ -1,0 +1,342 @@
+"""`deepsynth check-real-size`: the released DeepSeek-OCR-2 / DeepSeek-OCR architectures, exercised offline.
+
+No hub is reachable from the machines this project is tested on, so real weights never load; the
+real architecture can still run. The check builds it from its real config
+(`deepseek_ocr2.real_config()`, `deepseek_ocr_v1.real_v1_config()`) with random bf16 weights (the
+backends' `random-deepseek-ocr-2` / `random-deepseek-ocr` presets) and takes one 1024 px page
+through the user's path:
+
+1. the processor in the asked crop mode ("none": one global view, "tiles": the global view plus
+   768 px local crops), through the training collator;
+2. one LoRA training step with the project's training options (`apply_training_options`: vision
+   frozen, LoRA on attention / dense MLP / shared experts, and on the routed experts unless
+   `lora_experts` is off);
+3. `save_bundle` of the adapters, the trained model dropped, `load_bundle` of the adapter bundle
+   (which rebuilds the seeded base) and a comparison of every adapter tensor;
+4. a short greedy generation through `LoadedModel.decoder()` (the engine's decoding path).
+
+It reports the page's image tokens next to the features the model produced for it, trainable
+parameters by group, seconds per phase, the training step's peak memory and `estimate-memory`'s
+figure for the same settings (docs/memory.md compares them). Weights are random: the answer text
+means nothing, only that the path runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+import resource
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+GiB = 1024**3
+# --model name -> (backend preset with random weights, estimate-memory model name)
+MODELS = {"deepseek-ocr-2": "random-deepseek-ocr-2", "deepseek-ocr": "random-deepseek-ocr"}
+PAGE_TEXT = ("Item 7 has code K49. Item 8 has code K56. The meeting moved to room 12 on Friday.\n" * 12).strip()
+INSTRUCTION = "What is the code of item 7?"
+ANSWER = "K49"
+WEIGHTS_NOTE = "weights are random (real architecture, no hub): answers are meaningless, memory and shapes are real"
+
+
+# ---- the random-weight base ----------------------------------------------------------------------
+def stand_in_tokenizer(vocab_size: int, image_token_id: int):
+    """A character tokenizer (deepsynth.models.tokenizer) padded to the real vocabulary size, with
+    `<image>` at the real image-token id: built offline, it gives the embedding table and lm_head their
+    real sizes. <bos>=0 and <eos>=1 as in the released config."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from deepsynth.models.tokenizer import CHARACTERS
+
+    if not 0 <= image_token_id < vocab_size:
+        raise ValueError(f"image_token_id={image_token_id} must be in [0, vocab_size={vocab_size})")
+    specials = ["<bos>", "<eos>", "<pad>", "<unk>"]
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    for ch in CHARACTERS:
+        vocab.setdefault(ch, len(vocab))
+    tokens = [None] * vocab_size
+    for tok, i in vocab.items():
+        tokens[i] = tok
+    tokens[image_token_id] = "<image>"
+    vocab = {tok or f"<unused_{i}>": i for i, tok in enumerate(tokens)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    core.add_special_tokens(specials + ["<image>"])
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>", extra_special_tokens={"image_token": "<image>"},
+                                   clean_up_tokenization_spaces=False)
+
+
+def random_weights(model_class, config, seed: int = 0) -> torch.nn.Module:
+    """`model_class` built from `config` with seeded random weights, directly in bf16 (a float32
+    build of the 3.4B models would need twice the memory for a moment)."""
+    torch.manual_seed(seed)
+    return model_class._from_config(config, dtype=torch.bfloat16)
+
+
+# ---- memory readings -------------------------------------------------------------------------------
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def current_rss() -> int:
+    """Resident set size now, in bytes (0 where /proc is missing)."""
+    return (_status_kib("VmRSS") or 0) * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Restart the kernel's peak-RSS counter (VmHWM) at the current RSS (Linux: `5` to clear_refs);
+    False where that is not possible (the peak then counts from the process start)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_rss() -> int:
+    """Peak resident set size in bytes: VmHWM (since the last reset), else ru_maxrss (process life)."""
+    hwm = _status_kib("VmHWM")
+    if hwm is not None:
+        return hwm * 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+def process_peak_rss() -> int:
+    """Peak resident set size of the whole process life, in bytes (ru_maxrss)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+# ---- the check ------------------------------------------------------------------------------------
+@dataclass
+class RealSizeSettings:
+    """What the real-size check runs."""
+
+    # "deepseek-ocr-2" or "deepseek-ocr" (v1; one global view per page only).
+    model: str = "deepseek-ocr-2"
+    # Local crops ("tiles": the global view plus 768 px crops) or one global view ("none").
+    crops: bool = False
+    # LoRA on the routed experts too (TrainerConfig.lora_experts).
+    lora_experts: bool = True
+    # LoRA rank (TrainerConfig.lora_rank; alpha is twice the rank as in the recipes).
+    lora_rank: int = 16
+    # Tokens of the greedy generation after the reload.
+    max_new_tokens: int = 4
+    # Seed of the random weights (the reload rebuilds the same base from it) and of training.
+    seed: int = 0
+    # Folder for the adapter bundle; None = a temporary folder, removed afterwards.
+    workdir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.model not in MODELS:
+            raise ValueError(f"model={self.model!r}: choose one of {sorted(MODELS)}")
+        if self.crops and self.model == "deepseek-ocr":
+            raise ValueError("crops on: the DeepSeek-OCR v1 port reads one global view per page; use --crops off")
+        if not 1 <= self.lora_rank <= 256:
+            raise ValueError(f"lora_rank={self.lora_rank} must be in [1, 256]")
+        if not 1 <= self.max_new_tokens <= 64:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be in [1, 64]")
+
+    @property
+    def crop_mode(self) -> str:
+        return "tiles" if self.crops else "none"
+
+
+def _autocast():
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def _lora_tensors(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if "lora_" in n}
+
+
+def run_check(settings: RealSizeSettings = RealSizeSettings(),
+              clock: Callable[[], float] = time.perf_counter) -> dict:
+    """Run the check (see the module doc); returns the report (`format_report` prints it)."""
+    from deepsynth.models.bundle import LoadedModel, load_bundle, make_collator, save_bundle
+    from deepsynth.models.generate import GenerationSettings
+    from deepsynth.models.memory import estimate_memory
+    from deepsynth.models.registry import backend_of
+    from deepsynth.render import RenderConfig, render_text
+    from deepsynth.training.config import TrainerConfig
+    from deepsynth.training.peft_utils import trainable_parameter_report
+    from deepsynth.training.trainer import apply_training_options, build_optimizer
+
+    preset = MODELS[settings.model]
+    report: dict = {"model": settings.model, "preset": preset, "crop_mode": settings.crop_mode,
+                    "lora_experts": settings.lora_experts, "lora_rank": settings.lora_rank, "note": WEIGHTS_NOTE,
+                    "torch_threads": torch.get_num_threads(), "seconds": {}}
+    seconds = report["seconds"]
+    baseline = current_rss()
+
+    start = clock()
+    model, processor, spec = load_bundle(preset, seed=settings.seed)
+    seconds["build"] = clock() - start
+    report["parameters"] = sum(p.numel() for p in model.parameters())
+    report["build_rss_gib"] = current_rss() / GiB
+    backend = backend_of(model)
+    backend.configure_processor(processor, settings.crop_mode)
+    render = RenderConfig.from_preset("large")
+    spec = dataclasses.replace(spec, crop_mode=settings.crop_mode, render=asdict(render), base_model=preset,
+                               base_seed=settings.seed, default_instruction=INSTRUCTION)
+
+    # 1. the page through the training collator
+    page = render_text(PAGE_TEXT, render)[0].image
+    config = TrainerConfig(model_name=preset, use_lora=True, lora_experts=settings.lora_experts,
+                           lora_rank=settings.lora_rank, lora_alpha=2 * settings.lora_rank,
+                           freeze_vision_encoder=True, seed=settings.seed)
+    torch.manual_seed(settings.seed)
+    model = apply_training_options(model, config)
+    groups = trainable_parameter_report(model)
+    report["trainable"] = {"total": groups["trainable"], "percent": groups["percent"],
+                           "groups": {g: e for g, e in groups["groups"].items() if e["trainable"]}}
+    collator = make_collator(model, processor, spec, max_length=4096)
+    batch = collator([{"pages": [page], "instruction": INSTRUCTION, "answer": ANSWER}])
+    image_token_id = processor.image_token_id
+    report["page_px"] = list(page.size)
+    report["image_tokens"] = int((batch["input_ids"] == image_token_id).sum())
+    report["image_tokens_formula"] = backend.image_tokens(model.config, *page.size, settings.crop_mode) \
+        if backend.image_tokens else None
+    report["sequence_tokens"] = int(batch["input_ids"].shape[1])
+
+    # 2. one training step (forward, backward, AdamW), its peak memory above the runtime's
+    optimizer = build_optimizer(model, config)
+    model.train()
+    gc.collect()
+    report["peak_source"] = "VmHWM reset before the step" if reset_peak_rss() else "ru_maxrss (process life)"
+    start = clock()
+    with _autocast():  # the recipes' mixed_precision: bf16 (accelerate autocasts the forward the same way)
+        loss = model(**batch).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    seconds["train_step"] = clock() - start
+    step_peak = peak_rss()
+    report["loss"] = float(loss.detach())
+    report["runtime_rss_gib"] = baseline / GiB
+    report["step_peak_rss_gib"] = step_peak / GiB
+    report["measured_gib"] = (step_peak - baseline) / GiB
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"the training step's loss is {report['loss']}: the real-size path is broken")
+
+    # 3. adapters saved as a bundle, the model dropped, the bundle loaded back
+    trained = _lora_tensors(model)
+    with tempfile.TemporaryDirectory(prefix="real-size-", dir=settings.workdir) as tmp:
+        adapter_dir = Path(tmp) / "adapter"
+        adapter_dir.mkdir()
+        start = clock()
+        save_bundle(adapter_dir, model, processor, dataclasses.replace(spec, training=asdict(config)),
+                    generation=GenerationSettings(max_new_tokens=settings.max_new_tokens), adapter_only=True)
+        seconds["save"] = clock() - start
+        report["adapter_bytes"] = sum(f.stat().st_size for f in adapter_dir.iterdir())
+        del model, optimizer, loss, batch
+        gc.collect()
+        start = clock()
+        reloaded = load_bundle(str(adapter_dir), seed=settings.seed, merge_adapters=False)
+        seconds["reload"] = clock() - start
+    again = _lora_tensors(reloaded.model)
+    report["adapter_tensors"] = len(trained)
+    report["adapters_identical"] = trained.keys() == again.keys() and all(
+        torch.equal(trained[n], again[n]) for n in trained)
+    report["reloaded_crop_mode"] = reloaded.spec.crop_mode
+    del trained, again
+
+    # 4. merged (as `ask` and `serve` load it) and a short greedy generation through the decoder
+    start = clock()
+    merged = LoadedModel(reloaded.model.merge_and_unload(), reloaded.processor, reloaded.spec)
+    seconds["merge"] = clock() - start
+    start = clock()
+    decoder = merged.decoder(GenerationSettings(max_new_tokens=settings.max_new_tokens, no_repeat_ngram_size=0))
+    with _autocast():
+        features = decoder.encode_pages([page])
+        report["image_features"] = int(features[0].shape[0])
+        rows = decoder.run([[page]], [INSTRUCTION], features=[features] if decoder.encodes_pages else None)
+    seconds["generate"] = clock() - start
+    report["generated_tokens"] = rows[0]["new_tokens"]
+    report["prompt_image_tokens"] = rows[0]["visual_tokens"]
+    report["process_peak_rss_gib"] = process_peak_rss() / GiB
+
+    estimate = estimate_memory(settings.model, lora=True, lora_experts=settings.lora_experts,
+                               crops=settings.crops, freeze_vision=True, batch_size=1, precision="bf16",
+                               lora_rank=settings.lora_rank, text_tokens=report["sequence_tokens"]
+                               - report["image_tokens"])
+    report["estimate"] = estimate.to_dict()
+    report["estimate_gib"] = estimate.total_gib
+    report["measured_over_estimate"] = report["measured_gib"] / estimate.total_gib
+    return report
+
+
+def check_failures(report: dict) -> list[str]:
+    """What the report shows to be wrong (empty when the real-size path holds)."""
+    problems = []
+    if report["image_tokens"] != report["image_features"]:
+        problems.append(f"image tokens {report['image_tokens']} != features {report['image_features']}")
+    if report["image_tokens_formula"] is not None and report["image_tokens_formula"] != report["image_tokens"]:
+        problems.append(f"the family's image-token formula says {report['image_tokens_formula']}, the processor "
+                        f"wrote {report['image_tokens']}")
+    if report["prompt_image_tokens"] != report["image_tokens"]:
+        problems.append(f"generation prompt holds {report['prompt_image_tokens']} image tokens, training "
+                        f"{report['image_tokens']}")
+    routed = report["trainable"]["groups"].get("routed_experts", {}).get("lora", 0)
+    if report["lora_experts"] and routed == 0:
+        problems.append("lora_experts is on but no routed-expert LoRA parameter trains")
+    if not report["lora_experts"] and routed:
+        problems.append(f"lora_experts is off but {routed} routed-expert LoRA parameters train")
+    if not report["adapters_identical"]:
+        problems.append("adapters reloaded from the bundle differ from the trained ones")
+    if report["reloaded_crop_mode"] != report["crop_mode"]:
+        problems.append(f"bundle reloaded with crop mode {report['reloaded_crop_mode']}, trained with "
+                        f"{report['crop_mode']}")
+    if report["generated_tokens"] < 1:
+        problems.append("the decoder generated no token")
+    return problems
+
+
+def format_report(report: dict) -> str:
+    """The report as a short table."""
+    s = report["seconds"]
+    lines = [
+        f"real-size check: {report['model']} ({report['parameters']:,} parameters, {report['preset']}), "
+        f"crops {report['crop_mode']}, LoRA r={report['lora_rank']} on "
+        + ("attention, dense MLP, shared and routed experts" if report["lora_experts"]
+           else "attention, dense MLP, shared experts (routed experts left out)"),
+        f"note: {report['note']}",
+        f"page {report['page_px'][0]}x{report['page_px'][1]} px: {report['image_tokens']} image tokens "
+        f"(formula {report['image_tokens_formula']}), {report['image_features']} image features; "
+        f"{report['sequence_tokens']} tokens per example",
+        f"trainable: {report['trainable']['total']:,} ({report['trainable']['percent']:.2f}%)",
+    ]
+    for group, entry in report["trainable"]["groups"].items():
+        lines.append(f"  {group:<15} {entry['trainable']:>13,} (LoRA {entry['lora']:,})")
+    lines += [
+        f"seconds: build {s['build']:.1f}, train step {s['train_step']:.1f}, save {s['save']:.1f}, "
+        f"reload {s['reload']:.1f}, merge {s['merge']:.1f}, generate {report['generated_tokens']} tokens {s['generate']:.1f} "
+        f"({report['torch_threads']} threads)",
+        f"adapters: {report['adapter_tensors']} tensors, {report['adapter_bytes'] / 2**20:.0f} MiB, reloaded "
+        + ("identical" if report["adapters_identical"] else "DIFFERENT"),
+        f"memory: runtime {report['runtime_rss_gib']:.2f} GiB, step peak {report['step_peak_rss_gib']:.2f} GiB "
+        f"({report['peak_source']}); measured (peak - runtime) {report['measured_gib']:.2f} GiB, "
+        f"estimate-memory {report['estimate_gib']:.2f} GiB, ratio {report['measured_over_estimate']:.2f}; "
+        f"process peak {report['process_peak_rss_gib']:.2f} GiB",
+    ]
+    problems = check_failures(report)
+    lines.append("result: " + ("ok" if not problems else "FAILED: " + "; ".join(problems)))
+    return "\n".join(lines)
