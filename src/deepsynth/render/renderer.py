@@ -33,9 +33,12 @@ from dataclasses import dataclass, fields
 from functools import lru_cache
 from itertools import groupby
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
+
+from .modes import as_token_counter, mode_for_page, resolve_mode, vision_tokens
+from .reflow import reflow_text
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +65,21 @@ PRESETS: dict[str, dict[str, Any]] = {
     "large": dict(page_width=1024, page_height=1024, font_size=20),
     "gundam": dict(page_width=1280, page_height=1280, font_size=24),
 }
+
+#: Presets matched to DeepSeek-OCR's modes (``deepsynth.render.modes``): the page is drawn at the
+#: mode's resolution, so no pixel is lost to resizing, in two densities. "readable": the font sizes
+#: of the presets above (line breaks as written). "dense": small type, thin margins, reflowed
+#: paragraphs; benchmarks/compression.py measures how much each holds and how much of it an
+#: independent OCR reads back. Gundam pages are 1280 px: a 2 x 2 grid of 640 px tiles.
+_MODE_PAGES = {"tiny": 512, "small": 640, "base": 1024, "large": 1280, "gundam": 1280}
+_READABLE_FONT = {"tiny": 14, "small": 16, "base": 20, "large": 24, "gundam": 20}
+_DENSE = dict(font_size=9, margin=8, line_spacing=1.15, reflow=True)
+#: Preset name -> the DeepSeek-OCR mode it is drawn for.
+PRESET_MODES: dict[str, str] = {}
+for _mode, _side in _MODE_PAGES.items():
+    PRESETS[f"ocr-{_mode}-readable"] = dict(page_width=_side, page_height=_side, font_size=_READABLE_FONT[_mode])
+    PRESETS[f"ocr-{_mode}-dense"] = dict(page_width=_side, page_height=_side, **_DENSE)
+    PRESET_MODES[f"ocr-{_mode}-readable"] = PRESET_MODES[f"ocr-{_mode}-dense"] = _mode
 
 _PAGE_SIDE = (64, 4096)
 _FONT_SIZE = (6, 200)
@@ -237,6 +255,9 @@ class RenderConfig:
     max_pages: int = 64
     # Interpret the text as Markdown (headings, lists, fenced code).
     markdown: bool = False
+    # Join the hard-wrapped lines of each paragraph before wrapping at the page width; blank
+    # lines, lists, headings, tables and code keep their lines (deepsynth.render.reflow).
+    reflow: bool = False
 
     def __post_init__(self) -> None:
         def check_range(name: str, value: float, lo: float, hi: float) -> None:
@@ -316,9 +337,9 @@ class Page:
 # --------------------------------------------------------------------------- layout
 
 
-@dataclass(frozen=True)
-class _Style:
-    """Font file and pixel size of a run of text."""
+class _Style(NamedTuple):
+    """Font file and pixel size of a run of text (a tuple: it keys the width and bitmap caches,
+    and tuples hash in C)."""
 
     font_path: str
     size: int
@@ -456,6 +477,7 @@ def iter_wrap(text: str, style: _Style, width: float, first_indent: int = 0,
     emitted = 0
     cur = ""
     cur_w = 0.0
+    kerned = 0.0  # kerning at the token boundaries of the line, which cur_w leaves out
     starts: list[tuple[int, int]] = []  # (token index, len(cur) before it) of each word on the line
     indent = first_indent
     pending_ws = ""
@@ -475,12 +497,12 @@ def iter_wrap(text: str, style: _Style, width: float, first_indent: int = 0,
         if i >= len(tokens):  # end of paragraph: the last line
             if not cur and emitted:
                 break
-            if len(starts) > 1 and _measure(cur, style) > avail():  # kerning the estimate missed
-                while len(starts) > 1 and _measure(cur, style) > avail():
+            if len(starts) > 1 and cur_w + kerned > avail() - tol and _measure(cur, style) > avail():
+                while len(starts) > 1 and _measure(cur, style) > avail():  # kerning the estimate missed
                     i, cut = starts.pop()
                     cur = cur[:cut]
                 yield line(cur)
-                cur, cur_w, starts, pending_ws = "", 0.0, [], ""
+                cur, cur_w, kerned, starts, pending_ws = "", 0.0, 0.0, [], ""
                 continue
             yield line(cur)
             break
@@ -499,6 +521,8 @@ def iter_wrap(text: str, style: _Style, width: float, first_indent: int = 0,
         else:
             fits = _measure(cur + piece, style) <= limit
         if fits:
+            if cur:
+                kerned += _kern(cur[-1], piece[0], style)
             starts.append((i, len(cur)))
             cur += piece
             cur_w = est
@@ -506,18 +530,21 @@ def iter_wrap(text: str, style: _Style, width: float, first_indent: int = 0,
             i += 1
             continue
         if cur:
-            # finish the line; the exact check catches kerning the summed estimate missed
-            while len(starts) > 1 and _measure(cur, style) > limit:
-                i, cut = starts.pop()
-                cur = cur[:cut]
+            # finish the line; the exact check catches kerning the summed estimate missed. The
+            # summed widths plus the kerning at each token boundary are the line's width, so a
+            # line narrower than the limit by the tolerance cannot fail the check: skip measuring
+            if cur_w + kerned > limit - tol:
+                while len(starts) > 1 and _measure(cur, style) > limit:
+                    i, cut = starts.pop()
+                    cur = cur[:cut]
             yield line(cur)
-            cur, cur_w, starts, pending_ws = "", 0.0, [], ""
+            cur, cur_w, kerned, starts, pending_ws = "", 0.0, 0.0, [], ""
             continue  # retry this token on the new line
         pending_ws = ""
         rest = tok
         fit = _fit_len(rest, style, limit)
         if fit == len(rest):  # only the leading indentation did not fit: drop it
-            cur, cur_w, starts = tok, _token_width(tok, style), [(i, 0)]
+            cur, cur_w, kerned, starts = tok, _token_width(tok, style), 0.0, [(i, 0)]
             i += 1
             continue
         while fit < len(rest):  # a word wider than a line: break it
@@ -525,7 +552,7 @@ def iter_wrap(text: str, style: _Style, width: float, first_indent: int = 0,
             yield line(part, broken=True)
             rest = rest[len(part):]
             fit = _fit_len(rest, style, avail())
-        cur, cur_w, starts = rest, _measure(rest, style), [(i, 0)]
+        cur, cur_w, kerned, starts = rest, _measure(rest, style), 0.0, [(i, 0)]
         i += 1
 
 
@@ -554,17 +581,78 @@ def _warn_missing(missing: set[str]) -> None:
                        len(missing), shown, more)
 
 
+#: Draw single-font lines word by word from cached word bitmaps (``_draw_words``); False draws
+#: every line with one ``ImageDraw.text`` call (the reference the cached path must match).
+WORD_CACHE = True
+
+
+@lru_cache(maxsize=1 << 14)
+def _word_mask(word: str, style: _Style, phase64: int) -> tuple[Any, int, int, int]:
+    """The bitmap FreeType draws for ``word`` starting ``phase64``/64 px into a pixel: (mask,
+    x offset, y offset, width), as ``ImageDraw.text`` would blend it at that position."""
+    mask, (ox, oy) = load_font(style.font_path, style.size).getmask2(word, "L", anchor="ls",
+                                                                      start=(phase64 / 64, 0))
+    return mask, ox, oy, mask.size[0]
+
+
+@lru_cache(maxsize=1 << 12)
+def _kern(left: str, right: str, style: _Style) -> float:
+    """Kerning the font applies between two adjacent characters, in px (a multiple of 1/64)."""
+    font = load_font(style.font_path, style.size)
+    return font.getlength(left + right) - font.getlength(left) - font.getlength(right)
+
+
+def _draw_words(draw: Any, line: _Line, x0: int, baseline: int, ink: int) -> bool:
+    """Draw a single-font line word by word from cached bitmaps; False (nothing drawn) when two
+    words' bitmaps would overlap, where blending them one by one could differ from one line mask.
+
+    FreeType places each glyph at its pen position rounded to a pixel, the pen advancing by the
+    glyph advances plus the kerning of each adjacent pair (BASIC layout). A word drawn alone at
+    its pen position within the line therefore gets the same pixels as in the line: its bitmap
+    depends only on the word and the fraction of a pixel it starts at, so it is rendered once
+    and reused. tests/render/test_render_speed.py checks the pixels against per-line drawing.
+    """
+    style = line.style
+    pen = 0.0  # from x0, in px; sums of 26.6 fixed-point values, so exact in a float
+    prev = ""
+    placements = []
+    right_edge = None
+    for tok in _TOKEN.findall(line.text):
+        if prev:
+            pen += _kern(prev, tok[0], style)
+        if not tok[0].isspace():
+            whole = int(pen)  # pen >= 0
+            mask, ox, oy, width = _word_mask(tok, style, round((pen - whole) * 64))
+            left = x0 + whole + ox
+            if width:
+                if right_edge is not None and left < right_edge:
+                    return False
+                right_edge = left + width
+                placements.append((left, baseline + oy, mask))
+        pen += _token_width(tok, style)
+        prev = tok[-1]
+    for left, top, mask in placements:
+        draw.draw_bitmap((left, top), mask, ink)
+    return True
+
+
 def _draw_page(placed: list[tuple[_Line, int]], config: RenderConfig) -> Image.Image:
     img = Image.new("RGB", (config.page_width, config.page_height), config.background)
     draw = ImageDraw.Draw(img)
+    ink = draw._getink(config.foreground)[0]  # the ink ImageDraw.text blends with
     for line, baseline in placed:
         if not line.text:
             continue
-        x: float = config.margin + line.indent
-        for run, path in _runs(line.text, line.style):
+        x0 = config.margin + line.indent
+        runs = _runs(line.text, line.style)
+        if WORD_CACHE and len(runs) == 1 and _draw_words(draw.draw, line, x0, baseline, ink):
+            continue
+        x: float = x0
+        for i, (run, path) in enumerate(runs):
             font = load_font(path, line.style.size)
             draw.text((x, baseline), run, font=font, fill=config.foreground, anchor="ls")
-            x += font.getlength(run)
+            if i + 1 < len(runs):
+                x += font.getlength(run)
     return img
 
 
@@ -575,6 +663,8 @@ def layout(text: str, config: RenderConfig, page_limit: int | None = None) -> li
     ``page_limit + 1`` pages (the last one with that single line) and the rest of the text is
     never wrapped, so the cost of an over-long text is bounded by the limit, not by its length.
     """
+    if config.reflow:
+        text = reflow_text(text, config.tab_size, markdown=config.markdown)
     if config.markdown:
         from .markdown import iter_markdown_lines
 
@@ -647,26 +737,35 @@ def join_pages(pages: Sequence[Page]) -> str:
 
 
 def render_stats(text: str, pages: list[Page], tokenizer: Any = None,
-                 visual_tokens_per_page: int = 256) -> dict[str, Any]:
+                 visual_tokens_per_page: int | None = None, *, config: RenderConfig | None = None,
+                 mode: str | None = None) -> dict[str, Any]:
     """Compression statistics for ``text`` rendered as ``pages``.
 
-    ``text_tokens`` is ``len(tokenizer(text)["input_ids"])`` when a tokenizer is given;
-    ``compression_ratio`` = text_tokens / visual_tokens (None without a tokenizer).
+    Vision tokens: ``visual_tokens_per_page`` when given, else those of DeepSeek-OCR's ``mode``
+    (see ``deepsynth.render.modes``; by default the mode matching ``config``'s page size, Base
+    without a config) for a page of the config's size.
+    ``text_tokens``: counted with ``tokenizer`` (a Hugging Face tokenizer, a ``tokenizers``
+    Tokenizer, a (name, function) pair or ``"default"``: see ``modes.as_token_counter``); None
+    without one. ``compression_ratio`` = text tokens per vision token (None without a tokenizer).
     """
     words = len(text.split())
     n_pages = len(pages)
-    text_tokens = None
+    width, height = (config.page_width, config.page_height) if config else (1024, 1024)
+    chosen = resolve_mode(mode) if mode else (mode_for_page(width, height) if config else resolve_mode("base"))
+    per_page = visual_tokens_per_page if visual_tokens_per_page is not None else vision_tokens(chosen, width, height)
+    text_tokens = tokenizer_name = None
     if tokenizer is not None:
-        ids = tokenizer(text)["input_ids"]
-        if hasattr(ids, "shape") and len(getattr(ids, "shape")) == 2:  # batched tensor
-            ids = ids[0]
-        text_tokens = len(ids)
-    visual_tokens = n_pages * visual_tokens_per_page
+        tokenizer_name, count = as_token_counter(tokenizer)
+        text_tokens = count(text)
+    visual_tokens = n_pages * per_page
     return {
         "words": words,
         "characters": len(text),
         "pages": n_pages,
         "words_per_page": words / n_pages if n_pages else 0.0,
+        "mode": chosen.name if visual_tokens_per_page is None else None,
+        "visual_tokens_per_page": per_page,
+        "tokenizer": tokenizer_name,
         "text_tokens": text_tokens,
         "visual_tokens": visual_tokens,
         "compression_ratio": (text_tokens / visual_tokens) if (text_tokens is not None and visual_tokens) else None,
