@@ -59,7 +59,10 @@ def register(app: typer.Typer) -> None:
                                                          "[,instruction=COL][,id=COL] (repeatable)."),
         render: bool = typer.Option(False, "--render/--no-render", help="Store rendered pages (PNG) in an Image column."),
         preset: str = typer.Option("base", "--preset", help="Render preset for --render."),
-        num_proc: int = typer.Option(1, "--num-proc", min=1, help="Worker processes (datasets.map num_proc)."),
+        num_proc: Optional[int] = typer.Option(None, "--num-proc", min=1,
+                                               help="Local engine: worker processes (datasets.map num_proc, "
+                                                    "default 1). Ray engine without --address: CPUs of the "
+                                                    "local Ray instance (default: all)."),
         shard_size: int = typer.Option(500, "--shard-size", min=1, help="Examples per Parquet shard."),
         no_answer: Optional[str] = typer.Option(None, "--no-answer",
                                                 help="Unanswerable records (SQuAD v2, NQ, MS MARCO): 'skip' or "
@@ -71,10 +74,17 @@ def register(app: typer.Typer) -> None:
         cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="datasets cache folder."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace the output of a different earlier run."),
         strict: bool = typer.Option(False, "--strict", help="Exit with code 1 when any record was rejected."),
+        engine: str = typer.Option("local", "--engine",
+                                   help="local (datasets.map) or ray (Ray Data tasks; needs the [cluster] extra). "
+                                        "Both write the same output."),
+        address: Optional[str] = typer.Option(None, "--address",
+                                              help="Ray engine: 'auto' (the cluster this machine belongs to) or "
+                                                   "ray://HOST:10001; default: RAY_ADDRESS, else a local instance."),
     ) -> None:
         """Convert a dataset to instruction examples (validated, optionally rendered) in sharded Parquet.
 
-        Running the same command again resumes an interrupted run."""
+        Running the same command again resumes an interrupted run (with either engine)."""
+        from deepsynth.cluster import ClusterError, RaySettings
         from deepsynth.data.pipeline import PrepareError, prepare
 
         options = parse_options(option)
@@ -84,11 +94,15 @@ def register(app: typer.Typer) -> None:
             options["instruction"] = instruction
         if variants:
             options["instruction_variants"] = list(variants)
+        if address is not None and engine != "ray":
+            raise typer.BadParameter("--address is for --engine ray", param_hint="'--address'")
         try:
+            ray_settings = RaySettings(address=address, num_cpus=num_proc) if engine == "ray" else None
             result = prepare(source, out, config=config, split=split, limit=limit, converter=converter,
-                             mapping=mapping, options=options, render=render, preset=preset, num_proc=num_proc,
-                             shard_size=shard_size, cache_dir=cache_dir, overwrite=overwrite)
-        except (PrepareError, ValueError, DataValidationError, OSError) as exc:
+                             mapping=mapping, options=options, render=render, preset=preset,
+                             num_proc=num_proc or 1, shard_size=shard_size, cache_dir=cache_dir,
+                             overwrite=overwrite, engine=engine, ray_settings=ray_settings)
+        except (PrepareError, ClusterError, ValueError, DataValidationError, OSError) as exc:
             _fail(exc)
             return
         skipped = ", ".join(f"{k} {v}" for k, v in sorted(result.skipped.items())) or "none"

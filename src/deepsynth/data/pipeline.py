@@ -29,6 +29,7 @@ writes, before writing it. ``overwrite=True`` deletes only those files; a ``mani
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -49,6 +50,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from deepsynth.atomic import TMP_MARK, clean_stale_temps, write_atomic, write_text_atomic
+from deepsynth.cluster import RaySettings, check_engine, ray_session, require_ray
 from deepsynth.data.converters import (
     CONVERTERS,
     KNOWN_DATASETS,
@@ -354,8 +356,8 @@ def _nproc(num_proc: int, n: int) -> int | None:
     return k if k > 1 else None
 
 
-def _convert(data: Any, converter: str, options: dict, num_proc: int, limit: int | None):
-    dsm = _datasets()
+def _conversion_input(data: Any, converter: str, options: dict, limit: int | None) -> tuple[Any, dict]:
+    """The rows the converter reads (FiQA: the queries with relevant passages) and its options."""
     if converter == "fiqa":
         corpus = {str(r["_id"]): {"title": str(r.get("title") or ""), "text": str(r.get("text") or "")}
                   for r in data["corpus"]}
@@ -367,13 +369,20 @@ def _convert(data: Any, converter: str, options: dict, num_proc: int, limit: int
         if limit is not None:
             queries = queries.select(range(min(limit, len(queries))))
         queries = queries.add_column("relevant", [relevant[str(q)] for q in queries["_id"]])
-        opts = dict(options, corpus=corpus, corpus_ids=list(corpus))
-        source_ds = queries
-    else:
-        source_ds = data
-        if limit is not None:
-            source_ds = source_ds.select(range(min(limit, len(source_ds))))
-        opts = dict(options)
+        return queries, dict(options, corpus=corpus, corpus_ids=list(corpus))
+    source_ds = data
+    if limit is not None:
+        source_ds = source_ds.select(range(min(limit, len(source_ds))))
+    return source_ds, dict(options)
+
+
+def _convert(data: Any, converter: str, options: dict, num_proc: int, limit: int | None,
+             engine: str = "local"):
+    source_ds, opts = _conversion_input(data, converter, options, limit)
+    if engine == "ray":
+        from deepsynth.data import ray_prepare
+
+        return source_ds, ray_prepare.convert(source_ds, converter, opts, _converted_features())
     n = len(source_ds)
     converted = source_ds.map(
         _convert_batch, batched=True, batch_size=200, with_indices=True,
@@ -562,6 +571,24 @@ def _clean_stale(out: Path) -> None:
                     ", ".join(sorted(removed)[:10]))
 
 
+def _write_shard(out: Path, part: Any, name: str, marker: Path, plan_hash: str) -> dict:
+    """Write one shard (records whose rendering failed go to its ``rejected`` list), then its marker."""
+    shard_rejected: list[dict] = []
+    if "_error" in part.column_names:
+        errs = part["_error"]
+        bad = [i for i, e in enumerate(errs) if e]
+        if bad:
+            bad_ids = part.select(bad)["id"]
+            shard_rejected = [{"id": rid, "reason": f"record {rid!r}: {errs[i]}"} for rid, i in zip(bad_ids, bad)]
+            part = part.select([i for i in range(len(part)) if not errs[i]])
+        part = part.remove_columns(["_error"])
+    write_atomic(out / name, part.to_parquet)
+    info = {"file": name, "rows": len(part), "rejected": shard_rejected, "plan_hash": plan_hash,
+            "first_id": part[0]["id"] if len(part) else None}
+    write_text_atomic(marker, json.dumps(info, ensure_ascii=False))
+    return info
+
+
 def prepare(
     source: str,
     out: str | os.PathLike,
@@ -580,6 +607,8 @@ def prepare(
     cache_dir: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    engine: str = "local",
+    ray_settings: RaySettings | None = None,
 ) -> PrepareResult:
     """Load ``source``, convert it to instruction examples, validate them, optionally render
     their pages, and write sharded Parquet to ``out`` (see the module docstring).
@@ -594,8 +623,15 @@ def prepare(
     mapping:   columns for the generic converter: text=..., answer=..., [instruction=...], [id=...].
     options:   converter options (e.g. ``no_answer="unanswerable"``, ``instruction_variants=[...]``).
     render:    also render every document (``preset`` + ``render_overrides``) into ``Image``.
+    engine:    ``local`` (``datasets.map`` with ``num_proc`` processes) or ``ray``: the same
+               converter and renderer run in Ray Data tasks (``ray_settings``: which instance, how
+               many CPUs for a local one; see `deepsynth.data.ray_prepare`). Both write the same folder, byte
+               for byte, so a run started with one engine can be finished with the other.
     """
     from deepsynth.render import RenderConfig
+
+    if check_engine(engine) == "ray":
+        require_ray()  # before any work: a missing extra is the first thing to hear about
 
     if shard_size < 1:
         raise ValueError(f"shard_size={shard_size!r}: must be >= 1")
@@ -670,70 +706,70 @@ def prepare(
                                 "license": info.get("license", "unknown"), "files": [REJECTED, SKIPPED]}
     _write_manifest(manifest_path, manifest)
 
-    # convert + validate (datasets.map with num_proc; cached for on-disk sources)
-    source_ds, converted = _convert(data, converter, options, num_proc, limit)
-    import numpy as np
+    # convert + validate (datasets.map with num_proc, cached for on-disk sources; or Ray Data tasks)
+    with ray_session(ray_settings) if engine == "ray" else contextlib.nullcontext():
+        source_ds, converted = _convert(data, converter, options, num_proc, limit, engine)
+        import numpy as np
 
-    status = np.asarray(converted.data.column("_status").to_pylist(), dtype=object)
-    ids = converted.data.column("id").to_pylist()
-    reasons = converted.data.column("_reason").to_pylist()
-    rows = converted.data.column("_row").to_pylist()
-    skipped_rows = [{"row": rows[i], "id": ids[i], "reason": reasons[i]}
-                    for i in np.flatnonzero(status == "skipped")]
-    rejected_rows = [{"row": rows[i], "id": ids[i], "reason": reasons[i]}
-                     for i in np.flatnonzero(status == "rejected")]
-    ok_idx: list[int] = []
-    first_seen: dict[str, int] = {}
-    for i in np.flatnonzero(status == "ok"):
-        rid = ids[i]
-        if rid in first_seen:
-            rejected_rows.append({"row": rows[i], "id": rid, "reason":
-                                  f"row {rows[i]}: duplicate id {rid!r} (first at row {first_seen[rid]})"})
-            continue
-        first_seen[rid] = rows[i]
-        ok_idx.append(int(i))
-    n_shards = max(1, math.ceil(len(ok_idx) / shard_size)) if ok_idx else 0
-    shard_names = [f"{DATA_DIR}/{split_name}-{s:05d}-of-{n_shards:05d}.parquet" for s in range(n_shards)]
-    marker_names = [f"{MARKER_DIR}/shard-{s:05d}.done" for s in range(n_shards)]
-    # listed before they exist, so --overwrite after a kill still knows every file this run may have written
-    manifest["files"] = shard_names + marker_names + [REJECTED, SKIPPED]
-    _write_manifest(manifest_path, manifest)
-    written = reused = 0
-    shard_infos: list[dict] = []
-    (out / MARKER_DIR).mkdir(exist_ok=True)
-    bar = tqdm(range(n_shards), desc="shards", unit="shard", disable=not progress)
-    for s in bar:
-        name = shard_names[s]
-        marker = out / marker_names[s]
-        done = _shard_done(out, marker, plan_hash)
-        if done is not None:
-            reused += 1
-            shard_infos.append(done)
-            continue
-        part = converted.select(ok_idx[s * shard_size:(s + 1) * shard_size])
-        part = part.remove_columns(list(_PRIVATE_COLUMNS))
-        shard_rejected: list[dict] = []
-        if render_cfg is not None:
-            part = part.map(
-                _render_batch, batched=True, batch_size=8, features=_render_features(),
-                fn_kwargs={"config": asdict(render_cfg)}, keep_in_memory=True, load_from_cache_file=False,
-                num_proc=_nproc(num_proc, len(part)), desc=f"render shard {s + 1}/{n_shards}",
-            )
-            errs = part["_error"]
-            bad = [i for i, e in enumerate(errs) if e]
-            if bad:
-                bad_ids = part.select(bad)["id"]
-                shard_rejected = [{"id": rid, "reason": f"record {rid!r}: {errs[i]}"}
-                                  for rid, i in zip(bad_ids, bad)]
-                part = part.select([i for i in range(len(part)) if not errs[i]])
-            part = part.remove_columns(["_error"])
-        write_atomic(out / name, part.to_parquet)
-        info_s = {"file": name, "rows": len(part), "rejected": shard_rejected, "plan_hash": plan_hash,
-                  "first_id": part[0]["id"] if len(part) else None}
-        write_text_atomic(marker, json.dumps(info_s, ensure_ascii=False))
-        shard_infos.append(info_s)
-        written += 1
-    bar.close()
+        status = np.asarray(converted.data.column("_status").to_pylist(), dtype=object)
+        ids = converted.data.column("id").to_pylist()
+        reasons = converted.data.column("_reason").to_pylist()
+        rows = converted.data.column("_row").to_pylist()
+        skipped_rows = [{"row": rows[i], "id": ids[i], "reason": reasons[i]}
+                        for i in np.flatnonzero(status == "skipped")]
+        rejected_rows = [{"row": rows[i], "id": ids[i], "reason": reasons[i]}
+                         for i in np.flatnonzero(status == "rejected")]
+        ok_idx: list[int] = []
+        first_seen: dict[str, int] = {}
+        for i in np.flatnonzero(status == "ok"):
+            rid = ids[i]
+            if rid in first_seen:
+                rejected_rows.append({"row": rows[i], "id": rid, "reason":
+                                      f"row {rows[i]}: duplicate id {rid!r} (first at row {first_seen[rid]})"})
+                continue
+            first_seen[rid] = rows[i]
+            ok_idx.append(int(i))
+        n_shards = max(1, math.ceil(len(ok_idx) / shard_size)) if ok_idx else 0
+        shard_names = [f"{DATA_DIR}/{split_name}-{s:05d}-of-{n_shards:05d}.parquet" for s in range(n_shards)]
+        marker_names = [f"{MARKER_DIR}/shard-{s:05d}.done" for s in range(n_shards)]
+        # listed before they exist, so --overwrite after a kill still knows every file this run may have written
+        manifest["files"] = shard_names + marker_names + [REJECTED, SKIPPED]
+        _write_manifest(manifest_path, manifest)
+        (out / MARKER_DIR).mkdir(exist_ok=True)
+        done_infos: dict[int, dict] = {}
+        for s in range(n_shards):
+            done = _shard_done(out, out / marker_names[s], plan_hash)
+            if done is not None:
+                done_infos[s] = done
+        reused = len(done_infos)
+        pending = [s for s in range(n_shards) if s not in done_infos]
+
+        def part_of(s: int):
+            part = converted.select(ok_idx[s * shard_size:(s + 1) * shard_size])
+            return part.remove_columns(list(_PRIVATE_COLUMNS))
+
+        if render_cfg is None:
+            parts: Any = ((s, part_of(s)) for s in pending)
+        elif engine == "ray":
+            from deepsynth.data import ray_prepare
+
+            parts = ray_prepare.render_shards(((s, part_of(s)) for s in pending), asdict(render_cfg),
+                                              _render_features())
+        else:
+            def render_local(s: int):
+                part = part_of(s)
+                return part.map(
+                    _render_batch, batched=True, batch_size=8, features=_render_features(),
+                    fn_kwargs={"config": asdict(render_cfg)}, keep_in_memory=True, load_from_cache_file=False,
+                    num_proc=_nproc(num_proc, len(part)), desc=f"render shard {s + 1}/{n_shards}",
+                )
+
+            parts = ((s, render_local(s)) for s in pending)
+        # shards are written (each with its marker) as they come, so a kill loses only those in progress
+        for s, part in tqdm(parts, total=len(pending), desc="shards", unit="shard", disable=not progress):
+            done_infos[s] = _write_shard(out, part, shard_names[s], out / marker_names[s], plan_hash)
+        written = len(pending)
+        shard_infos = [done_infos[s] for s in range(n_shards)]
 
     for si in shard_infos:
         rejected_rows.extend(si.get("rejected", []))
