@@ -319,7 +319,8 @@ def estimate_memory(model: str, lora: bool = False, text_encoder: str | None = N
         # sparse layer holds a full copy of its expert weights until its backward runs, whatever the
         # batch; the backward adds one layer's gradient of that copy.
         folded = sum(p.numel() for p in fused) * act_bytes
-        activations_folded = folded + max(p.numel() for p in fused) * act_bytes * len(fused_names)
+        one_layer = sum(p.numel() for p in fused[:len(fused_names)]) * act_bytes  # parameters come layer by layer
+        activations_folded = folded + one_layer
         notes.append(f"expert LoRA: {_gib(activations_folded):.2f} GiB of folded expert weights kept for backward")
     else:
         activations_folded = 0

@@ -274,7 +274,7 @@ def run_check(settings: RealSizeSettings = RealSizeSettings(),
     report["prompt_image_tokens"] = rows[0]["visual_tokens"]
     report["process_peak_rss_gib"] = process_peak_rss() / GiB
 
-    estimate = estimate_memory(settings.model, lora=True, lora_experts=settings.lora_experts,
+    estimate = estimate_memory(preset, lora=True, lora_experts=settings.lora_experts,
                                crops=settings.crops, freeze_vision=True, batch_size=1, precision="bf16",
                                lora_rank=settings.lora_rank, text_tokens=report["sequence_tokens"]
                                - report["image_tokens"])
