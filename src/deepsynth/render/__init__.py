@@ -1,6 +1,9 @@
-"""Text -> page images: pixel-accurate layout, multi-page, shipped fonts, presets, stats."""
+"""Text -> page images: pixel-accurate layout, multi-page, shipped fonts, presets, reflow, stats."""
 
+from .modes import MODES, OcrMode, vision_tokens
+from .reflow import reflow_text
 from .renderer import (
+    PRESET_MODES,
     PRESETS,
     SHIPPED_FONTS,
     Page,
@@ -10,4 +13,5 @@ from .renderer import (
     render_text,
 )
 
-__all__ = ["PRESETS", "SHIPPED_FONTS", "Page", "RenderConfig", "join_pages", "render_stats", "render_text"]
+__all__ = ["MODES", "OcrMode", "PRESET_MODES", "PRESETS", "SHIPPED_FONTS", "Page", "RenderConfig", "join_pages",
+           "reflow_text", "render_stats", "render_text", "vision_tokens"]

@@ -11,9 +11,13 @@ is called.
 
 ``manifest.json`` lists the render config and, for every document, its source, whether it
 was read as Markdown, its pages (file name relative to OUTDIR, exact drawn text, broken-line
-indexes) and its stats (see :func:`deepsynth.render.render_stats`).  Documents that fail to
-render (empty text, more than ``max_pages`` pages) are listed under ``errors`` and make the
-command exit with code 1; the other documents are still written.
+indexes) and its stats (see :func:`deepsynth.render.render_stats`: words, pages, the DeepSeek-OCR
+mode the preset is drawn for and its vision tokens a page, text tokens and the text tokens per
+vision token).  With ``--check`` every page is read back by an independent OCR (the ``ocr``
+extra, see :mod:`deepsynth.render.legibility`) and the document gets a ``check`` entry with the
+word recall of each page and of the whole.  Documents that fail to render (empty text, more than
+``max_pages`` pages) are listed under ``errors`` and make the command exit with code 1; the other
+documents are still written.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ import typer
 from tqdm import tqdm
 
 from ..atomic import write_text_atomic
-from .renderer import PRESETS, RenderConfig, render_stats, render_text
+from .legibility import check_pages, ocr_unavailable
+from .renderer import PRESET_MODES, PRESETS, RenderConfig, render_stats, render_text
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +60,7 @@ def parse_page_size(value: str) -> tuple[int, int]:
 
 
 def build_config(preset: str | None = None, font_size: int | None = None, page_size: str | None = None,
-                 max_pages: int | None = None) -> RenderConfig:
+                 max_pages: int | None = None, reflow: bool | None = None) -> RenderConfig:
     """RenderConfig from CLI options; bad values raise typer.BadParameter naming the option."""
     if preset is not None and preset not in PRESETS:
         raise typer.BadParameter(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}",
@@ -67,6 +72,8 @@ def build_config(preset: str | None = None, font_size: int | None = None, page_s
         overrides["page_width"], overrides["page_height"] = parse_page_size(page_size)
     if max_pages is not None:
         overrides["max_pages"] = max_pages
+    if reflow is not None:
+        overrides["reflow"] = reflow
     try:
         return RenderConfig.from_preset(preset, **overrides) if preset else RenderConfig(**overrides)
     except ValueError as exc:
@@ -127,26 +134,34 @@ def _render_document(job: dict[str, Any]) -> dict[str, Any]:
         page.image.save(out_dir / file, format="PNG")
         entries.append({"file": f"{job['name']}/{file}", "index": page.index, "text": page.text,
                         "broken_lines": list(page.broken_lines)})
-    return {"source": job["source"], "name": job["name"], "markdown": job["markdown"],
-            "pages": entries, "stats": render_stats(job["text"], pages)}
+    doc = {"source": job["source"], "name": job["name"], "markdown": job["markdown"], "pages": entries,
+           "stats": render_stats(job["text"], pages, tokenizer="default", config=config, mode=job["mode"])}
+    if job["check"]:
+        doc["check"] = check_pages(pages)
+    return doc
 
 
 def render_command(inputs: list[str], out: Path, preset: str | None = None, font_size: int | None = None,
                    page_size: str | None = None, workers: int = 0, markdown: bool = False,
-                   max_pages: int | None = None, progress: bool = True) -> dict[str, Any]:
+                   max_pages: int | None = None, progress: bool = True, reflow: bool | None = None,
+                   check: bool = False) -> dict[str, Any]:
     """Render documents to ``out`` and write ``out/manifest.json``; returns the manifest.
 
     ``inputs`` are .txt/.md files or ``-`` for stdin; ``.md``/``.markdown`` files (and every input
     when ``markdown`` is True) are laid out as Markdown. ``workers`` = 0 means one per CPU core
-    (capped at the number of documents). Raises typer.BadParameter for bad options or missing
-    files, before anything is rendered.
+    (capped at the number of documents). ``reflow`` overrides the preset's (None: keep it).
+    ``check``: read every page back with the OCR and record word recall (needs the ``ocr``
+    extra). Raises typer.BadParameter for bad options, missing files or a missing OCR extra,
+    before anything is rendered.
     """
     if not inputs:
         raise typer.BadParameter("give at least one input file (or - for stdin)", param_hint="'INPUTS...'")
     if workers < 0:
         raise typer.BadParameter(f"{workers} is out of range: allowed >= 0 (0 = one per CPU core)",
                                  param_hint="'--workers'")
-    config = build_config(preset, font_size, page_size, max_pages)
+    config = build_config(preset, font_size, page_size, max_pages, reflow)
+    if check and (reason := ocr_unavailable()):
+        raise typer.BadParameter(reason, param_hint="'--check'")
     if inputs.count("-") > 1:
         raise typer.BadParameter("stdin ('-') can be given only once", param_hint="'INPUTS...'")
     texts: list[str] = []
@@ -167,7 +182,8 @@ def render_command(inputs: list[str], out: Path, preset: str | None = None, font
     base = asdict(config)
     jobs = [
         {"source": src, "name": name, "text": text, "out": str(out), "config": base,
-         "markdown": markdown or config.markdown or Path(src).suffix.lower() in (".md", ".markdown")}
+         "markdown": markdown or config.markdown or Path(src).suffix.lower() in (".md", ".markdown"),
+         "mode": PRESET_MODES.get(preset or ""), "check": check}
         for src, name, text in zip(inputs, _unique_names(inputs), texts)
     ]
     n_workers = min(workers or os.cpu_count() or 1, len(jobs))
@@ -197,6 +213,19 @@ def render_command(inputs: list[str], out: Path, preset: str | None = None, font
     return manifest
 
 
+def describe(doc: dict[str, Any]) -> str:
+    """One line about a rendered document: pages, tokens, compression and (with --check) recall."""
+    s = doc["stats"]
+    line = (f"{doc['name']}: {s['pages']} page(s), {s['words_per_page']:.0f} words a page; "
+            f"{s['mode']} mode, {s['visual_tokens_per_page']} vision tokens a page; {s['text_tokens']} text "
+            f"tokens ({s['tokenizer']}): {s['compression_ratio']:.2f} text tokens per vision token")
+    if "check" in doc:
+        worst = min(doc["check"]["pages"], key=lambda p: p["recall"])
+        line += (f"; OCR word recall {doc['check']['recall']:.3f} (lowest: page {worst['index'] + 1}, "
+                 f"{worst['recall']:.3f})")
+    return line
+
+
 def register(app: typer.Typer) -> None:
     """Add the ``render`` command to ``app``."""
 
@@ -210,10 +239,19 @@ def register(app: typer.Typer) -> None:
         workers: int = typer.Option(0, "--workers", help="Parallel processes (0 = one per CPU core)."),
         markdown: bool = typer.Option(False, "--markdown", help="Read every input as Markdown (.md files always are)."),
         max_pages: Optional[int] = typer.Option(None, "--max-pages", help="Fail a document needing more pages."),
+        reflow: Optional[bool] = typer.Option(
+            None, "--reflow/--no-reflow",
+            help="Join the hard-wrapped lines of each paragraph (lists, headings, tables, code keep their "
+                 "lines); default: the preset's (on for the ocr-*-dense presets)."),
+        check: bool = typer.Option(False, "--check", help="Read the pages back with an independent OCR (the "
+                                   "'ocr' extra) and report word recall per page."),
     ) -> None:
         """Render text / Markdown documents to page images plus a manifest.json."""
         manifest = render_command(inputs, out, preset=preset, font_size=font_size, page_size=page_size,
-                                  workers=workers, markdown=markdown, max_pages=max_pages)
+                                  workers=workers, markdown=markdown, max_pages=max_pages, reflow=reflow,
+                                  check=check)
+        for doc in manifest["documents"]:
+            typer.echo(describe(doc))
         n_pages = sum(len(d["pages"]) for d in manifest["documents"])
         typer.echo(f"wrote {n_pages} page(s) of {len(manifest['documents'])} document(s) to {out}")
         if manifest["errors"]:
