@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,pdf,serve]'
+	$(BIN)/pip install -q -e '.[dev,pdf,serve,ocr]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -28,6 +28,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/render.py
+	$(BIN)/python benchmarks/compression.py
 	$(BIN)/python benchmarks/prepare.py
 	$(BIN)/python benchmarks/serve.py
 	$(BIN)/python benchmarks/hostile.py
