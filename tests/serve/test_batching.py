@@ -27,7 +27,7 @@ class FakeEngine:
         self.gate = threading.Event()
         self.gate.set()
 
-    def ask_batch(self, docs, instructions, settings, cancel=None):
+    def ask_batch(self, docs, instructions, settings, cancel=None, json_schema=None):
         self.gate.wait(10)
         self.batches.append(list(instructions))
         return [Answer(answer=i.upper(), pages=1, visual_tokens=1, prompt_tokens=2, stopped="eos", latency_ms=1.0)
@@ -36,7 +36,7 @@ class FakeEngine:
     def ask(self, doc, instruction, settings):
         return self.ask_batch([doc], [instruction], settings)[0]
 
-    def stream(self, doc, instruction, settings, cancel=None):
+    def stream(self, doc, instruction, settings, cancel=None, json_schema=None):
         yield from instruction
         yield Answer(answer=instruction, pages=1, visual_tokens=1, prompt_tokens=2, stopped="eos", latency_ms=1.0)
 

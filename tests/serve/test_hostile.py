@@ -72,7 +72,7 @@ class PoisonEngine:
     def __init__(self) -> None:
         self.calls: list[list[str]] = []
 
-    def ask_batch(self, docs, instructions, settings, cancel=None):
+    def ask_batch(self, docs, instructions, settings, cancel=None, json_schema=None):
         self.calls.append(list(instructions))
         if "poison" in instructions:
             raise KeyError("a page the vision tower cannot read")

@@ -59,6 +59,7 @@ from deepsynth.models.bundle import (
 )
 from deepsynth.models.generate import GenerationSettings
 from deepsynth.models.loops import LoopPolicy
+from deepsynth.models.structured import check_schema
 from deepsynth.render import RenderConfig, render_text
 
 logger = logging.getLogger(__name__)
@@ -201,7 +202,8 @@ def _image_digest(img: Image.Image) -> bytes:
 
 
 class InstructionEngine:
-    """Answers instructions about documents with one loaded model.
+    """Answers instructions about documents with one loaded model (implements
+    `deepsynth.inference.interface.Engine`).
 
     model:          preset, alias, hub id, model directory or adapter bundle (anything
                     `load_bundle` takes), or an already loaded `LoadedModel` / (model, processor[, spec]).
@@ -253,6 +255,12 @@ class InstructionEngine:
                 "crop_mode": self.spec.crop_mode, "prompt_layout": self.spec.prompt_layout,
                 "instruction_channel": self.spec.instruction_channel.get("kind"),
                 "generation": {k: v for k, v in dataclasses.asdict(self.generation).items() if k != "extra"}}
+
+    def check_json_schema(self, schema: dict, settings: GenerationSettings | None = None,
+                          field: str = "json_schema") -> dict:
+        """`schema` if structured output can enforce it within the settings' max_new_tokens; else
+        `SchemaError` naming the offending part (see `deepsynth.models.structured`)."""
+        return check_schema(schema, (settings or self.generation).max_new_tokens, field)
 
     # ------------------------------------------------------------------ documents
 
@@ -404,14 +412,17 @@ class InstructionEngine:
     # ------------------------------------------------------------------ generation
 
     def ask(self, document: Document | PreparedDocument, instruction: str,
-            settings: GenerationSettings | None = None, **overrides) -> Answer:
+            settings: GenerationSettings | None = None, json_schema: dict | None = None, **overrides) -> Answer:
         """Answer one instruction about one document; `overrides` change generation settings."""
-        return self.ask_batch([document], [instruction], settings, **overrides)[0]
+        return self.ask_batch([document], [instruction], settings, json_schema=json_schema, **overrides)[0]
 
     def ask_batch(self, documents: Sequence[Document | PreparedDocument], instructions: Sequence[str],
                   settings: GenerationSettings | None = None, cancel: threading.Event | None = None,
-                  **overrides) -> list[Answer]:
-        """Answer each (document, instruction) pair, `max_batch_size` pairs per `generate` call."""
+                  json_schema: dict | None = None, **overrides) -> list[Answer]:
+        """Answer each (document, instruction) pair, `max_batch_size` pairs per `generate` call.
+
+        json_schema: structured output: every answer is JSON that validates against it (see
+        `deepsynth.models.structured`); SchemaError for a schema that cannot be enforced."""
         if len(documents) != len(instructions):
             raise ValueError(f"{len(documents)} documents but {len(instructions)} instructions")
         settings = self.settings(settings, **overrides)
@@ -420,20 +431,22 @@ class InstructionEngine:
         answers: list[Answer] = []
         for i in range(0, len(docs), self.max_batch_size):
             rows = self._run(docs[i:i + self.max_batch_size], list(instructions[i:i + self.max_batch_size]),
-                             settings, cancel=cancel)
+                             settings, cancel=cancel, json_schema=json_schema)
             latency = (time.perf_counter() - start) * 1000
             answers.extend(self._answer(r, latency) for r in rows)
         return answers
 
     def stream(self, document: Document | PreparedDocument, instruction: str,
                settings: GenerationSettings | None = None, cancel: threading.Event | None = None,
-               **overrides) -> Iterator[str | Answer]:
+               json_schema: dict | None = None, **overrides) -> Iterator[str | Answer]:
         """Yield the answer's text as it is generated, then the final `Answer`.
 
         The final `Answer` is authoritative: when a loop was detected its text has the repeats
         cut, while the streamed pieces showed them as they came.
         """
         settings = self.settings(settings, **overrides)
+        if json_schema is not None:  # before the generating thread starts: a bad schema raises here
+            self.check_json_schema(json_schema, settings)
         start = time.perf_counter()
         cancel = cancel or threading.Event()
         doc = self.prepare(document)
@@ -442,7 +455,8 @@ class InstructionEngine:
 
         def work() -> None:
             try:
-                box["rows"] = self._run([doc], [instruction], settings, streamer=streamer, cancel=cancel)
+                box["rows"] = self._run([doc], [instruction], settings, streamer=streamer, cancel=cancel,
+                                        json_schema=json_schema)
             except BaseException as exc:  # re-raised in the caller's thread below
                 box["error"] = exc
                 streamer.end()
@@ -479,7 +493,7 @@ class InstructionEngine:
                 "use fewer pages, a shorter instruction or fewer new tokens", self.max_positions)
 
     def _run(self, docs: list[PreparedDocument], instructions: list[str], settings: GenerationSettings,
-             streamer=None, cancel: threading.Event | None = None) -> list[dict]:
+             streamer=None, cancel: threading.Event | None = None, json_schema: dict | None = None) -> list[dict]:
         instructions = [clean_text(i) for i in instructions]
         with self._model_lock:
             cached = [d.uses > 0 for d in docs]
@@ -490,7 +504,7 @@ class InstructionEngine:
             for i, m in enumerate(inputs["attention_mask"]):
                 self.check_length(int(m.sum()), settings, field=f"documents[{i}]" if len(docs) > 1 else "document")
             rows = self.decoder.run([d.pages for d in docs], instructions, settings, streamer=streamer, cancel=cancel,
-                                    inputs=inputs)
+                                    inputs=inputs, json_schema=json_schema)
         for doc, row, was_cached in zip(docs, rows, cached):
             row.update(doc=doc, cached=was_cached)
             doc.uses += 1

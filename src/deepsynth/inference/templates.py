@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass(frozen=True)
@@ -14,6 +14,8 @@ class Template:
     instruction: the instruction text; `{input}` is replaced by the user's input when `needs_input`.
     needs_input: the user must type something (a question, or a whole custom instruction).
     input_label: what to ask the user for when `needs_input`.
+    json_schema: structured output the template offers: answers are JSON valid against this
+                 schema, when a request asks for structured output (`"structured": true`).
     """
 
     id: str
@@ -21,6 +23,7 @@ class Template:
     instruction: str
     needs_input: bool = False
     input_label: str = ""
+    json_schema: dict | None = field(default=None, hash=False, compare=False)
 
     def fill(self, user_input: str | None = None) -> str:
         if not self.needs_input:
@@ -33,6 +36,17 @@ class Template:
         return asdict(self)
 
 
+#: What the extraction template answers: the dates, names and amounts, each as written in the document.
+EXTRACT_SCHEMA: dict = {
+    "type": "object",
+    "properties": {
+        "dates": {"type": "array", "items": {"type": "string"}},
+        "names": {"type": "array", "items": {"type": "string"}},
+        "amounts": {"type": "array", "items": {"type": "string"}},
+    },
+    "required": ["dates", "names", "amounts"],
+}
+
 TEMPLATES: tuple[Template, ...] = (
     Template("question", "Question", "{input}", needs_input=True, input_label="Question"),
     Template("summary", "Summary", "Summarize the document."),
@@ -40,7 +54,8 @@ TEMPLATES: tuple[Template, ...] = (
              "Summarize the financial aspects of the document: amounts, costs, revenue, payments and their dates."),
     Template("key_points", "Key points", "List the key points of the document."),
     Template("extract", "Extract dates, names and amounts",
-             "Extract every date, name and amount mentioned in the document."),
+             "Extract every date, name and amount mentioned in the document.",
+             json_schema=EXTRACT_SCHEMA),
     Template("custom", "Custom instruction", "{input}", needs_input=True, input_label="Instruction"),
 )
 

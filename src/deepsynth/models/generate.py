@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
-from transformers import StoppingCriteriaList
+from transformers import LogitsProcessorList, StoppingCriteriaList
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from deepsynth.models.collate import RAW_PROMPT, Collator, build_prompt
 from deepsynth.models.loops import CancelStop, LoopPolicy, LoopStop, trim_loop
+from deepsynth.models.structured import JsonSchemaLogitsProcessor, TokenizerData, check_schema
 
 # Fields of GenerationSettings that are stored in generation_config.json.
 _CONFIG_FIELDS = ("max_new_tokens", "do_sample", "temperature", "top_p", "repetition_penalty", "no_repeat_ngram_size")
@@ -91,8 +92,12 @@ class GenerationSettings:
             setattr(config, name, getattr(self, name))
 
 
-def _answer_row(new: list[int], tokenizer, policy: LoopPolicy, cancelled: bool) -> dict:
-    """Decoded answer and why it stopped, from one row's new token ids."""
+def _answer_row(new: list[int], tokenizer, policy: LoopPolicy, cancelled: bool,
+                constraint: JsonSchemaLogitsProcessor | None = None) -> dict:
+    """Decoded answer and why it stopped, from one row's new token ids.
+
+    With a schema `constraint` no loop is trimmed (that would cut the JSON) and an answer the
+    budget ended unclosed is closed."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     ended = eos in new
     if ended:
@@ -102,11 +107,13 @@ def _answer_row(new: list[int], tokenizer, policy: LoopPolicy, cancelled: bool) 
             new.pop()
     n_new = len(new)
     looped = False
-    if not ended:
+    if not ended and constraint is None:
         new, looped = trim_loop(new, policy)
     stopped = "eos" if ended else "loop" if looped else "cancelled" if cancelled else "max_new_tokens"
-    return {"answer": tokenizer.decode(new, skip_special_tokens=True).strip(), "new_tokens": n_new,
-            "stopped": stopped}
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    if constraint is not None and not ended:
+        text = constraint.complete(new, text)
+    return {"answer": text.strip(), "new_tokens": n_new, "stopped": stopped}
 
 
 class Decoder:
@@ -136,6 +143,13 @@ class Decoder:
         # Soft-prompt models (text-encoder channel) generate from inputs_embeds: the ids that
         # stopping criteria see hold the new tokens only.
         self._ids_hold_prompt = getattr(model, "text_encoder", None) is None
+        self._tokenizer_data: TokenizerData | None = None
+
+    def tokenizer_data(self) -> TokenizerData:
+        """The vocabulary as the constrained-decoding library sees it (built on first use)."""
+        if self._tokenizer_data is None:
+            self._tokenizer_data = TokenizerData(self.tokenizer)
+        return self._tokenizer_data
 
     @property
     def device(self) -> torch.device:
@@ -187,21 +201,38 @@ class Decoder:
     @torch.no_grad()
     def run(self, pages: Sequence[Sequence[Image.Image]], instructions: Sequence[str],
             settings: GenerationSettings | None = None, features: Sequence[Sequence[torch.Tensor]] | None = None,
-            streamer=None, cancel: threading.Event | None = None, inputs: dict | None = None) -> list[dict]:
+            streamer=None, cancel: threading.Event | None = None, inputs: dict | None = None,
+            json_schema: dict | None = None) -> list[dict]:
         """One `generate` call for a batch. Rows: {"answer", "prompt_tokens", "visual_tokens",
-        "new_tokens", "stopped"}; stopped is "eos", "max_new_tokens", "loop" or "cancelled"."""
+        "new_tokens", "stopped"}; stopped is "eos", "max_new_tokens", "loop" or "cancelled".
+
+        json_schema: constrain every answer of the batch to this JSON schema (structured output,
+        `deepsynth.models.structured`): each answer parses and validates, even when the budget
+        ends it (the loop stop is off then: cutting a repeated tail would cut the JSON; the
+        budget closes it instead). Raises `SchemaError` for a schema that cannot be enforced."""
         settings = settings or self.settings
+        if json_schema is not None:
+            check_schema(json_schema, settings.max_new_tokens)
         tok = self.tokenizer
         if inputs is None:
             inputs = self.prepare_inputs(pages, instructions, features)
         mask, input_ids = inputs["attention_mask"], inputs["input_ids"]
         width = input_ids.shape[1]
         inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
-        criteria = StoppingCriteriaList([LoopStop(width if self._ids_hold_prompt else 0, self.loop_policy)])
+        prompt_width = width if self._ids_hold_prompt else 0
+        constraint = None
+        if json_schema is None:
+            criteria = StoppingCriteriaList([LoopStop(prompt_width, self.loop_policy)])
+        else:
+            criteria = StoppingCriteriaList()
+            constraint = JsonSchemaLogitsProcessor(json_schema, self.tokenizer_data(), prompt_width,
+                                                   settings.max_new_tokens)
         canceller = CancelStop(cancel) if cancel is not None else None
         if canceller is not None:
             criteria.append(canceller)
         kwargs = settings.kwargs()
+        if constraint is not None:
+            kwargs["logits_processor"] = LogitsProcessorList([*kwargs.get("logits_processor", []), constraint])
         if self.image_token_id is not None:  # an answer never holds image tokens
             kwargs.setdefault("suppress_tokens", [self.image_token_id])
         was_training = self.model.training
@@ -215,7 +246,7 @@ class Decoder:
         cancelled = canceller is not None and canceller.fired
         rows = []
         for ids, m, new in zip(input_ids, mask, out[:, width:].tolist()):
-            row = _answer_row(new, tok, self.loop_policy, cancelled)
+            row = _answer_row(new, tok, self.loop_policy, cancelled, constraint)
             row["prompt_tokens"] = int(m.sum())
             row["visual_tokens"] = (int((ids[m.bool()] == self.image_token_id).sum())
                                     if self.image_token_id is not None else 0)

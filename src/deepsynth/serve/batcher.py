@@ -1,7 +1,7 @@
 """Micro-batching: one worker thread owns the model; requests wait in a bounded queue.
 
 The first request of a batch waits up to `max_wait_ms` for companions with the same generation
-settings, then up to `max_batch_size` of them are answered by one `ask_batch` call. Streaming
+settings and JSON schema, then up to `max_batch_size` of them are answered by one `ask_batch` call. Streaming
 requests run alone (one streamer per `generate`). A full queue raises `QueueFull` at once, so the
 server answers 503 instead of piling up work it cannot finish.
 
@@ -21,7 +21,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
-from deepsynth.inference.engine import Answer, InstructionEngine, PreparedDocument
+from deepsynth.inference.engine import Answer, PreparedDocument
+from deepsynth.inference.interface import Engine
 from deepsynth.models.generate import GenerationSettings
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,8 @@ def _settle(job: "Job", answer: Answer | None = None, exc: BaseException | None 
 
 @dataclass
 class Job:
+    """One request waiting for the model."""
+
     doc: PreparedDocument
     instruction: str
     settings: GenerationSettings
@@ -71,10 +74,15 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     enqueued: float = field(default_factory=time.perf_counter)
     batch_size: int = 0
+    json_schema: dict | None = None  # structured output: the answer must validate against it
+
+    def joins(self, other: "Job") -> bool:
+        """Whether this job may share `other`'s generate call (same settings and schema)."""
+        return self.on_piece is None and self.settings == other.settings and self.json_schema == other.json_schema
 
 
 class MicroBatcher:
-    def __init__(self, engine: InstructionEngine, max_batch_size: int = 8, max_wait_ms: float = 10.0,
+    def __init__(self, engine: Engine, max_batch_size: int = 8, max_wait_ms: float = 10.0,
                  max_queue: int = 64, on_batch: Callable[[int, float], None] | None = None) -> None:
         self.engine = engine
         self.max_batch_size = max_batch_size
@@ -144,7 +152,7 @@ class MicroBatcher:
             deadline = time.perf_counter() + self.max_wait
             while len(batch) < self.max_batch_size:
                 for job in list(self._queue):
-                    if job.on_piece is None and job.settings == first.settings:
+                    if job.joins(first):
                         self._queue.remove(job)
                         batch.append(job)
                         if len(batch) == self.max_batch_size:
@@ -189,7 +197,7 @@ class MicroBatcher:
     def _run_batch(self, batch: list[Job]) -> None:
         try:
             answers = self.engine.ask_batch([j.doc for j in batch], [j.instruction for j in batch], batch[0].settings,
-                                            cancel=AllCancelled(batch))
+                                            cancel=AllCancelled(batch), json_schema=batch[0].json_schema)
         except Exception as exc:
             if len(batch) == 1:
                 raise
@@ -202,7 +210,8 @@ class MicroBatcher:
                     job.future.cancel()
                     continue
                 try:
-                    answer = self.engine.ask_batch([job.doc], [job.instruction], job.settings, cancel=job.cancel)[0]
+                    answer = self.engine.ask_batch([job.doc], [job.instruction], job.settings, cancel=job.cancel,
+                                                   json_schema=job.json_schema)[0]
                 except Exception as job_exc:
                     _settle(job, exc=job_exc)
                 else:
@@ -213,7 +222,8 @@ class MicroBatcher:
 
     def _run_stream(self, job: Job) -> None:
         answer: Answer | None = None
-        for piece in self.engine.stream(job.doc, job.instruction, job.settings, cancel=job.cancel):
+        for piece in self.engine.stream(job.doc, job.instruction, job.settings, cancel=job.cancel,
+                                        json_schema=job.json_schema):
             if isinstance(piece, Answer):
                 answer = piece
             else:

@@ -1,0 +1,70 @@
+"""`Engine`: what the server (its routers and micro-batcher) asks of an inference engine.
+
+`InstructionEngine` (transformers `generate` through the project's `Decoder`) implements it; any
+other engine (another generation backend) that implements it is served by the same HTTP API, web
+page, limits, auth, templates and answer fields.
+
+Errors an engine raises, so the server can answer them as 4xx instead of 500:
+    `DocumentError`   a document (or a prompt built from it) breaks a limit; names the field.
+    `SchemaError`     a JSON schema cannot be enforced (a ValueError; names the JSON path).
+    `ValueError`      generation settings out of range.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from deepsynth.inference.documents import Document, DocumentLimits
+    from deepsynth.inference.engine import Answer, DocumentCache, PreparedDocument
+    from deepsynth.models.generate import GenerationSettings
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """One loaded model answering instructions about documents.
+
+    name:       the model's id as requests and answers name it (fixed while the engine lives).
+    generation: decoding defaults (the model bundle's), the base of `settings`.
+    cache:      the document cache (prepared pages, and features where the engine keeps them);
+                the server bounds `cache.max_bytes` and reports `cache.stats` as metrics.
+    """
+
+    name: str
+    generation: GenerationSettings
+    cache: DocumentCache
+
+    def describe(self) -> dict:
+        """The model, its render config (key "render") and decoding defaults."""
+        ...
+
+    def settings(self, settings: GenerationSettings | None = None, **overrides) -> GenerationSettings:
+        """`settings` (or the defaults) with `overrides`; ValueError for values out of range."""
+        ...
+
+    def prepare(self, document: Document | PreparedDocument, limits: DocumentLimits | None = None,
+                field: str = "document") -> PreparedDocument:
+        """Read and render a document with the model's render config (cached by content)."""
+        ...
+
+    def visual_token_count(self, doc: PreparedDocument) -> int | None:
+        """Image tokens the model spends on `doc`'s pages (None when the model has no image token)."""
+        ...
+
+    def check_json_schema(self, schema: dict, settings: GenerationSettings, field: str = "json_schema") -> dict:
+        """`schema` if structured output can enforce it within `settings.max_new_tokens`, else SchemaError."""
+        ...
+
+    def ask_batch(self, documents: Sequence[Document | PreparedDocument], instructions: Sequence[str],
+                  settings: GenerationSettings | None = None, cancel: threading.Event | None = None,
+                  json_schema: dict | None = None) -> list[Answer]:
+        """One answer per (document, instruction); with `json_schema` each answer parses and validates."""
+        ...
+
+    def stream(self, document: Document | PreparedDocument, instruction: str,
+               settings: GenerationSettings | None = None, cancel: threading.Event | None = None,
+               json_schema: dict | None = None) -> Iterator[str | Answer]:
+        """The answer's text piece by piece, then the final (authoritative) `Answer`."""
+        ...
