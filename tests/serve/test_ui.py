@@ -46,6 +46,8 @@ def api_answer(base: str, body: dict) -> dict:
 
 
 def test_instruct_page_end_to_end(browser, engine, tmp_path):
+    from playwright.sync_api import expect
+
     app = create_app(engine, ServeConfig(**SMALL))
     with live_server(app) as base:
         page = browser.new_page(viewport={"width": 1280, "height": 900})
@@ -94,7 +96,8 @@ def test_instruct_page_end_to_end(browser, engine, tmp_path):
         pdf = tmp_path / "invoice.pdf"
         pdf.write_bytes(text_pdf(["Invoice 77", "Total: 42 dollars"]))
         page.set_input_files("#file", str(pdf))
-        page.wait_for_function("document.querySelector('#render-stats').textContent.includes('page')")
+        # a locator assertion, not wait_for_function: the page's CSP forbids evaluating strings
+        expect(page.locator("#render-stats")).to_contain_text("page", timeout=15_000)
         page.click("#submit")
         page.wait_for_selector("#stats:not([hidden])", timeout=30_000)
         assert page.locator("#error").is_hidden()
@@ -104,3 +107,29 @@ def test_instruct_page_end_to_end(browser, engine, tmp_path):
         assert page.locator("#file-row").is_hidden()
         page.close()
         assert not script_errors
+
+
+def test_api_docs_render_offline(browser, engine):
+    """/docs renders Swagger UI from the server's own files: every other host is unreachable."""
+    app = create_app(engine, ServeConfig(**SMALL))
+    with live_server(app) as base:
+        page = browser.new_page()
+        outside: list[str] = []
+
+        def only_local(route):
+            if route.request.url.startswith(base + "/"):
+                return route.continue_()
+            outside.append(route.request.url)
+            return route.abort()
+
+        page.route("**/*", only_local)
+        page.goto(base + "/docs")
+        page.wait_for_selector(".swagger-ui .info .title", timeout=20_000)
+        assert "DeepSynth" in page.locator(".swagger-ui .info .title").inner_text()
+        page.wait_for_selector(".opblock-summary-path", timeout=20_000)
+        paths = page.locator(".opblock-summary-path").all_inner_texts()
+        assert "/api/inference/instruct" in paths and "/v1/chat/completions" in paths
+        assert not outside, outside
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "serve-docs.png"))
+        page.close()

@@ -299,11 +299,11 @@ class JsonSchemaLogitsProcessor(LogitsProcessor):
     def complete(self, generated: list[int], text: str) -> str:
         """`text`, a row's answer decoded from its `generated` tokens, closed when the budget (or
         a cancellation) ended it unfinished."""
-        if not generated:
-            rest = closing(parser_for(self.schema))
-        else:
-            self.enforcer.get_allowed_tokens(generated)  # the parser state after the last token
-            rest = closing(self.enforcer.prefix_states[tuple(generated)].parser)
+        states = self.enforcer.prefix_states
+        known = next((k for k in range(len(generated), -1, -1) if tuple(generated[:k]) in states), -1)
+        for k in range(known + 1, len(generated) + 1):  # each step's state follows from the one before
+            self.enforcer.get_allowed_tokens(list(generated[:k]))
+        rest = closing(states[tuple(generated)].parser)
         if rest is None:
             logger.warning("a schema-constrained answer cannot be closed: %r", text[:200])
             return text
