@@ -48,7 +48,7 @@ def api_answer(base: str, body: dict) -> dict:
 def test_instruct_page_end_to_end(browser, engine, tmp_path):
     from playwright.sync_api import expect
 
-    app = create_app(engine, ServeConfig(**SMALL))
+    app = create_app(engine, ServeConfig(**{**SMALL, "max_new_tokens": 64}))  # room for the extraction JSON
     with live_server(app) as base:
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         script_errors: list[str] = []
@@ -77,6 +77,14 @@ def test_instruct_page_end_to_end(browser, engine, tmp_path):
         assert page.locator("#error").is_hidden()
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "serve-ui.png"), full_page=True)
+
+        # the extraction template answers as JSON with its schema's fields
+        page.select_option("#template", "extract")
+        assert "Answered as JSON (dates, names, amounts)" in page.locator("#template-text").inner_text()
+        page.fill("#max-tokens", "60")
+        page.click("#submit")
+        page.wait_for_selector("#stats:not([hidden])", timeout=30_000)
+        assert set(json.loads(page.locator("#answer").inner_text())) == {"dates", "names", "amounts"}
 
         # a template that needs input: a missing question is reported plainly, without a request
         page.select_option("#template", "question")

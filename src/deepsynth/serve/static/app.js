@@ -131,7 +131,12 @@ function onTemplate() {
   if (!t) return;
   $("input-row").hidden = !t.needs_input;
   $("input-label").textContent = t.input_label || "Input";
-  $("template-text").textContent = t.needs_input ? "" : `Instruction: “${t.instruction}”`;
+  let text = t.needs_input ? "" : `Instruction: “${t.instruction}”`;
+  if (t.json_schema) {
+    const fields = Object.keys(t.json_schema.properties || {}).join(", ");
+    text += ` Answered as JSON${fields ? ` (${fields})` : ""}.`;
+  }
+  $("template-text").textContent = text;
 }
 
 async function loadTemplates() {
@@ -181,6 +186,7 @@ async function ask() {
   const body = { ...fields, template: t ? t.id : "custom", stream: true,
                  max_new_tokens: Number($("max-tokens").value) || 128,
                  temperature: Number($("temperature").value) || 0 };
+  if (t && t.json_schema) body.structured = true;  // the template's structured output
   if (t && t.needs_input) {
     const input = $("input").value.trim();
     if (!input) { showError(`${t.input_label || "Input"}: please type it first.`); return; }
