@@ -64,6 +64,7 @@ def check_real_size_command(
     lora_rank: int = typer.Option(16, "--lora-rank", help="LoRA rank r."),
     max_new_tokens: int = typer.Option(4, "--max-new-tokens", help="Tokens generated after the reload."),
     workdir: Optional[str] = typer.Option(None, "--workdir", help="Folder for the temporary adapter bundle."),
+    device: str = typer.Option("cpu", "--device", help="cpu, or cuda on a GPU machine (CUDA allocator peak)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Build the released architecture from its real config with random bf16 weights (no hub), take one
@@ -75,7 +76,7 @@ def check_real_size_command(
     try:
         settings = RealSizeSettings(model=model, crops=_on_off(crops, "--crops"),
                                     lora_experts=_on_off(lora_experts, "--lora-experts"), lora_rank=lora_rank,
-                                    max_new_tokens=max_new_tokens, workdir=workdir)
+                                    max_new_tokens=max_new_tokens, workdir=workdir, device=device)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     report = run_check(settings)

@@ -144,6 +144,8 @@ class RealSizeSettings:
     seed: int = 0
     # Folder for the adapter bundle; None = a temporary folder, removed afterwards.
     workdir: str | None = None
+    # "cpu", or "cuda" on a GPU machine (memory is then the CUDA allocator's peak, not RSS).
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -152,6 +154,10 @@ class RealSizeSettings:
             raise ValueError("crops on: the DeepSeek-OCR v1 port reads one global view per page; use --crops off")
         if not 1 <= self.lora_rank <= 256:
             raise ValueError(f"lora_rank={self.lora_rank} must be in [1, 256]")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device={self.device!r}: choose 'cpu' or 'cuda'")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device='cuda' but torch sees no CUDA GPU")
         if not 1 <= self.max_new_tokens <= 64:
             raise ValueError(f"max_new_tokens={self.max_new_tokens} must be in [1, 64]")
 
@@ -160,8 +166,8 @@ class RealSizeSettings:
         return "tiles" if self.crops else "none"
 
 
-def _autocast():
-    return torch.autocast("cpu", dtype=torch.bfloat16)
+def _autocast(device: str):
+    return torch.autocast(device, dtype=torch.bfloat16)
 
 
 def _lora_tensors(model) -> dict[str, torch.Tensor]:
@@ -204,12 +210,13 @@ def run_check(settings: RealSizeSettings = RealSizeSettings(),
                            lora_rank=settings.lora_rank, lora_alpha=2 * settings.lora_rank,
                            freeze_vision_encoder=True, seed=settings.seed)
     torch.manual_seed(settings.seed)
-    model = apply_training_options(model, config)
+    model = apply_training_options(model.to(settings.device), config)
     groups = trainable_parameter_report(model)
     report["trainable"] = {"total": groups["trainable"], "percent": groups["percent"],
                            "groups": {g: e for g, e in groups["groups"].items() if e["trainable"]}}
     collator = make_collator(model, processor, spec, max_length=4096)
     batch = collator([{"pages": [page], "instruction": INSTRUCTION, "answer": ANSWER}])
+    on_device = {k: v.to(settings.device) if torch.is_tensor(v) else v for k, v in batch.items()}
     image_token_id = processor.image_token_id
     report["page_px"] = list(page.size)
     report["image_tokens"] = int((batch["input_ids"] == image_token_id).sum())
@@ -221,15 +228,24 @@ def run_check(settings: RealSizeSettings = RealSizeSettings(),
     optimizer = build_optimizer(model, config)
     model.train()
     gc.collect()
-    report["peak_source"] = "VmHWM reset before the step" if reset_peak_rss() else "ru_maxrss (process life)"
+    cuda = settings.device == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        report["peak_source"] = "torch.cuda.max_memory_allocated during the step"
+    else:
+        report["peak_source"] = "VmHWM reset before the step" if reset_peak_rss() else "ru_maxrss (process life)"
     start = clock()
-    with _autocast():  # the recipes' mixed_precision: bf16 (accelerate autocasts the forward the same way)
-        loss = model(**batch).loss
+    with _autocast(settings.device):  # the recipes' mixed_precision: bf16 (accelerate autocasts the same way)
+        loss = model(**on_device).loss
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     seconds["train_step"] = clock() - start
-    step_peak = peak_rss()
+    if cuda:
+        torch.cuda.synchronize()
+        step_peak, baseline = torch.cuda.max_memory_allocated(), 0
+    else:
+        step_peak = peak_rss()
     report["loss"] = float(loss.detach())
     report["runtime_rss_gib"] = baseline / GiB
     report["step_peak_rss_gib"] = step_peak / GiB
@@ -247,10 +263,11 @@ def run_check(settings: RealSizeSettings = RealSizeSettings(),
                     generation=GenerationSettings(max_new_tokens=settings.max_new_tokens), adapter_only=True)
         seconds["save"] = clock() - start
         report["adapter_bytes"] = sum(f.stat().st_size for f in adapter_dir.iterdir())
-        del model, optimizer, loss, batch
+        del model, optimizer, loss, batch, on_device
         gc.collect()
         start = clock()
         reloaded = load_bundle(str(adapter_dir), seed=settings.seed, merge_adapters=False)
+        reloaded.model.to(settings.device)
         seconds["reload"] = clock() - start
     again = _lora_tensors(reloaded.model)
     report["adapter_tensors"] = len(trained)
@@ -265,7 +282,7 @@ def run_check(settings: RealSizeSettings = RealSizeSettings(),
     seconds["merge"] = clock() - start
     start = clock()
     decoder = merged.decoder(GenerationSettings(max_new_tokens=settings.max_new_tokens, no_repeat_ngram_size=0))
-    with _autocast():
+    with _autocast(settings.device):
         features = decoder.encode_pages([page])
         report["image_features"] = int(features[0].shape[0])
         rows = decoder.run([[page]], [INSTRUCTION], features=[features] if decoder.encodes_pages else None)
