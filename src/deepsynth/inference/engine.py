@@ -60,7 +60,7 @@ from deepsynth.models.bundle import (
 from deepsynth.models.generate import GenerationSettings
 from deepsynth.models.loops import LoopPolicy
 from deepsynth.models.structured import check_schema
-from deepsynth.render import RenderConfig, render_text
+from deepsynth.render import render_text
 
 logger = logging.getLogger(__name__)
 

@@ -263,8 +263,9 @@ class JsonSchemaLogitsProcessor(LogitsProcessor):
         kept: list[int] = []
         eos = self.tok.eos_token_id
         forced = self.tok.single.get(close[0]) if close else None
-        candidates = sorted(allowed, key=lambda t: float(scores[t]), reverse=True)
-        for token in candidates[:64]:
+        ids = torch.tensor(allowed, dtype=torch.long, device=scores.device)
+        best = scores[ids].argsort(descending=True)[:64]
+        for token in ids[best].tolist():
             if token == eos:
                 ok = parser.can_end()
             else:

@@ -36,7 +36,7 @@ def serve_command(
     threads: int = typer.Option(0, min=0, help="torch intra-op threads (0 = torch's default); 1 is often "
                                                "fastest for small models on a busy CPU."),
 ) -> None:
-    """Serve the HTTP API (/api, /docs, /metrics, /health) and the web UI (/)."""
+    """Serve the HTTP API (/api, the OpenAI-compatible /v1, /docs, /metrics, /health) and the web UI (/)."""
     import torch
     import uvicorn
 

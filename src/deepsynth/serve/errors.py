@@ -33,8 +33,7 @@ class APIError(Exception):
 
 
 def openai_error(status: int, code: str, message: str, field: str | None, limit) -> dict:
-    kind = ("authentication_error" if status == 401 else "server_error" if status >= 500
-            else "rate_limit_error" if status == 503 else "invalid_request_error")
+    kind = "authentication_error" if status == 401 else "server_error" if status >= 500 else "invalid_request_error"
     return {"error": {"message": message, "type": kind, "param": field, "code": code, "limit": limit}}
 
 

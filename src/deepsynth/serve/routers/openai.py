@@ -85,8 +85,8 @@ def build_models(config: ServeConfig) -> dict[str, type[BaseModel]]:
         messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
         max_tokens: NewTokens | None = None
         max_completion_tokens: NewTokens | None = None
-        temperature: float | None = Field(None, ge=0.0, le=2.0, description="None = the model's decoding default "
-                                                                            "(greedy unless its bundle says otherwise).")
+        temperature: float | None = Field(None, ge=0.0, le=2.0, description=(
+            "None = the model's decoding default (greedy unless its bundle says otherwise)."))
         top_p: float | None = Field(None, gt=0.0, le=1.0)
         n: int = Field(1, ge=1, le=1, description="One answer per request.")
         stream: bool = False
