@@ -11,6 +11,7 @@ import typer
 
 from deepsynth.data.cli import register as register_data
 from deepsynth.evaluation.cli import register as register_evaluate
+from deepsynth.evaluation.predict import register as register_predict
 from deepsynth.inference.cli import register as register_ask
 from deepsynth.models.cli import register as register_models
 from deepsynth.models.push import register as register_push
@@ -22,6 +23,7 @@ app = typer.Typer(help="DeepSynth: teach document vision-language models to foll
 register_render(app)
 register_data(app)
 register_evaluate(app)
+register_predict(app)
 register_ask(app)
 register_serve(app)
 register_models(app)

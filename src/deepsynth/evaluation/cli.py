@@ -1,10 +1,13 @@
 """``deepsynth evaluate``: score a model with and without the instruction, as it is served.
 
     deepsynth evaluate DATA -m MODEL [-o OUT] [--metrics em,f1,rouge] [--preset P] [--max-new-tokens N]
+                       [--engine ray [--address A] [--replicas R] [--gpus-per-replica G]]
 
 DATA is a .jsonl/.json/.parquet file of records or a folder written by ``deepsynth prepare`` (its
 pages are used as they are). Pages, prompt and decoding come from the model's bundle; --preset and
 --max-new-tokens override them with a warning. Scores are recorded in the model's bundle.
+With --engine ray, replicas of the model on a Ray cluster answer (`deepsynth.evaluation.ray_inference`);
+the report is the one the local run writes.
 """
 
 from __future__ import annotations
@@ -27,34 +30,86 @@ def evaluate_command(
     max_new_tokens: Optional[int] = typer.Option(None, help="Decoding override (default: the model's bundle)."),
     chance: float = typer.Option(0.0, help="Chance level reported beside the ablation."),
     record: bool = typer.Option(True, help="Record the scores in the model directory's bundle."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Examples per generate call."),
+    engine: str = typer.Option("local", "--engine", help="local (this process) or ray (model replicas as Ray "
+                                                         "actors; needs the [cluster] extra). Same report."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray engine: 'auto' or ray://HOST:10001 "
+                                                                  "(default: RAY_ADDRESS, else a local instance)."),
+    replicas: int = typer.Option(1, "--replicas", min=1, help="Ray engine: model replicas (actors)."),
+    gpus_per_replica: float = typer.Option(0.0, "--gpus-per-replica", min=0.0,
+                                           help="Ray engine: GPUs each replica reserves (0: CPU)."),
 ) -> None:
     """Score a model (EM/F1, ROUGE for summaries) with and without the instruction."""
-    from deepsynth.data.instruction_dataset import open_examples
     from deepsynth.evaluation.metrics import SUPPORTED_METRICS
-    from deepsynth.evaluation.run import evaluate_with_ablation
-    from deepsynth.models.bundle import load_bundle, record_evaluation, resolve_generation, resolve_render
+    from deepsynth.models.bundle import record_evaluation
 
     names = tuple(m.strip() for m in metrics.split(",") if m.strip()) if metrics else None
     for name in names or ():
         if name not in SUPPORTED_METRICS + ("rouge",):
             raise typer.BadParameter(f"unknown metric {name!r}; choose from {', '.join(SUPPORTED_METRICS)}, rouge",
                                      param_hint="'--metrics'")
-    try:
-        loaded = load_bundle(model)
-    except (FileNotFoundError, OSError, ValueError) as exc:
-        raise typer.BadParameter(f"cannot load model {model!r}: {exc}", param_hint="'--model'") from None
-    render = resolve_render(loaded.spec, preset)
-    try:
-        dataset = open_examples(data, render, loaded.spec.default_instruction)
-    except (FileNotFoundError, ValueError) as exc:
-        raise typer.BadParameter(str(exc), param_hint="DATA") from None
-    settings = resolve_generation(loaded.model, max_new_tokens=max_new_tokens) if max_new_tokens else None
-    report = evaluate_with_ablation(loaded.decoder(settings), dataset, render, chance, out_path=out, metrics=names)
+    if engine == "ray":
+        report = _evaluate_on_ray(data, model, out, names, preset, max_new_tokens, chance, batch_size, address,
+                                  replicas, gpus_per_replica)
+    elif engine == "local":
+        if address is not None or replicas != 1 or gpus_per_replica:
+            raise typer.BadParameter("--address, --replicas and --gpus-per-replica are for --engine ray",
+                                     param_hint="'--engine'")
+        report = _evaluate_locally(data, model, out, names, preset, max_new_tokens, chance, batch_size)
+    else:
+        raise typer.BadParameter(f"{engine!r}: choose local or ray", param_hint="'--engine'")
     summary = {k: report[k] for k in ("n", "metrics", "scores", "scores_no_instruction", "ablation")}
     if record and Path(model).is_dir():
         record_evaluation(model, data.name, {"scores": report["scores"],
                                              "scores_no_instruction": report["scores_no_instruction"]})
     typer.echo(json.dumps(summary, indent=2))
+
+
+def _open_data(data: Path, render, default_instruction: str):
+    from deepsynth.data.instruction_dataset import open_examples
+
+    try:
+        return open_examples(data, render, default_instruction)
+    except (FileNotFoundError, ValueError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="DATA") from None
+
+
+def _evaluate_locally(data, model, out, names, preset, max_new_tokens, chance, batch_size) -> dict:
+    from deepsynth.evaluation.run import evaluate_with_ablation
+    from deepsynth.models.bundle import load_bundle, resolve_generation, resolve_render
+
+    try:
+        loaded = load_bundle(model)
+    except (FileNotFoundError, OSError, ValueError) as exc:
+        raise typer.BadParameter(f"cannot load model {model!r}: {exc}", param_hint="'--model'") from None
+    render = resolve_render(loaded.spec, preset)
+    dataset = _open_data(data, render, loaded.spec.default_instruction)
+    settings = resolve_generation(loaded.model, max_new_tokens=max_new_tokens) if max_new_tokens else None
+    return evaluate_with_ablation(loaded.decoder(settings), dataset, render, chance, out_path=out, metrics=names,
+                                  batch_size=batch_size)
+
+
+def _evaluate_on_ray(data, model, out, names, preset, max_new_tokens, chance, batch_size, address, replicas,
+                     gpus_per_replica) -> dict:
+    from deepsynth.cluster import ClusterError, RaySettings, require_ray
+    from deepsynth.evaluation.ray_inference import ReplicaSettings, bundle_spec, evaluate_on_ray
+    from deepsynth.models.bundle import resolve_render
+
+    try:
+        require_ray()
+        layout = ReplicaSettings(replicas=replicas, num_gpus=gpus_per_replica, batch_size=batch_size)
+        ray_settings = RaySettings(address=address)
+    except ClusterError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from None
+    try:
+        spec = bundle_spec(model)
+    except (FileNotFoundError, OSError, ValueError) as exc:
+        raise typer.BadParameter(f"cannot load model {model!r}: {exc}", param_hint="'--model'") from None
+    render = resolve_render(spec, preset)
+    dataset = _open_data(data, render, spec.default_instruction)
+    return evaluate_on_ray(model, dataset, chance, out, names, max_new_tokens=max_new_tokens, replicas=layout,
+                           settings=ray_settings)
 
 
 def register(app: typer.Typer) -> None:

@@ -43,6 +43,28 @@ def _items(data, render_config: RenderConfig | None) -> tuple[list[dict], list[I
     return items, examples
 
 
+def decode_items(decoder: Decoder, items: Sequence[dict], settings: GenerationSettings | None = None,
+                 instruction: str | None = None, batch_size: int = 16) -> list[dict]:
+    """Prediction records of dataset items (``{"id", "pages", "instruction", "answer"}``), answered
+    ``batch_size`` per `generate` call: {"id", "instruction", "prediction", "answer", "stopped",
+    "new_tokens", "prompt_tokens"}. `instruction` replaces every item's instruction when given."""
+    instructions = [it["instruction"] if instruction is None else instruction for it in items]
+    rows = decoder.run_all([it["pages"] for it in items], instructions, settings, batch_size=batch_size)
+    return [
+        {"id": it["id"], "instruction": ins, "prediction": r["answer"], "answer": it["answer"],
+         "stopped": r["stopped"], "new_tokens": r["new_tokens"], "prompt_tokens": r["prompt_tokens"]}
+        for it, ins, r in zip(items, instructions, rows)
+    ]
+
+
+def score_predictions(records: Sequence[dict], metrics: Sequence[str]) -> dict:
+    """Scores of prediction records against their answers, and how often each stop reason occurred."""
+    scores = aggregate([r["prediction"] for r in records], [r["answer"] for r in records], metrics=metrics)
+    stops = [r["stopped"] for r in records]
+    scores["stopped"] = {k: sum(s == k for s in stops) for k in sorted(set(stops))}
+    return scores
+
+
 def evaluate_examples(
     decoder: Decoder,
     data: Sequence[InstructionExample] | Dataset,
@@ -58,34 +80,13 @@ def evaluate_examples(
     prediction records why generation stopped and how many tokens it took."""
     items, examples = _items(data, render_config)
     metrics = tuple(metrics) if metrics else default_metrics(examples)
-    instructions = [it["instruction"] if instruction is None else instruction for it in items]
-    rows = decoder.run_all([it["pages"] for it in items], instructions, settings, batch_size=batch_size)
-    preds = [r["answer"] for r in rows]
-    scores = aggregate(preds, [it["answer"] for it in items], metrics=metrics)
-    records = [
-        {"id": it["id"], "instruction": ins, "prediction": r["answer"], "answer": it["answer"],
-         "stopped": r["stopped"], "new_tokens": r["new_tokens"], "prompt_tokens": r["prompt_tokens"]}
-        for it, ins, r in zip(items, instructions, rows)
-    ]
-    scores["stopped"] = {k: sum(r["stopped"] == k for r in rows) for k in sorted({r["stopped"] for r in rows})}
-    return {"scores": scores, "metrics": list(metrics), "predictions": records}
+    records = decode_items(decoder, items, settings, instruction, batch_size)
+    return {"scores": score_predictions(records, metrics), "metrics": list(metrics), "predictions": records}
 
 
-def evaluate_with_ablation(
-    decoder: Decoder,
-    data: Sequence[InstructionExample] | Dataset,
-    render_config: RenderConfig | None = None,
-    chance: float = 0.0,
-    settings: GenerationSettings | None = None,
-    out_path: str | Path | None = None,
-    metrics: Sequence[str] | None = None,
-) -> dict:
-    """Normal score, score with the instruction removed, and the chance level, side by side.
-
-    A model that really reads the instruction must fall towards `chance` without it.
-    """
-    normal = evaluate_examples(decoder, data, render_config, settings, metrics)
-    ablated = evaluate_examples(decoder, data, render_config, settings, normal["metrics"], instruction="")
+def ablation_report(normal: dict, ablated: dict, chance: float = 0.0, out_path: str | Path | None = None) -> dict:
+    """The report of `evaluate_with_ablation` from its two `evaluate_examples` results (written
+    to `out_path` when given)."""
     key = "em" if "em" in normal["scores"] else normal["metrics"][0]
     report = {
         "n": len(normal["predictions"]),
@@ -101,3 +102,23 @@ def evaluate_with_ablation(
 
         write_text_atomic(out_path, json.dumps(report, indent=2))
     return report
+
+
+def evaluate_with_ablation(
+    decoder: Decoder,
+    data: Sequence[InstructionExample] | Dataset,
+    render_config: RenderConfig | None = None,
+    chance: float = 0.0,
+    settings: GenerationSettings | None = None,
+    out_path: str | Path | None = None,
+    metrics: Sequence[str] | None = None,
+    batch_size: int = 16,
+) -> dict:
+    """Normal score, score with the instruction removed, and the chance level, side by side.
+
+    A model that really reads the instruction must fall towards `chance` without it.
+    """
+    normal = evaluate_examples(decoder, data, render_config, settings, metrics, batch_size=batch_size)
+    ablated = evaluate_examples(decoder, data, render_config, settings, normal["metrics"], instruction="",
+                                batch_size=batch_size)
+    return ablation_report(normal, ablated, chance, out_path)
