@@ -13,6 +13,7 @@ from deepsynth.data.cli import register as register_data
 from deepsynth.evaluation.cli import register as register_evaluate
 from deepsynth.evaluation.predict import register as register_predict
 from deepsynth.inference.cli import register as register_ask
+from deepsynth.inference.vllm_cli import register as register_vllm
 from deepsynth.models.cli import register as register_models
 from deepsynth.models.push import register as register_push
 from deepsynth.render.cli import register as register_render
@@ -26,6 +27,7 @@ register_evaluate(app)
 register_predict(app)
 register_ask(app)
 register_serve(app)
+register_vllm(app)
 register_models(app)
 register_push(app)
 

@@ -1,0 +1,230 @@
+"""`deepsynth check-parity MODEL`: the same pages and instructions through the HF engine and the vLLM
+engine, in float32 with greedy decoding; the first differing token of each answer.
+
+The HF side runs in this process (the project's environment, where models are trained and
+evaluated); the vLLM side runs in the vLLM environment (`make vllm-env`), in a subprocess:
+`python -m deepsynth.inference.vllm_engine`, given the rendered pages as PNG files. Both sides
+decode with the bundle's guards (n-gram blocking, loop stop), so identical weights and identical
+arithmetic give identical tokens; the report names the first token where they part.
+
+    deepsynth check-parity tiny-reader [--adapter DIR] [--examples FILE.jsonl] [--out report.json]
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+logger = logging.getLogger(__name__)
+
+VLLM_PYTHON_ENV = "DEEPSYNTH_VLLM_PYTHON"
+VLLM_VENV = ".venv-vllm"
+
+#: Documents and instructions checked when no --examples file is given: key-value pages (what the
+#: tiny reader reads), a transcription and questions.
+DEFAULT_EXAMPLES = (
+    ("alpha: 07\nbravo: 42\ncharlie: 15", "read"),
+    ("alpha: 07\nbravo: 42\ncharlie: 15", "bravo"),
+    ("name: Ada\ncity: Oslo\nyear: 1843", "city"),
+    ("kilo: 17\nlima: 99\nmike: 3\nnovember: 61", "read"),
+)
+
+
+def vllm_python(explicit: str | None = None) -> str | None:
+    """The python of the vLLM environment: `explicit`, $DEEPSYNTH_VLLM_PYTHON, this interpreter when
+    vLLM imports here, or .venv-vllm/bin/python in the working directory or the source checkout."""
+    if explicit:
+        return explicit
+    if os.environ.get(VLLM_PYTHON_ENV):
+        return os.environ[VLLM_PYTHON_ENV]
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        return sys.executable
+    roots = [Path.cwd(), Path(__file__).resolve().parents[3]]
+    for root in roots:
+        candidate = root / VLLM_VENV / "bin" / "python"
+        if candidate.is_file():
+            return str(candidate)
+    return None
+
+
+def run_vllm(job: dict, python: str, workdir: Path, timeout: float = 1800) -> dict:
+    """Answer `job` (see `deepsynth.inference.vllm_engine.answer_file`) with the vLLM engine in
+    a subprocess of `python`; its stderr is logged when it fails."""
+    requests, out = workdir / "requests.json", workdir / "answers.json"
+    requests.write_text(json.dumps(job))
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(job.get("kv_cache_gib") or 1))
+    proc = subprocess.run([python, "-m", "deepsynth.inference.vllm_engine", str(requests), str(out)],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the vLLM engine failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(out.read_text())
+
+
+def hf_token_ids(engine, pages: Sequence[Sequence], instructions: Sequence[str], settings) -> list[dict]:
+    """HF rows (Decoder.run) with each answer's token ids, collected from `generate` through a
+    streamer (the Decoder's public hook for new tokens), cut as the Decoder cuts them: at EOS,
+    without the padding of rows that stopped early."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class Collect(BaseStreamer):
+        def __init__(self) -> None:
+            self.steps: list[list[int]] = []
+            self.prompt_seen = False
+
+        def put(self, value) -> None:
+            if not self.prompt_seen:  # generate hands the prompt over first
+                self.prompt_seen = True
+                return
+            self.steps.append(value.reshape(-1).tolist())
+
+        def end(self) -> None:
+            pass
+
+    collect = Collect()
+    rows = engine.decoder.run(list(pages), list(instructions), settings, streamer=collect)
+    tok = engine.tokenizer
+    for r, row in enumerate(rows):
+        ids = [step[r] for step in collect.steps]
+        if tok.eos_token_id in ids:
+            ids = ids[:ids.index(tok.eos_token_id)]
+        while ids and ids[-1] == tok.pad_token_id:
+            ids.pop()
+        row["token_ids"] = ids
+    return rows
+
+
+@dataclass
+class Difference:
+    """Where two answers' tokens part (index into the answer's tokens)."""
+
+    index: int
+    hf_token: int | None
+    vllm_token: int | None
+
+
+def first_difference(a: Sequence[int], b: Sequence[int]) -> Difference | None:
+    """The first index where token lists `a` (HF) and `b` (vLLM) differ; None when equal."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return Difference(i, x, y)
+    if len(a) != len(b):
+        i = min(len(a), len(b))
+        return Difference(i, a[i] if i < len(a) else None, b[i] if i < len(b) else None)
+    return None
+
+
+def check_parity(model: str, examples: Sequence[tuple[str, str]] = DEFAULT_EXAMPLES, adapter: str | None = None,
+                 max_new_tokens: int = 48, python: str | None = None, kv_cache_gib: float = 1.0) -> dict:
+    """Answer `examples` ((text, instruction) pairs) with both engines; the report per answer."""
+    import torch
+
+    from deepsynth.inference.engine import InstructionEngine, encode_png
+
+    python = vllm_python(python)
+    if python is None:
+        raise FileNotFoundError(f"no vLLM environment found: run `make vllm-env` (it makes {VLLM_VENV}/) or set "
+                                f"{VLLM_PYTHON_ENV} to a python that imports vllm")
+    engine = InstructionEngine(model, adapter=adapter, dtype=torch.float32)
+    engine.model.float()
+    settings = engine.settings(None, max_new_tokens=max_new_tokens, do_sample=False)
+    pages = [engine.pages_for(text) for text, _ in examples]
+    instructions = [instruction for _, instruction in examples]
+    hf_rows = hf_token_ids(engine, pages, instructions, settings)
+    with tempfile.TemporaryDirectory(prefix="deepsynth-parity-") as tmp:
+        work = Path(tmp)
+        items = []
+        for i, (doc_pages, instruction) in enumerate(zip(pages, instructions)):
+            paths = []
+            for k, page in enumerate(doc_pages):
+                path = work / f"page-{i}-{k}.png"
+                path.write_bytes(encode_png(page))
+                paths.append(str(path))
+            items.append({"pages": paths, "instruction": instruction})
+        job = {"model": model, "adapter": adapter, "dtype": "float32", "kv_cache_gib": kv_cache_gib,
+               "settings": {"max_new_tokens": max_new_tokens, "do_sample": False}, "items": items}
+        vllm = run_vllm(job, python, work)
+    tok = engine.tokenizer
+    answers = []
+    for (text, instruction), hf, vl in zip(examples, hf_rows, vllm["answers"]):
+        diff = first_difference(hf["token_ids"], vl["token_ids"])
+        entry = {"instruction": instruction, "document": text[:80], "identical": diff is None and hf["answer"] ==
+                 vl["answer"], "hf": {"answer": hf["answer"], "stopped": hf["stopped"], "tokens": len(hf["token_ids"])},
+                 "vllm": {"answer": vl["answer"], "stopped": vl["stopped"], "tokens": len(vl["token_ids"])},
+                 "first_difference": None}
+        if diff is not None:
+            entry["first_difference"] = {
+                "index": diff.index, "hf_token": diff.hf_token, "vllm_token": diff.vllm_token,
+                "hf_piece": tok.decode([diff.hf_token]) if diff.hf_token is not None else None,
+                "vllm_piece": tok.decode([diff.vllm_token]) if diff.vllm_token is not None else None,
+                "common_prefix": tok.decode(hf["token_ids"][:diff.index], skip_special_tokens=True)}
+        answers.append(entry)
+    return {"model": model, "adapter": adapter, "dtype": "float32", "decoding": "greedy",
+            "max_new_tokens": max_new_tokens, "identical": sum(a["identical"] for a in answers),
+            "answers": answers, "vllm": vllm["describe"]}
+
+
+def _read_examples(path: Path) -> list[tuple[str, str]]:
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str) \
+                or not isinstance(record.get("instruction"), str):
+            raise typer.BadParameter(f"line {n}: expected {{\"text\": str, \"instruction\": str}}",
+                                     param_hint="'--examples'")
+        out.append((record["text"], record["instruction"]))
+    if not out:
+        raise typer.BadParameter(f"{path} holds no examples", param_hint="'--examples'")
+    return out
+
+
+def check_parity_command(
+    model: str = typer.Argument(..., help="Model directory, adapter bundle, shipped checkpoint or preset."),
+    adapter: Optional[str] = typer.Option(None, help="LoRA adapter: merged on the HF side, a LoRA module in vLLM."),
+    examples: Optional[Path] = typer.Option(None, exists=True, dir_okay=False,
+                                            help="JSONL of {\"text\", \"instruction\"} (default: built-in pages)."),
+    max_new_tokens: int = typer.Option(48, min=1, max=8192, help="Answer length compared."),
+    vllm_python_path: Optional[str] = typer.Option(None, "--vllm-python",
+                                                   help=f"Python of the vLLM environment (default: "
+                                                        f"${VLLM_PYTHON_ENV} or {VLLM_VENV}/bin/python)."),
+    out: Optional[Path] = typer.Option(None, help="Write the JSON report here too."),
+) -> None:
+    """Run the same pages and instructions through the HF and vLLM engines (float32, greedy) and
+    report the first differing token of each answer; exit status 1 when any answer differs."""
+    pairs = _read_examples(examples) if examples else list(DEFAULT_EXAMPLES)
+    try:
+        report = check_parity(model, pairs, adapter=adapter, max_new_tokens=max_new_tokens, python=vllm_python_path)
+    except FileNotFoundError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    except RuntimeError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    for a in report["answers"]:
+        diff = a["first_difference"]
+        where = "identical" if a["identical"] else (
+            f"differs at token {diff['index']}: HF {diff['hf_piece']!r} vs vLLM {diff['vllm_piece']!r} "
+            f"after {diff['common_prefix']!r}" if diff else "same tokens, different text")
+        typer.echo(f"{a['instruction']!r}: {where}  (HF {a['hf']['tokens']} tokens, {a['hf']['stopped']}; "
+                   f"vLLM {a['vllm']['tokens']} tokens, {a['vllm']['stopped']})")
+    typer.echo(f"{report['identical']}/{len(report['answers'])} answers identical")
+    if out is not None:
+        from deepsynth.atomic import write_text_atomic
+
+        write_text_atomic(out, json.dumps(report, indent=2) + "\n")
+    if report["identical"] != len(report["answers"]):
+        raise typer.Exit(1)
+

@@ -1,0 +1,632 @@
+"""`VLLMEngine`: the `InstructionEngine` API (and the server's `Engine` interface) with vLLM generating.
+
+Documents are read, rendered, limited and cached by the code `InstructionEngine` has (this class
+subclasses it and keeps its document methods); generation goes through vLLM's offline `LLM`:
+requests from every caller (the server's batcher, streams, `ask_batch`) are fed to one `LLM`
+engine by one driver thread, so vLLM batches them continuously.
+
+What a request is answered with comes from the model bundle, as for the HF engine:
+
+* decoding defaults from generation_config.json (greedy unless it says otherwise);
+* the loop guards of `deepsynth.models.generate.Decoder` (n-gram blocking over prompt + answer,
+  the image token suppressed, the loop stop that keeps one copy of a repeated tail) through one
+  vLLM logits processor (`deepsynth.vllm_plugin.guards`), so that in float32 greedy decoding the
+  answers equal the HF engine's token for token (`deepsynth check-parity`);
+* LoRA adapters (an adapter bundle as `model`, or `adapter=`) are served as a vLLM LoRA module on
+  the unmerged base;
+* structured output: `json_schema` goes to vLLM's structured outputs; an answer the token budget
+  cut is closed as the HF engine closes it.
+
+Models: the tiny DeepSeek-OCR-2 checkpoints (and any image-text-to-text model transformers knows)
+go through vLLM's Transformers backend, with the project's plugin (`deepsynth.vllm_plugin`);
+a checkpoint in vLLM's own DeepSeek-OCR-2 layout (`deepsynth export-vllm`) goes through vLLM's
+native class. Crops ("tiles" crop mode) are not served by the Transformers backend.
+
+vLLM is not a dependency of the project's main environment: `make vllm-env` builds .venv-vllm,
+and this module imports only there. `python -m deepsynth.inference.vllm_engine REQUESTS OUT`
+answers a JSON file of requests with token ids (what check-parity and the tests run there).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+import os
+import queue
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from deepsynth.inference.documents import Document, DocumentError, clean_text
+from deepsynth.inference.engine import Answer, DocumentCache, InstructionEngine, PreparedDocument
+from deepsynth.models.bundle import BundleError, ModelSpec, default_spec, make_collator, read_spec, resolve_render
+from deepsynth.models.generate import GenerationSettings, _answer_row
+from deepsynth.models.loops import LoopPolicy, find_loop
+from deepsynth.vllm_plugin import register
+
+# The plugin's processor back-ports apply to this process too (the HF side of check-parity and the
+# processor that counts image tokens run here, not only in vLLM's processes).
+register()
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["VLLMEngine", "VLLMOptions", "resolve_model"]
+
+KV_CACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"
+
+
+@dataclass
+class VLLMOptions:
+    """How the vLLM engine is started (fields map onto `vllm.LLM` arguments)."""
+
+    # Weights' dtype: "auto" (the checkpoint's), "float32" (bit-exact parity with the HF engine on
+    # CPU; bf16 drifts after a few dozen tokens), "bfloat16", "float16".
+    dtype: str = "auto"
+    # GiB vLLM reserves for the KV cache on CPU (VLLM_CPU_KVCACHE_SPACE); None keeps the
+    # environment's value or vLLM's default.
+    kv_cache_gib: float | None = None
+    # Longest prompt + answer in tokens; None = the model's max_position_embeddings.
+    max_model_len: int | None = None
+    # Requests decoded together at most (vLLM's max_num_seqs).
+    max_num_seqs: int = 64
+    # Pages (images) one request may carry.
+    max_pages: int = 16
+    # Skip torch.compile / graph capture: minutes of start-up on a CPU for a small gain.
+    enforce_eager: bool = True
+    # "transformers", "vllm" (native class) or None (chosen from the checkpoint, see `resolve_model`).
+    model_impl: str | None = None
+    # Any further `vllm.LLM` keyword arguments.
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class ResolvedModel:
+    """A model as vLLM loads it: a directory of weights (+ a LoRA adapter directory)."""
+
+    # Directory vLLM loads the (base) weights from.
+    path: str
+    # The bundle's spec (the adapter bundle's when serving an adapter).
+    spec: ModelSpec
+    # The processor, configured for the bundle's crop mode.
+    processor: object
+    # LoRA adapter directory served on top of `path`, or None.
+    lora: str | None
+    # Directory whose generation_config.json holds the decoding defaults.
+    generation_dir: str
+    # Temporary directories made for presets; removed by `VLLMEngine.close`.
+    temporary: list[str] = field(default_factory=list)
+
+
+def _native_layout(path: str) -> bool:
+    """Whether `path` holds vLLM's own DeepSeek-OCR(-2) config layout (as `export-vllm` writes)."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    data = json.loads(config.read_text())
+    return "language_config" in data and "projector_config" in data
+
+
+def resolve_model(name: str, adapter: str | None = None, seed: int = 0) -> ResolvedModel:
+    """Where the weights, spec, processor and LoRA adapter of `name` are, for vLLM.
+
+    name: a model directory, adapter bundle, shipped checkpoint, alias, hub id (from the local
+    cache) or preset (saved to a temporary bundle first, since vLLM loads weights from disk).
+    """
+    from transformers import AutoProcessor
+
+    from deepsynth.models.bundle import load_bundle, save_bundle
+    from deepsynth.models.registry import backend_for_type, model_type_of, preset_backend, resolve
+
+    if preset_backend(name) is not None:
+        loaded = load_bundle(name, seed=seed)
+        tmp = tempfile.mkdtemp(prefix="deepsynth-vllm-")
+        save_bundle(tmp, loaded.model, loaded.processor, loaded.spec)
+        found = resolve_model(tmp, adapter)
+        found.temporary.append(tmp)
+        return found
+    path = resolve(name)
+    local = Path(path)
+    spec = read_spec(local) if local.is_dir() else None
+    if (local / "adapter_config.json").is_file():
+        if adapter is not None:
+            raise BundleError(f"{name} is an adapter bundle already; serve one adapter at a time (adapter={adapter})")
+        config = json.loads((local / "adapter_config.json").read_text())
+        base_name = (spec.base_model if spec else None) or config.get("base_model_name_or_path")
+        if not base_name:
+            raise BundleError(f"{path}: adapters without a base model (no base_model in deepsynth.json or "
+                              "base_model_name_or_path in adapter_config.json)")
+        base = resolve_model(base_name, seed=spec.base_seed if spec and spec.base_seed is not None else 0)
+        spec = spec or dataclasses.replace(base.spec, weights="adapter", base_model=base_name)
+        base.spec, base.lora = spec, str(local)
+        if (local / "generation_config.json").is_file():
+            base.generation_dir = str(local)
+        return base
+    backend = backend_for_type(model_type_of(path), name)
+    processor = AutoProcessor.from_pretrained(path)
+    if spec is None:
+        spec = default_spec(backend, processor, backend.render_preset, backend.default_crop_mode)
+        spec.base_model = name
+        logger.warning("%s has no deepsynth.json: assuming %s pages and the model's decoding defaults",
+                       name, backend.render_preset)
+    backend.configure_processor(processor, spec.crop_mode)
+    found = ResolvedModel(path=path, spec=spec, processor=processor, lora=None, generation_dir=path)
+    if adapter is not None:
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"adapter directory {adapter!r} has no adapter_config.json")
+        found.lora = str(adapter)
+        found.spec = read_spec(adapter) or spec
+    return found
+
+
+def _lora_rank(adapter: str) -> int:
+    """The smallest rank vLLM accepts (its max_lora_rank choices) that holds the adapter's rank."""
+    config = json.loads((Path(adapter) / "adapter_config.json").read_text())
+    ranks = [int(config.get("r", 8)), *(int(r) for r in (config.get("rank_pattern") or {}).values())]
+    for allowed in (8, 16, 32, 64, 128, 256, 320, 512):
+        if max(ranks) <= allowed:
+            return allowed
+    raise ValueError(f"{adapter}: LoRA rank {max(ranks)} is above vLLM's largest max_lora_rank (512)")
+
+
+def _generation_defaults(directory: str) -> GenerationSettings:
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+
+    try:
+        config = GenerationConfig.from_pretrained(directory)
+    except OSError:
+        config = None
+    return GenerationSettings.from_model(SimpleNamespace(generation_config=config))
+
+
+@dataclass
+class _Request:
+    """One request in flight: what to add to vLLM, and where its outputs go."""
+
+    prompt: dict
+    params: object
+    lora: object
+    cancel: threading.Event | None
+    outputs: queue.Queue = field(default_factory=queue.Queue)
+    request_id: str | None = None
+
+
+class _Driver:
+    """The one thread that talks to the vLLM engine: adds requests, steps, routes outputs.
+
+    Every output of a request is put on its queue (cumulative: text and ids so far); the last one
+    has `finished` set, or the queue gets ("cancelled", last output) / ("error", exception).
+    """
+
+    def __init__(self, llm) -> None:
+        self.llm = llm
+        self.engine = llm.llm_engine
+        self.inbox: queue.Queue = queue.Queue()
+        self.live: dict[str, tuple[_Request, object]] = {}
+        self.ids = itertools.count()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._loop, name="deepsynth-vllm", daemon=True)
+        self.thread.start()
+
+    def submit(self, requests: Sequence[_Request]) -> None:
+        if self.stopping:
+            raise RuntimeError("the vLLM engine is closed")
+        self.inbox.put(list(requests))
+
+    def close(self) -> None:
+        self.stopping = True
+        self.inbox.put(None)
+        self.thread.join(timeout=60)
+
+    def _add(self, request: _Request) -> None:
+        prompt = request.prompt
+        preprocess = getattr(self.llm, "_preprocess_cmpl_one", None)
+        if preprocess is not None:  # the rendering `LLM.generate` does (raw prompts are deprecated)
+            prompt = preprocess(prompt, None)
+        # Outputs and aborts name a request by the id given here (vLLM adds a suffix internally).
+        rid = f"deepsynth-{next(self.ids)}"
+        self.engine.add_request(rid, prompt, request.params, lora_request=request.lora)
+        request.request_id = rid
+        self.live[rid] = (request, None)
+
+    def _loop(self) -> None:
+        while True:
+            idle = not self.live
+            try:
+                batch = self.inbox.get(block=idle, timeout=None)
+            except queue.Empty:
+                batch = []
+            batches = [batch]
+            while True:
+                try:
+                    batches.append(self.inbox.get_nowait())
+                except queue.Empty:
+                    break
+            if any(b is None for b in batches):
+                self._abort_all(RuntimeError("the vLLM engine was closed"))
+                return
+            for requests in batches:
+                for request in requests:
+                    try:
+                        self._add(request)
+                    except Exception as exc:  # the request's caller re-raises it
+                        request.outputs.put(("error", exc))
+            self._cancel_requested()
+            if not self.live:
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:  # the engine failed: every caller waiting gets the error
+                logger.exception("vLLM engine step failed")
+                self._abort_all(exc)
+                continue
+            for out in outputs:
+                entry = self.live.get(out.request_id)
+                if entry is None:
+                    continue
+                request = entry[0]
+                self.live[out.request_id] = (request, out)
+                request.outputs.put(("output", out))
+                if out.finished:
+                    del self.live[out.request_id]
+
+    def _cancel_requested(self) -> None:
+        cancelled = [rid for rid, (req, _) in self.live.items() if req.cancel is not None and req.cancel.is_set()]
+        if cancelled:
+            self.engine.abort_request(cancelled)
+            for rid in cancelled:
+                request, last = self.live.pop(rid)
+                request.outputs.put(("cancelled", last))
+
+    def _abort_all(self, exc: BaseException) -> None:
+        if self.live:
+            try:
+                self.engine.abort_request(list(self.live))
+            except Exception:  # the engine may be the thing that failed; the callers still get `exc`
+                logger.exception("aborting vLLM requests failed")
+        for request, _ in self.live.values():
+            request.outputs.put(("error", exc))
+        self.live.clear()
+
+
+class VLLMEngine(InstructionEngine):
+    """Answers instructions about documents with vLLM (same answers and fields as `InstructionEngine`).
+
+    model:          anything `resolve_model` takes (directory, adapter bundle, shipped name, preset, ...).
+    render_preset:  override of the bundle's render config (logged when it differs).
+    adapter:        LoRA adapter directory served on `model` as a vLLM LoRA module (not merged).
+    cache_pages:    pages the document cache may hold (0 turns it off); vLLM keeps its own caches
+                    of processed images, encoder outputs and prompt prefixes.
+    generation:     default generation settings (None = the bundle's generation_config.json).
+    max_batch_size: requests handed to vLLM together by `ask_batch` (vLLM batches across callers).
+    loop_policy:    override of the bundle's loop-stop policy.
+    options:        how vLLM is started (`VLLMOptions`).
+    """
+
+    def __init__(self, model: str = "tiny-reader", render_preset: str | None = None, adapter: str | None = None,
+                 cache_pages: int = 256, generation: GenerationSettings | None = None, max_batch_size: int = 64,
+                 loop_policy: LoopPolicy | None = None, options: VLLMOptions | None = None) -> None:
+        if not isinstance(model, str):
+            raise TypeError("VLLMEngine loads a model by name or directory (vLLM reads the weights from disk); "
+                            f"got {type(model).__name__}")
+        self.options = options or VLLMOptions()
+        found = resolve_model(model, adapter)
+        self._temporary = found.temporary
+        if found.spec.instruction_channel.get("kind") != "prompt":
+            raise BundleError(f"{model}: the vLLM engine serves instructions given as prompt text; this model "
+                              "reads them through a text encoder (use the HF engine)")
+        self.name, self.spec, self.processor = model, found.spec, found.processor
+        self.model, self.decoder, self.device = None, None, "vllm"
+        self.render_config = resolve_render(self.spec, render_preset)
+        self._render_key = json.dumps(dataclasses.asdict(self.render_config), sort_keys=True, default=str).encode()
+        self.loop_policy = loop_policy or self.spec.loop_policy()
+        self.generation = generation or _generation_defaults(found.generation_dir)
+        self.tokenizer = self.processor.tokenizer
+        self.collator = make_collator(None, self.processor, self.spec)
+        self.max_batch_size = max_batch_size
+        self.cache = DocumentCache(cache_pages)
+        self._model_lock = threading.RLock()
+        self.encodes_pages = False
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(found.path)
+        self.image_token_id = getattr(config, "image_token_id", None)
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        self.max_positions = self.options.max_model_len or getattr(text_config, "max_position_embeddings", None)
+        self.lora_path = found.lora
+        self.llm = self._start(found)
+        self._lora_request = None
+        if found.lora is not None:
+            from vllm.lora.request import LoRARequest
+
+            self._lora_request = LoRARequest("adapter", 1, found.lora)
+        self._driver = _Driver(self.llm)
+
+    def _start(self, found: ResolvedModel):
+        from vllm import LLM
+
+        from deepsynth.vllm_plugin.guards import DeepsynthGuards
+
+        opts = self.options
+        if opts.kv_cache_gib is not None:
+            os.environ[KV_CACHE_ENV] = str(opts.kv_cache_gib)
+        impl = opts.model_impl or ("vllm" if _native_layout(found.path) else "transformers")
+        kwargs = dict(model=found.path, tokenizer=found.path, dtype=opts.dtype, model_impl=impl,
+                      max_num_seqs=opts.max_num_seqs, enforce_eager=opts.enforce_eager,
+                      logits_processors=[DeepsynthGuards], limit_mm_per_prompt={"image": opts.max_pages})
+        if opts.max_model_len:
+            kwargs["max_model_len"] = opts.max_model_len
+        if type(self.processor).__name__ == "DeepseekOcr2Processor" and impl == "transformers":
+            if self.spec.crop_mode == "tiles":
+                raise BundleError(f"{self.name}: crop mode 'tiles' (local crops) is not served by vLLM's "
+                                  "Transformers backend; use crop mode 'none' or the HF engine")
+            # the processor class's own default cuts crops whatever the image processor says
+            kwargs["mm_processor_kwargs"] = {"crop_to_patches": False}
+        if found.lora is not None:
+            kwargs.update(enable_lora=True, max_lora_rank=_lora_rank(found.lora), max_loras=1)
+        kwargs.update(opts.extra)
+        logger.info("starting vLLM (%s backend) on %s%s", impl, found.path,
+                    f" with LoRA {found.lora}" if found.lora else "")
+        return LLM(**kwargs)
+
+    def close(self) -> None:
+        """Stop the driver and vLLM's processes; remove temporary model folders."""
+        driver = getattr(self, "_driver", None)
+        if driver is not None:
+            driver.close()
+            self._driver = None
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            core = getattr(llm.llm_engine, "engine_core", None)
+            if core is not None and hasattr(core, "shutdown"):
+                core.shutdown()
+            self.llm = None
+        for tmp in getattr(self, "_temporary", []):
+            shutil.rmtree(tmp, ignore_errors=True)
+        self._temporary = []
+
+    def __enter__(self) -> "VLLMEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def describe(self) -> dict:
+        out = super().describe()
+        out.update(engine="vllm", lora=self.lora_path, dtype=self.options.dtype)
+        return out
+
+    def _encode(self, docs: Sequence[PreparedDocument]) -> None:
+        """Nothing to do: vLLM encodes pages itself (and caches encoder outputs by content)."""
+
+    # ------------------------------------------------------------------ requests
+
+    def _params(self, settings: GenerationSettings, json_schema: dict | None, stream: bool):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        from deepsynth.vllm_plugin.guards import guard_args
+
+        kwargs = dict(max_tokens=settings.max_new_tokens, repetition_penalty=settings.repetition_penalty,
+                      skip_special_tokens=True, output_kind=RequestOutputKind.CUMULATIVE if stream
+                      else RequestOutputKind.FINAL_ONLY)
+        if settings.do_sample:
+            kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
+        else:
+            kwargs.update(temperature=0.0)
+        suppress = [self.image_token_id] if self.image_token_id is not None else []
+        kwargs["extra_args"] = guard_args(settings.no_repeat_ngram_size, suppress, self.tokenizer.eos_token_id,
+                                          None if json_schema is not None else self.loop_policy)
+        if json_schema is not None:
+            from vllm.sampling_params import StructuredOutputsParams
+
+            kwargs["structured_outputs"] = StructuredOutputsParams(json=json_schema)
+        return SamplingParams(**kwargs)
+
+    def _prompt(self, doc: PreparedDocument, instruction: str) -> dict:
+        text = self.spec.prompt_builder(self.processor, len(doc.pages), instruction)
+        return {"prompt": text, "multi_modal_data": {"image": list(doc.pages) if len(doc.pages) > 1 else doc.pages[0]}}
+
+    def _estimate_prompt_tokens(self, doc: PreparedDocument, prompt: str) -> int:
+        """Prompt length as the processor expands it (image tokens + text), before vLLM sees it."""
+        image_token = getattr(self.processor, "image_token", None)
+        text = prompt.replace(image_token, "") if image_token else prompt
+        return (self.visual_token_count(doc) or 0) + len(self.tokenizer(text)["input_ids"])
+
+    def _submit(self, docs: Sequence[PreparedDocument], instructions: Sequence[str], settings: GenerationSettings,
+                cancel: threading.Event | None, json_schema: dict | None, stream: bool = False) -> list[_Request]:
+        params = self._params(settings, json_schema, stream)
+        requests = []
+        for i, (doc, instruction) in enumerate(zip(docs, instructions)):
+            prompt = self._prompt(doc, instruction)
+            self.check_length(self._estimate_prompt_tokens(doc, prompt["prompt"]), settings,
+                              field=f"documents[{i}]" if len(docs) > 1 else "document")
+            requests.append(_Request(prompt=prompt, params=params.clone(), lora=self._lora_request, cancel=cancel))
+        if self._driver is None:
+            raise RuntimeError("the vLLM engine is closed")
+        self._driver.submit(requests)
+        return requests
+
+    def _row(self, doc: PreparedDocument, out, cancelled: bool, json_schema: dict | None) -> dict:
+        """The Decoder's row fields from a vLLM output (`out` may be None: cancelled before a token)."""
+        ids = list(out.outputs[0].token_ids) if out is not None else []
+        eos = self.tokenizer.eos_token_id
+        policy = self.loop_policy
+        if json_schema is None and ids and ids[-1] == eos and find_loop(ids[:-1], policy) is not None:
+            ids = ids[:-1]  # the EOS the loop stop forced: the row stopped in a loop, as LoopStop stops it
+        kept = ids[:ids.index(eos)] if eos in ids else list(ids)
+        if json_schema is None:
+            row = _answer_row(list(ids), self.tokenizer, policy, cancelled)
+        else:
+            row = {"answer": self.tokenizer.decode(kept, skip_special_tokens=True).strip(), "new_tokens": len(kept),
+                   "stopped": "eos" if eos in ids else "cancelled" if cancelled else "max_new_tokens"}
+            if row["stopped"] != "eos":
+                row["answer"] = _close_json(json_schema, row["answer"])
+        prompt_ids = list(out.prompt_token_ids) if out is not None else []
+        row.update(token_ids=kept, prompt_tokens=len(prompt_ids),
+                   visual_tokens=sum(1 for t in prompt_ids if t == self.image_token_id)
+                   if self.image_token_id is not None else 0,
+                   doc=doc, cached=doc.uses > 0)
+        return row
+
+    @staticmethod
+    def _wait(request: _Request) -> tuple[object, bool]:
+        """(final output, cancelled) of a request; re-raises its error."""
+        last = None
+        while True:
+            kind, value = request.outputs.get()
+            if kind == "error":
+                raise value
+            if kind == "cancelled":
+                return value if value is not None else last, True
+            last = value
+            if value.finished:
+                return value, False
+
+    def generate_rows(self, documents: Sequence[Document | PreparedDocument], instructions: Sequence[str],
+                      settings: GenerationSettings | None = None, cancel: threading.Event | None = None,
+                      json_schema: dict | None = None) -> list[dict]:
+        """Rows as `Decoder.run` gives them, plus `token_ids` (the answer's tokens before EOS)."""
+        if len(documents) != len(instructions):
+            raise ValueError(f"{len(documents)} documents but {len(instructions)} instructions")
+        settings = settings or self.generation
+        if json_schema is not None:
+            self.check_json_schema(json_schema, settings)
+        docs = [self.prepare(d, field=f"documents[{i}]") for i, d in enumerate(documents)]
+        requests = self._submit(docs, [clean_text(i) for i in instructions], settings, cancel, json_schema)
+        rows = []
+        for doc, request in zip(docs, requests):
+            out, cancelled = self._wait(request)
+            rows.append(self._row(doc, out, cancelled, json_schema))
+        for doc in docs:
+            doc.uses += 1
+        return rows
+
+    def ask_batch(self, documents: Sequence[Document | PreparedDocument], instructions: Sequence[str],
+                  settings: GenerationSettings | None = None, cancel: threading.Event | None = None,
+                  json_schema: dict | None = None, **overrides) -> list[Answer]:
+        """Answer each (document, instruction) pair; vLLM batches them (and other callers' requests)."""
+        if len(documents) != len(instructions):
+            raise ValueError(f"{len(documents)} documents but {len(instructions)} instructions")
+        settings = self.settings(settings, **overrides)
+        start = time.perf_counter()
+        answers: list[Answer] = []
+        for i in range(0, len(documents), self.max_batch_size):
+            rows = self.generate_rows(documents[i:i + self.max_batch_size], instructions[i:i + self.max_batch_size],
+                                      settings, cancel, json_schema)
+            latency = (time.perf_counter() - start) * 1000
+            answers.extend(self._answer(r, latency) for r in rows)
+        return answers
+
+    def stream(self, document: Document | PreparedDocument, instruction: str,
+               settings: GenerationSettings | None = None, cancel: threading.Event | None = None,
+               json_schema: dict | None = None, **overrides) -> Iterator[str | Answer]:
+        """Yield the answer's text as vLLM generates it, then the final (authoritative) `Answer`."""
+        settings = self.settings(settings, **overrides)
+        if json_schema is not None:
+            self.check_json_schema(json_schema, settings)
+        start = time.perf_counter()
+        cancel = cancel or threading.Event()
+        doc = self.prepare(document)
+        (request,) = self._submit([doc], [clean_text(instruction)], settings, cancel, json_schema, stream=True)
+        sent, last, cancelled = "", None, False
+        try:
+            while True:
+                kind, value = request.outputs.get()
+                if kind == "error":
+                    raise value
+                if kind == "cancelled":
+                    cancelled, last = True, value if value is not None else last
+                    break
+                last = value
+                text = value.outputs[0].text
+                if len(text) > len(sent) and text.startswith(sent):
+                    yield text[len(sent):]
+                    sent = text
+                if value.finished:
+                    break
+        except GeneratorExit:  # the consumer stopped early: stop generating too
+            cancel.set()
+            raise
+        row = self._row(doc, last, cancelled, json_schema)
+        doc.uses += 1
+        yield self._answer(row, (time.perf_counter() - start) * 1000)
+
+
+def _close_json(schema: dict, text: str) -> str:
+    """`text` (a schema-constrained answer cut by the budget) closed as the HF engine closes it."""
+    from deepsynth.models import structured
+
+    parser = structured.advance(structured.parser_for(schema), text)
+    rest = structured.closing(parser) if parser is not None else None
+    if rest is None:
+        logger.warning("a schema-constrained answer cannot be closed: %r", text[:200])
+        return text
+    if rest:
+        logger.warning("a schema-constrained answer ran out of tokens unclosed; appended %r", rest[:80])
+    return text + rest
+
+
+# ---------------------------------------------------------------------- subprocess entry point
+def answer_file(requests_path: str | Path, out_path: str | Path) -> dict:
+    """Answer the requests of a JSON file with a `VLLMEngine`; write (and return) the answers.
+
+    Input: {"model", "adapter"?, "dtype"?, "kv_cache_gib"?, "settings"? (GenerationSettings
+    fields), "items": [{"text" | "pages" (PNG paths), "instruction"}]}.
+    Output: {"describe", "answers": [Answer fields + "token_ids"]}.
+    """
+    from deepsynth.atomic import write_text_atomic
+
+    job = json.loads(Path(requests_path).read_text())
+    options = VLLMOptions(dtype=job.get("dtype", "auto"), kv_cache_gib=job.get("kv_cache_gib"),
+                          max_num_seqs=job.get("max_num_seqs", 64))
+    engine = VLLMEngine(job["model"], adapter=job.get("adapter"), options=options)
+    try:
+        settings = engine.settings(None, **job.get("settings", {}))
+        documents = []
+        for i, item in enumerate(job["items"]):
+            if "text" in item:
+                documents.append(item["text"])
+            elif "pages" in item:
+                documents.append([Image.open(p).convert("RGB") for p in item["pages"]])
+            else:
+                raise ValueError(f"items[{i}] needs 'text' or 'pages'")
+        rows = engine.generate_rows(documents, [it["instruction"] for it in job["items"]], settings)
+        answers = []
+        for row in rows:
+            answer = engine._answer(row, 0.0).to_dict()
+            answer["token_ids"] = row["token_ids"]
+            answers.append(answer)
+        result = {"describe": engine.describe(), "answers": answers}
+    finally:
+        engine.close()
+    write_text_atomic(Path(out_path), json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) != 2:
+        print("usage: python -m deepsynth.inference.vllm_engine REQUESTS.json OUT.json", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        answer_file(argv[0], argv[1])
+    except (DocumentError, BundleError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":  # vLLM spawns worker processes: keep the work behind this guard
+    sys.exit(main())

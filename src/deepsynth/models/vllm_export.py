@@ -1,0 +1,120 @@
+"""`deepsynth export-vllm DIR OUT`: a real-size DeepSeek-OCR-2 fine-tune in the layout vLLM's native
+class loads.
+
+vLLM's `DeepseekOCR2ForCausalLM` reads the original DeepSeek-OCR-2 repository's config layout
+(`vision_config`, `projector_config`, `language_config`, `tile_tag`, `global_view_pos`) and has
+the released model's vision sizes built in (SAM ViT-B at 1024 px, the 896-wide Qwen2 encoder).
+Its weight names are those transformers' native class saves (`model.sam_model.*`,
+`model.qwen2_model.*`, `model.projector.*`, `model.layers.*`, `lm_head.*`: its mapper moves the
+decoder's under `language_model.` and strips `model.` elsewhere), so the weights are copied as
+they are and only config.json is rewritten. Models of other sizes (the tiny presets) and the
+patch readout have no native form: they are served through vLLM's Transformers backend
+(`deepsynth.vllm_plugin`) and this command refuses them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import typer
+
+from deepsynth.atomic import atomic_dir, write_text_atomic
+
+#: The vision sizes vLLM's native class builds (it ignores the config's): SAM width/depth, the
+#: encoder's width/depth, the page size.
+NATIVE_VISION = {"sam_hidden_size": 768, "sam_layers": 12, "encoder_hidden_size": 896, "encoder_layers": 24,
+                 "image_size": 1024}
+
+
+class ExportError(ValueError):
+    """A checkpoint that vLLM's native DeepSeek-OCR-2 class cannot load."""
+
+
+def native_config(config: dict) -> dict:
+    """vLLM's DeepSeek-OCR-2 config.json for a transformers `deepseek_ocr2` config.json (as a dict)."""
+    if config.get("model_type") not in ("deepseek_ocr2", "deepseek_ocr2_patches"):
+        raise ExportError(f"model_type {config.get('model_type')!r}: export-vllm takes DeepSeek-OCR-2 checkpoints")
+    if config.get("model_type") == "deepseek_ocr2_patches" or config.get("vision_readout", "queries") != "queries":
+        raise ExportError("this checkpoint reads image tokens at the patch positions (vision_readout='patches'); "
+                          "vLLM's native class reads the learned queries: serve it through the Transformers "
+                          "backend (VLLMEngine does so by itself)")
+    vision, text = config.get("vision_config", {}), config.get("text_config", {})
+    sam, encoder = vision.get("sam_config", {}), vision.get("encoder_config", {})
+    found = {"sam_hidden_size": sam.get("hidden_size", 768), "sam_layers": sam.get("num_hidden_layers", 12),
+             "encoder_hidden_size": encoder.get("hidden_size", 896),
+             "encoder_layers": encoder.get("num_hidden_layers", 24), "image_size": sam.get("image_size", 1024)}
+    wrong = {k: (v, NATIVE_VISION[k]) for k, v in found.items() if v != NATIVE_VISION[k]}
+    if wrong:
+        detail = ", ".join(f"{k}={v} (native {n})" for k, (v, n) in wrong.items())
+        raise ExportError(f"vLLM's native class has the released model's vision sizes built in; this model has "
+                          f"{detail}: serve it through the Transformers backend")
+    layer_types = text.get("mlp_layer_types") or []
+    dense_first = next((i for i, t in enumerate(layer_types) if t != "dense"), len(layer_types))
+    rope = text.get("rope_parameters") or {}
+    language = {
+        "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2",
+        "vocab_size": text["vocab_size"], "hidden_size": text["hidden_size"],
+        "intermediate_size": text["intermediate_size"], "moe_intermediate_size": text.get("moe_intermediate_size"),
+        "num_hidden_layers": text["num_hidden_layers"], "num_attention_heads": text["num_attention_heads"],
+        "num_key_value_heads": text.get("num_key_value_heads", text["num_attention_heads"]),
+        "n_routed_experts": text.get("n_routed_experts"), "n_shared_experts": text.get("n_shared_experts"),
+        "num_experts_per_tok": text.get("num_experts_per_tok"), "first_k_dense_replace": dense_first,
+        "moe_layer_freq": 1, "topk_method": text.get("topk_method", "greedy"),
+        "routed_scaling_factor": text.get("routed_scaling_factor", 1.0), "norm_topk_prob": False,
+        "n_group": text.get("n_group") or 1, "topk_group": text.get("topk_group") or 1,
+        "max_position_embeddings": text.get("max_position_embeddings", 8192),
+        "rms_norm_eps": text.get("rms_norm_eps", 1e-6), "rope_theta": rope.get("rope_theta", 10000.0),
+        "use_mla": False, "kv_lora_rank": None, "q_lora_rank": None,
+        "bos_token_id": text.get("bos_token_id", 0), "eos_token_id": text.get("eos_token_id", 1),
+        "tie_word_embeddings": config.get("tie_word_embeddings", False), "torch_dtype": config.get("dtype", "bfloat16"),
+    }
+    return {
+        "architectures": ["DeepseekOCR2ForCausalLM"], "model_type": "deepseek_vl_v2",
+        "tile_tag": "2D", "global_view_pos": "head", "candidate_resolutions": [[1024, 1024]],
+        "vision_config": {"image_size": 1024, "patch_size": 16, "width": 768, "layers": 12, "heads": 12,
+                          "mlp_ratio": 4, "model_name": "deepencoderv2"},
+        "projector_config": {"projector_type": "linear", "input_dim": 896, "n_embed": text["hidden_size"]},
+        "language_config": language,
+        "image_token_id": config.get("image_token_id"),
+        "torch_dtype": config.get("dtype", "bfloat16"),
+    }
+
+
+#: Files carried over beside the rewritten config.json (weights, tokenizer, processor, bundle).
+_CARRIED = ("*.safetensors", "*.safetensors.index.json", "tokenizer*", "special_tokens_map.json",
+            "processor_config.json", "preprocessor_config.json", "chat_template*", "generation_config.json",
+            "deepsynth.json")
+
+
+def export_vllm(src: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Write `src` (a full DeepSeek-OCR-2 bundle) to `out` in vLLM's native layout; returns `out`."""
+    src, out = Path(src), Path(out)
+    if (src / "adapter_config.json").is_file():
+        raise ExportError(f"{src} holds LoRA adapters: vLLM serves them on the exported base as a LoRA module "
+                          "(export the base, then `VLLMEngine(base, adapter=...)`)")
+    if not (src / "config.json").is_file():
+        raise FileNotFoundError(f"{src} has no config.json")
+    config = native_config(json.loads((src / "config.json").read_text()))
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists (pass --overwrite to replace it)")
+    with atomic_dir(out) as tmp:
+        for pattern in _CARRIED:
+            for path in src.glob(pattern):
+                shutil.copy2(path, tmp / path.name)
+        write_text_atomic(tmp / "config.json", json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def export_vllm_command(
+    src: Path = typer.Argument(..., exists=True, file_okay=False, help="A full DeepSeek-OCR-2 model directory."),
+    out: Path = typer.Argument(..., help="Directory to write (vLLM's native DeepSeek-OCR-2 layout)."),
+    overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
+) -> None:
+    """Export a real-size DeepSeek-OCR-2 fine-tune to the layout vLLM's native class loads."""
+    try:
+        path = export_vllm(src, out, overwrite)
+    except (ExportError, FileExistsError, FileNotFoundError) as exc:
+        raise typer.BadParameter(str(exc)) from None
+    typer.echo(f"exported {src} -> {path} (serve: deepsynth serve --engine vllm --model {path})")
