@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,pdf,serve,ocr]'
+	$(BIN)/pip install -q -e '.[dev,pdf,serve,ocr,cluster]'
 	touch $(STAMP)
 
 setup: $(STAMP)
