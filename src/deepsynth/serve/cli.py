@@ -35,6 +35,8 @@ def serve_command(
     cache_pages: int = typer.Option(256, min=0, help="Pages the document cache keeps (0 = off)."),
     threads: int = typer.Option(0, min=0, help="torch intra-op threads (0 = torch's default); 1 is often "
                                                "fastest for small models on a busy CPU."),
+    engine: str = typer.Option("hf", help="Generation engine: 'hf' (transformers) or 'vllm' (needs the vLLM "
+                                          "environment of `make vllm-env`; adapters stay unmerged LoRA modules)."),
 ) -> None:
     """Serve the HTTP API (/api, the OpenAI-compatible /v1, /docs, /metrics, /health) and the web UI (/)."""
     import torch
@@ -45,8 +47,9 @@ def serve_command(
 
     if threads:
         torch.set_num_threads(threads)
-    app = build_app(model, preset=preset, adapter=adapter, cache_pages=cache_pages, max_batch_size=max_batch_size,
-                    max_wait_ms=max_wait_ms, max_queue=max_queue, max_new_tokens=max_new_tokens, max_pages=max_pages)
+    app = build_app(model, preset=preset, adapter=adapter, cache_pages=cache_pages, engine=engine,
+                    max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
+                    max_new_tokens=max_new_tokens, max_pages=max_pages)
     if not is_loopback(host) and app.state.config.api_key is None:
         typer.echo(f"warning: serving on {host} without an API key; set {API_KEY_ENV} to require one", err=True)
     typer.echo(f"DeepSynth serving {model} on http://{host}:{port}/  (API docs: /docs)", err=True)
@@ -54,15 +57,15 @@ def serve_command(
 
 
 def build_app(model: str, preset: str | None = None, adapter: str | None = None, cache_pages: int = 256,
-              **limits):
+              engine: str = "hf", **limits):
     """The app `deepsynth serve` runs: the model loaded from its bundle, limits from the options and
     the environment (ServeConfig.from_env)."""
-    from deepsynth.inference.engine import InstructionEngine
+    from deepsynth.inference.engines import make_engine
     from deepsynth.serve.app import create_app
     from deepsynth.serve.config import ServeConfig
 
     try:
-        engine = InstructionEngine(model, render_preset=preset, adapter=adapter, cache_pages=cache_pages)
+        engine = make_engine(model, engine, render_preset=preset, adapter=adapter, cache_pages=cache_pages)
     except (FileNotFoundError, OSError, ValueError) as exc:
         raise typer.BadParameter(f"cannot load model {model!r}: {exc}", param_hint="'--model'") from None
     cap = limits.get("max_new_tokens", engine.generation.max_new_tokens)
