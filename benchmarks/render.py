@@ -1,14 +1,21 @@
-"""Benchmark the page renderer against the naive approach it replaces.
+"""Benchmark the page renderer against the previous renderer and the naive approach before both.
 
-Baseline (the original code): wrap every paragraph at a fixed 100 characters with ``textwrap``,
-draw all lines on one tall image, then crop the first four page heights.  Whatever lies below
-four pages, or to the right of the page edge, is lost.
+Three renderers in one process, on the same documents, fonts and pages, so their ratios are
+meaningful even on a busy machine:
 
-Both run in this process, on the same documents (about 1, 3 and 8 pages of ``large``-preset text:
-1024x1024, DejaVu Sans 20 px, margin 32, line height 25), with the same font, so their ratio
-is meaningful even on a busy machine.  Timings cover layout + drawing in memory (no PNG
-encoding).  Word loss of the baseline is computed from geometry: a word is lost when it is not
-fully inside the cropped pages (below the fourth page or past the right edge).
+* ``ours``: ``deepsynth.render.render_text`` (word bitmaps cached and reused);
+* ``previous``: the renderer as it was before that cache (``benchmarks/reference/renderer_ddc1723.py``,
+  a frozen copy): every page of ``ours`` must be pixel-identical to it (checked every run);
+* ``baseline`` (the original code): wrap every paragraph at a fixed 100 characters with
+  ``textwrap``, draw all lines on one tall image, crop the first four page heights. Whatever lies
+  below four pages, or to the right of the page edge, is lost (computed from geometry).
+
+Two presets: ``readable`` (ocr-base-readable: 1024 px, DejaVu Sans 20 px) and ``dense`` (the
+ocr-base-dense geometry; the text is reflowed up front and blank lines keep their full height,
+so that the previous renderer, which has neither option, draws the same pages). Documents of
+about 1, 3 and 8 pages of each. Timings cover layout + drawing in memory (no PNG encoding);
+``warm``: caches filled by an earlier render (a long-running process), ``cold``: every cache
+emptied before each render (a fresh process).
 
     python benchmarks/render.py [--out benchmarks/render_report.json] [--min-seconds 1.0]
 """
@@ -16,6 +23,9 @@ fully inside the cropped pages (below the fourth page or past the right edge).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
+import importlib.util
 import json
 import logging
 import math
@@ -35,8 +45,9 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from deepsynth.render import RenderConfig, join_pages, render_text  # noqa: E402
-from deepsynth.render.renderer import load_font, resolve_font_path  # noqa: E402
+from deepsynth.render import RenderConfig, join_pages, reflow_text, render_text  # noqa: E402
+from deepsynth.render import renderer as ours_module  # noqa: E402
+from deepsynth.render.renderer import FONT_DIR, load_font, resolve_font_path  # noqa: E402
 
 logger = logging.getLogger("benchmarks.render")
 
@@ -124,16 +135,62 @@ def naive_render(text: str, config: RenderConfig) -> tuple[list[Image.Image], di
     return pages, stats
 
 
-def timed(fn, min_seconds: float) -> tuple[float, int, Any]:
-    """Run ``fn`` repeatedly for at least ``min_seconds`` (>= 2 runs); (s per run, runs, result)."""
-    result = fn()  # warm-up (font loading, caches)
-    runs, start = 0, time.perf_counter()
-    while True:
-        result = fn()
+def load_previous():
+    """The frozen previous renderer, reading the shipped fonts."""
+    path = Path(__file__).with_name("reference") / "renderer_ddc1723.py"
+    spec = importlib.util.spec_from_file_location("renderer_previous", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    module.FONT_DIR = FONT_DIR
+    return module
+
+
+def clear_caches(*modules) -> None:
+    """Empty the width and bitmap caches (fonts stay loaded: both renderers share that cost)."""
+    for module in modules:
+        for name in ("_cached_token_width", "_kern"):
+            if hasattr(module, name):
+                getattr(module, name).cache_clear()
+        if hasattr(module, "clear_word_cache"):
+            module.clear_word_cache()
+
+
+def digest(pages) -> str:
+    h = hashlib.sha256()
+    for p in pages:
+        h.update(p.image.tobytes())
+        h.update(p.text.encode())
+    return h.hexdigest()[:16]
+
+
+def timed(fns: dict[str, Any], min_seconds: float, before: dict[str, Any] | None = None
+          ) -> dict[str, tuple[float, int, Any]]:
+    """Time several functions interleaved (one call of each per round, so a busy machine slows them
+    alike) until each has run >= 3 times and for >= ``min_seconds``: name -> (s per run, runs, result).
+    ``before[name]`` runs, untimed, before every call of ``fns[name]``."""
+    before = before or {}
+    spent = dict.fromkeys(fns, 0.0)
+    results: dict[str, Any] = {}
+    for name, fn in fns.items():  # warm-up (font loading, caches)
+        if name in before:
+            before[name]()
+        results[name] = fn()
+    runs = 0
+    while runs < 3 or min(spent.values()) < min_seconds:
+        for name, fn in fns.items():
+            if name in before:
+                before[name]()
+            start = time.perf_counter()
+            results[name] = fn()
+            spent[name] += time.perf_counter() - start
         runs += 1
-        elapsed = time.perf_counter() - start
-        if runs >= 2 and elapsed >= min_seconds:
-            return elapsed / runs, runs, result
+    return {name: (spent[name] / runs, runs, results[name]) for name in fns}
+
+
+def speed(n_pages: int, words: int, seconds: float, runs: int) -> dict[str, Any]:
+    return {"seconds_per_document": round(seconds, 5), "pages_per_second": round(n_pages / seconds, 2),
+            "input_words_per_second": round(words / seconds, 1), "timed_runs": runs}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -145,62 +202,88 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     load_at_start = [round(x, 2) for x in os.getloadavg()]
-    config = RenderConfig.from_preset("large")
-    corpus = make_corpus(max(args.pages) * 1000 + 2000)
+    previous = load_previous()
+    dense = RenderConfig.from_preset("ocr-base-dense")
+    presets = {
+        "readable": RenderConfig.from_preset("ocr-base-readable"),
+        "dense": dataclasses.replace(dense, reflow=False, blank_line_height=1.0, max_pages=200),
+    }
     results = []
-    for n in args.pages:
-        text = document_of_pages(corpus, n, config)
-        words = text.split()
+    for preset, config in presets.items():
+        prev_config = previous.RenderConfig(**{f.name: getattr(config, f.name)
+                                               for f in dataclasses.fields(previous.RenderConfig)})
+        corpus = make_corpus(max(args.pages) * (1000 if preset == "readable" else 5000) + 2000)
+        if preset == "dense":
+            corpus = reflow_text(corpus)
+        for n in args.pages:
+            text = document_of_pages(corpus, n, config)
+            words = text.split()
+            t = timed({"ours_warm": lambda: render_text(text, config),
+                       "ours_cold": lambda: render_text(text, config),
+                       "previous_warm": lambda: previous.render_text(text, prev_config),
+                       "previous_cold": lambda: previous.render_text(text, prev_config),
+                       "baseline": lambda: naive_render(text, config)}, args.min_seconds,
+                      # the cold runs empty the shared caches: a warm run is preceded by an untimed render
+                      before={"ours_cold": lambda: clear_caches(ours_module),
+                              "previous_cold": lambda: clear_caches(previous),
+                              "ours_warm": lambda: render_text(text, config),
+                              "previous_warm": lambda: previous.render_text(text, prev_config)})
+            (warm, warm_runs, pages), (cold, cold_runs, _) = t["ours_warm"], t["ours_cold"]
+            (p_warm, p_warm_runs, prev_pages), (p_cold, p_cold_runs, _) = t["previous_warm"], t["previous_cold"]
+            base_s, base_runs, (base_pages, base_stats) = t["baseline"]
+            assert join_pages(pages).split() == words  # nothing lost
+            identical = digest(pages) == digest(prev_pages)
+            assert identical, f"{preset} {n}-page: pages differ from the previous renderer"
 
-        ours_s, ours_runs, pages = timed(lambda: render_text(text, config), args.min_seconds)
-        assert join_pages(pages).split() == words  # nothing lost
-        base_s, base_runs, (base_pages, base_stats) = timed(lambda: naive_render(text, config), args.min_seconds)
-
-        visible = len(words) - base_stats["words_lost"]
-        row = {
-            "document": f"{n}-page",
-            "words": len(words),
-            "characters": len(text),
-            "ours": {
-                "pages": len(pages),
-                "seconds_per_document": round(ours_s, 5),
-                "pages_per_second": round(len(pages) / ours_s, 2),
-                "input_words_per_second": round(len(words) / ours_s, 1),
-                "words_per_page": round(len(words) / len(pages), 1),
-                "words_lost": 0,
-                "timed_runs": ours_runs,
-            },
-            "baseline": {
-                "pages": len(base_pages),
-                "seconds_per_document": round(base_s, 5),
-                "pages_per_second": round(len(base_pages) / base_s, 2),
-                "input_words_per_second": round(len(words) / base_s, 1),
-                "words_per_page": round(visible / len(base_pages), 1),
-                **base_stats,
-                "words_lost_fraction": round(base_stats["words_lost"] / len(words), 4),
-                "timed_runs": base_runs,
-            },
-        }
-        row["ratio_ours_over_baseline"] = {
-            "pages_per_second": round(row["ours"]["pages_per_second"] / row["baseline"]["pages_per_second"], 3),
-            "input_words_per_second": round(row["ours"]["input_words_per_second"]
-                                            / row["baseline"]["input_words_per_second"], 3),
-        }
-        results.append(row)
-        logger.info("%-7s %5d words | ours: %2d pages %7.1f pages/s, 0 lost | baseline: %d pages %7.1f pages/s, "
-                    "%d lost (%.0f%%) | pages/s ratio %.2f", row["document"], len(words), len(pages),
-                    row["ours"]["pages_per_second"], len(base_pages), row["baseline"]["pages_per_second"],
-                    base_stats["words_lost"], 100 * row["baseline"]["words_lost_fraction"],
-                    row["ratio_ours_over_baseline"]["pages_per_second"])
+            visible = len(words) - base_stats["words_lost"]
+            n_ours = len(pages)
+            row = {
+                "preset": preset,
+                "document": f"{n}-page",
+                "words": len(words),
+                "characters": len(text),
+                "ours": {"pages": n_ours, "words_per_page": round(len(words) / n_ours, 1), "words_lost": 0,
+                         "warm": speed(n_ours, len(words), warm, warm_runs),
+                         "cold": speed(n_ours, len(words), cold, cold_runs)},
+                "previous": {"pages": len(prev_pages), "pixel_identical_to_ours": identical,
+                             "warm": speed(len(prev_pages), len(words), p_warm, p_warm_runs),
+                             "cold": speed(len(prev_pages), len(words), p_cold, p_cold_runs)},
+                "baseline": {
+                    "pages": len(base_pages),
+                    "words_per_page": round(visible / len(base_pages), 1),
+                    **speed(len(base_pages), len(words), base_s, base_runs),
+                    **base_stats,
+                    "words_lost_fraction": round(base_stats["words_lost"] / len(words), 4),
+                },
+            }
+            row["ratios_input_words_per_second"] = {
+                "ours_over_previous_warm": round(p_warm / warm, 3),
+                "ours_over_previous_cold": round(p_cold / cold, 3),
+                "ours_warm_over_baseline": round(base_s / warm, 3),
+                "ours_cold_over_baseline": round(base_s / cold, 3),
+            }
+            results.append(row)
+            logger.info("%-8s %-7s %5d words | ours %2d pages: %6.1f pages/s warm, %6.1f cold | previous: %6.1f "
+                        "warm, %6.1f cold (identical pages) | baseline %6.1f pages/s, %d words lost | "
+                        "ours/previous %.2fx warm %.2fx cold", preset, row["document"], len(words), n_ours,
+                        row["ours"]["warm"]["pages_per_second"], row["ours"]["cold"]["pages_per_second"],
+                        row["previous"]["warm"]["pages_per_second"], row["previous"]["cold"]["pages_per_second"],
+                        row["baseline"]["pages_per_second"], base_stats["words_lost"],
+                        row["ratios_input_words_per_second"]["ours_over_previous_warm"],
+                        row["ratios_input_words_per_second"]["ours_over_previous_cold"])
 
     report = {
         "benchmark": "render",
-        "description": "deepsynth.render.render_text vs naive textwrap(100) + one tall image cropped to 4 pages; "
-                       "same process, same font and page size; layout + drawing in memory, no PNG encoding",
-        "config": {**asdict(config), "baseline_wrap_chars": BASELINE_WRAP, "baseline_max_pages": BASELINE_PAGES},
+        "description": "deepsynth.render.render_text (ours) vs the previous renderer (frozen copy, pixel-identical "
+                       "pages required) vs naive textwrap(100) + one tall image cropped to 4 pages; same process, "
+                       "same font and page size; layout + drawing in memory, no PNG encoding; warm = caches "
+                       "filled by an earlier render, cold = caches emptied before each render",
+        "configs": {name: {**dataclasses.asdict(c), "baseline_wrap_chars": BASELINE_WRAP,
+                           "baseline_max_pages": BASELINE_PAGES} for name, c in presets.items()},
         "environment": {"python": platform.python_version(), "pillow": PIL.__version__,
                         "machine": platform.machine(), "cpu_count": os.cpu_count(),
-                        "load_average_at_start": load_at_start},
+                        "load_average_at_start": load_at_start,
+                        "load_average_at_end": [round(x, 2) for x in os.getloadavg()]},
         "documents": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,3 +1,6 @@
+# Frozen copy of src/deepsynth/render/renderer.py at commit ddc1723 (before the word-bitmap cache):
+# "today's renderer" that benchmarks/render.py times against the current one in the same run and
+# whose pages the current one must reproduce exactly. Not imported by the library.
 """Pixel-accurate text -> page-image renderer.
 
 Layout rules (see ``render_text``):

@@ -95,3 +95,25 @@ def test_reflow_travels_in_the_model_bundle_and_old_bundles_load():
     old = asdict(RenderConfig())
     del old["reflow"]  # a bundle written before the field existed
     assert ModelSpec.from_dict({"backend": "generic", "render": old}).render_config().reflow is False
+
+
+def test_indented_list_items_take_their_continuation_lines():
+    text = ("    a) Convey the object code in, or embodied in, a physical product\n"
+            "    (including a physical distribution medium), accompanied by the\n"
+            "    Corresponding Source.\n"
+            "        code under the item\n"
+            "    b) Next item")
+    assert reflow_text(text).split("\n") == [
+        "    a) Convey the object code in, or embodied in, a physical product (including a physical distribution "
+        "medium), accompanied by the Corresponding Source.",
+        "        code under the item", "    b) Next item"]
+
+
+def test_the_generic_converter_of_plain_text_corpora_can_opt_in():
+    from deepsynth.data.converters import check_options, convert_generic
+
+    rows = [{"text": WRAPPED, "target": "a licence"}]
+    kept, flowed = (convert_generic(rows, text_field="text", target_field="target", reflow=r) for r in (False, True))
+    assert kept[0].text == WRAPPED
+    assert flowed[0].text == reflow_text(WRAPPED) and flowed[0].text.count("\n") == 2
+    check_options("generic", {"text_field": "text", "target_field": "target", "reflow": True})  # pipeline option

@@ -38,6 +38,7 @@ def _text(seed: int, n_words: int = 600) -> str:
 def _pages(text, config, cached):
     old = R.WORD_CACHE
     R.WORD_CACHE = cached
+    R.clear_word_cache()
     try:
         return [(p.image.tobytes(), p.text) for p in render_text(text, config)]
     finally:
@@ -66,15 +67,26 @@ def test_fallback_font_lines_are_drawn_per_run_and_stay_identical():
     assert _pages(text, config, cached=True) == _pages(text, config, cached=False)
 
 
-def test_repeated_words_are_rendered_once(monkeypatch):
+def test_repeated_words_are_rendered_once_and_new_lines_drawn_whole(monkeypatch):
     rendered: list[str] = []
-    original = R._word_mask.__wrapped__
+    whole_lines: list[str] = []
+    original_mask, original_draw = R._word_mask, R._draw_words
 
-    def spy(word, style, phase64):
+    def spy_mask(word, style, phase64):
         rendered.append(word)
-        return original(word, style, phase64)
+        return original_mask(word, style, phase64)
 
-    monkeypatch.setattr(R, "_word_mask", R.lru_cache(maxsize=None)(spy))
+    def spy_draw(draw, line, x0, baseline, ink):
+        drawn = original_draw(draw, line, x0, baseline, ink)
+        if not drawn:
+            whole_lines.append(line.text)
+        return drawn
+
+    monkeypatch.setattr(R, "_word_mask", spy_mask)
+    monkeypatch.setattr(R, "_draw_words", spy_draw)
+    R.clear_word_cache()
     render_text(("alpha beta gamma " * 400).strip(), RenderConfig.from_preset("large"))
-    # three words at a few sub-pixel phases, not one rendering per drawn word (1,200)
+    # three words at a few sub-pixel phases, not one rendering per drawn word (1,200); the first
+    # line (all words new) is drawn whole, the rest from the cache
     assert set(rendered) == {"alpha", "beta", "gamma"} and len(rendered) <= 3 * 64
+    assert len(whole_lines) == 1

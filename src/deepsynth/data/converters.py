@@ -69,6 +69,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from deepsynth.data.schema import DataValidationError, InstructionExample, parse_json
+from deepsynth.render.reflow import reflow_text
 
 logger = logging.getLogger(__name__)
 
@@ -525,10 +526,12 @@ def xsum_row(row: Mapping, index: int = 0, *, instruction: str = XSUM_INSTRUCTIO
 def generic_row(row: Mapping, index: int = 0, *, text_field: str = "text", target_field: str = "target",
                 instruction: str = DEFAULT_SUMMARY_INSTRUCTION, instruction_field: str | None = None,
                 instruction_variants: Sequence[str] | None = None, id_field: str | None = None,
-                seed: int = 0, source: str = "generic") -> InstructionExample:
+                seed: int = 0, source: str = "generic", reflow: bool = False) -> InstructionExample:
     """Any record with a text and a target field. The instruction comes from
     ``instruction_field`` when given (and non-empty), else a sampled variant, else ``instruction``.
-    A target that is a list or a SQuAD-style answers dict gives its first non-empty answer."""
+    A target that is a list or a SQuAD-style answers dict gives its first non-empty answer.
+    ``reflow``: join the hard-wrapped lines of the text's paragraphs (plain-text corpora; see
+    ``deepsynth.render.reflow``), so pages are filled to their width."""
     for name, value in (("text_field", text_field), ("target_field", target_field)):
         if value not in row:
             raise DataValidationError(
@@ -541,8 +544,9 @@ def generic_row(row: Mapping, index: int = 0, *, text_field: str = "text", targe
         instr = _instruction(instruction, instruction_variants, rid, seed)
     target = row.get(target_field)
     answer = target if isinstance(target, str) else (first_answer(target) or "")
-    return InstructionExample(id=rid, text=_str(row.get(text_field)), instruction=instr, answer=answer,
-                              source=source, meta={})
+    text = _str(row.get(text_field))
+    return InstructionExample(id=rid, text=reflow_text(text) if reflow else text, instruction=instr,
+                              answer=answer, source=source, meta={})
 
 
 def instruction_row(row: Mapping, index: int = 0, *, source: str | None = None) -> InstructionExample:
@@ -805,12 +809,12 @@ def convert_generic(data: Any, *, text_field: str, target_field: str,
                     instruction: str = DEFAULT_SUMMARY_INSTRUCTION, instruction_field: str | None = None,
                     instruction_variants: Sequence[str] | None = None, id_field: str | None = None,
                     seed: int = 0, source: str = "generic", errors: str = "raise",
-                    stats: ConversionStats | None = None) -> list[InstructionExample]:
+                    stats: ConversionStats | None = None, reflow: bool = False) -> list[InstructionExample]:
     """Any dataset with a text and a target field -> examples (see :func:`generic_row`)."""
     return convert("generic", data, errors=errors, stats=stats, text_field=text_field,
                    target_field=target_field, instruction=instruction,
                    instruction_field=instruction_field, instruction_variants=instruction_variants,
-                   id_field=id_field, seed=seed, source=source)
+                   id_field=id_field, seed=seed, source=source, reflow=reflow)
 
 
 def convert_fiqa(corpus: Iterable[Mapping], queries: Iterable[Mapping], qrels: Iterable[Mapping], *,

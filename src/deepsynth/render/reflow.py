@@ -13,7 +13,8 @@ A line is joined to the line before it unless one of these keeps it on its own l
 * it starts a structure: a list item (``-``, ``*``, ``+``, ``•``, ``1.``, ``1)``, ``a)``, ``(i)``),
   an ATX heading (``#``), a block quote (``>``), a table row (starts or ends with ``|``, or has
   two ``|``), a rule or setext underline (``---``, ``===``, ``***``), a grid-table border (``+--+``);
-* it is indented by 4 or more columns (indented code, centred titles, addresses, ASCII art);
+* it is indented by 4 or more columns (indented code, centred titles, addresses, ASCII art), or,
+  after a list item, by 4 or more columns more than the item (its continuation lines are joined);
 * the line before it cannot take a continuation: a heading, a table row, a rule, a line indented by
   4 or more columns that is not the first line of its paragraph, or (Markdown) a hard break
   (two trailing spaces or a trailing backslash).
@@ -65,6 +66,7 @@ def iter_reflow(lines: list[str], tab_size: int = 4, markdown: bool = False) -> 
     """Reflowed lines of ``lines`` (source lines without their newlines); see the module docstring."""
     out: str | None = None  # the output line being built
     out_open = False  # whether the next source line may be joined to it
+    out_limit = PRE_INDENT  # a line indented this far or more is not joined to it
     fence: str | None = None
     for line in lines:
         if fence is not None:
@@ -86,8 +88,8 @@ def iter_reflow(lines: list[str], tab_size: int = 4, markdown: bool = False) -> 
             out, out_open = None, False
             yield line
             continue
-        preformatted = _indent(line, tab_size) >= PRE_INDENT
-        if out is not None and out_open and not preformatted and not _starts_structure(line):
+        indent = _indent(line, tab_size)
+        if out is not None and out_open and indent < out_limit and not _starts_structure(line):
             out = out.rstrip() + " " + line.strip()
             out_open = not _closed(line, markdown)
             continue
@@ -96,7 +98,9 @@ def iter_reflow(lines: list[str], tab_size: int = 4, markdown: bool = False) -> 
         first_of_paragraph = out is None
         out = line
         # an indented first line is a paragraph indent; an indented later line is preformatted
-        out_open = not _closed(line, markdown) and (first_of_paragraph or not preformatted)
+        out_open = not _closed(line, markdown) and (first_of_paragraph or indent < PRE_INDENT)
+        # a list item's continuation lines are indented like its text, however deep the item is
+        out_limit = indent + PRE_INDENT if _LIST_ITEM.match(line) else PRE_INDENT
     if out is not None:
         yield out
 

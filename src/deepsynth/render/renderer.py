@@ -73,7 +73,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 #: independent OCR reads back. Gundam pages are 1280 px: a 2 x 2 grid of 640 px tiles.
 _MODE_PAGES = {"tiny": 512, "small": 640, "base": 1024, "large": 1280, "gundam": 1280}
 _READABLE_FONT = {"tiny": 14, "small": 16, "base": 20, "large": 24, "gundam": 20}
-_DENSE = dict(font_size=9, margin=8, line_spacing=1.15, reflow=True)
+_DENSE = dict(font_size=9, margin=8, line_spacing=1.15, reflow=True, blank_line_height=0.5)
 #: Preset name -> the DeepSeek-OCR mode it is drawn for.
 PRESET_MODES: dict[str, str] = {}
 for _mode, _side in _MODE_PAGES.items():
@@ -84,6 +84,7 @@ for _mode, _side in _MODE_PAGES.items():
 _PAGE_SIDE = (64, 4096)
 _FONT_SIZE = (6, 200)
 _LINE_SPACING = (1.0, 3.0)
+_BLANK_LINE_HEIGHT = (0.25, 1.0)
 
 
 # --------------------------------------------------------------------------- fonts
@@ -258,6 +259,9 @@ class RenderConfig:
     # Join the hard-wrapped lines of each paragraph before wrapping at the page width; blank
     # lines, lists, headings, tables and code keep their lines (deepsynth.render.reflow).
     reflow: bool = False
+    # Height of a blank line as a fraction of the line height, in [0.25, 1.0]: below 1 the gap
+    # between paragraphs shrinks (dense pages), while still separating them.
+    blank_line_height: float = 1.0
 
     def __post_init__(self) -> None:
         def check_range(name: str, value: float, lo: float, hi: float) -> None:
@@ -268,6 +272,7 @@ class RenderConfig:
         check_range("page_height", self.page_height, *_PAGE_SIDE)
         check_range("font_size", self.font_size, *_FONT_SIZE)
         check_range("line_spacing", self.line_spacing, *_LINE_SPACING)
+        check_range("blank_line_height", self.blank_line_height, *_BLANK_LINE_HEIGHT)
         if self.tab_size < 1:
             raise ValueError(f"tab_size={self.tab_size!r} is out of range: allowed >= 1")
         if self.max_pages < 1:
@@ -586,13 +591,27 @@ def _warn_missing(missing: set[str]) -> None:
 WORD_CACHE = True
 
 
-@lru_cache(maxsize=1 << 14)
 def _word_mask(word: str, style: _Style, phase64: int) -> tuple[Any, int, int, int]:
     """The bitmap FreeType draws for ``word`` starting ``phase64``/64 px into a pixel: (mask,
     x offset, y offset, width), as ``ImageDraw.text`` would blend it at that position."""
     mask, (ox, oy) = load_font(style.font_path, style.size).getmask2(word, "L", anchor="ls",
                                                                       start=(phase64 / 64, 0))
     return mask, ox, oy, mask.size[0]
+
+
+#: Cached word bitmaps, keyed by (word, style, phase); emptied when full, so memory stays bounded
+#: (a few MB at body sizes) whatever the vocabulary.
+_WORD_MASKS: dict[tuple[str, _Style, int], tuple[Any, int, int, int]] = {}
+#: Words met once on a line drawn whole: cached when met again (most words of a text recur, most
+#: distinct words occur once, and rendering a word alone costs more than its share of a line).
+_SEEN_WORDS: set[tuple[str, _Style, int]] = set()
+_MAX_CACHED_WORDS = 1 << 14
+
+
+def clear_word_cache() -> None:
+    """Forget every cached word bitmap (benchmarks: a fresh process's first render)."""
+    _WORD_MASKS.clear()
+    _SEEN_WORDS.clear()
 
 
 @lru_cache(maxsize=1 << 12)
@@ -604,33 +623,49 @@ def _kern(left: str, right: str, style: _Style) -> float:
 
 def _draw_words(draw: Any, line: _Line, x0: int, baseline: int, ink: int) -> bool:
     """Draw a single-font line word by word from cached bitmaps; False (nothing drawn) when two
-    words' bitmaps would overlap, where blending them one by one could differ from one line mask.
+    words' bitmaps would overlap, where blending them one by one could differ from one line mask,
+    or when most of its words are new.
 
     FreeType places each glyph at its pen position rounded to a pixel, the pen advancing by the
     glyph advances plus the kerning of each adjacent pair (BASIC layout). A word drawn alone at
     its pen position within the line therefore gets the same pixels as in the line: its bitmap
     depends only on the word and the fraction of a pixel it starts at, so it is rendered once
-    and reused. tests/render/test_render_speed.py checks the pixels against per-line drawing.
+    and reused. A line of mostly new words is left to the caller (False), which draws it whole.
+    tests/render/test_render_speed.py checks the pixels against per-line drawing.
     """
     style = line.style
     pen = 0.0  # from x0, in px; sums of 26.6 fixed-point values, so exact in a float
     prev = ""
-    placements = []
-    right_edge = None
+    words = []  # (key, whole pixels of the pen)
     for tok in _TOKEN.findall(line.text):
         if prev:
             pen += _kern(prev, tok[0], style)
         if not tok[0].isspace():
             whole = int(pen)  # pen >= 0
-            mask, ox, oy, width = _word_mask(tok, style, round((pen - whole) * 64))
-            left = x0 + whole + ox
-            if width:
-                if right_edge is not None and left < right_edge:
-                    return False
-                right_edge = left + width
-                placements.append((left, baseline + oy, mask))
+            words.append(((tok, style, round((pen - whole) * 64)), whole))
         pen += _token_width(tok, style)
         prev = tok[-1]
+    missing = [key for key, _ in words if key not in _WORD_MASKS]
+    unseen = [key for key in missing if key not in _SEEN_WORDS]
+    if 2 * len(unseen) > len(words):  # mostly new words: one FreeType call for the line is cheaper
+        if len(_SEEN_WORDS) + len(unseen) > _MAX_CACHED_WORDS:
+            _SEEN_WORDS.clear()
+        _SEEN_WORDS.update(unseen)
+        return False
+    if len(_WORD_MASKS) + len(missing) > _MAX_CACHED_WORDS:
+        _WORD_MASKS.clear()
+    for key in missing:
+        _WORD_MASKS[key] = _word_mask(*key)
+    placements = []
+    right_edge = None
+    for key, whole in words:
+        mask, ox, oy, width = _WORD_MASKS[key]
+        left = x0 + whole + ox
+        if width:
+            if right_edge is not None and left < right_edge:
+                return False
+            right_edge = left + width
+            placements.append((left, baseline + oy, mask))
     for left, top, mask in placements:
         draw.draw_bitmap((left, top), mask, ink)
     return True
@@ -679,6 +714,8 @@ def layout(text: str, config: RenderConfig, page_limit: int | None = None) -> li
         line.ascent, line.descent = _metrics(line.text, line.style)
         if not line.advance:
             line.advance = line.ascent + line.descent
+        if not line.text and config.blank_line_height != 1.0:
+            line.advance = max(1, round(line.advance * config.blank_line_height))
         missing |= _missing_chars(line.text, line.style)
         ink = line.ascent + line.descent
         lead = max(0, (line.advance - ink) // 2)
