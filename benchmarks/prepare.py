@@ -1,5 +1,6 @@
-"""Benchmark ``deepsynth prepare``: examples/s for convert-only and convert+render, at
-``num_proc`` 1 and 2, in one run, to a JSON report.
+"""Benchmark ``deepsynth prepare``: examples/s for convert-only and convert+render with the local
+engine at ``num_proc`` 1 and 2 and with the Ray engine at 1 and 2 workers, and Ray's start-up
+overhead, in one run, to a JSON report.
 
 Input: a synthetic SQuAD-v2-schema JSONL file (English-like contexts of 80-220 words, about one
 ``base`` page each; 1 in 10 questions unanswerable and skipped). Every configuration runs
@@ -9,7 +10,10 @@ validation (``datasets.map``), for the render runs laying out, drawing and PNG-e
 (preset ``base``: 640x640), and writing the Parquet shards. Rates are examples written per second
 of wall-clock time, and per CPU-second (this process plus its map workers). The machine's load
 average and a pure-CPU two-process calibration are recorded: other work on the cores lowers the
-``num_proc=2`` gain.
+``num_proc=2`` gain. The Ray runs (``--engine ray``, skipped when Ray is not installed) use a local
+Ray instance of 1, then 2 CPUs, started before the runs: their rates exclude the start-up, which is
+reported on its own (``ray.init`` plus a first one-row Ray Data job), and their CPU time is not
+counted (Ray's workers are not children of this process).
 
     python benchmarks/prepare.py [--out benchmarks/prepare_report.json] [--convert-n 40000] [--render-n 600]
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import platform
 import multiprocessing
@@ -86,22 +91,74 @@ def parallel_efficiency() -> float:
     return round(one / two, 2)
 
 
-def run_one(src: Path, work: Path, *, render: bool, num_proc: int, n: int) -> dict[str, Any]:
-    tag = f"{'render' if render else 'convert'}-np{num_proc}"
+def run_one(src: Path, work: Path, *, render: bool, num_proc: int, n: int, engine: str = "local") -> dict[str, Any]:
+    tag = f"{engine}-{'render' if render else 'convert'}-np{num_proc}"
     out, cache = work / f"out-{tag}", work / f"cache-{tag}"
     t0, c0 = time.perf_counter(), _cpu_seconds()
     res = prepare(str(src), out, limit=n, render=render, preset="base", num_proc=num_proc, shard_size=1000,
-                  cache_dir=str(cache), progress=False)
+                  cache_dir=str(cache), progress=False, engine=engine)
     seconds = time.perf_counter() - t0
     cpu = _cpu_seconds() - c0
     size = sum(p.stat().st_size for p in (out / "data").glob("*.parquet"))
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(cache, ignore_errors=True)
-    return {"mode": "convert+render" if render else "convert", "num_proc": num_proc, "input_records": n,
-            "examples": res.examples, "skipped": res.skipped, "seconds": round(seconds, 3),
-            "examples_per_s": round(res.examples / seconds, 1), "cpu_seconds": round(cpu, 3),
-            "examples_per_cpu_s": round(res.examples / cpu, 1), "parquet_bytes": size,
-            "bytes_per_example": round(size / max(1, res.examples))}
+    row = {"engine": engine, "mode": "convert+render" if render else "convert",
+           ("num_proc" if engine == "local" else "ray_workers"): num_proc, "input_records": n,
+           "examples": res.examples, "skipped": res.skipped, "seconds": round(seconds, 3),
+           "examples_per_s": round(res.examples / seconds, 1), "parquet_bytes": size,
+           "bytes_per_example": round(size / max(1, res.examples))}
+    if engine == "local":
+        row.update(cpu_seconds=round(cpu, 3), examples_per_cpu_s=round(res.examples / cpu, 1))
+    return row
+
+
+def ray_runs(src: Path, work: Path, convert_n: int, render_n: int) -> tuple[list[dict], list[dict]]:
+    """The Ray engine at 1 and 2 workers (a local instance of that many CPUs, started first, timed
+    apart: ``ray.init`` and a first one-row Ray Data job)."""
+    import ray
+
+    runs, startups = [], []
+    for workers in (1, 2):
+        t0 = time.perf_counter()
+        ray.init(num_cpus=workers, include_dashboard=False, object_store_memory=400 * 1024 * 1024,
+                 log_to_driver=False)
+        init_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        ray.data.range(1).map_batches(lambda b: b).materialize()
+        first_job_s = time.perf_counter() - t1
+        startups.append({"ray_workers": workers, "init_seconds": round(init_s, 2),
+                         "first_job_seconds": round(first_job_s, 2),
+                         "seconds": round(init_s + first_job_s, 2)})
+        try:
+            for render, n in ((False, convert_n), (True, render_n)):
+                r = run_one(src, work, render=render, num_proc=workers, n=n, engine="ray")
+                logger.warning("%s", r)
+                runs.append(r)
+        finally:
+            ray.shutdown()
+    return runs, startups
+
+
+def break_even(startup_s: float, local_rate: float, ray_rate: float) -> int | None:
+    """Examples from which a Ray run (start-up + examples at ``ray_rate``) ends before a local run
+    at ``local_rate``; None when Ray's rate is not higher (it never catches up)."""
+    if ray_rate <= local_rate:
+        return None
+    return math.ceil(startup_s / (1 / local_rate - 1 / ray_rate))
+
+
+def _ray_summary(local: dict, runs: list[dict], startups: list[dict]) -> dict[str, Any]:
+    ray_by = {(r["mode"], r["ray_workers"]): r for r in runs}
+    startup = max(s["seconds"] for s in startups)
+    summary: dict[str, Any] = {"runs": runs, "startup": startups, "startup_seconds_max": startup,
+                               "rate_vs_local": {}, "break_even_examples": {}}
+    for mode in ("convert", "convert+render"):
+        for w in (1, 2):
+            ray_rate, local_rate = ray_by[(mode, w)]["examples_per_s"], local[(mode, w)]["examples_per_s"]
+            key = f"{mode} ray_workers={w} vs num_proc={w}"
+            summary["rate_vs_local"][key] = round(ray_rate / local_rate, 2)
+            summary["break_even_examples"][key] = break_even(startup, local_rate, ray_rate)
+    return summary
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -109,8 +166,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", default=str(Path(__file__).with_name("prepare_report.json")))
     parser.add_argument("--convert-n", type=int, default=40000, help="Input records for the convert-only runs.")
     parser.add_argument("--render-n", type=int, default=600, help="Input records for the render runs.")
+    parser.add_argument("--no-ray", action="store_true", help="Skip the Ray engine runs.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    try:
+        import ray  # noqa: F401
+        with_ray = not args.no_ray
+    except ImportError:
+        logger.warning("Ray is not installed (pip install 'deepsynth[cluster]'): the Ray runs are skipped")
+        with_ray = False
     import datasets
 
     datasets.disable_progress_bars()
@@ -127,6 +191,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 r = run_one(src, work, render=render, num_proc=num_proc, n=n)
                 logger.warning("%s", r)
                 runs.append(r)
+        ray_report, startups = ray_runs(src, work, args.convert_n, args.render_n) if with_ray else ([], [])
     by = {(r["mode"], r["num_proc"]): r for r in runs}
     report = {
         "benchmark": "prepare",
@@ -137,6 +202,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for mode in ("convert", "convert+render")
         },
         "render_cost_ratio_np1": round(by[("convert", 1)]["examples_per_s"] / by[("convert+render", 1)]["examples_per_s"], 1),
+        "ray": _ray_summary(by, ray_report, startups) if with_ray else None,
         "total_seconds": round(time.perf_counter() - t_all, 1),
         "machine": {"python": platform.python_version(), "platform": platform.platform(),
                     "cpu_count": os.cpu_count(), "load_average_start": load_start,
@@ -146,11 +212,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "note": "one run per configuration. two_process_cpu_efficiency (start, end) is a pure-CPU calibration "
                 "in the same run: 1.0 means a second core was free, about 0.5 means two processes shared one "
                 "core; a num_proc=2 gain above it is not possible. cpu_seconds count this process and its "
-                "finished map workers, so examples_per_cpu_s shows the work itself, independent of sharing.",
+                "finished map workers, so examples_per_cpu_s shows the work itself, independent of sharing. "
+                "Ray rates exclude Ray's start-up (ray.startup); break_even_examples is derived from the measured "
+                "rates: the job size from which start-up + examples at the Ray rate ends before the local run "
+                "(null: the Ray rate is not higher, so on this machine it never does).",
     }
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(json.dumps({k: report[k] for k in ("runs", "speedup_num_proc_2", "render_cost_ratio_np1", "total_seconds")},
-                     indent=1))
+    print(json.dumps({k: report[k] for k in ("runs", "speedup_num_proc_2", "render_cost_ratio_np1", "ray",
+                                             "total_seconds")}, indent=1))
     return report
 
 

@@ -99,8 +99,9 @@ def ray_session(settings: RaySettings | None = None) -> Iterator[Any]:
 
 @contextlib.contextmanager
 def ordered_execution(ray: Any) -> Iterator[None]:
-    """Ray Data keeps the order of blocks in what it yields (rows come back in input order), for
-    the duration of the block; the earlier setting is restored after it."""
+    """Datasets made inside this block keep the order of their blocks in what they yield (rows come
+    back in input order); a Dataset copies the context it is made in, so the earlier global
+    setting is restored after the block without changing theirs."""
     options = ray.data.DataContext.get_current().execution_options
     before = options.preserve_order
     options.preserve_order = True

@@ -67,16 +67,18 @@ def _ids(out: Path) -> list[str]:
 
 
 def test_ray_engine_writes_the_local_engines_folder(ray_instance, tmp_path, monkeypatch):
-    # several blocks per conversion and per shard, shards ending inside render blocks
+    # several blocks per conversion and per shard (16 rows per render block), a shard ending inside one
     monkeypatch.setattr(ray_prepare, "CONVERT_BLOCK_ROWS", 7)
-    src = _squad(tmp_path / "squad.jsonl", 30)
-    kw = dict(render=True, preset="tiny", shard_size=11, progress=False)
+    src = _squad(tmp_path / "squad.jsonl", 40)
+    kw = dict(render=True, preset="tiny", shard_size=20, progress=False)
     local = P.prepare(str(src), tmp_path / "local", cache_dir=str(tmp_path / "c1"), **kw)
-    ray = P.prepare(str(src), tmp_path / "ray", cache_dir=str(tmp_path / "c2"), engine="ray", **kw)
+    local2 = P.prepare(str(src), tmp_path / "local2", cache_dir=str(tmp_path / "c2"), num_proc=2, **kw)
+    ray = P.prepare(str(src), tmp_path / "ray", cache_dir=str(tmp_path / "c3"), engine="ray", **kw)
     assert (ray.examples, ray.shards, ray.skipped) == (local.examples, local.shards, local.skipped)
-    assert local.examples == 27 and local.shards == 3
+    assert local.examples == 36 and local.shards == 2
     _same_folders(tmp_path / "local", tmp_path / "ray")
-    pages = pq.read_table(tmp_path / "ray" / P.DATA_DIR / "train-00001-of-00003.parquet").column("Image").to_pylist()
+    _same_folders(tmp_path / "local", tmp_path / "local2")  # the file depends on the rows, not on the workers
+    pages = pq.read_table(tmp_path / "ray" / P.DATA_DIR / "train-00001-of-00002.parquet").column("Image").to_pylist()
     assert all(len(p) >= 1 and p[0]["bytes"].startswith(b"\x89PNG") for p in pages)
 
 

@@ -582,6 +582,10 @@ def _write_shard(out: Path, part: Any, name: str, marker: Path, plan_hash: str) 
             shard_rejected = [{"id": rid, "reason": f"record {rid!r}: {errs[i]}"} for rid, i in zip(bad_ids, bad)]
             part = part.select([i for i in range(len(part)) if not errs[i]])
         part = part.remove_columns(["_error"])
+    # Parquet pages follow the Arrow chunks, which follow how the rows were computed (num_proc,
+    # Ray blocks): one chunk per column makes the file a function of the rows alone.
+    table = part.with_format("arrow")[:].combine_chunks()
+    part = _datasets().Dataset(table, info=_datasets().DatasetInfo(features=part.features))
     write_atomic(out / name, part.to_parquet)
     info = {"file": name, "rows": len(part), "rejected": shard_rejected, "plan_hash": plan_hash,
             "first_id": part[0]["id"] if len(part) else None}

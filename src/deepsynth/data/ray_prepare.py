@@ -83,12 +83,12 @@ def convert(source_ds: Any, converter: str, options: dict, features: Any) -> Any
         return _dataset(schema.empty_table(), features)
     table = table.append_column(INDEX, pa.array(range(n), pa.int64()))
     blocks = [table.slice(i, CONVERT_BLOCK_ROWS) for i in range(0, n, CONVERT_BLOCK_ROWS)]
-    ds = ray.data.from_arrow(blocks).map_batches(
-        _convert_block, batch_size=None, batch_format="pyarrow", zero_copy_batch=True,
-        fn_kwargs={"fn": pipeline._convert_batch, "converter": converter, "options": options, "schema": schema},
-    )
-    with ordered_execution(ray):
-        parts = list(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+    with ordered_execution(ray):  # a Dataset keeps the context it was made in
+        ds = ray.data.from_arrow(blocks).map_batches(
+            _convert_block, batch_size=None, batch_format="pyarrow", zero_copy_batch=True,
+            fn_kwargs={"fn": pipeline._convert_batch, "converter": converter, "options": options, "schema": schema},
+        )
+    parts = list(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
     converted = pa.concat_tables(parts) if parts else schema.empty_table()
     rows = converted.column("_row").to_pylist()
     if rows != list(range(n)):
@@ -117,10 +117,11 @@ def render_shards(parts: Iterable[tuple[int, Any]], config: dict, features: Any)
     if not blocks:
         return
     out_schema = schema.append(pa.field(SHARD, pa.int64()))
-    ds = ray.data.from_arrow(blocks).map_batches(
-        _render_block, batch_size=None, batch_format="pyarrow", zero_copy_batch=True,
-        fn_kwargs={"fn": pipeline._render_batch, "config": config, "schema": out_schema},
-    )
+    with ordered_execution(ray):  # a Dataset keeps the context it was made in
+        ds = ray.data.from_arrow(blocks).map_batches(
+            _render_block, batch_size=None, batch_format="pyarrow", zero_copy_batch=True,
+            fn_kwargs={"fn": pipeline._render_batch, "config": config, "schema": out_schema},
+        )
     order = list(expected)
     current: list = []
 
@@ -132,24 +133,23 @@ def render_shards(parts: Iterable[tuple[int, Any]], config: dict, features: Any)
                                "or out of order; the shard was not written")
         return s, _dataset(table, features)
 
-    with ordered_execution(ray):
-        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            shard_of = block.column(SHARD).to_pylist()
-            start = 0
-            while start < len(shard_of):
-                s = shard_of[start]
-                end = start
-                while end < len(shard_of) and shard_of[end] == s:
-                    end += 1
+    for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        shard_of = block.column(SHARD).to_pylist()
+        start = 0
+        while start < len(shard_of):
+            s = shard_of[start]
+            end = start
+            while end < len(shard_of) and shard_of[end] == s:
+                end += 1
+            if s != order[0]:
+                if not current:
+                    raise RuntimeError(f"Ray returned rows of shard {s} before those of shard {order[0]}")
+                yield finish(order.pop(0))
+                current = []
                 if s != order[0]:
-                    if not current:
-                        raise RuntimeError(f"Ray returned rows of shard {s} before those of shard {order[0]}")
-                    yield finish(order.pop(0))
-                    current = []
-                    if s != order[0]:
-                        raise RuntimeError(f"Ray returned rows of shard {s} where shard {order[0]} was due")
-                current.append(block.slice(start, end - start))
-                start = end
+                    raise RuntimeError(f"Ray returned rows of shard {s} where shard {order[0]} was due")
+            current.append(block.slice(start, end - start))
+            start = end
     if current:
         yield finish(order.pop(0))
     if order:

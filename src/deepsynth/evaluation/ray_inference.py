@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deepsynth.cluster import ClusterError, RaySettings, ordered_execution, ray_session, require_ray
+from deepsynth.cluster import ClusterError, RaySettings, ray_session, require_ray
 
 logger = logging.getLogger(__name__)
 
@@ -196,13 +196,13 @@ def decode_on_ray(model: str, dataset, instructions: Sequence[str | None] = (Non
                                    "total": n, "max_new_tokens": max_new_tokens},
             concurrency=replicas.replicas, num_cpus=replicas.num_cpus, num_gpus=replicas.num_gpus or None,
         )
-        with ordered_execution(ray):
-            for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                for row, k, record in zip(block.column("row").to_pylist(), block.column("pass").to_pylist(),
-                                          block.column("record").to_pylist()):
-                    if found[k][row] is not None:
-                        raise RuntimeError(f"Ray returned example {row} twice; no predictions were written")
-                    found[k][row] = json.loads(record)
+        # blocks come back in any order: each row names its example
+        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for row, k, record in zip(block.column("row").to_pylist(), block.column("pass").to_pylist(),
+                                      block.column("record").to_pylist()):
+                if found[k][row] is not None:
+                    raise RuntimeError(f"Ray returned example {row} twice; no predictions were written")
+                found[k][row] = json.loads(record)
     missing = [i for i in range(n) if any(f[i] is None for f in found)]
     if missing:
         raise RuntimeError(f"Ray returned no prediction for {len(missing)} example(s) (first: row {missing[0]}); "
