@@ -8,6 +8,10 @@
 2. Many questions per document: the same document asked `questions` different questions in a row
    through the engine, with the document cache on and off (render + vision encoding once vs. every
    time), for a short and a long document.
+3. Engines: the same requests at concurrency 1, 4, 16 against `deepsynth serve --engine hf` and
+   `--engine vllm` (the vLLM server runs in the vLLM environment made by `make vllm-env`, as a
+   subprocess on 127.0.0.1): requests/s and latency p50/p95 of each, and the vLLM / HF ratio.
+   `--only-engines` runs this part alone; it is skipped (and says so) without the vLLM environment.
 
 Everything runs on one machine in one run, so the ratios mean something even when the machine is
 busy (its load average is recorded); absolute numbers do not transfer to other machines.
@@ -186,6 +190,88 @@ def cache_benchmark(model: str, questions: int, max_new_tokens: int) -> dict:
     return {"questions_per_document": questions, "max_new_tokens": max_new_tokens, "documents": out}
 
 
+def wait_health(base: str, proc, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the vLLM server exited with status {proc.returncode}")
+        try:
+            with urllib.request.urlopen(base + "/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(2)
+    raise RuntimeError(f"the vLLM server did not answer /health within {timeout} s")
+
+
+def engine_cells(url: str, max_new_tokens: int, first_doc: int) -> list[dict]:
+    cells = []
+    for concurrency in (1, 4, 16):
+        requests = max(16, 2 * concurrency)
+        post(url, {"text": document(first_doc - 1), "instruction": "Warm up?", "max_new_tokens": max_new_tokens})
+        cell = run_cell(url, concurrency, requests, first_doc, max_new_tokens)
+        first_doc += requests
+        cells.append({"concurrency": concurrency, **cell})
+    return cells
+
+
+def engine_comparison(model: str, max_new_tokens: int, max_wait_ms: float, max_batch_size: int = 16) -> dict:
+    """requests/s and p50/p95 at concurrency 1/4/16 for `serve --engine hf` and `--engine vllm`."""
+    import socket
+
+    from deepsynth.inference import InstructionEngine
+    from deepsynth.inference.parity import vllm_python
+    from deepsynth.serve import ServeConfig, create_app
+
+    out: dict = {"model": model, "max_new_tokens": max_new_tokens, "server_max_batch_size": max_batch_size,
+                 "max_wait_ms": max_wait_ms, "documents": "one new document per request", "engines": {}}
+    engine = InstructionEngine(model, cache_pages=0)
+    config = ServeConfig(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=256,
+                         max_new_tokens=max(max_new_tokens, 16), default_new_tokens=max_new_tokens)
+    app = create_app(engine, config)
+    server, thread, base = start_server(app)
+    out["engines"]["hf"] = engine_cells(base + "/api/inference/instruct", max_new_tokens, 20000)
+    server.should_exit = True
+    thread.join(10)
+    app.state.batcher.stop()
+    for cell in out["engines"]["hf"]:
+        print(f"hf   c={cell['concurrency']:2d}  {cell['requests_per_s']:6.2f} req/s  p50 {cell['p50_ms']:7.1f} ms  "
+              f"p95 {cell['p95_ms']:7.1f} ms", flush=True)
+    python = vllm_python()
+    if python is None:
+        out["engines"]["vllm"] = None
+        out["skipped"] = "vLLM environment absent (make vllm-env)"
+        print("vllm: skipped, no vLLM environment (make vllm-env)", flush=True)
+        return out
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    proc = subprocess.Popen([python, "-m", "deepsynth.cli", "serve", "--engine", "vllm", "--model", model,
+                             "--port", str(port), "--max-batch-size", str(max_batch_size), "--max-wait-ms",
+                             str(max_wait_ms), "--max-queue", "256", "--cache-pages", "0"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        start = time.perf_counter()
+        wait_health(base, proc, timeout=900)
+        out["vllm_start_s"] = round(time.perf_counter() - start, 1)
+        out["engines"]["vllm"] = engine_cells(base + "/api/inference/instruct", max_new_tokens, 30000)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    for cell in out["engines"]["vllm"]:
+        print(f"vllm c={cell['concurrency']:2d}  {cell['requests_per_s']:6.2f} req/s  p50 {cell['p50_ms']:7.1f} ms  "
+              f"p95 {cell['p95_ms']:7.1f} ms", flush=True)
+    out["vllm_over_hf_requests_per_s"] = {
+        f"concurrency_{h['concurrency']}": round(v["requests_per_s"] / h["requests_per_s"], 2)
+        for h, v in zip(out["engines"]["hf"], out["engines"]["vllm"])}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny", help="Model preset or directory (default: tiny, random).")
@@ -193,6 +279,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
     parser.add_argument("--questions", type=int, default=12)
+    parser.add_argument("--only-engines", action="store_true",
+                        help="Run only the HF vs vLLM comparison (part 3) and merge it into --out.")
     parser.add_argument("--client", help=argparse.SUPPRESS)  # internal: run as the load generator
     parser.add_argument("--concurrency", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1,
@@ -212,6 +300,15 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     load_start = os.getloadavg()
     t_start = time.perf_counter()
+    if args.only_engines:
+        path = Path(args.out)
+        report = json.loads(path.read_text()) if path.is_file() else {"benchmark": "serve"}
+        report["engines"] = engine_comparison(args.model, args.max_new_tokens, args.max_wait_ms)
+        report["engines"]["loadavg"] = [[round(x, 2) for x in load_start], [round(x, 2) for x in os.getloadavg()]]
+        report["engines"]["seconds"] = round(time.perf_counter() - t_start, 1)
+        path.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.out} (engines, {report['engines']['seconds']} s)")
+        return
 
     engine = InstructionEngine(args.model, cache_pages=0)  # every grid request is a new document anyway
     config = ServeConfig(max_batch_size=8, max_wait_ms=args.max_wait_ms, max_queue=256,
@@ -241,6 +338,7 @@ def main() -> None:
     parts = breakdown(engine, args.max_new_tokens)
     print(f"breakdown: {parts}", flush=True)
     cache = cache_benchmark(args.model, args.questions, args.max_new_tokens)
+    engines = engine_comparison(args.model, args.max_new_tokens, args.max_wait_ms)
     for label, row in cache["documents"].items():
         print(f"cache {label}: {row['pages']} pages, total {row['cache_off']['total_s']} s -> "
               f"{row['cache_on']['total_s']} s (x{row['speedup_total']})", flush=True)
@@ -272,6 +370,7 @@ def main() -> None:
         "grid": grid,
         "engine_breakdown": parts,
         "cache": cache,
+        "engines": engines,
         "seconds": round(time.perf_counter() - t_start, 1),
     }
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

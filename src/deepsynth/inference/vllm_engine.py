@@ -167,6 +167,39 @@ def resolve_model(name: str, adapter: str | None = None, seed: int = 0) -> Resol
     return found
 
 
+#: peft key prefixes of DeepSeek-OCR-2 adapters in transformers' module names, and the checkpoint
+#: names vLLM expects: vLLM renames LoRA keys with the checkpoint-to-module renames of transformers
+#: (`(^|model.)layers.` -> `language_model.layers.`), which would rename module names a second time.
+_ADAPTER_RENAMES = {"deepseek_ocr2": (("base_model.model.model.language_model.", "base_model.model.model."),),
+                    "deepseek_ocr2_patches": (("base_model.model.model.language_model.", "base_model.model.model."),)}
+
+
+def vllm_adapter(adapter: str, model_type: str | None) -> tuple[str, str | None]:
+    """(directory vLLM loads the adapter from, temporary directory to remove or None).
+
+    Adapters of model types whose checkpoint names differ from their module names are copied with
+    their keys in checkpoint names; any other adapter is served from where it is.
+    """
+    renames = _ADAPTER_RENAMES.get(model_type or "")
+    weights = Path(adapter) / "adapter_model.safetensors"
+    if not renames or not weights.is_file():
+        return adapter, None
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(weights))
+    renamed = {}
+    for key, value in tensors.items():
+        for old, new in renames:
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        renamed[key] = value
+    tmp = tempfile.mkdtemp(prefix="deepsynth-vllm-lora-")
+    shutil.copy2(Path(adapter) / "adapter_config.json", Path(tmp) / "adapter_config.json")
+    save_file(renamed, str(Path(tmp) / "adapter_model.safetensors"))
+    return tmp, tmp
+
+
 def _lora_rank(adapter: str) -> int:
     """The smallest rank vLLM accepts (its max_lora_rank choices) that holds the adapter's rank."""
     config = json.loads((Path(adapter) / "adapter_config.json").read_text())
@@ -344,6 +377,11 @@ class VLLMEngine(InstructionEngine):
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         self.max_positions = self.options.max_model_len or getattr(text_config, "max_position_embeddings", None)
         self.lora_path = found.lora
+        if found.lora is not None:
+            served, tmp = vllm_adapter(found.lora, getattr(config, "model_type", None))
+            found = dataclasses.replace(found, lora=served)
+            if tmp is not None:
+                self._temporary.append(tmp)
         self.llm = self._start(found)
         self._lora_request = None
         if found.lora is not None:
@@ -372,6 +410,12 @@ class VLLMEngine(InstructionEngine):
                                   "Transformers backend; use crop mode 'none' or the HF engine")
             # the processor class's own default cuts crops whatever the image processor says
             kwargs["mm_processor_kwargs"] = {"crop_to_patches": False}
+        allowed = os.environ.get("VLLM_PLUGINS")
+        if allowed is not None and "deepsynth" not in [p.strip() for p in allowed.split(",")]:
+            # vLLM's own processes would build the model without the plugin: no patch readout, and
+            # garbage answers rather than an error
+            raise BundleError(f"VLLM_PLUGINS={allowed!r} leaves out this project's plugin 'deepsynth', which "
+                              "vLLM's processes need to build these models as they were trained")
         if found.lora is not None:
             kwargs.update(enable_lora=True, max_lora_rank=_lora_rank(found.lora), max_loras=1)
         kwargs.update(opts.extra)
