@@ -75,7 +75,7 @@ def register(app: typer.Typer) -> None:
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace the output of a different earlier run."),
         strict: bool = typer.Option(False, "--strict", help="Exit with code 1 when any record was rejected."),
         engine: str = typer.Option("local", "--engine",
-                                   help="local (datasets.map) or ray (Ray Data tasks; needs the [cluster] extra). "
+                                   help="local (datasets.map) or ray (Ray Data tasks; needs the cluster extra). "
                                         "Both write the same output."),
         address: Optional[str] = typer.Option(None, "--address",
                                               help="Ray engine: 'auto' (the cluster this machine belongs to) or "

@@ -83,7 +83,7 @@ def predict_command(
     max_new_tokens: Optional[int] = typer.Option(None, help="Decoding override (default: the model's bundle)."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Examples per generate call."),
     engine: str = typer.Option("local", "--engine", help="local (this process) or ray (model replicas as Ray "
-                                                         "actors; needs the [cluster] extra). Same predictions."),
+                                                         "actors; needs the cluster extra). Same predictions."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray engine: 'auto' or ray://HOST:10001 "
                                                                   "(default: RAY_ADDRESS, else a local instance)."),
     replicas: int = typer.Option(1, "--replicas", min=1, help="Ray engine: model replicas (actors)."),
