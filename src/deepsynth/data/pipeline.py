@@ -18,7 +18,11 @@ Resuming: the plan (source, converter, options, render settings, input fingerpri
 ``manifest.json``. Running the same command again skips every shard whose marker and file are
 complete; a different plan in the same folder is refused unless ``overwrite=True``. Conversion
 uses ``datasets.map`` (``num_proc`` workers) and its cache; rendering runs ``datasets.map`` per
-shard, so an interruption (even SIGKILL) loses at most the shard in progress. Every file is
+shard, so an interruption (even SIGKILL) loses at most the shard in progress. With
+``engine="ray"`` the same converter and renderer run in Ray Data tasks instead
+(`deepsynth.data.ray_prepare`); the files are the same, byte for byte (each shard is written from
+one Arrow chunk per column, so its bytes depend on its rows only), and either engine resumes the
+other's folder. Every file is
 written with :mod:`deepsynth.atomic` (fsync, then rename), and the temporary files a killed run
 left are removed when the next run starts.
 
