@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import filecmp
 import functools
+import faulthandler
 import json
 import os
 import signal
@@ -22,6 +23,15 @@ from deepsynth.data import ray_prepare
 
 FIXTURES = Path(__file__).parent / "fixtures"
 _REAL_RENDER = P._render_batch
+LIMIT_S = 300  # per test: several times what one takes on a busy 2-core machine
+
+
+@pytest.fixture(autouse=True)
+def _bounded():
+    """A Ray test that hangs (a task retried forever) ends the run with every thread's traceback."""
+    faulthandler.dump_traceback_later(LIMIT_S, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ killed in the middle of the job; without Ray the flag names the extra to install
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import signal
@@ -21,6 +22,15 @@ from deepsynth.evaluation.predict import predict
 
 MODEL = "tiny-reader"
 BATCH = 3  # 8 examples: batches of 3, 3 and 2, spread over 2 replicas
+LIMIT_S = 600  # per test: several times what the slowest takes on a busy 2-core machine
+
+
+@pytest.fixture(autouse=True)
+def _bounded():
+    """A Ray test that hangs (a task retried forever) ends the run with every thread's traceback."""
+    faulthandler.dump_traceback_later(LIMIT_S, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture(scope="module")
