@@ -65,7 +65,7 @@ def run_vllm(job: dict, python: str, workdir: Path, timeout: float = 1800) -> di
     requests, out = workdir / "requests.json", workdir / "answers.json"
     requests.write_text(json.dumps(job))
     env = dict(os.environ)
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(job.get("kv_cache_gib") or 1))
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(job.get("kv_cache_gib") or 1)))
     proc = subprocess.run([python, "-m", "deepsynth.inference.vllm_engine", str(requests), str(out)],
                           capture_output=True, text=True, env=env, timeout=timeout)
     if proc.returncode != 0:
@@ -127,7 +127,7 @@ def first_difference(a: Sequence[int], b: Sequence[int]) -> Difference | None:
 
 
 def check_parity(model: str, examples: Sequence[tuple[str, str]] = DEFAULT_EXAMPLES, adapter: str | None = None,
-                 max_new_tokens: int = 48, python: str | None = None, kv_cache_gib: float = 1.0) -> dict:
+                 max_new_tokens: int = 48, python: str | None = None, kv_cache_gib: int = 1) -> dict:
     """Answer `examples` ((text, instruction) pairs) with both engines; the report per answer."""
     import torch
 

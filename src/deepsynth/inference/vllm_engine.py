@@ -71,9 +71,9 @@ class VLLMOptions:
     # Weights' dtype: "auto" (the checkpoint's), "float32" (bit-exact parity with the HF engine on
     # CPU; bf16 drifts after a few dozen tokens), "bfloat16", "float16".
     dtype: str = "auto"
-    # GiB vLLM reserves for the KV cache on CPU (VLLM_CPU_KVCACHE_SPACE); None keeps the
-    # environment's value or vLLM's default.
-    kv_cache_gib: float | None = None
+    # Whole GiB vLLM reserves for the KV cache on CPU (VLLM_CPU_KVCACHE_SPACE, which vLLM reads as
+    # an integer); None keeps the environment's value or vLLM's default.
+    kv_cache_gib: int | None = None
     # Longest prompt + answer in tokens; None = the model's max_position_embeddings.
     max_model_len: int | None = None
     # Requests decoded together at most (vLLM's max_num_seqs).
@@ -397,7 +397,9 @@ class VLLMEngine(InstructionEngine):
 
         opts = self.options
         if opts.kv_cache_gib is not None:
-            os.environ[KV_CACHE_ENV] = str(opts.kv_cache_gib)
+            if int(opts.kv_cache_gib) != opts.kv_cache_gib or opts.kv_cache_gib < 1:
+                raise ValueError(f"kv_cache_gib must be a whole number of GiB >= 1, got {opts.kv_cache_gib}")
+            os.environ[KV_CACHE_ENV] = str(int(opts.kv_cache_gib))
         impl = opts.model_impl or ("vllm" if _native_layout(found.path) else "transformers")
         kwargs = dict(model=found.path, tokenizer=found.path, dtype=opts.dtype, model_impl=impl,
                       max_num_seqs=opts.max_num_seqs, enforce_eager=opts.enforce_eager,
