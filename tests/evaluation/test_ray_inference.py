@@ -147,3 +147,12 @@ def test_replica_flags_need_the_ray_engine(data, tmp_path):
     assert result.exit_code != 0 and "are for --engine ray" in result.output
     with pytest.raises(ray_inference.ClusterError, match="replicas=0"):
         ray_inference.ReplicaSettings(replicas=0)
+
+
+def test_a_layout_the_cluster_cannot_hold_is_named(caplog):
+    with caplog.at_level("WARNING", logger=ray_inference.__name__):
+        ray_inference._check_resources({"CPU": 2.0}, ray_inference.ReplicaSettings(replicas=2))
+        assert not caplog.records
+        ray_inference._check_resources({"CPU": 2.0}, ray_inference.ReplicaSettings(replicas=2, num_gpus=1))
+    assert len(caplog.records) == 1
+    assert "need 2 GPU but the Ray cluster has 0" in caplog.text

@@ -171,6 +171,17 @@ class _Replica:
         return pa.table(out)
 
 
+def _check_resources(have: dict, replicas: ReplicaSettings) -> None:
+    """Warn when the cluster cannot hold every replica now: Ray then waits (for an autoscaler to add
+    nodes, or forever)."""
+    for name, each in (("CPU", replicas.num_cpus), ("GPU", replicas.num_gpus)):
+        need = each * replicas.replicas
+        if need > have.get(name, 0):
+            logger.warning("%d replica(s) x %s %s need %s %s but the Ray cluster has %s: Ray waits for room "
+                           "(an autoscaler may add nodes); without it the job does not start", replicas.replicas,
+                           each, name, need, name, have.get(name, 0))
+
+
 def decode_on_ray(model: str, dataset, instructions: Sequence[str | None] = (None,), *,
                   max_new_tokens: int | None = None, replicas: ReplicaSettings | None = None,
                   settings: RaySettings | None = None) -> list[list[dict]]:
@@ -188,13 +199,15 @@ def decode_on_ray(model: str, dataset, instructions: Sequence[str | None] = (Non
     blocks = _blocks(dataset, replicas.batch_size)
     found: list[list[dict | None]] = [[None] * n for _ in instructions]
     with ray_session(settings) as ray:
+        _check_resources(ray.cluster_resources(), replicas)
         ds = ray.data.from_arrow(blocks).map_batches(
             _Replica, batch_size=None, batch_format="pyarrow", zero_copy_batch=True,
             fn_constructor_kwargs={"model": model, "render": asdict(dataset.render_config),
                                    "default_instruction": dataset.default_instruction,
                                    "instructions": list(instructions), "batch_size": replicas.batch_size,
                                    "total": n, "max_new_tokens": max_new_tokens},
-            concurrency=replicas.replicas, num_cpus=replicas.num_cpus, num_gpus=replicas.num_gpus or None,
+            compute=ray.data.ActorPoolStrategy(size=replicas.replicas), num_cpus=replicas.num_cpus,
+            num_gpus=replicas.num_gpus or None,
         )
         # blocks come back in any order: each row names its example
         for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
