@@ -85,8 +85,17 @@ def test_repeated_words_are_rendered_once_and_new_lines_drawn_whole(monkeypatch)
     monkeypatch.setattr(R, "_word_mask", spy_mask)
     monkeypatch.setattr(R, "_draw_words", spy_draw)
     R.clear_word_cache()
-    render_text(("alpha beta gamma " * 400).strip(), RenderConfig.from_preset("large"))
-    # three words at a few sub-pixel phases, not one rendering per drawn word (1,200); the first
-    # line (all words new) is drawn whole, the rest from the cache
+    distinct = " ".join(f"w{i}" for i in range(60))
+    render_text(distinct + "\n" + ("alpha beta gamma " * 400).strip(), RenderConfig.from_preset("large"))
+    # three words at a few sub-pixel phases, not one rendering per drawn word (1,200); lines of new
+    # words (seen once) are drawn whole, and none of them is rendered alone
     assert set(rendered) == {"alpha", "beta", "gamma"} and len(rendered) <= 3 * 64
-    assert len(whole_lines) == 1
+    assert whole_lines and all(set(t.split()) <= set(distinct.split()) for t in whole_lines)
+
+
+def test_a_full_cache_is_emptied_and_refilled_without_changing_pixels(monkeypatch):
+    monkeypatch.setattr(R, "_MAX_CACHED_WORDS", 12)  # far fewer than the words of a page
+    config = RenderConfig.from_preset("base", max_pages=200)
+    text = _text(3)
+    assert _pages(text, config, cached=True) == _pages(text, config, cached=False)
+    assert len(R._WORD_MASKS) <= 12 and len(R._SEEN_WORDS) <= 12

@@ -68,12 +68,14 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 #: Presets matched to DeepSeek-OCR's modes (``deepsynth.render.modes``): the page is drawn at the
 #: mode's resolution, so no pixel is lost to resizing, in two densities. "readable": the font sizes
-#: of the presets above (line breaks as written). "dense": small type, thin margins, reflowed
-#: paragraphs; benchmarks/compression.py measures how much each holds and how much of it an
-#: independent OCR reads back. Gundam pages are 1280 px: a 2 x 2 grid of 640 px tiles.
+#: of the presets above (line breaks as written). "dense": the smallest type an independent OCR
+#: still reads (8 px DejaVu Sans with 15% leading), thin margins, half-height blank lines,
+#: reflowed paragraphs. Every mode spends the same pixels per vision token (4096), so one dense
+#: geometry fits all; benchmarks/compression.py measures what each preset holds and reads back.
+#: Gundam pages are 1280 px: a 2 x 2 grid of 640 px tiles.
 _MODE_PAGES = {"tiny": 512, "small": 640, "base": 1024, "large": 1280, "gundam": 1280}
 _READABLE_FONT = {"tiny": 14, "small": 16, "base": 20, "large": 24, "gundam": 20}
-_DENSE = dict(font_size=9, margin=8, line_spacing=1.15, reflow=True, blank_line_height=0.5)
+_DENSE = dict(font_size=8, margin=8, line_spacing=1.15, reflow=True, blank_line_height=0.5)
 #: Preset name -> the DeepSeek-OCR mode it is drawn for.
 PRESET_MODES: dict[str, str] = {}
 for _mode, _side in _MODE_PAGES.items():
@@ -645,7 +647,7 @@ def _draw_words(draw: Any, line: _Line, x0: int, baseline: int, ink: int) -> boo
             words.append(((tok, style, round((pen - whole) * 64)), whole))
         pen += _token_width(tok, style)
         prev = tok[-1]
-    missing = [key for key, _ in words if key not in _WORD_MASKS]
+    missing = list(dict.fromkeys(key for key, _ in words if key not in _WORD_MASKS))
     unseen = [key for key in missing if key not in _SEEN_WORDS]
     if 2 * len(unseen) > len(words):  # mostly new words: one FreeType call for the line is cheaper
         if len(_SEEN_WORDS) + len(unseen) > _MAX_CACHED_WORDS:
@@ -653,7 +655,8 @@ def _draw_words(draw: Any, line: _Line, x0: int, baseline: int, ink: int) -> boo
         _SEEN_WORDS.update(unseen)
         return False
     if len(_WORD_MASKS) + len(missing) > _MAX_CACHED_WORDS:
-        _WORD_MASKS.clear()
+        _WORD_MASKS.clear()  # then every word of the line is missing
+        missing = list(dict.fromkeys(key for key, _ in words))
     for key in missing:
         _WORD_MASKS[key] = _word_mask(*key)
     placements = []
