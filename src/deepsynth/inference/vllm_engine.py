@@ -476,7 +476,9 @@ class VLLMEngine(InstructionEngine):
         if json_schema is not None:
             from vllm.sampling_params import StructuredOutputsParams
 
-            kwargs["structured_outputs"] = StructuredOutputsParams(json=json_schema)
+            # JSON without free whitespace: the tiny models otherwise spend the budget on spaces,
+            # and the answer is closed (when cut) by the HF engine's parser, which bounds them
+            kwargs["structured_outputs"] = StructuredOutputsParams(json=json_schema, disable_any_whitespace=True)
         return SamplingParams(**kwargs)
 
     def _prompt(self, doc: PreparedDocument, instruction: str) -> dict:
