@@ -2,7 +2,7 @@
 
     python tests/inference/vllm_side.py JOB.json OUT.json
 
-JOB: {"model", "documents", "instructions", "stock_readout_model", "schema"}. Answers every pair
+JOB: {"model", "documents", "instructions", "stock_readout_model"}. Answers every pair
 with a float32 `VLLMEngine` (ask_batch), streams the first pair, asks through the server's API
 (ours and the OpenAI-compatible one, text documents and an image part; a schema-constrained
 answer), and answers the pairs again with the stock-readout copy of the model (what vLLM serves
@@ -55,9 +55,6 @@ def through_api(engine, job: dict) -> dict:
             {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": job["instructions"][0]}]}]})
         result["openai_image"] = (r.json()["choices"][0]["message"]["content"] if r.status_code == 200
                                   else {"status": r.status_code, "body": r.text})
-        r = client.post("/api/inference/instruct", json={"text": job["documents"][1], "instruction": "extract",
-                                                         "json_schema": job["schema"], "max_new_tokens": 64})
-        result["schema_answer"] = r.json() if r.status_code == 200 else {"status": r.status_code, "body": r.text}
     return result
 
 
