@@ -4,8 +4,7 @@
 
 JOB: {"model", "documents", "instructions", "stock_readout_model"}. Answers every pair
 with a float32 `VLLMEngine` (ask_batch), streams the first pair, asks through the server's API
-(ours and the OpenAI-compatible one, text documents and an image part; a schema-constrained
-answer), and answers the pairs again with the stock-readout copy of the model (what vLLM serves
+(ours and the OpenAI-compatible one, text documents and an image part), and answers the pairs again with the stock-readout copy of the model (what vLLM serves
 when the plugin's readout is missing).
 """
 
