@@ -19,7 +19,9 @@ Byte model (per GPU, no sharding; FSDP/ZeRO divide weights/grads/optimizer by th
   attention 10h + 4*kv_dim (norm, q/k/v, rotary copies, output), dense SwiGLU MLP 2h + 4i, MoE MLP
   2h + 4*i_e*(top_k + shared) + experts (calibrated against autograd's saved tensors on the tiny
   presets, see tests/models/test_memory.py);
-  plus the logits (vocab x (2 + 4) bytes: bf16 logits and the fp32 copy of the loss). SDPA/flash
+  plus the loss's buffers (vocab x (2 + 4 + 4 + 2) bytes at bf16: logits, their fp32 copy, the fp32
+  log-probabilities kept for backward, the logits' gradient) and, with LoRA dropout, each adapted
+  nn.Linear's dropped-out input and mask. SDPA/flash
   attention is assumed (no seq^2 score matrix). Gradient checkpointing keeps one h-vector per
   layer plus one layer's activations. A trainable vision tower adds 8h + 3i per vision token and
   layer; a frozen one (LoRA, freeze_vision) keeps nothing. One page per example.
@@ -245,7 +247,8 @@ def estimate_memory(model: str, lora: bool = False, text_encoder: str | None = N
                     precision: str = "bf16", seq_len: int | None = None, qlora: bool = False,
                     lora_rank: int = 16, freeze_vision: bool = False, text_encoder_trainable: bool = False,
                     gradient_checkpointing: bool = False, page_size: int = 1024, crops: bool = False,
-                    lora_experts: bool = True, text_tokens: int = TEXT_TOKENS) -> MemoryEstimate:
+                    lora_experts: bool = True, text_tokens: int = TEXT_TOKENS,
+                    lora_dropout: float = 0.05) -> MemoryEstimate:
     """Parameters, trainable parameters and per-GPU memory for training `model` (see module doc).
 
     crops:        pages in crop mode "tiles" (global view + local crops; DeepSeek-OCR-2 at 1024 px:
@@ -253,6 +256,8 @@ def estimate_memory(model: str, lora: bool = False, text_encoder: str | None = N
     lora_experts: LoRA reaches the routed experts too (TrainerConfig.lora_experts).
     text_tokens:  instruction + answer tokens per example, added to the page's image tokens (when
                   seq_len is not given).
+    lora_dropout: TrainerConfig.lora_dropout; above 0 every adapted nn.Linear keeps its dropped-out
+                  input (and the mask) for backward.
     """
     if precision not in PRECISION_BYTES:
         raise ValueError(f"precision must be one of {sorted(PRECISION_BYTES)}, got {precision!r}")
@@ -282,6 +287,8 @@ def estimate_memory(model: str, lora: bool = False, text_encoder: str | None = N
     weights = total_params * pbytes
     trainable_base = 0 if lora else total_params - (vision_params if freeze_vision else 0)
     lora_params = 0
+    targets: list[nn.Module] = []
+    fused: list[torch.Tensor] = []
     if lora:
         import re
 
@@ -312,7 +319,13 @@ def estimate_memory(model: str, lora: bool = False, text_encoder: str | None = N
         decoder_act = tokens * (layers * text.hidden_size + per_token / layers) * act_bytes
     else:
         decoder_act = tokens * per_token * act_bytes
-    logits = tokens * text.vocab_size * (act_bytes + 4)
+    # bf16 logits, their fp32 copy for the loss, the fp32 log-probabilities cross-entropy keeps for
+    # backward, and the logits' gradient when backward starts (the real-size check measured 12.5
+    # bytes per vocabulary entry and token at bf16).
+    logits = tokens * text.vocab_size * (2 * act_bytes + 8)
+    if lora and lora_dropout > 0:
+        # each adapted nn.Linear drops out its own copy of its input and keeps it with the mask
+        decoder_act += tokens * sum(m.in_features for m in targets) * (act_bytes + 1)
     if lora and fused:
         # peft folds the adapters into each adapted expert parameter (W + s * B @ A, one baddbmm per
         # forward): the folded copy is a new tensor the experts' matmuls keep for backward, so every
@@ -403,7 +416,8 @@ COMMON = [  # the configurations in docs/memory.md
     dict(model="deepseek-ocr-2", lora=True, crops=True),
     dict(model="deepseek-ocr-2", lora=True, crops=True, lora_experts=False),
     dict(model="deepseek-ocr-2", lora=True, batch_size=8),
-    dict(model="deepseek-ocr-2", lora=True, batch_size=2, seq_len=2048),  # recipes/lora-24gb.yaml
+    dict(model="deepseek-ocr-2", lora=True, batch_size=1, seq_len=2048),  # recipes/lora-24gb.yaml
+    dict(model="deepseek-ocr-2", lora=True, batch_size=2, seq_len=2048),
     dict(model="deepseek-ocr-2", batch_size=2, seq_len=2048),  # recipes/full-finetune.yaml (per GPU, unsharded)
     dict(model="deepseek-ocr-2", qlora=True, batch_size=8),
     dict(model="deepseek-ocr-2", lora=True, text_encoder=MINILM),
