@@ -39,7 +39,6 @@ These are estimates (expect +-25%); add about 1 GiB per GPU for the CUDA context
 from __future__ import annotations
 
 import argparse
-import math
 from dataclasses import asdict, dataclass, field
 
 import torch
