@@ -4,8 +4,8 @@ Three renderers in one process, on the same documents, fonts and pages, so their
 meaningful even on a busy machine:
 
 * ``ours``: ``deepsynth.render.render_text`` (word bitmaps cached and reused);
-* ``previous``: the renderer as it was before that cache (``benchmarks/reference/renderer_ddc1723.py``,
-  a frozen copy): every page of ``ours`` must be pixel-identical to it (checked every run);
+* ``previous``: the renderer as it was before that cache (commit ddc1723, read from the git history
+  at run time): every page of ``ours`` must be pixel-identical to it (checked every run);
 * ``baseline`` (the original code): wrap every paragraph at a fixed 100 characters with
   ``textwrap``, draw all lines on one tall image, crop the first four page heights. Whatever lies
   below four pages, or to the right of the page edge, is lost (computed from geometry).
@@ -135,9 +135,24 @@ def naive_render(text: str, config: RenderConfig) -> tuple[list[Image.Image], di
     return pages, stats
 
 
+PREVIOUS_COMMIT = "ddc1723"  # the renderer before the word-bitmap cache
+
+
 def load_previous():
-    """The frozen previous renderer, reading the shipped fonts."""
-    path = Path(__file__).with_name("reference") / "renderer_ddc1723.py"
+    """The previous renderer, read from the project's git history (no copy of it is kept in the
+    tree), reading the shipped fonts."""
+    import subprocess
+    import tempfile
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        source = subprocess.run(["git", "show", f"{PREVIOUS_COMMIT}:src/deepsynth/render/renderer.py"], cwd=root,
+                                check=True, capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError) as err:
+        raise SystemExit(f"benchmarks/render.py compares against the renderer of commit {PREVIOUS_COMMIT}, read "
+                         f"with git; this checkout has no such history ({err})") from None
+    path = Path(tempfile.mkdtemp(prefix="deepsynth-previous-renderer-")) / "renderer_previous.py"
+    path.write_text(source, encoding="utf-8")
     spec = importlib.util.spec_from_file_location("renderer_previous", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
