@@ -16,3 +16,25 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture()
+def hang_guard(request):
+    """Ends the run with every thread's traceback when a test outlives its module's LIMIT_S seconds
+    (a Ray task retried forever would otherwise hang the suite)."""
+    import faulthandler
+
+    faulthandler.dump_traceback_later(request.module.LIMIT_S, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
+
+
+@pytest.fixture(scope="module")
+def ray_instance(request):
+    """A local 2-CPU Ray instance with a small object store, for one test module; the module's own
+    functions (e.g. a task that kills its worker) travel to the workers by value."""
+    ray = pytest.importorskip("ray")
+    ray.cloudpickle.register_pickle_by_value(request.module)
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 * 1024, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import filecmp
 import functools
-import faulthandler
 import json
 import os
 import signal
@@ -26,22 +25,7 @@ _REAL_RENDER = P._render_batch
 LIMIT_S = 300  # per test: several times what one takes on a busy 2-core machine
 
 
-@pytest.fixture(autouse=True)
-def _bounded():
-    """A Ray test that hangs (a task retried forever) ends the run with every thread's traceback."""
-    faulthandler.dump_traceback_later(LIMIT_S, exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
-
-
-@pytest.fixture(scope="module")
-def ray_instance():
-    ray = pytest.importorskip("ray")
-    # a task function defined here (the killing renderer) travels to the workers by value
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 * 1024, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("hang_guard")  # LIMIT_S above; ray_instance: tests/conftest.py
 
 
 def _squad(path: Path, n: int) -> Path:

@@ -4,7 +4,6 @@ killed in the middle of the job; without Ray the flag names the extra to install
 
 from __future__ import annotations
 
-import faulthandler
 import json
 import os
 import signal
@@ -25,22 +24,7 @@ BATCH = 3  # 8 examples: batches of 3, 3 and 2, spread over 2 replicas
 LIMIT_S = 600  # per test: several times what the slowest takes on a busy 2-core machine
 
 
-@pytest.fixture(autouse=True)
-def _bounded():
-    """A Ray test that hangs (a task retried forever) ends the run with every thread's traceback."""
-    faulthandler.dump_traceback_later(LIMIT_S, exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
-
-
-@pytest.fixture(scope="module")
-def ray_instance():
-    ray = pytest.importorskip("ray")
-    # the killing replica defined here travels to the workers by value
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 * 1024, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("hang_guard")  # LIMIT_S above; ray_instance: tests/conftest.py
 
 
 @pytest.fixture(scope="module")
