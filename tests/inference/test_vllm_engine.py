@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jsonschema
 import pytest
 
 from deepsynth.inference.parity import DEFAULT_EXAMPLES, first_difference, vllm_python
@@ -28,6 +29,8 @@ needs_vllm = pytest.mark.skipif(PYTHON is None, reason="the vLLM environment is 
 READER = resolve("tiny-reader")
 DOCUMENTS = [text for text, _ in DEFAULT_EXAMPLES]
 INSTRUCTIONS = [instruction for _, instruction in DEFAULT_EXAMPLES]
+SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"],
+          "additionalProperties": False}
 COMPARED = ("answer", "stopped", "new_tokens", "prompt_tokens", "visual_tokens", "pages", "text_tokens")
 
 
@@ -54,7 +57,7 @@ def test_vllm_answers_equal_hf_engine_for_tiny_reader(tmp_path):
 
     hf = [a.to_dict() for a in InstructionEngine(READER).ask_batch(DOCUMENTS, INSTRUCTIONS)]
     job = {"model": READER, "documents": DOCUMENTS, "instructions": INSTRUCTIONS,
-           "stock_readout_model": str(stock_readout_copy(tmp_path))}
+           "stock_readout_model": str(stock_readout_copy(tmp_path)), "schema": SCHEMA}
     (tmp_path / "job.json").write_text(json.dumps(job))
     run_vllm_side([str(HERE / "vllm_side.py"), str(tmp_path / "job.json"), str(tmp_path / "out.json")])
     out = json.loads((tmp_path / "out.json").read_text())
@@ -70,6 +73,15 @@ def test_vllm_answers_equal_hf_engine_for_tiny_reader(tmp_path):
     assert [r.get("answer") for r in api["ours"]] == [h["answer"] for h in hf], api["ours"]
     assert api["openai"] == [h["answer"] for h in hf]
     assert api["openai_image"] == hf[0]["answer"]
+    # structured output through vLLM's guided decoding: valid JSON even from the tiny reader, which
+    # was never trained to write any
+    for answer in api["schema_answers"]:
+        assert "answer" in answer, answer
+        jsonschema.validate(json.loads(answer["answer"]), SCHEMA)
+    jsonschema.validate(json.loads(api["openai_schema"]), SCHEMA)
+    # a schema the grammar backend cannot enforce is refused up front, naming the field
+    assert api["unsupported_schema"]["status"] == 422, api["unsupported_schema"]
+    assert "xgrammar" in api["unsupported_schema"]["body"]["message"]
     # Without the plugin's patch readout vLLM does not fail: it reads the page differently and
     # answers otherwise. This is what the readout step of deepsynth.vllm_plugin prevents.
     differ = sum(a != h["answer"] for a, h in zip(out["stock_readout_answers"], hf))
@@ -118,6 +130,19 @@ def test_check_parity_reports_no_difference_for_tiny_reader(tmp_path):
 
 
 # ---- no vLLM needed -----------------------------------------------------------------------------
+def test_request_vllm_failed_raises_instead_of_answering_empty():
+    from types import SimpleNamespace
+
+    from deepsynth.inference.vllm_engine import VLLMOptions, _raise_if_failed
+
+    _raise_if_failed(SimpleNamespace(request_id="r1", outputs=[SimpleNamespace(finish_reason="length")]))
+    for reason in ("error", "abort"):
+        with pytest.raises(RuntimeError, match=f"finish reason '{reason}'"):
+            _raise_if_failed(SimpleNamespace(request_id="r1", outputs=[SimpleNamespace(finish_reason=reason)]))
+    with pytest.raises(ValueError, match="structured_backend"):
+        VLLMOptions(structured_backend="outlines")
+
+
 def test_first_difference_names_the_first_differing_token():
     assert first_difference([1, 2, 3], [1, 2, 3]) is None
     diff = first_difference([1, 2, 3], [1, 5, 3])

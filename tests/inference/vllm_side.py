@@ -2,10 +2,11 @@
 
     python tests/inference/vllm_side.py JOB.json OUT.json
 
-JOB: {"model", "documents", "instructions", "stock_readout_model"}. Answers every pair
+JOB: {"model", "documents", "instructions", "stock_readout_model", "schema"}. Answers every pair
 with a float32 `VLLMEngine` (ask_batch), streams the first pair, asks through the server's API
-(ours and the OpenAI-compatible one, text documents and an image part), and answers the pairs again with the stock-readout copy of the model (what vLLM serves
-when the plugin's readout is missing).
+(ours and the OpenAI-compatible one, text documents and an image part; schema-constrained answers
+and a schema vLLM's grammar backend cannot enforce), and answers the pairs again with the
+stock-readout copy of the model (what vLLM serves when the plugin's readout is missing).
 """
 
 import json
@@ -54,6 +55,24 @@ def through_api(engine, job: dict) -> dict:
             {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": job["instructions"][0]}]}]})
         result["openai_image"] = (r.json()["choices"][0]["message"]["content"] if r.status_code == 200
                                   else {"status": r.status_code, "body": r.text})
+        result["schema_answers"] = []
+        for doc in job["documents"]:
+            r = client.post("/api/inference/instruct", json={"text": doc, "instruction": "extract",
+                                                             "json_schema": job["schema"], "max_new_tokens": 64})
+            result["schema_answers"].append(r.json() if r.status_code == 200 else {"status": r.status_code,
+                                                                                   "body": r.text})
+        r = client.post("/v1/chat/completions", json={
+            "model": engine.name, "messages": [{"role": "user", "content": "extract"}], "max_tokens": 64,
+            "document": {"text": job["documents"][0]},
+            "response_format": {"type": "json_schema", "json_schema": {"name": "city", "schema": job["schema"]}}})
+        result["openai_schema"] = (r.json()["choices"][0]["message"]["content"] if r.status_code == 200
+                                   else {"status": r.status_code, "body": r.text})
+        # a string with both a pattern and a length bound: xgrammar cannot compile it
+        unsupported = {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]+$",
+                                                                 "maxLength": 4}}}
+        r = client.post("/api/inference/instruct", json={"text": job["documents"][0], "instruction": "extract",
+                                                         "json_schema": unsupported, "max_new_tokens": 32})
+        result["unsupported_schema"] = {"status": r.status_code, "body": r.json()}
     return result
 
 

@@ -109,6 +109,53 @@ def test_cancelled_jobs_are_skipped_and_stop_fails_pending():
     assert pending.future.done()
 
 
+class SchedulingEngine(FakeEngine):
+    """An engine that runs many calls at once (as vLLM does): counts the calls in flight."""
+
+    concurrency = 4
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lock = threading.Lock()
+        self.in_flight = self.most_in_flight = 0
+
+    def ask_batch(self, docs, instructions, settings, cancel=None, json_schema=None):
+        with self.lock:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            return super().ask_batch(docs, instructions, settings, cancel, json_schema)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+
+def test_engine_concurrency_runs_batches_and_streams_side_by_side():
+    fake = SchedulingEngine()
+    fake.gate.clear()
+    b = MicroBatcher(fake, max_batch_size=2, max_wait_ms=0, max_queue=10)
+    assert b.workers == 4
+    b.start()
+    try:
+        running = [b.submit(job(f"r{i}", n=i + 1)) for i in range(3)]  # different settings: one batch each
+        deadline = time.monotonic() + 10
+        while fake.in_flight < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert fake.in_flight == 3 and b.busy  # three batches held by the engine at once
+        pieces: list[str] = []
+        streamed = b.submit(job("streamed", stream=pieces.append))
+        # the stream is answered while every batch is still blocked in the engine
+        assert streamed.future.result(5).answer == "streamed" and "".join(pieces) == "streamed"
+        assert not any(j.future.done() for j in running)
+        fake.gate.set()
+        assert [j.future.result(5).answer for j in running] == ["R0", "R1", "R2"]
+    finally:
+        b.stop()
+    assert fake.most_in_flight == 3 and not b.busy
+    with pytest.raises(ValueError, match="workers"):
+        MicroBatcher(fake, workers=-1)
+
+
 def post(url: str, body: dict, timeout: float = 60) -> tuple[int, dict, object]:
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     try:

@@ -217,6 +217,9 @@ class InstructionEngine:
     loop_policy:    override of the bundle's loop-stop policy.
     """
 
+    # One model, one `generate` at a time: concurrent callers wait for the model lock.
+    concurrency = 1
+
     def __init__(self, model: str | tuple | LoadedModel = "tiny-reader", render_preset: str | None = None,
                  device: str | None = None, dtype: torch.dtype | None = None, adapter: str | None = None,
                  cache_pages: int = 256, generation: GenerationSettings | None = None,

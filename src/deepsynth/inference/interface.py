@@ -30,11 +30,15 @@ class Engine(Protocol):
     generation: decoding defaults (the model bundle's), the base of `settings`.
     cache:      the document cache (prepared pages, and features where the engine keeps them);
                 the server bounds `cache.max_bytes` and reports `cache.stats` as metrics.
+    concurrency: `ask_batch`/`stream` calls worth running at once: 1 for an engine that runs one
+                `generate` at a time (the server's batcher then queues batches), more for one that
+                schedules all the requests it holds together (vLLM).
     """
 
     name: str
     generation: GenerationSettings
     cache: DocumentCache
+    concurrency: int
 
     def describe(self) -> dict:
         """The model, its render config (key "render") and decoding defaults."""

@@ -51,6 +51,7 @@ from deepsynth.inference.engine import Answer, DocumentCache, InstructionEngine,
 from deepsynth.models.bundle import BundleError, ModelSpec, default_spec, make_collator, read_spec, resolve_render
 from deepsynth.models.generate import GenerationSettings, _answer_row
 from deepsynth.models.loops import LoopPolicy, find_loop
+from deepsynth.models.structured import SchemaError
 from deepsynth.vllm_plugin import register
 
 # The plugin's processor back-ports apply to this process too (the HF side of check-parity and the
@@ -84,8 +85,16 @@ class VLLMOptions:
     enforce_eager: bool = True
     # "transformers", "vllm" (native class) or None (chosen from the checkpoint, see `resolve_model`).
     model_impl: str | None = None
+    # Library behind schema-constrained answers: "guidance" (llguidance: the widest JSON-schema
+    # coverage, string lengths included) or "xgrammar" (vLLM's default; refuses some keywords).
+    # Either writes compact JSON: free whitespace lets small models spend the budget on spaces.
+    structured_backend: str = "xgrammar"
     # Any further `vllm.LLM` keyword arguments.
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.structured_backend not in ("guidance", "xgrammar"):
+            raise ValueError(f"structured_backend must be 'guidance' or 'xgrammar', got {self.structured_backend!r}")
 
 
 @dataclass
@@ -367,6 +376,7 @@ class VLLMEngine(InstructionEngine):
         self.tokenizer = self.processor.tokenizer
         self.collator = make_collator(None, self.processor, self.spec)
         self.max_batch_size = max_batch_size
+        self.concurrency = self.options.max_num_seqs  # vLLM schedules every request it holds together
         self.cache = DocumentCache(cache_pages)
         self._model_lock = threading.RLock()
         self.encodes_pages = False
@@ -403,7 +413,10 @@ class VLLMEngine(InstructionEngine):
         impl = opts.model_impl or ("vllm" if _native_layout(found.path) else "transformers")
         kwargs = dict(model=found.path, tokenizer=found.path, dtype=opts.dtype, model_impl=impl,
                       max_num_seqs=opts.max_num_seqs, enforce_eager=opts.enforce_eager,
-                      logits_processors=[DeepsynthGuards], limit_mm_per_prompt={"image": opts.max_pages})
+                      logits_processors=[DeepsynthGuards], limit_mm_per_prompt={"image": opts.max_pages},
+                      # vLLM reads the whitespace switch from the engine's config, not from requests
+                      structured_outputs_config={"backend": opts.structured_backend,
+                                                 "disable_any_whitespace": True})
         if opts.max_model_len:
             kwargs["max_model_len"] = opts.max_model_len
         if type(self.processor).__name__ == "DeepseekOcr2Processor" and impl == "transformers":
@@ -452,6 +465,19 @@ class VLLMEngine(InstructionEngine):
         out.update(engine="vllm", lora=self.lora_path, dtype=self.options.dtype)
         return out
 
+    def check_json_schema(self, schema: dict, settings: GenerationSettings | None = None,
+                          field: str = "json_schema") -> dict:
+        """The HF engine's checks, plus what vLLM's xgrammar backend cannot compile."""
+        schema = super().check_json_schema(schema, settings, field)
+        if self.options.structured_backend == "xgrammar":
+            from vllm.v1.structured_output.backend_xgrammar import has_xgrammar_unsupported_json_features
+
+            if has_xgrammar_unsupported_json_features(schema):
+                raise SchemaError("vLLM's xgrammar backend cannot enforce this schema (a string with both a "
+                                  "pattern and a length bound is the usual cause); drop one, or start the "
+                                  "engine with structured_backend='guidance'", field)
+        return schema
+
     def _encode(self, docs: Sequence[PreparedDocument]) -> None:
         """Nothing to do: vLLM encodes pages itself (and caches encoder outputs by content)."""
 
@@ -476,9 +502,7 @@ class VLLMEngine(InstructionEngine):
         if json_schema is not None:
             from vllm.sampling_params import StructuredOutputsParams
 
-            # JSON without free whitespace: the tiny models otherwise spend the budget on spaces,
-            # and the answer is closed (when cut) by the HF engine's parser, which bounds them
-            kwargs["structured_outputs"] = StructuredOutputsParams(json=json_schema, disable_any_whitespace=True)
+            kwargs["structured_outputs"] = StructuredOutputsParams(json=json_schema)
         return SamplingParams(**kwargs)
 
     def _prompt(self, doc: PreparedDocument, instruction: str) -> dict:
@@ -539,6 +563,7 @@ class VLLMEngine(InstructionEngine):
                 return value if value is not None else last, True
             last = value
             if value.finished:
+                _raise_if_failed(value)
                 return value, False
 
     def generate_rows(self, documents: Sequence[Document | PreparedDocument], instructions: Sequence[str],
@@ -597,6 +622,8 @@ class VLLMEngine(InstructionEngine):
                     cancelled, last = True, value if value is not None else last
                     break
                 last = value
+                if value.finished:
+                    _raise_if_failed(value)
                 text = value.outputs[0].text
                 if len(text) > len(sent) and text.startswith(sent):
                     yield text[len(sent):]
@@ -609,6 +636,16 @@ class VLLMEngine(InstructionEngine):
         row = self._row(doc, last, cancelled, json_schema)
         doc.uses += 1
         yield self._answer(row, (time.perf_counter() - start) * 1000)
+
+
+def _raise_if_failed(out) -> None:
+    """Raise when vLLM finished a request it did not answer (finish reason "error" or "abort" that
+    no caller asked for: a grammar that failed to compile, a KV-cache failure), rather than letting
+    its empty output pass for an answer."""
+    reason = out.outputs[0].finish_reason if out.outputs else "error"
+    if reason in ("error", "abort"):
+        raise RuntimeError(f"vLLM ended request {out.request_id} with finish reason {reason!r} "
+                           "(the vLLM engine's log says why)")
 
 
 def _close_json(schema: dict, text: str) -> str:

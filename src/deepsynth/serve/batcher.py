@@ -1,9 +1,14 @@
-"""Micro-batching: one worker thread owns the model; requests wait in a bounded queue.
+"""Micro-batching: worker threads hand batches to the engine; requests wait in a bounded queue.
 
 The first request of a batch waits up to `max_wait_ms` for companions with the same generation
 settings and JSON schema, then up to `max_batch_size` of them are answered by one `ask_batch` call. Streaming
 requests run alone (one streamer per `generate`). A full queue raises `QueueFull` at once, so the
 server answers 503 instead of piling up work it cannot finish.
+
+Workers: as many as the engine's `concurrency` (calls it runs at once to good effect). The HF
+engine has one model and one `generate` at a time: one worker, so batches queue behind each other.
+vLLM schedules every request it holds together (continuous batching): many workers, so that new
+requests and streams join the running batch instead of waiting for it to end.
 
 Isolation: when a batch fails, whatever the exception, each of its requests is answered alone, so
 one bad request fails only itself. Cancellation: a job whose `cancel` is set before its batch
@@ -82,29 +87,41 @@ class Job:
 
 
 class MicroBatcher:
+    """workers: batches in flight at once (default: the engine's `concurrency`, else 1)."""
+
     def __init__(self, engine: Engine, max_batch_size: int = 8, max_wait_ms: float = 10.0,
-                 max_queue: int = 64, on_batch: Callable[[int, float], None] | None = None) -> None:
+                 max_queue: int = 64, on_batch: Callable[[int, float], None] | None = None,
+                 workers: int | None = None) -> None:
         self.engine = engine
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000
         self.max_queue = max_queue
         self.on_batch = on_batch
+        self.workers = workers or getattr(engine, "concurrency", 1)
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
         self._running = False
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._batch_seconds = 0.5  # running mean of one batch's time, for Retry-After
-        self.busy = False
+        self._active = 0  # batches the engine is running now
 
     # ------------------------------------------------------------------ control
 
+    @property
+    def busy(self) -> bool:
+        return self._active > 0
+
     def start(self) -> None:
         with self._cond:
-            if self._thread is not None and self._thread.is_alive():
+            if any(t.is_alive() for t in self._threads):
                 return
             self._running = True
-            self._thread = threading.Thread(target=self._loop, name="deepsynth-batcher", daemon=True)
-            self._thread.start()
+            self._threads = [threading.Thread(target=self._loop, name=f"deepsynth-batcher-{i}", daemon=True)
+                             for i in range(self.workers)]
+            for thread in self._threads:
+                thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         with self._cond:
@@ -116,15 +133,16 @@ class MicroBatcher:
             job.cancel.set()
             if not job.future.done():
                 _settle(job, exc=RuntimeError("the server is shutting down"))
-        if self._thread is not None:
-            self._thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     @property
     def depth(self) -> int:
         return len(self._queue)
 
     def retry_after(self) -> int:
-        batches_ahead = math.ceil((len(self._queue) + 1) / self.max_batch_size)
+        batches_ahead = math.ceil((len(self._queue) + 1) / (self.max_batch_size * self.workers))
         return max(1, math.ceil(batches_ahead * self._batch_seconds))
 
     def submit(self, job: Job) -> Job:
@@ -176,7 +194,8 @@ class MicroBatcher:
                 continue
             for job in batch:
                 job.batch_size = len(batch)
-            self.busy = True
+            with self._cond:
+                self._active += 1
             start = time.perf_counter()
             try:
                 if batch[0].on_piece is not None:
@@ -188,7 +207,8 @@ class MicroBatcher:
                     if not job.future.done():
                         _settle(job, exc=exc)
             finally:
-                self.busy = False
+                with self._cond:
+                    self._active -= 1
             seconds = time.perf_counter() - start
             self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * seconds
             if self.on_batch is not None:
