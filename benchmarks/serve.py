@@ -8,10 +8,14 @@
 2. Many questions per document: the same document asked `questions` different questions in a row
    through the engine, with the document cache on and off (render + vision encoding once vs. every
    time), for a short and a long document.
-3. Engines: the same requests at concurrency 1, 4, 16 against `deepsynth serve --engine hf` and
-   `--engine vllm` (the vLLM server runs in the vLLM environment made by `make vllm-env`, as a
-   subprocess on 127.0.0.1): requests/s and latency p50/p95 of each, and the vLLM / HF ratio.
-   `--only-engines` runs this part alone; it is skipped (and says so) without the vLLM environment.
+3. Engines: the same requests (same documents and questions) at concurrency 1, 4, 16 against
+   `deepsynth serve --engine hf` and `--engine vllm` (the vLLM server runs in the vLLM environment
+   made by `make vllm-env`, as a subprocess on 127.0.0.1): requests/s, answer tokens/s and latency
+   p50/p95 of each, the vLLM / HF ratio, and how many answers the two servers gave identically.
+   Two workloads: short answers (the trained tiny reader, which stops after a few tokens: prefill
+   and per-request overhead dominate) and long answers (the random tiny model, which writes until
+   the 64-token budget or the loop guard: decoding dominates). `--only-engines` runs this part
+   alone; it is skipped (and says so) without the vLLM environment.
 
 Everything runs on one machine in one run, so the ratios mean something even when the machine is
 busy (its load average is recorded); absolute numbers do not transfer to other machines.
@@ -92,25 +96,24 @@ def start_server(app):
 
 
 def client(url: str, concurrency: int, bodies: list[dict]) -> dict:
-    """Post `bodies` with `concurrency` threads; per-request latency (ms) and server fields."""
-    results: list[dict] = []
-    errors = 0
+    """Post `bodies` with `concurrency` threads; per-request latency (ms) and server fields, in the
+    order of `bodies` (None for a request that failed)."""
+    results: list[dict | None] = [None] * len(bodies)
 
-    def one(body: dict) -> None:
-        nonlocal errors
+    def one(i: int) -> None:
         t0 = time.perf_counter()
         try:
-            out = post(url, body)
-        except Exception:
-            errors += 1
+            out = post(url, bodies[i])
+        except Exception as exc:
+            print(f"request {i} failed: {exc}", file=sys.stderr)
             return
-        results.append({"ms": (time.perf_counter() - t0) * 1000, "batch_size": out["batch_size"],
-                        "new_tokens": out["new_tokens"]})
+        results[i] = {"ms": (time.perf_counter() - t0) * 1000, "batch_size": out["batch_size"],
+                      "new_tokens": out["new_tokens"], "answer": out["answer"]}
 
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(one, bodies))
-    return {"seconds": time.perf_counter() - start, "results": results, "errors": errors}
+        list(pool.map(one, range(len(bodies))))
+    return {"seconds": time.perf_counter() - start, "results": results}
 
 
 def run_cell(url: str, concurrency: int, requests: int, first_doc: int, max_new_tokens: int) -> dict:
@@ -119,16 +122,21 @@ def run_cell(url: str, concurrency: int, requests: int, first_doc: int, max_new_
     proc = subprocess.run([sys.executable, __file__, "--client", url, "--concurrency", str(concurrency)],
                           input=json.dumps(bodies), capture_output=True, text=True, check=True)
     out = json.loads(proc.stdout)
-    latencies = [r["ms"] for r in out["results"]]
+    done = [r for r in out["results"] if r is not None]
+    if not done:
+        raise RuntimeError(f"every request to {url} failed: {proc.stderr[-2000:]}")
+    latencies = [r["ms"] for r in done]
     wall = out["seconds"]
     return {
-        "requests": requests, "errors": out["errors"], "seconds": round(wall, 3),
+        "requests": requests, "errors": requests - len(done), "seconds": round(wall, 3),
         "requests_per_s": round(len(latencies) / wall, 2),
+        "answer_tokens_per_s": round(sum(r["new_tokens"] for r in done) / wall, 1),
         "p50_ms": round(percentile(latencies, 0.5), 1), "p95_ms": round(percentile(latencies, 0.95), 1),
         "mean_ms": round(statistics.mean(latencies), 1),
-        "mean_batch_size": round(statistics.mean(r["batch_size"] for r in out["results"]), 2),
-        "max_batch_size_seen": max(r["batch_size"] for r in out["results"]),
-        "mean_new_tokens": round(statistics.mean(r["new_tokens"] for r in out["results"]), 1),
+        "mean_batch_size": round(statistics.mean(r["batch_size"] for r in done), 2),
+        "max_batch_size_seen": max(r["batch_size"] for r in done),
+        "mean_new_tokens": round(statistics.mean(r["new_tokens"] for r in done), 1),
+        "answers": [r["answer"] if r is not None else None for r in out["results"]],
     }
 
 
@@ -204,10 +212,26 @@ def wait_health(base: str, proc, timeout: float) -> None:
     raise RuntimeError(f"the vLLM server did not answer /health within {timeout} s")
 
 
-def engine_cells(url: str, max_new_tokens: int, first_doc: int) -> list[dict]:
-    cells = []
+def stop_group(pgid: int) -> bool:
+    """Kill what is left of a server's process group (vLLM's engine processes), so that nothing of
+    one measurement runs on into the next; whether anything was left."""
+    import signal
+
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+ENGINE_WORKLOADS = {"short_answers": ("tiny-reader", 16), "long_answers": ("tiny", 64)}
+
+
+def engine_cells(url: str, max_new_tokens: int) -> list[dict]:
+    """Concurrency 1/4/16 against one server; each engine gets the same documents and questions."""
+    cells, first_doc = [], 20000
     for concurrency in (1, 4, 16):
-        requests = max(16, 2 * concurrency)
+        requests = max(32, 4 * concurrency)
         post(url, {"text": document(first_doc - 1), "instruction": "Warm up?", "max_new_tokens": max_new_tokens})
         cell = run_cell(url, concurrency, requests, first_doc, max_new_tokens)
         first_doc += requests
@@ -215,28 +239,39 @@ def engine_cells(url: str, max_new_tokens: int, first_doc: int) -> list[dict]:
     return cells
 
 
+def print_cells(name: str, cells: list[dict]) -> None:
+    for cell in cells:
+        print(f"{name:4s} c={cell['concurrency']:2d}  {cell['requests_per_s']:6.2f} req/s  "
+              f"{cell['answer_tokens_per_s']:7.1f} tok/s  p50 {cell['p50_ms']:7.1f} ms  p95 {cell['p95_ms']:7.1f} ms",
+              flush=True)
+
+
 def engine_comparison(model: str, max_new_tokens: int, max_wait_ms: float, max_batch_size: int = 16) -> dict:
-    """requests/s and p50/p95 at concurrency 1/4/16 for `serve --engine hf` and `--engine vllm`."""
+    """requests/s, tokens/s and p50/p95 at concurrency 1/4/16 for `serve --engine hf` and `--engine vllm`."""
     import socket
+
+    import torch
 
     from deepsynth.inference import InstructionEngine
     from deepsynth.inference.parity import vllm_python
     from deepsynth.serve import ServeConfig, create_app
 
     out: dict = {"model": model, "max_new_tokens": max_new_tokens, "server_max_batch_size": max_batch_size,
-                 "max_wait_ms": max_wait_ms, "documents": "one new document per request", "engines": {}}
+                 "max_wait_ms": max_wait_ms, "decoding": "greedy, float32 on both (vLLM's own default would turn float32 weights 16-bit)",
+                 "documents": "one new document per request, the same for both engines",
+                 "threads": {"hf": f"torch intra-op threads {torch.get_num_threads()} (in this process)",
+                             "vllm": "vLLM's CPU defaults (its worker binds its own OpenMP threads)"},
+                 "engines": {}}
     engine = InstructionEngine(model, cache_pages=0)
     config = ServeConfig(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=256,
                          max_new_tokens=max(max_new_tokens, 16), default_new_tokens=max_new_tokens)
     app = create_app(engine, config)
     server, thread, base = start_server(app)
-    out["engines"]["hf"] = engine_cells(base + "/api/inference/instruct", max_new_tokens, 20000)
+    out["engines"]["hf"] = engine_cells(base + "/api/inference/instruct", max_new_tokens)
     server.should_exit = True
     thread.join(10)
     app.state.batcher.stop()
-    for cell in out["engines"]["hf"]:
-        print(f"hf   c={cell['concurrency']:2d}  {cell['requests_per_s']:6.2f} req/s  p50 {cell['p50_ms']:7.1f} ms  "
-              f"p95 {cell['p95_ms']:7.1f} ms", flush=True)
+    print_cells("hf", out["engines"]["hf"])
     python = vllm_python()
     if python is None:
         out["engines"]["vllm"] = None
@@ -249,32 +284,47 @@ def engine_comparison(model: str, max_new_tokens: int, max_wait_ms: float, max_b
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     proc = subprocess.Popen([python, "-m", "deepsynth.cli", "serve", "--engine", "vllm", "--model", model,
                              "--port", str(port), "--max-batch-size", str(max_batch_size), "--max-wait-ms",
-                             str(max_wait_ms), "--max-queue", "256", "--cache-pages", "0"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+                             str(max_wait_ms), "--max-queue", "256", "--cache-pages", "0", "--dtype", "float32"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
     try:
         base = f"http://127.0.0.1:{port}"
         start = time.perf_counter()
         wait_health(base, proc, timeout=900)
         out["vllm_start_s"] = round(time.perf_counter() - start, 1)
-        out["engines"]["vllm"] = engine_cells(base + "/api/inference/instruct", max_new_tokens, 30000)
+        out["engines"]["vllm"] = engine_cells(base + "/api/inference/instruct", max_new_tokens)
     finally:
         proc.terminate()
         try:
             proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
-    for cell in out["engines"]["vllm"]:
-        print(f"vllm c={cell['concurrency']:2d}  {cell['requests_per_s']:6.2f} req/s  p50 {cell['p50_ms']:7.1f} ms  "
-              f"p95 {cell['p95_ms']:7.1f} ms", flush=True)
-    out["vllm_over_hf_requests_per_s"] = {
-        f"concurrency_{h['concurrency']}": round(v["requests_per_s"] / h["requests_per_s"], 2)
-        for h, v in zip(out["engines"]["hf"], out["engines"]["vllm"])}
+        out["processes_left_after_stop"] = stop_group(proc.pid)
+    print_cells("vllm", out["engines"]["vllm"])
+    pairs = list(zip(out["engines"]["hf"], out["engines"]["vllm"]))
+    out["vllm_over_hf"] = {f"concurrency_{h['concurrency']}": {
+        "requests_per_s": round(v["requests_per_s"] / h["requests_per_s"], 2),
+        "answer_tokens_per_s": round(v["answer_tokens_per_s"] / h["answer_tokens_per_s"], 2),
+        "p95_ms": round(v["p95_ms"] / h["p95_ms"], 2)} for h, v in pairs}
+    for h, v in pairs:  # float32 greedy both sides: differences come from batch shapes (see README)
+        same = sum(a == b and a is not None for a, b in zip(h["answers"], v["answers"]))
+        v["identical_to_hf"] = f"{same}/{len(h['answers'])}"
+    out["identical_answers"] = [v["identical_to_hf"] for _, v in pairs]
+    for cells in out["engines"].values():
+        for cell in cells:
+            del cell["answers"]
+    print(f"identical answers: {out['identical_answers']}; vLLM/HF: {out['vllm_over_hf']}", flush=True)
     return out
+
+
+def engine_workloads(max_wait_ms: float) -> dict:
+    """`engine_comparison` for each of ENGINE_WORKLOADS."""
+    return {name: engine_comparison(model, tokens, max_wait_ms) for name, (model, tokens) in ENGINE_WORKLOADS.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny", help="Model preset or directory (default: tiny, random).")
+    parser.add_argument("--model", default="tiny", help="Model preset or directory of parts 1-2 (default: tiny, "
+                        "random); part 3 runs its two workloads.")
     parser.add_argument("--out", default=str(Path(__file__).with_name("serve_report.json")))
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
@@ -303,7 +353,7 @@ def main() -> None:
     if args.only_engines:
         path = Path(args.out)
         report = json.loads(path.read_text()) if path.is_file() else {"benchmark": "serve"}
-        report["engines"] = engine_comparison(args.model, args.max_new_tokens, args.max_wait_ms)
+        report["engines"] = engine_workloads(args.max_wait_ms)
         report["engines"]["loadavg"] = [[round(x, 2) for x in load_start], [round(x, 2) for x in os.getloadavg()]]
         report["engines"]["seconds"] = round(time.perf_counter() - t_start, 1)
         path.write_text(json.dumps(report, indent=2) + "\n")
@@ -327,6 +377,7 @@ def main() -> None:
             app.state.batcher.max_batch_size = max_batch
             cell = run_cell(url, concurrency, requests, doc_id, args.max_new_tokens)
             doc_id += requests
+            del cell["answers"]
             grid.append({"concurrency": concurrency, "max_batch_size": max_batch, **cell})
             print(f"c={concurrency:2d} b={max_batch}  p50 {cell['p50_ms']:7.1f} ms  p95 {cell['p95_ms']:7.1f} ms  "
                   f"{cell['requests_per_s']:6.2f} req/s  mean batch {cell['mean_batch_size']:.2f}", flush=True)
@@ -338,7 +389,7 @@ def main() -> None:
     parts = breakdown(engine, args.max_new_tokens)
     print(f"breakdown: {parts}", flush=True)
     cache = cache_benchmark(args.model, args.questions, args.max_new_tokens)
-    engines = engine_comparison(args.model, args.max_new_tokens, args.max_wait_ms)
+    engines = engine_workloads(args.max_wait_ms)
     for label, row in cache["documents"].items():
         print(f"cache {label}: {row['pages']} pages, total {row['cache_off']['total_s']} s -> "
               f"{row['cache_on']['total_s']} s (x{row['speedup_total']})", flush=True)

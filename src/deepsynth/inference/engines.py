@@ -7,16 +7,30 @@ Both engines implement `deepsynth.inference.interface.Engine` and give the same 
 
 from __future__ import annotations
 
+import dataclasses
+
 ENGINES = ("hf", "vllm")
 
 
-def make_engine(model: str = "tiny-reader", engine: str = "hf", **kwargs):
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def make_engine(model: str = "tiny-reader", engine: str = "hf", dtype: str = "auto", **kwargs):
     """The engine named `engine` for `model`; keyword arguments go to its constructor (an
-    `adapter` is merged by "hf" and served as a LoRA module by "vllm")."""
+    `adapter` is merged by "hf" and served as a LoRA module by "vllm").
+
+    dtype: the weights' dtype, one of DTYPES. "auto" is each engine's own default: the checkpoint's
+    dtype for "hf"; for "vllm" the checkpoint's too, except that vLLM turns float32 into a 16-bit
+    type (answers then drift from the HF engine's after a few dozen tokens).
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: choose one of {DTYPES}")
     if engine == "hf":
+        import torch
+
         from deepsynth.inference.engine import InstructionEngine
 
-        return InstructionEngine(model, **kwargs)
+        return InstructionEngine(model, dtype=None if dtype == "auto" else getattr(torch, dtype), **kwargs)
     if engine == "vllm":
         try:
             import vllm  # noqa: F401
@@ -24,7 +38,10 @@ def make_engine(model: str = "tiny-reader", engine: str = "hf", **kwargs):
             raise ValueError("engine 'vllm' needs vLLM, which is not installed in this environment: run "
                              "`make vllm-env` and start the command with .venv-vllm/bin/python -m deepsynth.cli "
                              "(or .venv-vllm/bin/deepsynth)") from None
-        from deepsynth.inference.vllm_engine import VLLMEngine
+        from deepsynth.inference.vllm_engine import VLLMEngine, VLLMOptions
 
-        return VLLMEngine(model, **kwargs)
+        options = kwargs.pop("options", None) or VLLMOptions()
+        if dtype != "auto":
+            options = dataclasses.replace(options, dtype=dtype)
+        return VLLMEngine(model, options=options, **kwargs)
     raise ValueError(f"engine {engine!r}: choose one of {ENGINES}")

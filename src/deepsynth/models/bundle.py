@@ -253,6 +253,8 @@ def load_bundle(name: str, dtype: torch.dtype | None = None, seed: int = 0, merg
     backend = preset_backend(name)
     if backend is not None:
         model, processor = backend.presets[name](seed=seed)
+        if dtype is not None:
+            model = model.to(dtype)
         spec = default_spec(backend, processor, backend.preset_render, crop_mode="none")
         spec.base_model, spec.base_seed = name, seed
         backend.configure_processor(processor, spec.crop_mode)

@@ -50,8 +50,13 @@ __all__ = ["APIError", "AnswerResponse", "MIN_SAMPLING_TEMPERATURE", "RenderResp
 DOCS_STATIC = "/static-docs"
 
 
-def create_app(engine: Engine, config: ServeConfig | None = None) -> FastAPI:
-    """The API + UI around one loaded engine (the model never changes while the app runs)."""
+def create_app(engine: Engine, config: ServeConfig | None = None, owns_engine: bool = False) -> FastAPI:
+    """The API + UI around one loaded engine (the model never changes while the app runs).
+
+    owns_engine: close the engine (its `close`, where it has one) when the app shuts down; for an
+    engine made for this app alone (`deepsynth serve`), since vLLM's engine processes otherwise
+    outlive the server.
+    """
     config = config or ServeConfig.from_env()
     if config.cache_bytes is not None:
         engine.cache.max_bytes = config.cache_bytes
@@ -69,6 +74,9 @@ def create_app(engine: Engine, config: ServeConfig | None = None) -> FastAPI:
         logger.info("serving model %s (API key %s)", engine.name, "required" if config.api_key else "not required")
         yield
         batcher.stop()
+        close = getattr(engine, "close", None) if owns_engine else None
+        if close is not None:
+            close()
 
     app = FastAPIOffline(title="DeepSynth", version="0.1.0", lifespan=lifespan, static_url=DOCS_STATIC,
                          description="Instructions (questions, summaries, extraction) about documents read as page "

@@ -37,27 +37,40 @@ def serve_command(
                                                "fastest for small models on a busy CPU."),
     engine: str = typer.Option("hf", help="Generation engine: 'hf' (transformers) or 'vllm' (needs the vLLM "
                                           "environment of `make vllm-env`; adapters stay unmerged LoRA modules)."),
+    dtype: str = typer.Option("auto", help="Weights' dtype: auto (the checkpoint's; vLLM makes float32 16-bit), "
+                                           "float32 (vLLM then answers as the HF engine does), bfloat16, float16."),
 ) -> None:
     """Serve the HTTP API (/api, the OpenAI-compatible /v1, /docs, /metrics, /health) and the web UI (/)."""
     import torch
     import uvicorn
 
+    from deepsynth.inference.engines import DTYPES
     from deepsynth.serve.app import is_loopback
     from deepsynth.serve.config import API_KEY_ENV
 
+    if dtype not in DTYPES:
+        raise typer.BadParameter(f"{dtype!r}: choose one of {', '.join(DTYPES)}", param_hint="'--dtype'")
+
     if threads:
         torch.set_num_threads(threads)
-    app = build_app(model, preset=preset, adapter=adapter, cache_pages=cache_pages, engine=engine,
+    app = build_app(model, preset=preset, adapter=adapter, cache_pages=cache_pages, engine=engine, dtype=dtype,
                     max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
                     max_new_tokens=max_new_tokens, max_pages=max_pages)
     if not is_loopback(host) and app.state.config.api_key is None:
         typer.echo(f"warning: serving on {host} without an API key; set {API_KEY_ENV} to require one", err=True)
     typer.echo(f"DeepSynth serving {model} on http://{host}:{port}/  (API docs: /docs)", err=True)
-    uvicorn.run(app, host=host, port=port, log_level="info", server_header=False)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="info", server_header=False)
+    finally:
+        # The app's shutdown closes the engine (uvicorn re-raises SIGTERM after it, so code after
+        # `run` may never execute); this covers uvicorn failing before the app started (port in use).
+        close = getattr(app.state.engine, "close", None)
+        if close is not None:
+            close()
 
 
 def build_app(model: str, preset: str | None = None, adapter: str | None = None, cache_pages: int = 256,
-              engine: str = "hf", **limits):
+              engine: str = "hf", dtype: str = "auto", **limits):
     """The app `deepsynth serve` runs: the model loaded from its bundle, limits from the options and
     the environment (ServeConfig.from_env)."""
     from deepsynth.inference.engines import make_engine
@@ -65,7 +78,8 @@ def build_app(model: str, preset: str | None = None, adapter: str | None = None,
     from deepsynth.serve.config import ServeConfig
 
     try:
-        engine = make_engine(model, engine, render_preset=preset, adapter=adapter, cache_pages=cache_pages)
+        engine = make_engine(model, engine, dtype=dtype, render_preset=preset, adapter=adapter,
+                             cache_pages=cache_pages)
     except (FileNotFoundError, OSError, ValueError) as exc:
         raise typer.BadParameter(f"cannot load model {model!r}: {exc}", param_hint="'--model'") from None
     cap = limits.get("max_new_tokens", engine.generation.max_new_tokens)
@@ -74,8 +88,7 @@ def build_app(model: str, preset: str | None = None, adapter: str | None = None,
         config = ServeConfig.from_env(**limits, default_new_tokens=min(engine.generation.max_new_tokens, cap))
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
-    app = create_app(engine, config)
-    return app
+    return create_app(engine, config, owns_engine=True)
 
 
 def register(app: typer.Typer) -> None:
