@@ -212,16 +212,17 @@ def wait_health(base: str, proc, timeout: float) -> None:
     raise RuntimeError(f"the vLLM server did not answer /health within {timeout} s")
 
 
-def stop_group(pgid: int) -> bool:
-    """Kill what is left of a server's process group (vLLM's engine processes), so that nothing of
-    one measurement runs on into the next; whether anything was left."""
+def stop_session(sid: int) -> list[str]:
+    """Kill what is left of a stopped server's session (vLLM's engine processes, should the server
+    not have stopped them), so that nothing of one measurement runs on into the next; returns the
+    command lines that were left."""
     import signal
 
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        return False
-    return True
+    ps = subprocess.run(["ps", "-o", "args=", "--sid", str(sid)], capture_output=True, text=True)
+    left = [line.strip() for line in ps.stdout.splitlines() if line.strip()]
+    if left:
+        os.killpg(sid, signal.SIGKILL)
+    return left
 
 
 ENGINE_WORKLOADS = {"short_answers": ("tiny-reader", 16), "long_answers": ("tiny", 64)}
@@ -298,7 +299,7 @@ def engine_comparison(model: str, max_new_tokens: int, max_wait_ms: float, max_b
             proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
-        out["processes_left_after_stop"] = stop_group(proc.pid)
+        out["processes_left_after_stop"] = stop_session(proc.pid)
     print_cells("vllm", out["engines"]["vllm"])
     pairs = list(zip(out["engines"]["hf"], out["engines"]["vllm"]))
     out["vllm_over_hf"] = {f"concurrency_{h['concurrency']}": {
