@@ -88,3 +88,14 @@ def test_a_patch_readout_checkpoint_is_never_read_with_the_stock_readout(tmp_pat
                             "AutoModelForImageTextToText.from_pretrained(sys.argv[1])", str(tmp_path)],
                            capture_output=True, text=True)
     assert plain.returncode != 0 and PATCH_READOUT_TYPE in plain.stderr
+
+
+def test_real_size_presets_read_the_pages_the_real_model_reads():
+    """The random real-size presets get the real model's page size, the tiny presets the tiny one's."""
+    from deepsynth.models.registry import BACKENDS
+
+    for backend in BACKENDS.values():
+        for preset in backend.presets:
+            expected = "large" if preset.startswith("random-") else "tiny"
+            assert backend.render_of_preset(preset) == expected, (backend.name, preset)
+    assert RenderConfig.from_preset("large").page_width == 1024

@@ -12,6 +12,7 @@ arithmetic give identical tokens; the report names the first token where they pa
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -143,6 +144,10 @@ def check_parity(model: str, examples: Sequence[tuple[str, str]] = DEFAULT_EXAMP
     pages = [engine.pages_for(text) for text, _ in examples]
     instructions = [instruction for _, instruction in examples]
     hf_rows = hf_token_ids(engine, pages, instructions, settings)
+    tok = engine.tokenizer
+    # vLLM loads its own copy: drop ours first, so that a real-size model fits twice in turn, not at once
+    del engine
+    gc.collect()
     with tempfile.TemporaryDirectory(prefix="deepsynth-parity-") as tmp:
         work = Path(tmp)
         items = []
@@ -156,7 +161,6 @@ def check_parity(model: str, examples: Sequence[tuple[str, str]] = DEFAULT_EXAMP
         job = {"model": model, "adapter": adapter, "dtype": "float32", "kv_cache_gib": kv_cache_gib,
                "settings": {"max_new_tokens": max_new_tokens, "do_sample": False}, "items": items}
         vllm = run_vllm(job, python, work)
-    tok = engine.tokenizer
     answers = []
     for (text, instruction), hf, vl in zip(examples, hf_rows, vllm["answers"]):
         diff = first_difference(hf["token_ids"], vl["token_ids"])
@@ -202,12 +206,15 @@ def check_parity_command(
                                                    help=f"Python of the vLLM environment (default: "
                                                         f"${VLLM_PYTHON_ENV} or {VLLM_VENV}/bin/python)."),
     out: Optional[Path] = typer.Option(None, help="Write the JSON report here too."),
+    kv_cache_gib: int = typer.Option(1, min=1, help="GiB vLLM reserves for the KV cache (a real-size model's "
+                                                    "longest sequence in float32 needs more than 1)."),
 ) -> None:
     """Run the same pages and instructions through the HF and vLLM engines (float32, greedy) and
     report the first differing token of each answer; exit status 1 when any answer differs."""
     pairs = _read_examples(examples) if examples else list(DEFAULT_EXAMPLES)
     try:
-        report = check_parity(model, pairs, adapter=adapter, max_new_tokens=max_new_tokens, python=vllm_python_path)
+        report = check_parity(model, pairs, adapter=adapter, max_new_tokens=max_new_tokens, python=vllm_python_path,
+                              kv_cache_gib=kv_cache_gib)
     except FileNotFoundError as exc:
         raise typer.BadParameter(str(exc)) from None
     except RuntimeError as exc:

@@ -423,8 +423,12 @@ class VLLMEngine(InstructionEngine):
             if self.spec.crop_mode == "tiles":
                 raise BundleError(f"{self.name}: crop mode 'tiles' (local crops) is not served by vLLM's "
                                   "Transformers backend; use crop mode 'none' or the HF engine")
-            # the processor class's own default cuts crops whatever the image processor says
-            kwargs["mm_processor_kwargs"] = {"crop_to_patches": False}
+            # vLLM builds its own processor from the checkpoint: give it the crop settings that
+            # `set_crop_mode` put on ours (no crops; the global view drawn at `size`, not at
+            # `tile_size`, or a 1024 px model reads a 768 px view with 1024 px token counts)
+            images_kwargs = getattr(self.processor, "images_kwargs", None) or {}
+            kwargs["mm_processor_kwargs"] = {"crop_to_patches": False,
+                                             **{k: images_kwargs[k] for k in ("tile_size",) if k in images_kwargs}}
         allowed = os.environ.get("VLLM_PLUGINS")
         if allowed is not None and "deepsynth" not in [p.strip() for p in allowed.split(",")]:
             # vLLM's own processes would build the model without the plugin: no patch readout, and

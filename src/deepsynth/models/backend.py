@@ -31,6 +31,8 @@ class Backend:
                      or "chat-template" (the processor's chat template, for chat VLMs).
     render_preset:   render preset for pages drawn from text when a checkpoint has no bundle.
     preset_render:   render preset of the tiny presets.
+    real_size_presets: presets with the released model's sizes (random weights): their pages are
+                     `render_preset`'s, the size the real model reads, not `preset_render`'s.
     encodes_pages:   the model accepts pre-computed page features (`mm_encoder_outputs`), so the
                      engine may cache them per document.
     configure_processor: (processor, crop_mode) -> None; applies the bundle's crop mode
@@ -56,6 +58,7 @@ class Backend:
     prompt_layout: str = "raw"
     render_preset: str = "large"
     preset_render: str = "tiny"
+    real_size_presets: tuple[str, ...] = ()
     encodes_pages: bool = False
     configure_processor: Callable[[object, str | None], None] = _no_processor_settings
     default_crop_mode: str | None = None
@@ -63,3 +66,7 @@ class Backend:
     parameter_group: Callable[[str], str] | None = None
     image_tokens: Callable[[object, int, int, str], int] | None = None
     vision_tokens: Callable[[object, str, int, str], int] | None = None
+
+    def render_of_preset(self, preset: str) -> str:
+        """Render preset of the pages preset model `preset` reads."""
+        return self.render_preset if preset in self.real_size_presets else self.preset_render

@@ -255,7 +255,7 @@ def load_bundle(name: str, dtype: torch.dtype | None = None, seed: int = 0, merg
         model, processor = backend.presets[name](seed=seed)
         if dtype is not None:
             model = model.to(dtype)
-        spec = default_spec(backend, processor, backend.preset_render, crop_mode="none")
+        spec = default_spec(backend, processor, backend.render_of_preset(name), crop_mode="none")
         spec.base_model, spec.base_seed = name, seed
         backend.configure_processor(processor, spec.crop_mode)
         return LoadedModel(model, processor, spec)

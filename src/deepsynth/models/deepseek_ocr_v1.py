@@ -634,7 +634,8 @@ BACKEND = Backend(
     name="deepseek-ocr-v1", model_types=("deepseek_vl_v2", MODEL_TYPE), load=load_v1,
     presets={"tiny-deepseek-ocr-v1": build_tiny_v1, "random-deepseek-ocr": build_random_v1},
     aliases={"deepseek-ocr": V1_CHECKPOINT},
-    prompt_layout="raw", render_preset="large", preset_render="tiny", encodes_pages=False,
+    prompt_layout="raw", render_preset="large", preset_render="tiny", real_size_presets=("random-deepseek-ocr",),
+    encodes_pages=False,
     configure_processor=_set_crop_mode,
     # The port reuses DeepSeek-OCR-2's decoder classes: same fused experts, same parameter groups.
     lora_target_parameters=lambda model: _ocr2().lora_expert_parameters(model),
