@@ -73,6 +73,8 @@ def test_vllm_answers_equal_hf_engine_for_tiny_reader(tmp_path):
     assert [r.get("answer") for r in api["ours"]] == [h["answer"] for h in hf], api["ours"]
     assert api["openai"] == [h["answer"] for h in hf]
     assert api["openai_image"] == hf[0]["answer"]
+    assert api["openai_client"] == hf[0]["answer"]
+    assert api["openai_client_stream"].strip() == hf[0]["answer"]
     # structured output through vLLM's guided decoding: valid JSON even from the tiny reader, which
     # was never trained to write any
     for answer in api["schema_answers"]:

@@ -4,7 +4,8 @@
 
 JOB: {"model", "documents", "instructions", "stock_readout_model", "schema"}. Answers every pair
 with a float32 `VLLMEngine` (ask_batch), streams the first pair, asks through the server's API
-(ours and the OpenAI-compatible one, text documents and an image part; schema-constrained answers
+(ours and the OpenAI-compatible one, text documents and an image part, the openai client plain and
+streamed; schema-constrained answers
 and a schema vLLM's grammar backend cannot enforce), and answers the pairs again with the
 stock-readout copy of the model (what vLLM serves when the plugin's readout is missing).
 """
@@ -67,6 +68,16 @@ def through_api(engine, job: dict) -> dict:
             "response_format": {"type": "json_schema", "json_schema": {"name": "city", "schema": job["schema"]}}})
         result["openai_schema"] = (r.json()["choices"][0]["message"]["content"] if r.status_code == 200
                                    else {"status": r.status_code, "body": r.text})
+        # the openai Python client (over the test client's transport), plain and streamed
+        import openai
+
+        oa = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=client, max_retries=0)
+        messages = [{"role": "user", "content": job["instructions"][0]}]
+        document = {"document": {"text": job["documents"][0]}}
+        reply = oa.chat.completions.create(model=engine.name, messages=messages, extra_body=document)
+        result["openai_client"] = reply.choices[0].message.content
+        chunks = oa.chat.completions.create(model=engine.name, messages=messages, extra_body=document, stream=True)
+        result["openai_client_stream"] = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         # a string with both a pattern and a length bound: xgrammar cannot compile it
         unsupported = {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]+$",
                                                                  "maxLength": 4}}}
