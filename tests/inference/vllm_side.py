@@ -5,9 +5,9 @@
 JOB: {"model", "documents", "instructions", "stock_readout_model", "schema"}. Answers every pair
 with a float32 `VLLMEngine` (ask_batch), streams the first pair, asks through the server's API
 (ours and the OpenAI-compatible one, text documents and an image part, the openai client plain and
-streamed; schema-constrained answers
-and a schema vLLM's grammar backend cannot enforce), and answers the pairs again with the
-stock-readout copy of the model (what vLLM serves when the plugin's readout is missing).
+streamed; schema-constrained answers and a schema vLLM's grammar backend cannot enforce), and
+answers the pairs again with the stock-readout copy of the model (what vLLM serves when the
+plugin's readout is missing).
 """
 
 import json
