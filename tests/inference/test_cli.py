@@ -89,3 +89,21 @@ def test_ask_errors_name_the_input(run, tmp_path):
     res = run(str(bad), "-i", "Q?", "-m", "tiny")
     assert res.exit_code == 2 and "PDF" in res.output
     assert "Traceback" not in res.output
+
+
+def test_ask_engine_and_dtype(run, tmp_path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The total is 42 dollars.\n")
+    res = run(str(doc), "-i", "Total?", "-m", "tiny", "--max-new-tokens", "3", "--dtype", "bfloat16", "--json")
+    assert res.exit_code == 0, res.output
+    served = json.loads(res.stdout)["served_with"]
+    assert (served["engine"], served["dtype"]) == ("hf", "bfloat16")
+    res = run(str(doc), "-i", "Total?", "-m", "tiny", "--dtype", "float64")
+    assert res.exit_code == 2 and "--dtype" in res.output
+    try:
+        import vllm  # noqa: F401
+    except ImportError:  # this environment (the project's .venv) has no vLLM: the error says where it is
+        res = run(str(doc), "-i", "Total?", "-m", "tiny", "--engine", "vllm")
+        assert res.exit_code == 2 and "make vllm-env" in res.output
+    res = run(str(doc), "-i", "Total?", "-m", "tiny", "--engine", "onnx")
+    assert res.exit_code == 2 and "'hf', 'vllm'" in res.output

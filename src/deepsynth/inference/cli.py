@@ -46,12 +46,18 @@ def ask_command(
                                                             "model's decoding default)."),
     as_json: bool = typer.Option(False, "--json", help="Print the full answer record as JSON."),
     stream: bool = typer.Option(False, "--stream", help="Print the answer as it is generated."),
+    engine_name: str = typer.Option("hf", "--engine", help="Generation engine: 'hf' (transformers) or 'vllm' "
+                                                           "(needs the vLLM environment of `make vllm-env`)."),
+    dtype: str = typer.Option("auto", help="Weights' dtype: auto (the checkpoint's; vLLM makes float32 16-bit), "
+                                           "float32, bfloat16, float16."),
 ) -> None:
     """Answer an instruction about a document."""
     from deepsynth.inference.documents import DocumentError, read_document
-    from deepsynth.inference.engine import Answer, InstructionEngine
+    from deepsynth.inference.engines import DTYPES, make_engine
     from deepsynth.models.bundle import resolve_generation
 
+    if dtype not in DTYPES:
+        raise typer.BadParameter(f"{dtype!r}: choose one of {', '.join(DTYPES)}", param_hint="'--dtype'")
     if not instruction.strip():
         raise typer.BadParameter("the instruction is empty", param_hint="'--instruction'")
     if max_new_tokens is not None and not 1 <= max_new_tokens <= 8192:
@@ -69,11 +75,23 @@ def ask_command(
     if isinstance(doc, str) and not doc.strip():
         raise typer.BadParameter("the document is empty", param_hint="DOCUMENT")
     try:
-        engine = InstructionEngine(model, render_preset=preset)
+        engine = make_engine(model, engine_name, dtype=dtype, render_preset=preset)
         overrides = {"max_new_tokens": max_new_tokens} if max_new_tokens is not None else {}
-        settings = resolve_generation(engine.model, engine.generation, **overrides)
+        settings = resolve_generation(None, engine.generation, **overrides)
     except (FileNotFoundError, OSError, ValueError) as exc:
         raise typer.BadParameter(f"cannot load model {model!r}: {exc}", param_hint="'--model'") from None
+    try:
+        _answer(engine, doc, instruction, settings, stream, as_json)
+    finally:
+        close = getattr(engine, "close", None)  # the vLLM engine's processes
+        if close is not None:
+            close()
+
+
+def _answer(engine, doc, instruction: str, settings, stream: bool, as_json: bool) -> None:
+    from deepsynth.inference.documents import DocumentError
+    from deepsynth.inference.engine import Answer
+
     try:
         prepared = engine.prepare(doc, field="DOCUMENT")
         if stream:

@@ -219,6 +219,7 @@ class InstructionEngine:
 
     # One model, one `generate` at a time: concurrent callers wait for the model lock.
     concurrency = 1
+    engine_name = "hf"
 
     def __init__(self, model: str | tuple | LoadedModel = "tiny-reader", render_preset: str | None = None,
                  device: str | None = None, dtype: torch.dtype | None = None, adapter: str | None = None,
@@ -254,10 +255,15 @@ class InstructionEngine:
 
     def describe(self) -> dict:
         """What requests are answered with: the model, its render config and decoding defaults."""
-        return {"model": self.name, "backend": self.spec.backend, "render": dataclasses.asdict(self.render_config),
+        return {"model": self.name, "engine": self.engine_name, "dtype": self.dtype_name(),
+                "backend": self.spec.backend, "render": dataclasses.asdict(self.render_config),
                 "crop_mode": self.spec.crop_mode, "prompt_layout": self.spec.prompt_layout,
                 "instruction_channel": self.spec.instruction_channel.get("kind"),
                 "generation": {k: v for k, v in dataclasses.asdict(self.generation).items() if k != "extra"}}
+
+    def dtype_name(self) -> str:
+        """The weights' dtype ("float32", "bfloat16", ...)."""
+        return str(self.model.dtype).removeprefix("torch.")
 
     def check_json_schema(self, schema: dict, settings: GenerationSettings | None = None,
                           field: str = "json_schema") -> dict:

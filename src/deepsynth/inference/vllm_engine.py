@@ -355,6 +355,8 @@ class VLLMEngine(InstructionEngine):
     options:        how vLLM is started (`VLLMOptions`).
     """
 
+    engine_name = "vllm"
+
     def __init__(self, model: str = "tiny-reader", render_preset: str | None = None, adapter: str | None = None,
                  cache_pages: int = 256, generation: GenerationSettings | None = None, max_batch_size: int = 64,
                  loop_policy: LoopPolicy | None = None, options: VLLMOptions | None = None) -> None:
@@ -466,8 +468,11 @@ class VLLMEngine(InstructionEngine):
 
     def describe(self) -> dict:
         out = super().describe()
-        out.update(engine="vllm", lora=self.lora_path, dtype=self.options.dtype)
+        out.update(lora=self.lora_path)
         return out
+
+    def dtype_name(self) -> str:
+        return self.options.dtype  # "auto" when vLLM chose (see VLLMOptions.dtype)
 
     def check_json_schema(self, schema: dict, settings: GenerationSettings | None = None,
                           field: str = "json_schema") -> dict:
