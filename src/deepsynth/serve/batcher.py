@@ -165,10 +165,8 @@ class MicroBatcher:
                 return None
             first = self._queue.popleft()
             batch = [first]
-            if first.on_piece is not None:
-                return batch
             deadline = time.perf_counter() + self.max_wait
-            while len(batch) < self.max_batch_size:
+            while first.on_piece is None and len(batch) < self.max_batch_size:  # streams run alone
                 for job in list(self._queue):
                     if job.joins(first):
                         self._queue.remove(job)
@@ -179,6 +177,10 @@ class MicroBatcher:
                 if len(batch) == self.max_batch_size or remaining <= 0 or not self._running:
                     break
                 self._cond.wait(remaining)
+            if self._queue:
+                # a request that arrived while this batch formed may have woken this worker rather
+                # than an idle one: pass the wake-up on, so it need not wait for a batch to end
+                self._cond.notify()
             return batch
 
     def _loop(self) -> None:
