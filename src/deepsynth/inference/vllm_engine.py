@@ -85,9 +85,10 @@ class VLLMOptions:
     enforce_eager: bool = True
     # "transformers", "vllm" (native class) or None (chosen from the checkpoint, see `resolve_model`).
     model_impl: str | None = None
-    # Library behind schema-constrained answers: "guidance" (llguidance: the widest JSON-schema
-    # coverage, string lengths included) or "xgrammar" (vLLM's default; refuses some keywords).
-    # Either writes compact JSON: free whitespace lets small models spend the budget on spaces.
+    # Library behind schema-constrained answers: "xgrammar" (vLLM's default; refuses a few schema
+    # combinations, which `check_json_schema` turns into a SchemaError) or "guidance" (llguidance:
+    # wider JSON-schema coverage; it cannot read the tiny models' character tokenizer). Either
+    # writes compact JSON: with free whitespace small models spend the budget on spaces.
     structured_backend: str = "xgrammar"
     # Any further `vllm.LLM` keyword arguments.
     extra: dict = field(default_factory=dict)
