@@ -21,6 +21,7 @@ Everything runs on one machine in one run, so the ratios mean something even whe
 busy (its load average is recorded); absolute numbers do not transfer to other machines.
 
     python benchmarks/serve.py [--model tiny] [--out benchmarks/serve_report.json]
+    python benchmarks/serve.py --only-engines [--engine-model DIR --engine-dtype bfloat16 --max-new-tokens 64]
 """
 
 from __future__ import annotations
@@ -247,23 +248,24 @@ def print_cells(name: str, cells: list[dict]) -> None:
               flush=True)
 
 
-def engine_comparison(model: str, max_new_tokens: int, max_wait_ms: float, max_batch_size: int = 16) -> dict:
+def engine_comparison(model: str, max_new_tokens: int, max_wait_ms: float, max_batch_size: int = 16,
+                      dtype: str = "float32") -> dict:
     """requests/s, tokens/s and p50/p95 at concurrency 1/4/16 for `serve --engine hf` and `--engine vllm`."""
     import socket
 
     import torch
 
-    from deepsynth.inference import InstructionEngine
+    from deepsynth.inference.engines import make_engine
     from deepsynth.inference.parity import vllm_python
     from deepsynth.serve import ServeConfig, create_app
 
     out: dict = {"model": model, "max_new_tokens": max_new_tokens, "server_max_batch_size": max_batch_size,
-                 "max_wait_ms": max_wait_ms, "decoding": "greedy, float32 on both (vLLM's own default would turn float32 weights 16-bit)",
+                 "max_wait_ms": max_wait_ms, "decoding": f"greedy, {dtype} on both (vLLM's own default turns float32 weights 16-bit)",
                  "documents": "one new document per request, the same for both engines",
                  "threads": {"hf": f"torch intra-op threads {torch.get_num_threads()} (in this process)",
                              "vllm": "vLLM's CPU defaults (its worker binds its own OpenMP threads)"},
                  "engines": {}}
-    engine = InstructionEngine(model, cache_pages=0)
+    engine = make_engine(model, "hf", dtype=dtype, cache_pages=0)
     config = ServeConfig(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=256,
                          max_new_tokens=max(max_new_tokens, 16), default_new_tokens=max_new_tokens)
     app = create_app(engine, config)
@@ -285,7 +287,7 @@ def engine_comparison(model: str, max_new_tokens: int, max_wait_ms: float, max_b
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     proc = subprocess.Popen([python, "-m", "deepsynth.cli", "serve", "--engine", "vllm", "--model", model,
                              "--port", str(port), "--max-batch-size", str(max_batch_size), "--max-wait-ms",
-                             str(max_wait_ms), "--max-queue", "256", "--cache-pages", "0", "--dtype", "float32"],
+                             str(max_wait_ms), "--max-queue", "256", "--cache-pages", "0", "--dtype", dtype],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
     try:
         base = f"http://127.0.0.1:{port}"
@@ -317,19 +319,25 @@ def engine_comparison(model: str, max_new_tokens: int, max_wait_ms: float, max_b
     return out
 
 
-def engine_workloads(max_wait_ms: float) -> dict:
-    """`engine_comparison` for each of ENGINE_WORKLOADS."""
-    return {name: engine_comparison(model, tokens, max_wait_ms) for name, (model, tokens) in ENGINE_WORKLOADS.items()}
+def engine_workloads(max_wait_ms: float, model: str | None = None, max_new_tokens: int = 64,
+                     dtype: str = "float32") -> dict:
+    """`engine_comparison` for each of ENGINE_WORKLOADS, or for `model` alone (e.g. a real-size
+    bundle on a GPU machine, in bfloat16)."""
+    workloads = {"model": (model, max_new_tokens)} if model else ENGINE_WORKLOADS
+    return {name: engine_comparison(m, tokens, max_wait_ms, dtype=dtype) for name, (m, tokens) in workloads.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny", help="Model preset or directory of parts 1-2 (default: tiny, "
-                        "random); part 3 runs its two workloads.")
+                        "random); part 3 runs its two workloads (or --engine-model).")
     parser.add_argument("--out", default=str(Path(__file__).with_name("serve_report.json")))
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
     parser.add_argument("--questions", type=int, default=12)
+    parser.add_argument("--engine-model", help="Part 3 on this model alone instead of its two tiny workloads "
+                        "(answers --max-new-tokens long).")
+    parser.add_argument("--engine-dtype", default="float32", help="Weights' dtype of both servers in part 3.")
     parser.add_argument("--only-engines", action="store_true",
                         help="Run only the HF vs vLLM comparison (part 3) and merge it into --out.")
     parser.add_argument("--client", help=argparse.SUPPRESS)  # internal: run as the load generator
@@ -354,7 +362,7 @@ def main() -> None:
     if args.only_engines:
         path = Path(args.out)
         report = json.loads(path.read_text()) if path.is_file() else {"benchmark": "serve"}
-        report["engines"] = engine_workloads(args.max_wait_ms)
+        report["engines"] = engine_workloads(args.max_wait_ms, args.engine_model, args.max_new_tokens, args.engine_dtype)
         report["engines"]["loadavg"] = [[round(x, 2) for x in load_start], [round(x, 2) for x in os.getloadavg()]]
         report["engines"]["seconds"] = round(time.perf_counter() - t_start, 1)
         path.write_text(json.dumps(report, indent=2) + "\n")
@@ -390,7 +398,7 @@ def main() -> None:
     parts = breakdown(engine, args.max_new_tokens)
     print(f"breakdown: {parts}", flush=True)
     cache = cache_benchmark(args.model, args.questions, args.max_new_tokens)
-    engines = engine_workloads(args.max_wait_ms)
+    engines = engine_workloads(args.max_wait_ms, args.engine_model, args.max_new_tokens, args.engine_dtype)
     for label, row in cache["documents"].items():
         print(f"cache {label}: {row['pages']} pages, total {row['cache_off']['total_s']} s -> "
               f"{row['cache_on']['total_s']} s (x{row['speedup_total']})", flush=True)
