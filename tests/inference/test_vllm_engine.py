@@ -131,7 +131,51 @@ def test_check_parity_reports_no_difference_for_tiny_reader(tmp_path):
     assert f"{len(DEFAULT_EXAMPLES)}/{len(DEFAULT_EXAMPLES)} answers identical" in proc.stdout
 
 
+@needs_vllm
+def test_evaluate_with_vllm_writes_the_local_report(tmp_path):
+    """`evaluate --engine vllm --dtype float32` scores the answers vLLM serves: the same report
+    (predictions with and without the instruction, scores, stop reasons) as the local engine."""
+    from typer.testing import CliRunner
+
+    from deepsynth.cli import app
+    from deepsynth.data.synthetic import SyntheticConfig, generate
+
+    examples = generate(SyntheticConfig(layout="form"), n_docs=6, kinds=("question",))
+    records = tmp_path / "records.jsonl"
+    records.write_text("".join(json.dumps(ex.to_dict()) + "\n" for ex in examples), encoding="utf-8")
+    common = [str(records), "-m", "tiny-reader", "--no-record", "--max-new-tokens", "24"]
+    result = CliRunner().invoke(app, ["evaluate", *common, "-o", str(tmp_path / "local.json")])
+    assert result.exit_code == 0, result.output
+    run_vllm_side(["-m", "deepsynth.cli", "evaluate", *common, "-o", str(tmp_path / "vllm.json"), "--engine", "vllm",
+                   "--dtype", "float32"])
+    local, served = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("local", "vllm"))
+    assert served == local
+    assert sum(p["prediction"] == p["answer"] for p in local["predictions"]) >= 1  # the reader answers some
+
+
 # ---- no vLLM needed -----------------------------------------------------------------------------
+def test_evaluate_engine_flags_are_checked(tmp_path):
+    from typer.testing import CliRunner
+
+    from deepsynth.cli import app
+
+    records = tmp_path / "r.jsonl"
+    records.write_text('{"id": "a", "text": "x: 1", "instruction": "x?", "answer": "1"}\n')
+    common = ["evaluate", str(records), "-m", "tiny-reader", "-o", str(tmp_path / "e.json"), "--no-record"]
+    result = CliRunner().invoke(app, [*common, "--dtype", "bfloat16"])
+    assert result.exit_code == 2 and "--dtype is for --engine vllm" in result.output
+    result = CliRunner().invoke(app, [*common, "--engine", "vllm", "--replicas", "2"])
+    assert result.exit_code == 2 and "are for --engine ray" in result.output
+    result = CliRunner().invoke(app, [*common, "--engine", "onnx"])
+    assert result.exit_code == 2 and "local, ray or vllm" in result.output
+    try:
+        import vllm  # noqa: F401
+    except ImportError:  # the project's .venv: the error says where vLLM is
+        result = CliRunner().invoke(app, [*common, "--engine", "vllm"])
+        assert result.exit_code == 2 and "make vllm-env" in result.output
+    assert not (tmp_path / "e.json").exists()
+
+
 def test_request_vllm_failed_raises_instead_of_answering_empty():
     from types import SimpleNamespace
 

@@ -2,12 +2,15 @@
 
     deepsynth evaluate DATA -m MODEL [-o OUT] [--metrics em,f1,rouge] [--preset P] [--max-new-tokens N]
                        [--engine ray [--address A] [--replicas R] [--gpus-per-replica G]]
+                       [--engine vllm [--dtype D]]
 
 DATA is a .jsonl/.json/.parquet file of records or a folder written by ``deepsynth prepare`` (its
 pages are used as they are). Pages, prompt and decoding come from the model's bundle; --preset and
 --max-new-tokens override them with a warning. Scores are recorded in the model's bundle.
 With --engine ray, replicas of the model on a Ray cluster answer (`deepsynth.evaluation.ray_inference`);
-the report is the one the local run writes.
+the report is the one the local run writes. With --engine vllm (run from the vLLM environment of
+`make vllm-env`), the vLLM engine that `serve --engine vllm` uses answers: the score of what that
+server returns (in --dtype float32, the local report itself).
 """
 
 from __future__ import annotations
@@ -31,8 +34,12 @@ def evaluate_command(
     chance: float = typer.Option(0.0, help="Chance level reported beside the ablation."),
     record: bool = typer.Option(True, help="Record the scores in the model directory's bundle."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Examples per generate call."),
-    engine: str = typer.Option("local", "--engine", help="local (this process) or ray (model replicas as Ray "
-                                                         "actors; needs the cluster extra). Same report."),
+    engine: str = typer.Option("local", "--engine", help="local (this process), ray (model replicas as Ray "
+                                                         "actors; needs the cluster extra) or vllm (the vLLM "
+                                                         "engine `serve --engine vllm` answers with; needs the "
+                                                         "vLLM environment of `make vllm-env`). Same report."),
+    dtype: str = typer.Option("auto", help="vLLM engine: weights' dtype (auto: vLLM's own choice, what `serve "
+                                           "--engine vllm` uses by default; float32: the local engine's answers)."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray engine: 'auto' or ray://HOST:10001 "
                                                                   "(default: RAY_ADDRESS, else a local instance)."),
     replicas: int = typer.Option(1, "--replicas", min=1, help="Ray engine: model replicas (actors)."),
@@ -48,7 +55,15 @@ def evaluate_command(
         if name not in SUPPORTED_METRICS + ("rouge",):
             raise typer.BadParameter(f"unknown metric {name!r}; choose from {', '.join(SUPPORTED_METRICS)}, rouge",
                                      param_hint="'--metrics'")
-    if engine == "ray":
+    if engine != "vllm" and dtype != "auto":
+        raise typer.BadParameter("--dtype is for --engine vllm (the local and Ray engines use the checkpoint's)",
+                                 param_hint="'--dtype'")
+    if engine == "vllm":
+        if address is not None or replicas != 1 or gpus_per_replica:
+            raise typer.BadParameter("--address, --replicas and --gpus-per-replica are for --engine ray",
+                                     param_hint="'--engine'")
+        report = _evaluate_with_vllm(data, model, out, names, preset, max_new_tokens, chance, batch_size, dtype)
+    elif engine == "ray":
         report = _evaluate_on_ray(data, model, out, names, preset, max_new_tokens, chance, batch_size, address,
                                   replicas, gpus_per_replica)
     elif engine == "local":
@@ -57,7 +72,7 @@ def evaluate_command(
                                      param_hint="'--engine'")
         report = _evaluate_locally(data, model, out, names, preset, max_new_tokens, chance, batch_size)
     else:
-        raise typer.BadParameter(f"{engine!r}: choose local or ray", param_hint="'--engine'")
+        raise typer.BadParameter(f"{engine!r}: choose local, ray or vllm", param_hint="'--engine'")
     summary = {k: report[k] for k in ("n", "metrics", "scores", "scores_no_instruction", "ablation")}
     if record and Path(model).is_dir():
         record_evaluation(model, data.name, {"scores": report["scores"],
@@ -87,6 +102,25 @@ def _evaluate_locally(data, model, out, names, preset, max_new_tokens, chance, b
     settings = resolve_generation(loaded.model, max_new_tokens=max_new_tokens) if max_new_tokens else None
     return evaluate_with_ablation(loaded.decoder(settings), dataset, render, chance, out_path=out, metrics=names,
                                   batch_size=batch_size)
+
+
+def _evaluate_with_vllm(data, model, out, names, preset, max_new_tokens, chance, batch_size, dtype) -> dict:
+    from deepsynth.evaluation.run import evaluate_with_ablation
+    from deepsynth.inference.engines import DTYPES, make_engine
+
+    if dtype not in DTYPES:
+        raise typer.BadParameter(f"{dtype!r}: choose one of {', '.join(DTYPES)}", param_hint="'--dtype'")
+    try:
+        engine = make_engine(model, "vllm", dtype=dtype, render_preset=preset)
+    except (FileNotFoundError, OSError, ValueError) as exc:
+        raise typer.BadParameter(f"cannot load model {model!r}: {exc}", param_hint="'--model'") from None
+    try:
+        dataset = _open_data(data, engine.render_config, engine.spec.default_instruction)
+        settings = engine.settings(None, max_new_tokens=max_new_tokens) if max_new_tokens else None
+        return evaluate_with_ablation(engine, dataset, engine.render_config, chance, settings=settings,
+                                      out_path=out, metrics=names, batch_size=batch_size)
+    finally:
+        engine.close()
 
 
 def _evaluate_on_ray(data, model, out, names, preset, max_new_tokens, chance, batch_size, address, replicas,

@@ -595,6 +595,13 @@ class VLLMEngine(InstructionEngine):
             doc.uses += 1
         return rows
 
+    def run_all(self, pages: Sequence[Sequence[Image.Image]], instructions: Sequence[str],
+                settings: GenerationSettings | None = None, batch_size: int = 16) -> list[dict]:
+        """`Decoder.run_all`'s rows, so that evaluation (`deepsynth.evaluation.run`) scores the answers
+        this engine serves. Every pair goes to vLLM at once (it schedules them itself), so
+        `batch_size`, the HF decoder's generate-call size, does not apply."""
+        return self.generate_rows([list(p) for p in pages], list(instructions), settings)
+
     def ask_batch(self, documents: Sequence[Document | PreparedDocument], instructions: Sequence[str],
                   settings: GenerationSettings | None = None, cancel: threading.Event | None = None,
                   json_schema: dict | None = None, **overrides) -> list[Answer]:
