@@ -132,9 +132,10 @@ def test_check_parity_reports_no_difference_for_tiny_reader(tmp_path):
 
 
 @needs_vllm
-def test_evaluate_with_vllm_writes_the_local_report(tmp_path):
+def test_evaluate_and_predict_with_vllm_write_the_local_report(tmp_path):
     """`evaluate --engine vllm --dtype float32` scores the answers vLLM serves: the same report
-    (predictions with and without the instruction, scores, stop reasons) as the local engine."""
+    (predictions with and without the instruction, scores, stop reasons) as the local engine; and
+    `predict --engine vllm` writes its predictions."""
     from typer.testing import CliRunner
 
     from deepsynth.cli import app
@@ -151,6 +152,11 @@ def test_evaluate_with_vllm_writes_the_local_report(tmp_path):
     local, served = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("local", "vllm"))
     assert served == local
     assert sum(p["prediction"] == p["answer"] for p in local["predictions"]) >= 1  # the reader answers some
+    # predict: evaluate's predictions (with the instruction), one line per example
+    run_vllm_side(["-m", "deepsynth.cli", "predict", *common[:3], "--max-new-tokens", "24", "-o",
+                   str(tmp_path / "p.jsonl"), "--engine", "vllm", "--dtype", "float32", "--batch-size", "4"])
+    lines = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert lines == [p for p in local["predictions"] if p["instruction"]][:len(lines)] and len(lines) == 6
 
 
 # ---- no vLLM needed -----------------------------------------------------------------------------

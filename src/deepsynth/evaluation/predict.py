@@ -2,12 +2,14 @@
 
     deepsynth predict DATA -m MODEL -o OUT.jsonl [--batch-size N] [--preset P] [--max-new-tokens N]
                       [--engine ray [--address A] [--replicas R] [--gpus-per-replica G]]
+                      [--engine vllm [--dtype D]]
 
 DATA is what `evaluate` reads (a .jsonl/.json/.parquet file of records or a folder written by
 ``deepsynth prepare``). OUT gets one JSON line per example, in DATA's order, with the fields of
 `evaluate`'s predictions: ``id, instruction, prediction, answer, stopped, new_tokens,
 prompt_tokens``. With ``--engine ray`` replicas of the model answer on a Ray cluster
-(`deepsynth.evaluation.ray_inference`); the lines are the same.
+(`deepsynth.evaluation.ray_inference`); the lines are the same. With ``--engine vllm`` (from the
+vLLM environment) the vLLM engine of ``serve --engine vllm`` answers, in ``--dtype``.
 """
 
 from __future__ import annotations
@@ -31,19 +33,33 @@ __all__ = ["predict", "register"]
 
 def predict(data: str | os.PathLike, model: str, out: str | os.PathLike | None = None, *,
             preset: str | None = None, max_new_tokens: int | None = None, batch_size: int = 16,
-            engine: str = "local", replicas=None, ray_settings: RaySettings | None = None) -> list[dict]:
+            engine: str = "local", replicas=None, ray_settings: RaySettings | None = None,
+            dtype: str = "auto") -> list[dict]:
     """Answer every example of ``data`` with ``model`` (its bundle's pages, prompt and decoding;
     ``preset`` / ``max_new_tokens`` override them with a warning). Returns the prediction records
     and writes them as JSON lines to ``out`` when given (atomically: the file appears whole).
 
-    engine: ``local`` (this process, ``batch_size`` examples per `generate` call) or ``ray``
-            (``replicas``: a `ReplicaSettings`; ``ray_settings``: which Ray instance)."""
+    engine: ``local`` (this process, ``batch_size`` examples per `generate` call), ``ray``
+            (``replicas``: a `ReplicaSettings`; ``ray_settings``: which Ray instance) or ``vllm``
+            (the vLLM engine, weights in ``dtype``; see `deepsynth.inference.engines.make_engine`)."""
     from deepsynth.data.instruction_dataset import open_examples
     from deepsynth.models.bundle import resolve_render
 
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r}: must be >= 1")
-    if check_engine(engine) == "ray":
+    if engine not in ("local", "ray", "vllm"):
+        raise ValueError(f"engine={engine!r}: choose one of local, ray, vllm")
+    if engine == "vllm":
+        from deepsynth.inference.engines import make_engine
+
+        served = make_engine(model, "vllm", dtype=dtype, render_preset=preset)
+        try:
+            settings = served.settings(None, max_new_tokens=max_new_tokens) if max_new_tokens else None
+            dataset = open_examples(data, served.render_config, served.spec.default_instruction)
+            records = _decode(served, dataset, settings, batch_size)
+        finally:
+            served.close()
+    elif check_engine(engine) == "ray":
         from dataclasses import replace
 
         from deepsynth.evaluation.ray_inference import ReplicaSettings, bundle_spec, decode_on_ray
@@ -56,22 +72,27 @@ def predict(data: str | os.PathLike, model: str, out: str | os.PathLike | None =
         records = decode_on_ray(model, dataset, (None,), max_new_tokens=max_new_tokens, replicas=layout,
                                 settings=ray_settings)[0]
     else:
-        from deepsynth.evaluation.run import decode_items
         from deepsynth.models.bundle import load_bundle, resolve_generation
 
         loaded = load_bundle(model)
         render = resolve_render(loaded.spec, preset)
         dataset = open_examples(data, render, loaded.spec.default_instruction)
         settings = resolve_generation(loaded.model, max_new_tokens=max_new_tokens) if max_new_tokens else None
-        decoder = loaded.decoder(settings)
-        records = []
-        # one batch of pages in memory at a time; the batches are those of `evaluate`
-        for start in range(0, len(dataset), batch_size):
-            items = [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
-            records += decode_items(decoder, items, None, None, batch_size)
+        records = _decode(loaded.decoder(settings), dataset, None, batch_size)
     if out is not None:
         lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         write_atomic(out, lambda tmp: Path(tmp).write_text(lines, encoding="utf-8"))
+    return records
+
+
+def _decode(decoder, dataset, settings, batch_size: int) -> list[dict]:
+    """Prediction records of a dataset; one batch of pages in memory at a time (`evaluate`'s batches)."""
+    from deepsynth.evaluation.run import decode_items
+
+    records = []
+    for start in range(0, len(dataset), batch_size):
+        items = [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
+        records += decode_items(decoder, items, settings, None, batch_size)
     return records
 
 
@@ -82,8 +103,11 @@ def predict_command(
     preset: Optional[str] = typer.Option(None, help="Render preset override (default: the model's bundle)."),
     max_new_tokens: Optional[int] = typer.Option(None, help="Decoding override (default: the model's bundle)."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Examples per generate call."),
-    engine: str = typer.Option("local", "--engine", help="local (this process) or ray (model replicas as Ray "
-                                                         "actors; needs the cluster extra). Same predictions."),
+    engine: str = typer.Option("local", "--engine", help="local (this process), ray (model replicas as Ray "
+                                                         "actors; needs the cluster extra) or vllm (needs the "
+                                                         "vLLM environment of `make vllm-env`)."),
+    dtype: str = typer.Option("auto", help="vLLM engine: weights' dtype (auto: vLLM's own choice; float32: the "
+                                           "local engine's answers)."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray engine: 'auto' or ray://HOST:10001 "
                                                                   "(default: RAY_ADDRESS, else a local instance)."),
     replicas: int = typer.Option(1, "--replicas", min=1, help="Ray engine: model replicas (actors)."),
@@ -93,7 +117,10 @@ def predict_command(
     """Answer every example of DATA with a model; one JSON line per example in OUT."""
     from deepsynth.data.pipeline import PrepareError
 
-    if engine == "local" and (address is not None or replicas != 1 or gpus_per_replica):
+    if engine != "vllm" and dtype != "auto":
+        raise typer.BadParameter("--dtype is for --engine vllm (the local and Ray engines use the checkpoint's)",
+                                 param_hint="'--dtype'")
+    if engine != "ray" and (address is not None or replicas != 1 or gpus_per_replica):
         raise typer.BadParameter("--address, --replicas and --gpus-per-replica are for --engine ray",
                                  param_hint="'--engine'")
     try:
@@ -103,7 +130,7 @@ def predict_command(
 
             layout = ReplicaSettings(replicas=replicas, num_gpus=gpus_per_replica, batch_size=batch_size)
         records = predict(data, model, out, preset=preset, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                          engine=engine, replicas=layout,
+                          engine=engine, replicas=layout, dtype=dtype,
                           ray_settings=RaySettings(address=address) if engine == "ray" else None)
     except (ClusterError, PrepareError, FileNotFoundError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
