@@ -21,6 +21,8 @@ from typing import Optional
 
 import typer
 
+from deepsynth.inference.engines import check_dtype
+
 
 def evaluate_command(
     data: Path = typer.Argument(..., exists=True, help="Examples (.jsonl/.json/.parquet) or a prepared folder."),
@@ -38,7 +40,7 @@ def evaluate_command(
                                                          "actors; needs the cluster extra) or vllm (the vLLM "
                                                          "engine `serve --engine vllm` answers with; needs the "
                                                          "vLLM environment of `make vllm-env`). Same report."),
-    dtype: str = typer.Option("auto", help="vLLM engine: weights' dtype (auto: vLLM's own choice, what `serve "
+    dtype: str = typer.Option("auto", callback=check_dtype, help="vLLM engine: weights' dtype (auto: vLLM's own choice, what `serve "
                                            "--engine vllm` uses by default; float32: the local engine's answers)."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray engine: 'auto' or ray://HOST:10001 "
                                                                   "(default: RAY_ADDRESS, else a local instance)."),
@@ -106,10 +108,8 @@ def _evaluate_locally(data, model, out, names, preset, max_new_tokens, chance, b
 
 def _evaluate_with_vllm(data, model, out, names, preset, max_new_tokens, chance, batch_size, dtype) -> dict:
     from deepsynth.evaluation.run import evaluate_with_ablation
-    from deepsynth.inference.engines import DTYPES, make_engine
+    from deepsynth.inference.engines import make_engine
 
-    if dtype not in DTYPES:
-        raise typer.BadParameter(f"{dtype!r}: choose one of {', '.join(DTYPES)}", param_hint="'--dtype'")
     try:
         engine = make_engine(model, "vllm", dtype=dtype, render_preset=preset)
     except (FileNotFoundError, OSError, ValueError) as exc:

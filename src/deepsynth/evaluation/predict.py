@@ -25,6 +25,7 @@ import typer
 
 from deepsynth.atomic import write_atomic
 from deepsynth.cluster import ClusterError, RaySettings, check_engine, require_ray
+from deepsynth.inference.engines import check_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ def predict_command(
     engine: str = typer.Option("local", "--engine", help="local (this process), ray (model replicas as Ray "
                                                          "actors; needs the cluster extra) or vllm (needs the "
                                                          "vLLM environment of `make vllm-env`)."),
-    dtype: str = typer.Option("auto", help="vLLM engine: weights' dtype (auto: vLLM's own choice; float32: the "
+    dtype: str = typer.Option("auto", callback=check_dtype, help="vLLM engine: weights' dtype (auto: vLLM's own choice; float32: the "
                                            "local engine's answers)."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray engine: 'auto' or ray://HOST:10001 "
                                                                   "(default: RAY_ADDRESS, else a local instance)."),

@@ -18,6 +18,8 @@ from typing import Optional
 
 import typer
 
+from deepsynth.inference.engines import check_dtype
+
 
 def _read_stdin():
     from deepsynth.inference.documents import DocumentError, Pdf
@@ -48,16 +50,14 @@ def ask_command(
     stream: bool = typer.Option(False, "--stream", help="Print the answer as it is generated."),
     engine_name: str = typer.Option("hf", "--engine", help="Generation engine: 'hf' (transformers) or 'vllm' "
                                                            "(needs the vLLM environment of `make vllm-env`)."),
-    dtype: str = typer.Option("auto", help="Weights' dtype: auto (the checkpoint's; vLLM makes float32 16-bit), "
+    dtype: str = typer.Option("auto", callback=check_dtype, help="Weights' dtype: auto (the checkpoint's; vLLM makes float32 16-bit), "
                                            "float32, bfloat16, float16."),
 ) -> None:
     """Answer an instruction about a document."""
     from deepsynth.inference.documents import DocumentError, read_document
-    from deepsynth.inference.engines import DTYPES, make_engine
+    from deepsynth.inference.engines import make_engine
     from deepsynth.models.bundle import resolve_generation
 
-    if dtype not in DTYPES:
-        raise typer.BadParameter(f"{dtype!r}: choose one of {', '.join(DTYPES)}", param_hint="'--dtype'")
     if not instruction.strip():
         raise typer.BadParameter("the instruction is empty", param_hint="'--instruction'")
     if max_new_tokens is not None and not 1 <= max_new_tokens <= 8192:

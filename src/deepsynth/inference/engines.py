@@ -15,6 +15,15 @@ ENGINES = ("hf", "vllm")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
+def check_dtype(value: str) -> str:
+    """The commands' --dtype check (a typer callback): `value` if it is one of DTYPES."""
+    import typer
+
+    if value not in DTYPES:
+        raise typer.BadParameter(f"{value!r}: choose one of {', '.join(DTYPES)}")
+    return value
+
+
 def make_engine(model: str = "tiny-reader", engine: str = "hf", dtype: str = "auto", **kwargs):
     """The engine named `engine` for `model`; keyword arguments go to its constructor (an
     `adapter` is merged by "hf" and served as a LoRA module by "vllm").

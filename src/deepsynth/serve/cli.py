@@ -16,6 +16,8 @@ from typing import Optional
 
 import typer
 
+from deepsynth.inference.engines import check_dtype
+
 logger = logging.getLogger(__name__)
 
 
@@ -37,19 +39,15 @@ def serve_command(
                                                "fastest for small models on a busy CPU."),
     engine: str = typer.Option("hf", help="Generation engine: 'hf' (transformers) or 'vllm' (needs the vLLM "
                                           "environment of `make vllm-env`; adapters stay unmerged LoRA modules)."),
-    dtype: str = typer.Option("auto", help="Weights' dtype: auto (the checkpoint's; vLLM makes float32 16-bit), "
+    dtype: str = typer.Option("auto", callback=check_dtype, help="Weights' dtype: auto (the checkpoint's; vLLM makes float32 16-bit), "
                                            "float32 (vLLM then answers as the HF engine does), bfloat16, float16."),
 ) -> None:
     """Serve the HTTP API (/api, the OpenAI-compatible /v1, /docs, /metrics, /health) and the web UI (/)."""
     import torch
     import uvicorn
 
-    from deepsynth.inference.engines import DTYPES
     from deepsynth.serve.app import is_loopback
     from deepsynth.serve.config import API_KEY_ENV
-
-    if dtype not in DTYPES:
-        raise typer.BadParameter(f"{dtype!r}: choose one of {', '.join(DTYPES)}", param_hint="'--dtype'")
 
     if threads:
         torch.set_num_threads(threads)
