@@ -260,7 +260,8 @@ def engine_comparison(model: str, max_new_tokens: int, max_wait_ms: float, max_b
     from deepsynth.serve import ServeConfig, create_app
 
     out: dict = {"model": model, "max_new_tokens": max_new_tokens, "server_max_batch_size": max_batch_size,
-                 "max_wait_ms": max_wait_ms, "decoding": f"greedy, {dtype} on both (vLLM's own default turns float32 weights 16-bit)",
+                 "max_wait_ms": max_wait_ms,
+                 "decoding": f"greedy, {dtype} on both (vLLM's own default turns float32 weights 16-bit)",
                  "documents": "one new document per request, the same for both engines",
                  "threads": {"hf": f"torch intra-op threads {torch.get_num_threads()} (in this process)",
                              "vllm": "vLLM's CPU defaults (its worker binds its own OpenMP threads)"},
@@ -362,7 +363,8 @@ def main() -> None:
     if args.only_engines:
         path = Path(args.out)
         report = json.loads(path.read_text()) if path.is_file() else {"benchmark": "serve"}
-        report["engines"] = engine_workloads(args.max_wait_ms, args.engine_model, args.max_new_tokens, args.engine_dtype)
+        report["engines"] = engine_workloads(args.max_wait_ms, args.engine_model, args.max_new_tokens,
+                                             args.engine_dtype)
         report["engines"]["loadavg"] = [[round(x, 2) for x in load_start], [round(x, 2) for x in os.getloadavg()]]
         report["engines"]["seconds"] = round(time.perf_counter() - t_start, 1)
         path.write_text(json.dumps(report, indent=2) + "\n")

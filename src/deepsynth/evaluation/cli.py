@@ -40,8 +40,9 @@ def evaluate_command(
                                                          "actors; needs the cluster extra) or vllm (the vLLM "
                                                          "engine `serve --engine vllm` answers with; needs the "
                                                          "vLLM environment of `make vllm-env`). Same report."),
-    dtype: str = typer.Option("auto", callback=check_dtype, help="vLLM engine: weights' dtype (auto: vLLM's own choice, what `serve "
-                                           "--engine vllm` uses by default; float32: the local engine's answers)."),
+    dtype: str = typer.Option("auto", callback=check_dtype,
+                              help="vLLM engine: weights' dtype (auto: vLLM's own choice, what `serve --engine vllm` "
+                                   "uses by default; float32: the local engine's answers)."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray engine: 'auto' or ray://HOST:10001 "
                                                                   "(default: RAY_ADDRESS, else a local instance)."),
     replicas: int = typer.Option(1, "--replicas", min=1, help="Ray engine: model replicas (actors)."),

@@ -107,8 +107,9 @@ def predict_command(
     engine: str = typer.Option("local", "--engine", help="local (this process), ray (model replicas as Ray "
                                                          "actors; needs the cluster extra) or vllm (needs the "
                                                          "vLLM environment of `make vllm-env`)."),
-    dtype: str = typer.Option("auto", callback=check_dtype, help="vLLM engine: weights' dtype (auto: vLLM's own choice; float32: the "
-                                           "local engine's answers)."),
+    dtype: str = typer.Option("auto", callback=check_dtype,
+                              help="vLLM engine: weights' dtype (auto: vLLM's own choice; float32: the local "
+                                   "engine's answers)."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray engine: 'auto' or ray://HOST:10001 "
                                                                   "(default: RAY_ADDRESS, else a local instance)."),
     replicas: int = typer.Option(1, "--replicas", min=1, help="Ray engine: model replicas (actors)."),

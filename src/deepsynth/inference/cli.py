@@ -50,8 +50,9 @@ def ask_command(
     stream: bool = typer.Option(False, "--stream", help="Print the answer as it is generated."),
     engine_name: str = typer.Option("hf", "--engine", help="Generation engine: 'hf' (transformers) or 'vllm' "
                                                            "(needs the vLLM environment of `make vllm-env`)."),
-    dtype: str = typer.Option("auto", callback=check_dtype, help="Weights' dtype: auto (the checkpoint's; vLLM makes float32 16-bit), "
-                                           "float32, bfloat16, float16."),
+    dtype: str = typer.Option("auto", callback=check_dtype,
+                              help="Weights' dtype: auto (the checkpoint's; vLLM makes float32 16-bit), float32, "
+                                   "bfloat16, float16."),
 ) -> None:
     """Answer an instruction about a document."""
     from deepsynth.inference.documents import DocumentError, read_document

@@ -39,8 +39,9 @@ def serve_command(
                                                "fastest for small models on a busy CPU."),
     engine: str = typer.Option("hf", help="Generation engine: 'hf' (transformers) or 'vllm' (needs the vLLM "
                                           "environment of `make vllm-env`; adapters stay unmerged LoRA modules)."),
-    dtype: str = typer.Option("auto", callback=check_dtype, help="Weights' dtype: auto (the checkpoint's; vLLM makes float32 16-bit), "
-                                           "float32 (vLLM then answers as the HF engine does), bfloat16, float16."),
+    dtype: str = typer.Option("auto", callback=check_dtype,
+                              help="Weights' dtype: auto (the checkpoint's; vLLM makes float32 16-bit), float32 "
+                                   "(vLLM then answers as the HF engine does), bfloat16, float16."),
 ) -> None:
     """Serve the HTTP API (/api, the OpenAI-compatible /v1, /docs, /metrics, /health) and the web UI (/)."""
     import torch
