@@ -36,7 +36,6 @@ import re
 import sys
 import textwrap
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 

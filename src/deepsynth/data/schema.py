@@ -422,7 +422,6 @@ def write_parquet(examples: Iterable[InstructionExample], path: str | os.PathLik
 def read_parquet(path: str | os.PathLike, validate: bool = True) -> list[InstructionExample]:
     """Read a Parquet file written by :func:`write_parquet` (or any file with the same
     columns; ``source`` and ``meta`` are optional). Errors name the file and 1-based row."""
-
     path = Path(path)
     table = read_parquet_table(path)
     names = set(table.column_names)

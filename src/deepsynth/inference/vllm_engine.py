@@ -358,6 +358,11 @@ class VLLMEngine(InstructionEngine):
 
     engine_name = "vllm"
 
+    @property
+    def concurrency(self) -> int:
+        """vLLM schedules every request it holds together, up to max_num_seqs."""
+        return self.options.max_num_seqs
+
     def __init__(self, model: str = "tiny-reader", render_preset: str | None = None, adapter: str | None = None,
                  cache_pages: int = 256, generation: GenerationSettings | None = None, max_batch_size: int = 64,
                  loop_policy: LoopPolicy | None = None, options: VLLMOptions | None = None) -> None:
@@ -379,7 +384,6 @@ class VLLMEngine(InstructionEngine):
         self.tokenizer = self.processor.tokenizer
         self.collator = make_collator(None, self.processor, self.spec)
         self.max_batch_size = max_batch_size
-        self.concurrency = self.options.max_num_seqs  # vLLM schedules every request it holds together
         self.cache = DocumentCache(cache_pages)
         self._model_lock = threading.RLock()
         self.encodes_pages = False

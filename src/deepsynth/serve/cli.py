@@ -61,8 +61,9 @@ def serve_command(
     try:
         uvicorn.run(app, host=host, port=port, log_level="info", server_header=False)
     finally:
-        # The app's shutdown closes the engine (uvicorn re-raises SIGTERM after it, so code after
-        # `run` may never execute); this covers uvicorn failing before the app started (port in use).
+        # The app's shutdown closes the engine (uvicorn runs it on SIGTERM, then re-raises the
+        # signal, so code after `run` may never execute); this covers `run` failing before the
+        # app's startup ever ran. Closing twice is harmless.
         close = getattr(app.state.engine, "close", None)
         if close is not None:
             close()
