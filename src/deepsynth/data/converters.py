@@ -140,6 +140,28 @@ class ConversionStats:
                 "rejected": len(self.rejected)}
 
 
+# Errors a row function raises for a malformed record: the record is rejected (counted, with its
+# reason), never the whole conversion. Anything else is a bug and propagates.
+RECORD_ERRORS = (DataValidationError, TypeError, KeyError, AttributeError, IndexError)
+
+
+def convert_record(fn: Callable[..., InstructionExample], row: Mapping, index: int,
+                   options: Mapping[str, Any]) -> tuple[InstructionExample | None, str, str]:
+    """One record through a row function with the policy `deepsynth prepare` applies:
+    (example, "ok", "") when it converts and validates; (None, "skipped", reason key) when a
+    policy leaves it out (SkipRecord: unanswerable, no answer, ...); (the invalid example or None,
+    "rejected", "row N: why") when it is malformed (the example, when one was built, names its id)."""
+    ex = None
+    try:
+        ex = fn(row, index, **options)
+        ex.validate()
+    except SkipRecord as skip:
+        return None, "skipped", skip.reason
+    except RECORD_ERRORS as exc:
+        return ex, "rejected", f"row {index}: {exc}"
+    return ex, "ok", ""
+
+
 # --------------------------------------------------------------------------------------------
 # small helpers
 

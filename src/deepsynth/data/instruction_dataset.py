@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from deepsynth.data.converters import (
     ConversionStats,
-    SkipRecord,
+    convert_record,
     generic_row,
     squad_row,
 )
@@ -117,6 +117,9 @@ class InstructionDataset(Dataset):
         self.pages = pages
         self.pre_rendered = pages is not None
         self.source = source
+        # What a conversion helper did with every input record (seen / converted / skipped by
+        # reason / rejected with row and reason); None for datasets not made by one.
+        self.conversion: ConversionStats | None = None
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -296,6 +299,9 @@ def _image_column(data: Any) -> str | None:
 
 def _build(data: Any, row_fn, options: dict, render_config: RenderConfig | None, default_instruction: str,
            what: str) -> InstructionDataset:
+    """Convert every row with `deepsynth prepare`'s policy (`converters.convert_record`): rows a
+    policy leaves out are skipped, malformed rows rejected, both counted in the dataset's
+    ``conversion`` report (and a warning), never aborting the conversion."""
     image_col = _image_column(data)
     examples: list[InstructionExample] = []
     rows_kept: list[int] = []
@@ -303,27 +309,37 @@ def _build(data: Any, row_fn, options: dict, render_config: RenderConfig | None,
     stats = ConversionStats()
     for index, row in enumerate(data):
         stats.seen += 1
-        try:
-            ex = row_fn(row, index, **options)
-            ex.validate()
-        except SkipRecord as skip:
-            stats.skipped[skip.reason] += 1
+        ex, status, reason = convert_record(row_fn, row, index, options)
+        if status == "skipped":
+            stats.skipped[reason] += 1
             continue
-        except DataValidationError as exc:
-            raise DataValidationError(f"row {index}: {exc}", record_id=exc.record_id, field=exc.field) from exc
+        if status == "rejected":
+            rid = ex.id if ex is not None and isinstance(ex.id, str) else (
+                row.get("id") if isinstance(row, Mapping) else None)
+            stats.rejected.append({"row": index, "id": None if rid is None else str(rid), "reason": reason})
+            continue
+        stats.converted += 1
         examples.append(ex)
         rows_kept.append(index)
         if image_col is None and isinstance(row, Mapping):
             key = next((c for c in IMAGE_COLUMNS if row.get(c) is not None), None)
             list_pages.append(_page_list(row.get(key)) if key else [])
-    if stats.skipped:
-        logger.warning("%s: converted %d of %d records; skipped %s", what, len(examples), stats.seen,
-                       dict(stats.skipped))
+    if stats.skipped or stats.rejected:
+        logger.warning("%s: converted %d of %d records; skipped %s; rejected %d%s", what, len(examples),
+                       stats.seen, dict(stats.skipped), len(stats.rejected),
+                       f" (first: {stats.rejected[0]['reason']})" if stats.rejected else "")
+    if not examples:
+        raise DataValidationError(f"{what}: none of the {stats.seen} records converted "
+                                  f"(skipped {dict(stats.skipped)}, rejected {len(stats.rejected)}"
+                                  f"{'; first: ' + stats.rejected[0]['reason'] if stats.rejected else ''}); "
+                                  "check the field names and the no_answer policy")
     if image_col is not None:
         pages: Any = _ColumnPages(data, image_col, rows_kept)
     else:
         pages = list_pages if any(list_pages) else None
-    return InstructionDataset(examples, render_config, default_instruction, pages=pages)
+    dataset = InstructionDataset(examples, render_config, default_instruction, pages=pages)
+    dataset.conversion = stats
+    return dataset
 
 
 def create_instruction_dataset_from_qa(
@@ -342,8 +358,11 @@ def create_instruction_dataset_from_qa(
     ``dataset``: a ``datasets.Dataset`` (or DatasetDict, with ``split``), an iterable of dicts, or
     a name/path for ``datasets.load_dataset``. The answer field may be SQuAD's
     ``{"text": [...], "answer_start": [...]}``, a list of strings or a string; the first non-empty
-    answer is used. Questions without an answer are skipped (counted in a warning) or, with
-    ``no_answer="unanswerable"`` (any text), answered with that text. Pre-rendered pages in an
+    answer is used. Rows are handled as ``deepsynth prepare`` handles them: questions without an
+    answer are skipped or, with ``no_answer="unanswerable"`` (any text), answered with that text;
+    malformed rows (an empty answer or context, a missing field) are rejected. Both are counted in
+    the result's ``conversion`` report (``.to_dict()``; ``.rejected`` lists row, id and reason)
+    and a warning; the conversion never stops at one. Pre-rendered pages in an
     ``Image``/``images``/``image`` column are used instead of rendering."""
     data = _load(dataset, split)
     return _build(data, squad_row, {"no_answer": no_answer, "source": source, "context_field": context_field,

@@ -59,8 +59,8 @@ from deepsynth.data.converters import (
     CONVERTERS,
     KNOWN_DATASETS,
     KnownDataset,
-    SkipRecord,
     check_options,
+    convert_record,
     detect_converter,
     fiqa_relevant,
 )
@@ -321,15 +321,7 @@ def _convert_batch(batch: dict[str, list], indices: list[int], *, converter: str
                                             *_PRIVATE_COLUMNS)}
     for j, index in enumerate(indices):
         row = {k: batch[k][j] for k in keys}
-        ex = None
-        status, reason = "ok", ""
-        try:
-            ex = fn(row, index, **options)
-            ex.validate()
-        except SkipRecord as skip:
-            status, reason = "skipped", skip.reason
-        except (DataValidationError, TypeError, KeyError, AttributeError, IndexError) as exc:
-            status, reason = "rejected", f"row {index}: {exc}"
+        ex, status, reason = convert_record(fn, row, index, options)
         rid = ex.id if ex is not None and isinstance(ex.id, str) else str(row.get("id", row.get("_id", "")) or "")
         if status == "ok":
             out["id"].append(ex.id)
