@@ -298,6 +298,8 @@ def squad_row(row: Mapping, index: int = 0, *, no_answer: str = "skip", source: 
         meta.update(answerable=True, extractive=True, answers=texts)
         if starts:
             meta["answer_start"] = [int(s) for s in starts]
+    # Scored with SQuAD's EM/F1, unanswerable questions included (the v2 convention).
+    meta["task"] = "extractive_qa"
     return InstructionExample(id=rid, text=_str(row.get(context_field)),
                               instruction=_str(row.get(question_field)), answer=answer,
                               source=source, meta=meta)
@@ -526,7 +528,7 @@ def _summary_row(row: Mapping, index: int, text_field: str, target_field: str, i
     answer = target if isinstance(target, str) else (first_answer(target) or "")
     return InstructionExample(id=rid, text=_str(row.get(text_field)),
                               instruction=_instruction(instruction, instruction_variants, rid, seed),
-                              answer=answer, source=source, meta={"extractive": False})
+                              answer=answer, source=source, meta={"extractive": False, "task": "summarization"})
 
 
 def cnn_dailymail_row(row: Mapping, index: int = 0, *, instruction: str = CNN_DAILYMAIL_INSTRUCTION,
@@ -548,9 +550,12 @@ def xsum_row(row: Mapping, index: int = 0, *, instruction: str = XSUM_INSTRUCTIO
 def generic_row(row: Mapping, index: int = 0, *, text_field: str = "text", target_field: str = "target",
                 instruction: str = DEFAULT_SUMMARY_INSTRUCTION, instruction_field: str | None = None,
                 instruction_variants: Sequence[str] | None = None, id_field: str | None = None,
-                seed: int = 0, source: str = "generic", reflow: bool = False) -> InstructionExample:
+                seed: int = 0, source: str = "generic", reflow: bool = False,
+                task: str | None = None) -> InstructionExample:
     """Any record with a text and a target field. The instruction comes from
     ``instruction_field`` when given (and non-empty), else a sampled variant, else ``instruction``.
+    ``task``: how `deepsynth evaluate` scores the records (``meta["task"]``: extractive_qa,
+    short_answer, free_form, summarization); None leaves it to the answer's form.
     A target that is a list or a SQuAD-style answers dict gives its first non-empty answer.
     ``reflow``: join the hard-wrapped lines of the text's paragraphs (plain-text corpora; see
     ``deepsynth.render.reflow``), so pages are filled to their width."""
@@ -568,7 +573,7 @@ def generic_row(row: Mapping, index: int = 0, *, text_field: str = "text", targe
     answer = target if isinstance(target, str) else (first_answer(target) or "")
     text = _str(row.get(text_field))
     return InstructionExample(id=rid, text=reflow_text(text) if reflow else text, instruction=instr,
-                              answer=answer, source=source, meta={})
+                              answer=answer, source=source, meta={"task": task} if task else {})
 
 
 def instruction_row(row: Mapping, index: int = 0, *, source: str | None = None) -> InstructionExample:

@@ -384,12 +384,14 @@ def create_instruction_dataset_from_summarization(
 ) -> InstructionDataset:
     """A summarisation dataset (``text_field`` -> ``summary_field``) as an
     :class:`InstructionDataset`; every example gets ``default_instruction``, or one of
-    ``instruction_variants`` chosen per example (stable across runs). Pre-rendered pages in an
+    ``instruction_variants`` chosen per example (stable across runs). The examples are marked
+    ``meta["task"] = "summarization"`` (scored with ROUGE). Pre-rendered pages in an
     ``Image``/``images``/``image`` column are used instead of rendering."""
     data = _load(dataset, split)
     return _build(data, _summary_row_with_id,
                   {"text_field": text_field, "target_field": summary_field, "instruction": default_instruction,
-                   "instruction_variants": instruction_variants, "seed": seed, "source": source},
+                   "instruction_variants": instruction_variants, "seed": seed, "source": source,
+                   "task": "summarization"},
                   render_config, default_instruction, "create_instruction_dataset_from_summarization")
 
 

@@ -29,8 +29,9 @@ def evaluate_command(
     model: str = typer.Option(..., "--model", "-m", help="Model directory, preset or hub id."),
     out: Path = typer.Option(Path("runs/eval.json"), "--out", "-o", help="Predictions and scores (JSON)."),
     metrics: Optional[str] = typer.Option(
-        None, help="Comma-separated metrics (em, f1, rouge1, rouge2, rougeL, rougeLsum, rouge); default: EM/F1, "
-                   "plus ROUGE-1/2/L when the data holds free-form targets (summaries)."),
+        None, help="Comma-separated metrics (em, f1, rouge1, rouge2, rougeL, rougeLsum, rouge) for every example; "
+                   "default: each example by its task (extractive QA: EM/F1; summaries and long free-form "
+                   "answers: ROUGE-1/2/L; short free-form answers: both), reported per task."),
     preset: Optional[str] = typer.Option(None, help="Render preset override (default: the model's bundle)."),
     max_new_tokens: Optional[int] = typer.Option(None, help="Decoding override (default: the model's bundle)."),
     chance: float = typer.Option(0.0, help="Chance level reported beside the ablation."),
@@ -49,7 +50,7 @@ def evaluate_command(
     gpus_per_replica: float = typer.Option(0.0, "--gpus-per-replica", min=0.0,
                                            help="Ray engine: GPUs each replica reserves (0: CPU)."),
 ) -> None:
-    """Score a model (EM/F1, ROUGE for summaries) with and without the instruction."""
+    """Score a model (each example by its task: EM/F1, ROUGE-1/2/L) with and without the instruction."""
     from deepsynth.evaluation.metrics import SUPPORTED_METRICS
     from deepsynth.models.bundle import record_evaluation
 

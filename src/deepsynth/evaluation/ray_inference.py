@@ -228,12 +228,13 @@ def evaluate_on_ray(model: str, dataset, chance: float = 0.0, out_path: str | Pa
                     replicas: ReplicaSettings | None = None, settings: RaySettings | None = None) -> dict:
     """`deepsynth.evaluation.run.evaluate_with_ablation` with the answers from replicas on Ray:
     the same report (scores, ablation, predictions), written to ``out_path`` when given."""
-    from deepsynth.evaluation.run import ablation_report, default_metrics, score_predictions
+    from deepsynth.evaluation.run import ablation_report, attach_tasks, score_predictions
 
-    metrics = tuple(metrics) if metrics else default_metrics(dataset.examples)
     normal, ablated = decode_on_ray(model, dataset, (None, ""), max_new_tokens=max_new_tokens, replicas=replicas,
                                     settings=settings)
-    return ablation_report(
-        {"scores": score_predictions(normal, metrics), "metrics": list(metrics), "predictions": normal},
-        {"scores": score_predictions(ablated, metrics), "metrics": list(metrics), "predictions": ablated},
-        chance, out_path)
+    results = []
+    for records in (normal, ablated):
+        scores = score_predictions(attach_tasks(records, dataset.examples), metrics)
+        results.append({"scores": scores, "metrics": [k for k in scores if k not in ("n", "by_task", "stopped")],
+                        "predictions": records})
+    return ablation_report(*results, chance, out_path)

@@ -21,16 +21,44 @@ from deepsynth.render import RenderConfig
 
 logger = logging.getLogger(__name__)
 
-QA_METRICS = ("em", "f1")
-SUMMARY_METRICS = ("em", "f1", "rouge1", "rouge2", "rougeL")
+# How each task is scored. Extractive QA: SQuAD's EM/F1. Summaries and long free-form answers:
+# ROUGE-1/2/L (EM of a paraphrase is meaningless). Short free-form answers (yes/no, MS MARCO's
+# short answers): both.
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "extractive_qa": ("em", "f1"),
+    "short_answer": ("em", "f1", "rouge1", "rouge2", "rougeL"),
+    "free_form": ("rouge1", "rouge2", "rougeL"),
+    "summarization": ("rouge1", "rouge2", "rougeL"),
+}
+# Longest answer (in words) still scored with EM/F1 when its task is not given.
+SHORT_ANSWER_WORDS = 10
 
 
-def default_metrics(examples: Sequence[InstructionExample]) -> tuple[str, ...]:
-    """EM/F1 for extractive answers; ROUGE-1/2/L as well when any target is free-form
-    (summaries: converters mark them `meta["extractive"] = False`)."""
-    if any((ex.meta or {}).get("extractive") is False for ex in examples):
-        return SUMMARY_METRICS
-    return QA_METRICS
+def task_of(answer: str, text: str | None = None, meta: dict | None = None) -> str:
+    """The task an example is scored as: ``meta["task"]`` when a converter or helper set it
+    (SQuAD rows: extractive_qa; summarisation rows and helpers: summarization); otherwise from
+    the answer: up to SHORT_ANSWER_WORDS words and extractive (``meta["extractive"]``, or, when
+    unmarked, found verbatim in ``text``) -> extractive_qa; up to that length otherwise ->
+    short_answer; longer -> free_form."""
+    meta = meta or {}
+    task = meta.get("task")
+    if task is not None:
+        if task not in TASK_METRICS:
+            raise ValueError(f"meta['task']={task!r} is unknown: use one of {', '.join(TASK_METRICS)}")
+        return task
+    if len(answer.split()) > SHORT_ANSWER_WORDS:
+        return "free_form"
+    extractive = meta.get("extractive")
+    if extractive is None:
+        extractive = text is not None and answer.strip() != "" and answer.strip() in text
+    return "extractive_qa" if extractive else "short_answer"
+
+
+def metrics_of_tasks(tasks: Sequence[str]) -> list[str]:
+    """Every metric the tasks are scored with, in one stable order."""
+    order = ("em", "f1", "rouge1", "rouge2", "rougeL")
+    wanted = {m for t in set(tasks) for m in TASK_METRICS[t]}
+    return [m for m in order if m in wanted]
 
 
 def _items(data, render_config: RenderConfig | None) -> tuple[list[dict], list[InstructionExample]]:
@@ -57,12 +85,39 @@ def decode_items(decoder: Decoder, items: Sequence[dict], settings: GenerationSe
     ]
 
 
-def score_predictions(records: Sequence[dict], metrics: Sequence[str]) -> dict:
-    """Scores of prediction records against their answers, and how often each stop reason occurred."""
-    scores = aggregate([r["prediction"] for r in records], [r["answer"] for r in records], metrics=metrics)
+def score_predictions(records: Sequence[dict], metrics: Sequence[str] | None = None) -> dict:
+    """Scores of prediction records against their answers, overall and per task (``by_task``:
+    {task: {"n", metric: mean}}), and how often each stop reason occurred.
+
+    metrics: None scores each record with its task's metrics (``TASK_METRICS``; a record's
+    ``task``, else `task_of` its answer); the overall value of a metric is then its mean over the
+    records scored with it. Given, every record is scored with those metrics."""
+    tasks = [r.get("task") or task_of(r["answer"]) for r in records]
+    by_task: dict[str, dict] = {}
+    for task in sorted(set(tasks)):
+        rows = [r for r, t in zip(records, tasks) if t == task]
+        by_task[task] = aggregate([r["prediction"] for r in rows], [r["answer"] for r in rows],
+                                  metrics=tuple(metrics) if metrics else TASK_METRICS[task])
+    names = [m for m in next(iter(by_task.values())) if m != "n"] if metrics else metrics_of_tasks(tasks)
+    scores: dict = {}
+    for name in names:
+        scored = [(v[name], v["n"]) for v in by_task.values() if name in v]
+        scores[name] = sum(value * n for value, n in scored) / sum(n for _, n in scored)
+    scores["n"] = len(records)
+    scores["by_task"] = by_task
     stops = [r["stopped"] for r in records]
     scores["stopped"] = {k: sum(s == k for s in stops) for k in sorted(set(stops))}
     return scores
+
+
+def attach_tasks(records: list[dict], examples: Sequence[InstructionExample]) -> list[dict]:
+    """Record each prediction's task (`task_of` its example) in the record, in order."""
+    if examples and len(examples) != len(records):
+        raise ValueError(f"{len(records)} predictions for {len(examples)} examples")
+    for i, record in enumerate(records):
+        ex = examples[i] if examples else None
+        record["task"] = task_of(record["answer"], ex.text if ex else None, ex.meta if ex else None)
+    return records
 
 
 def evaluate_examples(
@@ -76,12 +131,14 @@ def evaluate_examples(
 ) -> dict:
     """Score a model on examples (rendered with `render_config`) or on a dataset of pages
     (e.g. `InstructionDataset.from_prepared`). `instruction` replaces every example's instruction
-    when given ("" removes it: the ablation). Returns {"scores", "metrics", "predictions"}; each
-    prediction records why generation stopped and how many tokens it took."""
+    when given ("" removes it: the ablation). `metrics`: None scores each example by its task
+    (`TASK_METRICS`). Returns {"scores", "metrics", "predictions"}; each prediction records its
+    task, why generation stopped and how many tokens it took."""
     items, examples = _items(data, render_config)
-    metrics = tuple(metrics) if metrics else default_metrics(examples)
-    records = decode_items(decoder, items, settings, instruction, batch_size)
-    return {"scores": score_predictions(records, metrics), "metrics": list(metrics), "predictions": records}
+    records = attach_tasks(decode_items(decoder, items, settings, instruction, batch_size), examples)
+    scores = score_predictions(records, metrics)
+    names = [k for k in scores if k not in ("n", "by_task", "stopped")]
+    return {"scores": scores, "metrics": names, "predictions": records}
 
 
 def ablation_report(normal: dict, ablated: dict, chance: float = 0.0, out_path: str | Path | None = None) -> dict:
@@ -114,11 +171,12 @@ def evaluate_with_ablation(
     metrics: Sequence[str] | None = None,
     batch_size: int = 16,
 ) -> dict:
-    """Normal score, score with the instruction removed, and the chance level, side by side.
+    """Normal score, score with the instruction removed, and the chance level, side by side
+    (each example scored by its task unless `metrics` is given).
 
     A model that really reads the instruction must fall towards `chance` without it.
     """
     normal = evaluate_examples(decoder, data, render_config, settings, metrics, batch_size=batch_size)
-    ablated = evaluate_examples(decoder, data, render_config, settings, normal["metrics"], instruction="",
+    ablated = evaluate_examples(decoder, data, render_config, settings, metrics, instruction="",
                                 batch_size=batch_size)
     return ablation_report(normal, ablated, chance, out_path)
