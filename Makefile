@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test bench reader clean vllm-env
+.PHONY: setup demo test test-slow bench reader clean vllm-env
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -44,8 +44,13 @@ vllm-env: $(VLLM_STAMP)
 demo: $(STAMP)
 	$(BIN)/deepsynth demo
 
+# The fast tier: every behaviour on tiny models (a few minutes on 2 cores). The heavy tier
+# (real-size models, learning curves, vLLM, Ray, several processes) is `make test-slow`; CI runs both.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/render.py

@@ -9,7 +9,20 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+# The heavy tier (`make test-slow`): modules that train for minutes, build real-size models, start
+# Ray clusters, vLLM or several processes. Single tests elsewhere carry `@pytest.mark.slow` themselves.
+SLOW_MODULES = {
+    "data/test_prepare_kill.py", "data/test_prepare_ray.py", "evaluation/test_ray_inference.py",
+    "inference/test_vllm_engine.py", "inference/test_reference_parity.py", "training/test_learning.py",
+    "training/test_multiprocess.py", "training/test_resume_fault.py",
+}
+
+
 def pytest_collection_modifyitems(config, items):
+    tests = os.path.dirname(__file__)
+    for item in items:
+        if os.path.relpath(str(item.path), tests).replace(os.sep, "/") in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
