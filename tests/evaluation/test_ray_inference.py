@@ -43,7 +43,9 @@ def data(tmp_path_factory):
 def _run(*args: str) -> dict:
     result = CliRunner().invoke(app, list(args))
     assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
+    # Ray's driver prints cluster events (a worker restarted under memory pressure, ...) on stdout
+    # out of band; the command's report is the JSON document that starts at a line of its own.
+    return json.loads(result.stdout[result.stdout.index("{\n"):] if not result.stdout.startswith("{") else result.stdout)
 
 
 def _report(path: Path) -> dict:
