@@ -34,7 +34,7 @@ from deepsynth.models.collate import CHAT_TEMPLATE_PROMPT, RAW_PROMPT, Collator,
 from deepsynth.models.generate import Decoder, GenerationSettings
 from deepsynth.models.loops import LoopPolicy
 from deepsynth.models.registry import backend_for_type, backend_of, model_type_of, preset_backend, resolve
-from deepsynth.models.text_encoder import SoftPromptModel, load_soft_prompt_model
+from deepsynth.models.text_encoder import SoftPromptModel, guard_forward, load_soft_prompt_model
 from deepsynth.render import RenderConfig
 
 logger = logging.getLogger(__name__)
@@ -239,7 +239,7 @@ def _apply_spec(model, processor, spec: ModelSpec, path: Path | None):
     if spec.instruction_channel.get("kind") == "text-encoder":
         if path is None:
             raise BundleError("a text-encoder channel needs the bundle directory that holds its projection")
-        model = load_soft_prompt_model(model, path, spec.instruction_channel)
+        model = load_soft_prompt_model(model, path, spec.instruction_channel, processor, spec.prompt_builder)
     return model
 
 
@@ -258,7 +258,7 @@ def load_bundle(name: str, dtype: torch.dtype | None = None, seed: int = 0, merg
         spec = default_spec(backend, processor, backend.render_of_preset(name), crop_mode="none")
         spec.base_model, spec.base_seed = name, seed
         backend.configure_processor(processor, spec.crop_mode)
-        return LoadedModel(model, processor, spec)
+        return LoadedModel(guard_forward(model), processor, spec)
     path = resolve(name)
     local = Path(path)
     spec = read_spec(local) if local.is_dir() else None
@@ -272,7 +272,7 @@ def load_bundle(name: str, dtype: torch.dtype | None = None, seed: int = 0, merg
         spec.base_model = name
         logger.warning("%s has no %s: assuming %s pages (preset %r), %s prompts and the model's own "
                        "decoding defaults", name, BUNDLE_FILE, backend.name, backend.render_preset, spec.prompt_layout)
-    model = _apply_spec(model, processor, spec, local if local.is_dir() else None)
+    model = _apply_spec(guard_forward(model), processor, spec, local if local.is_dir() else None)
     return LoadedModel(model, processor, spec)
 
 

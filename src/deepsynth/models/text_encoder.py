@@ -136,6 +136,77 @@ class TextEncoderModule(nn.Module):
         return (states * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
+# Keyword arguments transformers forwards accept besides their named parameters (return_dict,
+# TransformersKwargs, the cache arguments generation passes).
+_COMMON_FORWARD_KWARGS = frozenset({
+    "return_dict", "output_attentions", "output_hidden_states", "num_items_in_batch", "output_router_logits",
+    "position_ids", "cache_position", "past_key_values", "use_cache", "cu_seq_lens_q", "cu_seq_lens_k",
+    "max_length_q", "max_length_k", "is_causal", "seq_idx"})
+
+
+def _forward_parameters(model) -> set[str] | None:
+    """Named parameters of the model's forward (through peft wrappers); None if it takes anything."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(base.forward).parameters.values()
+    named = {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return named or None
+
+
+def check_forward_kwargs(model, kwargs: dict, supplied: tuple[str, ...] = ()) -> None:
+    """TypeError naming every argument `model`'s forward would silently swallow in its **kwargs
+    (transformers models accept any keyword), or that the caller already supplies."""
+    named = _forward_parameters(model)
+    if named is None:
+        return
+    allowed = (named | _COMMON_FORWARD_KWARGS) - set(supplied)
+    unknown = sorted(set(kwargs) - allowed)
+    if unknown:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        hint = ""
+        if {"images", "text_embeddings"} & set(unknown):
+            hint = ("; pages and text-encoder states (images=, text_embeddings=) are taken by a model with a "
+                    "text-encoder channel: SoftPromptModel(model, TextEncoderModule(...), processor=processor), "
+                    "what TrainerConfig(use_text_encoder=True) trains and load_bundle loads")
+        raise TypeError(f"{type(base).__name__}.forward cannot use {unknown} (it would ignore them); "
+                        f"it takes {sorted(allowed)}{hint}")
+
+
+# What SoftPromptModel gives its wrapped model itself: the prompt as embeddings.
+_SUPPLIED = ("input_ids", "inputs_embeds")
+
+
+def _refuse_unused_kwargs(module, args, kwargs):
+    check_forward_kwargs(module, kwargs)
+
+
+def guard_forward(model):
+    """Make `model(...)` refuse keyword arguments its forward would silently ignore (transformers
+    forwards take **kwargs): `model(images=..., text_embeddings=...)` on a plain model is an error
+    that says what to use instead, not a loss computed without the page and the instruction.
+    Returns the model; applied by `load_bundle`."""
+    if getattr(model, "_deepsynth_forward_guard", None) is None and _forward_parameters(model) is not None:
+        model._deepsynth_forward_guard = model.register_forward_pre_hook(_refuse_unused_kwargs, with_kwargs=True)
+    return model
+
+
+def _pages_per_example(images) -> list[list]:
+    """images= as one list of PIL pages per example."""
+    from PIL import Image
+
+    if isinstance(images, torch.Tensor):
+        raise TypeError("images= takes the pages as PIL images (one, or a list, per example); pixel tensors "
+                        "belong in pixel_values of a Collator batch")
+    if isinstance(images, Image.Image):
+        images = [images]
+    pages = [[item] if isinstance(item, Image.Image) else list(item) for item in images]
+    for i, doc in enumerate(pages):
+        if not doc or not all(isinstance(p, Image.Image) for p in doc):
+            raise TypeError(f"images[{i}] must be a PIL image or a non-empty list of them")
+    return [[p if p.mode == "RGB" else p.convert("RGB") for p in doc] for doc in pages]
+
+
 def make_projection(encoder_dim: int, decoder_dim: int, force: bool = False) -> nn.Module:
     """Linear map to the decoder width; always created when the sizes differ (3584 -> 1280, 384 -> 192),
     identity when they match unless `force`."""
@@ -147,18 +218,35 @@ def make_projection(encoder_dim: int, decoder_dim: int, force: bool = False) -> 
 class SoftPromptModel(nn.Module):
     """A vision-language model whose instruction arrives as projected text-encoder states.
 
-    Batches carry `instruction_input_ids` / `instruction_attention_mask` (encoder tokens) and
-    `instruction_positions` (bool mask over `input_ids` marking one placeholder per real encoder
-    token, in order). The rest of the prompt and the labels are unchanged.
+    Two ways to call it, both ending in one forward of the wrapped model:
+
+    * a `Collator.for_model` batch: `instruction_input_ids` / `instruction_attention_mask`
+      (encoder tokens) and `instruction_positions` (bool mask over `input_ids` marking one
+      placeholder per real encoder token, in order); the rest of the prompt and the labels are
+      unchanged (the trainer, evaluation and serving use this);
+    * the original design's call, `model(images=pages, text_embeddings=states, input_ids=target,
+      labels=labels)`: the pages (PIL images, one or a list per example) and the encoder's states
+      (`TextEncoderModule.encode`, (batch, dim), or `encode_tokens`, (batch, tokens, dim) with
+      `text_attention_mask`) are placed into the bundle's prompt (`attach_processor`), projected to
+      the decoder's width; `input_ids`/`labels` are the tokens that follow the prompt.
+
+    An argument the wrapped model cannot take is a TypeError, never ignored.
     """
 
-    def __init__(self, model, text_encoder: TextEncoderModule, use_projection: bool = False) -> None:
+    def __init__(self, model, text_encoder: TextEncoderModule, use_projection: bool = False,
+                 processor=None, prompt_builder=None) -> None:
         super().__init__()
         self.model = model
         self.text_encoder = text_encoder
         decoder_dim = model.get_input_embeddings().embedding_dim
         self.projection = make_projection(text_encoder.hidden_size, decoder_dim, force=use_projection)
         self.use_projection = use_projection
+        self.attach_processor(processor, prompt_builder)
+
+    def attach_processor(self, processor, prompt_builder=None) -> None:
+        """The processor and prompt layout that turn `images=` into the model's prompt (the
+        bundle's; None = the processor's default layout)."""
+        self.processor, self.prompt_builder = processor, prompt_builder
 
     @property
     def config(self):
@@ -181,9 +269,104 @@ class SoftPromptModel(nn.Module):
         embeds[instruction_positions] = states[real].to(embeds.dtype)
         return embeds
 
-    def forward(self, input_ids, instruction_input_ids, instruction_attention_mask, instruction_positions, **kwargs):
+    def forward(self, input_ids=None, instruction_input_ids=None, instruction_attention_mask=None,
+                instruction_positions=None, *, images=None, text_embeddings=None, text_attention_mask=None,
+                **kwargs):
+        if images is not None or text_embeddings is not None or text_attention_mask is not None:
+            given = [n for n, v in (("instruction_input_ids", instruction_input_ids),
+                                    ("instruction_attention_mask", instruction_attention_mask),
+                                    ("instruction_positions", instruction_positions),
+                                    ("pixel_values", kwargs.get("pixel_values"))) if v is not None]
+            if given:
+                raise TypeError(f"SoftPromptModel.forward: images=/text_embeddings= build the prompt themselves; "
+                                f"do not pass {given} as well (those belong to a Collator batch)")
+            return self._seed_forward(input_ids, images, text_embeddings, text_attention_mask, **kwargs)
+        missing = [n for n, v in (("input_ids", input_ids), ("instruction_input_ids", instruction_input_ids),
+                                  ("instruction_attention_mask", instruction_attention_mask),
+                                  ("instruction_positions", instruction_positions)) if v is None]
+        if missing:
+            raise TypeError(f"SoftPromptModel.forward needs {missing}: pass a Collator.for_model batch, or "
+                            "images= (the pages) with text_embeddings= (TextEncoderModule states)")
+        check_forward_kwargs(self.model, kwargs, supplied=_SUPPLIED)
         embeds = self.embed(input_ids, instruction_input_ids, instruction_attention_mask, instruction_positions)
         return self.model(inputs_embeds=embeds, **kwargs)
+
+    def _seed_forward(self, input_ids, images, text_embeddings, text_attention_mask, labels=None,
+                      attention_mask=None, **kwargs):
+        """The design document's call: pages + encoder states (+ target tokens and labels)."""
+        from deepsynth.models.collate import IGNORE_INDEX, Collator, _model_inputs, pad_right
+
+        if images is None:
+            raise TypeError("SoftPromptModel.forward: text_embeddings= needs images= (the pages it is about: a PIL "
+                            "image or a list of them per example)")
+        if self.processor is None:
+            raise TypeError("SoftPromptModel.forward(images=...) needs the model's processor to turn pages into "
+                            "image tokens: SoftPromptModel(..., processor=...) or attach_processor(processor) "
+                            "(the trainer and load_bundle attach it)")
+        check_forward_kwargs(self.model, kwargs, supplied=_SUPPLIED + ("pixel_values",))
+        pages = _pages_per_example(images)
+        n = len(pages)
+        states, mask = self._instruction_states(text_embeddings, text_attention_mask, n)
+        if labels is not None and input_ids is None:
+            raise TypeError("SoftPromptModel.forward: labels= needs input_ids= (the tokens the labels score)")
+        if input_ids is not None and input_ids.shape[0] != n:
+            raise ValueError(f"input_ids has {input_ids.shape[0]} rows for {n} examples of images=")
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"labels {tuple(labels.shape)} must be shaped like input_ids {tuple(input_ids.shape)}")
+        collator = Collator(self.processor, max_length=1 << 30, prompt_builder=self.prompt_builder)
+        tokenizer = collator.tokenizer
+        # One pad-token placeholder per instruction state, as `Collator` lays out encoder tokens.
+        slots = [int(k) for k in mask.sum(1)] if mask is not None else [0] * n
+        enc = collator.encode_prompts(pages, [tokenizer.pad_token * k for k in slots])
+        ids, target_labels = [], []
+        for i, prompt in enumerate(enc["input_ids"]):
+            keep = (attention_mask[i].bool() if attention_mask is not None
+                    else torch.ones(input_ids.shape[1], dtype=torch.bool)) if input_ids is not None else None
+            target = input_ids[i][keep].tolist() if input_ids is not None else []
+            scored = labels[i][keep].tolist() if labels is not None else [IGNORE_INDEX] * len(target)
+            ids.append(prompt + target)
+            target_labels.append([IGNORE_INDEX] * len(prompt) + scored)
+        batch = pad_right(ids, target_labels, tokenizer.pad_token_id)
+        width = batch["input_ids"].shape[1]
+        positions = torch.tensor([[t == tokenizer.pad_token_id for t in p] + [False] * (width - len(p))
+                                  for p in enc["input_ids"]])
+        device = self.model.get_input_embeddings().weight.device
+        embeds = self.model.get_input_embeddings()(batch["input_ids"].to(device))
+        if states is not None:
+            if int(positions.sum()) != int(mask.sum()):
+                raise ValueError(f"{int(positions.sum())} instruction placeholders for {int(mask.sum())} states")
+            embeds = embeds.clone()
+            embeds[positions.to(device)] = self.projection(states.to(device))[mask.bool().to(device)].to(embeds.dtype)
+        extra = {k: v.to(device) if isinstance(v, torch.Tensor) else v
+                 for k, v in _model_inputs(enc, width, left=False).items()}
+        return self.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"].to(device),
+                          pixel_values=enc["pixel_values"].to(device=device, dtype=embeds.dtype),
+                          labels=batch["labels"].to(device) if labels is not None else None, **extra, **kwargs)
+
+    def _instruction_states(self, text_embeddings, text_attention_mask, n: int):
+        """(states (n, tokens, encoder dim), mask (n, tokens)) from pooled or per-token states."""
+        if text_embeddings is None:
+            if text_attention_mask is not None:
+                raise TypeError("SoftPromptModel.forward: text_attention_mask= without text_embeddings=")
+            return None, None
+        if not isinstance(text_embeddings, torch.Tensor) or text_embeddings.dim() not in (2, 3):
+            raise TypeError("text_embeddings= must be a tensor (batch, dim) from TextEncoderModule.encode or "
+                            "(batch, tokens, dim) from encode_tokens")
+        states = text_embeddings if text_embeddings.dim() == 3 else text_embeddings[:, None, :]
+        if states.shape[0] != n:
+            raise ValueError(f"text_embeddings has {states.shape[0]} rows for {n} examples of images=")
+        if states.shape[-1] != self.text_encoder.hidden_size:
+            raise ValueError(f"text_embeddings have width {states.shape[-1]}, but this model's text encoder "
+                             f"({self.text_encoder.model_name}) gives {self.text_encoder.hidden_size}: pass the "
+                             "states of its TextEncoderModule (the projection maps them to the decoder)")
+        if text_attention_mask is None:
+            mask = torch.ones(states.shape[:2], dtype=torch.long)
+        elif text_embeddings.dim() == 2 or tuple(text_attention_mask.shape) != tuple(states.shape[:2]):
+            raise ValueError(f"text_attention_mask {tuple(text_attention_mask.shape)} must be (batch, tokens) "
+                             f"of per-token text_embeddings {tuple(states.shape)}")
+        else:
+            mask = text_attention_mask.long().cpu()
+        return states, mask
 
     @torch.no_grad()
     def generate(self, input_ids, instruction_input_ids, instruction_attention_mask, instruction_positions, **kwargs):
@@ -222,14 +405,16 @@ class SoftPromptModel(nn.Module):
             self.text_encoder.tokenizer.save_pretrained(directory / ENCODER_DIR)
 
 
-def load_soft_prompt_model(model, path: str | Path, channel: dict) -> SoftPromptModel:
+def load_soft_prompt_model(model, path: str | Path, channel: dict, processor=None,
+                           prompt_builder=None) -> SoftPromptModel:
     """Wrap an already loaded base model with the text encoder (its saved fine-tuned copy, or the
     published one by id) and the projection saved in `path`."""
     path = Path(path)
     source = str(path / channel["weights"]) if channel.get("weights") else channel["model"]
     encoder = TextEncoderModule(source, trainable=channel["trainable"], pooling=channel["pooling"])
     encoder.model_name = channel["model"]
-    wrapped = SoftPromptModel(model, encoder, use_projection=channel["use_projection"])
+    wrapped = SoftPromptModel(model, encoder, use_projection=channel["use_projection"], processor=processor,
+                              prompt_builder=prompt_builder)
     if channel.get("projection"):
         wrapped.projection.load_state_dict(load_file(path / channel["projection"]))
     elif isinstance(wrapped.projection, nn.Linear):

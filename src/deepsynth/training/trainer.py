@@ -204,6 +204,8 @@ class Trainer:
             raise ValueError("a processor is needed when a model object is passed")
         self.processor = processor
         self.model = apply_training_options(model, config)
+        if isinstance(self.model, SoftPromptModel):  # pages given as images= become this bundle's prompt
+            self.model.attach_processor(processor, self.base_spec.prompt_builder)
         self.render_config = RenderConfig.from_preset(config.render_preset)
         # What the model read in training; a prepared folder's pages may differ from the recipe's preset.
         self.data_render_config = self.render_config
