@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from ..atomic import write_text_atomic
 from .legibility import check_pages, ocr_unavailable
-from .renderer import PRESET_MODES, PRESETS, RenderConfig, render_stats, render_text
+from .renderer import PRESET_ALIASES, PRESET_MODES, PRESETS, RenderConfig, describe_preset, render_stats, render_text
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +160,8 @@ def render_command(inputs: list[str], out: Path, preset: str | None = None, font
         raise typer.BadParameter(f"{workers} is out of range: allowed >= 0 (0 = one per CPU core)",
                                  param_hint="'--workers'")
     config = build_config(preset, font_size, page_size, max_pages, reflow)
+    if preset in PRESET_ALIASES:
+        logger.warning("preset %s", describe_preset(preset))
     if check and (reason := ocr_unavailable()):
         raise typer.BadParameter(reason, param_hint="'--check'")
     if inputs.count("-") > 1:
@@ -208,6 +210,8 @@ def render_command(inputs: list[str], out: Path, preset: str | None = None, font
     documents = [r for r in results if r is not None and "error" not in r]
     errors = [r for r in results if r is not None and "error" in r]
     manifest = {"config": base, "documents": documents, "errors": errors}
+    if preset:  # an alias ("large") names another mode than it draws: the manifest says which
+        manifest["preset"] = {"name": preset, "is": describe_preset(preset)}
     write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False))
     logger.info("rendered %d document(s) into %s (%d failed)", len(documents), out, len(errors))
     return manifest
@@ -233,7 +237,11 @@ def register(app: typer.Typer) -> None:
     def render(
         inputs: list[str] = typer.Argument(..., help=".txt/.md files to render, or - for stdin."),
         out: Path = typer.Option(..., "--out", "-o", help="Output folder (OUTDIR/<stem>/page-0001.png, manifest.json)."),
-        preset: Optional[str] = typer.Option(None, "--preset", help=f"One of: {', '.join(PRESETS)}."),
+        preset: Optional[str] = typer.Option(
+            None, "--preset", help=f"One of: {', '.join(p for p in PRESETS if p not in PRESET_ALIASES)} "
+                                   "(ocr-<mode>-*: DeepSeek-OCR's modes and sizes; tiny: the tiny models' 256 px "
+                                   "page); aliases: " + ", ".join(f"{a} = {t}" for a, t in PRESET_ALIASES.items())
+                                   + "."),
         font_size: Optional[int] = typer.Option(None, "--font-size", help="Font size in pixels (6-200)."),
         page_size: Optional[str] = typer.Option(None, "--page-size", help="Page size WxH, e.g. 1024x1024."),
         workers: int = typer.Option(0, "--workers", help="Parallel processes (0 = one per CPU core)."),
@@ -250,6 +258,8 @@ def register(app: typer.Typer) -> None:
         manifest = render_command(inputs, out, preset=preset, font_size=font_size, page_size=page_size,
                                   workers=workers, markdown=markdown, max_pages=max_pages, reflow=reflow,
                                   check=check)
+        if "preset" in manifest:
+            typer.echo(f"preset {manifest['preset']['is']}")
         for doc in manifest["documents"]:
             typer.echo(describe(doc))
         n_pages = sum(len(d["pages"]) for d in manifest["documents"])

@@ -52,18 +52,15 @@ SHIPPED_FONTS: dict[str, tuple[str, str]] = {
 
 MONO_FONT = "DejaVuSansMono"
 
-#: Named configurations. ``tiny`` is what the tiny offline model reads: keep it unchanged.
+#: Named configurations. ``tiny`` is what the tiny offline model reads: keep it unchanged (it is
+#: the project's 256 px test page, not DeepSeek-OCR's Tiny mode, which is ``ocr-tiny-*``).
 #: Its geometry follows the tiny model's 4 x 4 grid of 64 px image tokens: a 64 px line height
 #: puts each of the 4 lines inside one token row, and 32 px glyphs with a 4 px margin end a
 #: ``"alpha: 42"`` line at x = 172, so a value never reaches the last token column.
-#: The square sizes are the resolutions the DeepSeek-OCR models read.
+#: The presets named after DeepSeek-OCR's modes follow below; the earlier short names are aliases.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(page_width=256, page_height=256, margin=4, font=MONO_FONT, font_size=32, bold=True,
                  line_spacing=2.0),
-    "small": dict(page_width=512, page_height=512, font_size=14),
-    "base": dict(page_width=640, page_height=640, font_size=16),
-    "large": dict(page_width=1024, page_height=1024, font_size=20),
-    "gundam": dict(page_width=1280, page_height=1280, font_size=24),
 }
 
 #: Presets matched to DeepSeek-OCR's modes (``deepsynth.render.modes``): the page is drawn at the
@@ -82,6 +79,31 @@ for _mode, _side in _MODE_PAGES.items():
     PRESETS[f"ocr-{_mode}-readable"] = dict(page_width=_side, page_height=_side, font_size=_READABLE_FONT[_mode])
     PRESETS[f"ocr-{_mode}-dense"] = dict(page_width=_side, page_height=_side, **_DENSE)
     PRESET_MODES[f"ocr-{_mode}-readable"] = PRESET_MODES[f"ocr-{_mode}-dense"] = _mode
+
+#: The first short preset names, kept as aliases: they drew pages at DeepSeek-OCR's sizes but
+#: under other modes' names ("large" drew Base's 1024 px pages). Alias -> the preset it draws
+#: exactly (same RenderConfig); `describe_preset` says so wherever one is used.
+PRESET_ALIASES: dict[str, str] = {"small": "ocr-tiny-readable", "base": "ocr-small-readable",
+                                  "large": "ocr-base-readable", "gundam": "ocr-large-readable"}
+for _alias, _target in PRESET_ALIASES.items():
+    PRESETS[_alias] = dict(PRESETS[_target])
+    PRESET_MODES[_alias] = PRESET_MODES[_target]
+
+
+def describe_preset(name: str) -> str:
+    """What a preset draws, in words: its page, the DeepSeek-OCR mode it is drawn for, and for an
+    alias the preset it stands for."""
+    if name not in PRESETS:
+        raise ValueError(f"preset={name!r} is unknown: choose one of {', '.join(PRESETS)}")
+    side = PRESETS[name]["page_width"]
+    if name == "tiny":
+        return "tiny: the tiny offline models' 256 px page (not DeepSeek-OCR's Tiny mode: see ocr-tiny-*)"
+    mode = PRESET_MODES[name]
+    what = f"{side} px pages for DeepSeek-OCR's {mode.capitalize()} mode"
+    if name in PRESET_ALIASES:
+        return (f"{name}: alias of {PRESET_ALIASES[name]} ({what}; DeepSeek's {name.capitalize()} mode is "
+                f"ocr-{name}-readable / ocr-{name}-dense)")
+    return f"{name}: {what}"
 
 _PAGE_SIDE = (64, 4096)
 _FONT_SIZE = (6, 200)
