@@ -98,6 +98,8 @@ VLM_CONFIGS = {"deepseek-ocr-2": real_config, CHECKPOINT: real_config, QWEN25_VL
                # the real-size check's presets: the real architectures with random weights
                "random-deepseek-ocr-2": real_config, "random-deepseek-ocr": _real_v1_config}
 TEXT_ENCODER_CONFIGS = {QWEN25_7B: qwen2_5_7b_config, "qwen2.5-7b": qwen2_5_7b_config,
+                        # the default text encoder (TextEncoderModule()): the same stack as the base model
+                        "Qwen/Qwen2.5-7B-Instruct": qwen2_5_7b_config,
                         MINILM: minilm_config, "all-MiniLM-L6-v2": minilm_config, "minilm": minilm_config}
 
 
