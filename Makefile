@@ -58,6 +58,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/prepare.py
 	$(BIN)/python benchmarks/serve.py
 	$(BIN)/python benchmarks/hostile.py
+	$(BIN)/python benchmarks/instruction_prompting.py
 
 # Re-creates the shipped reader checkpoint from code, in four time-budgeted phases (89 minutes of
 # wall-clock time on 2 CPU cores; a faster machine trains more steps; run it on an otherwise idle
