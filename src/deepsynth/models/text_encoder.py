@@ -13,6 +13,8 @@ was fine-tuned, `text_encoder/`; a frozen encoder is referenced by its id in the
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 from pathlib import Path
 
@@ -144,13 +146,16 @@ _COMMON_FORWARD_KWARGS = frozenset({
     "max_length_q", "max_length_k", "is_causal", "seq_idx"})
 
 
-def _forward_parameters(model) -> set[str] | None:
+def _forward_parameters(model) -> frozenset[str] | None:
     """Named parameters of the model's forward (through peft wrappers); None if it takes anything."""
-    import inspect
-
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    params = inspect.signature(base.forward).parameters.values()
-    named = {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return _named_parameters_of(type(base))
+
+
+@functools.lru_cache(maxsize=64)
+def _named_parameters_of(cls) -> frozenset[str] | None:
+    params = inspect.signature(cls.forward).parameters.values()
+    named = frozenset(p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)) - {"self"}
     return named or None
 
 
