@@ -1,4 +1,5 @@
-"""The vLLM commands: `deepsynth check-parity MODEL` and `deepsynth export-vllm DIR OUT`.
+"""The vLLM commands: `deepsynth check-parity MODEL`, `deepsynth check-reference MODEL` and
+`deepsynth export-vllm DIR OUT`.
 
 Both import vLLM only where it is installed (`make vllm-env`); registering them costs nothing.
 """
@@ -9,9 +10,11 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``check-parity`` and ``export-vllm`` to a typer app."""
+    """Add ``check-parity``, ``check-reference`` and ``export-vllm`` to a typer app."""
     from deepsynth.inference.parity import check_parity_command
+    from deepsynth.inference.reference import check_reference_command
     from deepsynth.models.vllm_export import export_vllm_command
 
     app.command("check-parity")(check_parity_command)
+    app.command("check-reference")(check_reference_command)
     app.command("export-vllm")(export_vllm_command)

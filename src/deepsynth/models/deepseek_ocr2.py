@@ -189,9 +189,12 @@ def real_config() -> DeepseekOcr2Config:
     MoE decoder (1280 x 12, first layer dense, 64 routed experts, 6 active, 2 shared).
     """
     sam = dict(downsample_channels=[512, 896])
+    # RoPE base 1e6 as in the released encoder (Qwen2-0.5B's; vLLM's native class builds it so),
+    # not the config class's default 1e4
     encoder = dict(
         hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
         num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
     )
     text = dict(
         vocab_size=129280, hidden_size=1280, intermediate_size=6848, num_hidden_layers=12,

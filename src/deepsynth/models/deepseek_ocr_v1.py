@@ -177,9 +177,14 @@ def original_config_from_v1(config: DeepseekOcrV1Config) -> dict:
         "num_hidden_layers": text.num_hidden_layers, "num_key_value_heads": text.num_key_value_heads,
         "topk_group": text.topk_group, "topk_method": text.topk_method, "use_mla": False,
         "vocab_size": text.vocab_size, "kv_lora_rank": None, "q_lora_rank": None,
+        # as the released config.json: no latent attention (vLLM's native class reads these)
+        "qk_nope_head_dim": 0, "qk_rope_head_dim": 0, "v_head_dim": 0,
+        "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2",
+        "rms_norm_eps": text.rms_norm_eps, "routed_scaling_factor": text.routed_scaling_factor,
     }
     return {
         "architectures": [V1_ARCHITECTURE], "model_type": "deepseek_vl_v2", "language_config": lang,
+        "tile_tag": "2D", "global_view_pos": "head", "candidate_resolutions": [[1024, 1024]],
         "projector_config": {"input_dim": 2 * clip.hidden_size, "n_embed": text.hidden_size, "projector_type": "linear"},
         "vision_config": {"image_size": sam.image_size, "width": {
             "clip-l-14-224": {"heads": clip.num_attention_heads, "image_size": clip.image_size,

@@ -26,14 +26,30 @@ from deepsynth.atomic import atomic_dir, write_text_atomic
 #: encoder's width/depth, the page size.
 NATIVE_VISION = {"sam_hidden_size": 768, "sam_layers": 12, "encoder_hidden_size": 896, "encoder_layers": 24,
                  "image_size": 1024}
+#: What vLLM's native class fixes in code at every size (a model that differs would load and read
+#: its pages differently): SAM's patch/window/neck/MLP shapes and the encoder's RoPE base.
+NATIVE_FIXED = {"sam_patch_size": 16, "sam_window_size": 14, "sam_output_channels": 256, "sam_first_downsample": 512,
+                "sam_mlp_ratio": 4.0, "encoder_rope_theta": 1000000.0, "image_size": 1024}
+#: `vision_sizes` choices: "native" refuses a model whose vision widths differ from the released
+#: model's; "checkpoint" records its widths in the config (vision_config.width), for comparisons
+#: that build vLLM's classes at those widths (`deepsynth.inference.reference`); plain vLLM cannot
+#: load such an export.
+VISION_SIZES = ("native", "checkpoint")
 
 
 class ExportError(ValueError):
     """A checkpoint that vLLM's native DeepSeek-OCR-2 class cannot load."""
 
 
-def native_config(config: dict) -> dict:
+def _rope_theta(config: dict, default: float) -> float:
+    rope = config.get("rope_parameters") or {}
+    return float(rope.get("rope_theta", config.get("rope_theta", default)))
+
+
+def native_config(config: dict, vision_sizes: str = "native") -> dict:
     """vLLM's DeepSeek-OCR-2 config.json for a transformers `deepseek_ocr2` config.json (as a dict)."""
+    if vision_sizes not in VISION_SIZES:
+        raise ValueError(f"vision_sizes={vision_sizes!r}: choose one of {VISION_SIZES}")
     if config.get("model_type") not in ("deepseek_ocr2", "deepseek_ocr2_patches"):
         raise ExportError(f"model_type {config.get('model_type')!r}: export-vllm takes DeepSeek-OCR-2 checkpoints")
     if config.get("model_type") == "deepseek_ocr2_patches" or config.get("vision_readout", "queries") != "queries":
@@ -42,11 +58,22 @@ def native_config(config: dict) -> dict:
                           "backend (VLLMEngine does so by itself)")
     vision, text = config.get("vision_config", {}), config.get("text_config", {})
     sam, encoder = vision.get("sam_config", {}), vision.get("encoder_config", {})
-    found = {"sam_hidden_size": sam.get("hidden_size", 768), "sam_layers": sam.get("num_hidden_layers", 12),
+    sam_hidden = sam.get("hidden_size", 768)
+    fixed = {"sam_patch_size": sam.get("patch_size", 16), "sam_window_size": sam.get("window_size", 14),
+             "sam_output_channels": sam.get("output_channels", 256),
+             "sam_first_downsample": (sam.get("downsample_channels") or [512, 896])[0],
+             "sam_mlp_ratio": sam.get("mlp_dim", 4 * sam_hidden) / sam_hidden,
+             "encoder_rope_theta": _rope_theta(encoder, 10000.0), "image_size": sam.get("image_size", 1024)}
+    wrong = {k: (v, NATIVE_FIXED[k]) for k, v in fixed.items() if v != NATIVE_FIXED[k]}
+    if wrong:
+        detail = ", ".join(f"{k}={v} (native {n})" for k, (v, n) in wrong.items())
+        raise ExportError(f"vLLM's native DeepSeek-OCR-2 class fixes these in code and this model differs: {detail}; "
+                          "serve it through the Transformers backend")
+    found = {"sam_hidden_size": sam_hidden, "sam_layers": sam.get("num_hidden_layers", 12),
              "encoder_hidden_size": encoder.get("hidden_size", 896),
              "encoder_layers": encoder.get("num_hidden_layers", 24), "image_size": sam.get("image_size", 1024)}
     wrong = {k: (v, NATIVE_VISION[k]) for k, v in found.items() if v != NATIVE_VISION[k]}
-    if wrong:
+    if wrong and vision_sizes == "native":
         detail = ", ".join(f"{k}={v} (native {n})" for k, (v, n) in wrong.items())
         raise ExportError(f"vLLM's native class has the released model's vision sizes built in; this model has "
                           f"{detail}: serve it through the Transformers backend")
@@ -66,16 +93,28 @@ def native_config(config: dict) -> dict:
         "n_group": text.get("n_group") or 1, "topk_group": text.get("topk_group") or 1,
         "max_position_embeddings": text.get("max_position_embeddings", 8192),
         "rms_norm_eps": text.get("rms_norm_eps", 1e-6), "rope_theta": rope.get("rope_theta", 10000.0),
-        "use_mla": False, "kv_lora_rank": None, "q_lora_rank": None,
+        # no latent attention: vLLM picks plain multi-head attention when both head-dim splits are 0
+        "use_mla": False, "kv_lora_rank": None, "q_lora_rank": None, "qk_nope_head_dim": 0, "qk_rope_head_dim": 0,
+        "v_head_dim": 0,
         "bos_token_id": text.get("bos_token_id", 0), "eos_token_id": text.get("eos_token_id", 1),
         "tie_word_embeddings": config.get("tie_word_embeddings", False), "torch_dtype": config.get("dtype", "bfloat16"),
     }
+    vision_out = {"image_size": 1024, "patch_size": 16, "mlp_ratio": 4, "model_name": "deepencoderv2"}
+    if vision_sizes == "checkpoint":
+        vision_out["width"] = {
+            "sam_vit_b": {"width": sam_hidden, "layers": found["sam_layers"], "heads": sam.get("num_attention_heads", 12),
+                          "global_attn_indexes": list(sam.get("global_attn_indexes", [2, 5, 8, 11])),
+                          "downsample_channels": list(sam.get("downsample_channels", [512, 896]))},
+            "qwen2-0-5b": {"dim": found["encoder_hidden_size"], "layers": found["encoder_layers"],
+                           "heads": encoder.get("num_attention_heads", 14),
+                           "kv_heads": encoder.get("num_key_value_heads", 2),
+                           "intermediate_size": encoder.get("intermediate_size", 4864)}}
     return {
         "architectures": ["DeepseekOCR2ForCausalLM"], "model_type": "deepseek_vl_v2",
         "tile_tag": "2D", "global_view_pos": "head", "candidate_resolutions": [[1024, 1024]],
-        "vision_config": {"image_size": 1024, "patch_size": 16, "width": 768, "layers": 12, "heads": 12,
-                          "mlp_ratio": 4, "model_name": "deepencoderv2"},
-        "projector_config": {"projector_type": "linear", "input_dim": 896, "n_embed": text["hidden_size"]},
+        "vision_config": vision_out,
+        "projector_config": {"projector_type": "linear", "input_dim": found["encoder_hidden_size"],
+                             "n_embed": text["hidden_size"]},
         "language_config": language,
         "image_token_id": config.get("image_token_id"),
         "torch_dtype": config.get("dtype", "bfloat16"),
@@ -88,17 +127,22 @@ _CARRIED = ("*.safetensors", "*.safetensors.index.json", "tokenizer*", "special_
             "deepsynth.json")
 
 
-def export_vllm(src: str | Path, out: str | Path, overwrite: bool = False) -> Path:
-    """Write `src` (a full DeepSeek-OCR-2 bundle) to `out` in vLLM's native layout; returns `out`."""
+def export_vllm(src: str | Path, out: str | Path, overwrite: bool = False, vision_sizes: str = "native") -> Path:
+    """Write `src` (a full DeepSeek-OCR-2 bundle, or an adapter bundle: merged into its base first) to
+    `out` in vLLM's native layout; returns `out`."""
     src, out = Path(src), Path(out)
-    if (src / "adapter_config.json").is_file():
-        raise ExportError(f"{src} holds LoRA adapters: vLLM serves them on the exported base as a LoRA module "
-                          "(export the base, then `VLLMEngine(base, adapter=...)`)")
-    if not (src / "config.json").is_file():
-        raise FileNotFoundError(f"{src} has no config.json")
-    config = native_config(json.loads((src / "config.json").read_text()))
+    if not (src / "config.json").is_file() and not (src / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{src} has neither config.json nor adapter_config.json")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists (pass --overwrite to replace it)")
+    if (src / "adapter_config.json").is_file():
+        import torch
+
+        from deepsynth.models.bundle import load_bundle
+
+        loaded = load_bundle(str(src), dtype=torch.float32)  # the adapters merged into their base
+        return export_loaded(loaded.model, loaded.processor, out, vision_sizes=vision_sizes, bundle_from=src)
+    config = native_config(json.loads((src / "config.json").read_text()), vision_sizes)
     with atomic_dir(out) as tmp:
         for pattern in _CARRIED:
             for path in src.glob(pattern):
@@ -107,8 +151,29 @@ def export_vllm(src: str | Path, out: str | Path, overwrite: bool = False) -> Pa
     return out
 
 
+def export_loaded(model, processor, out: str | Path, vision_sizes: str = "native",
+                  bundle_from: str | Path | None = None) -> Path:
+    """A loaded DeepSeek-OCR-2 model (adapters already merged) written to `out` in vLLM's native
+    layout; `bundle_from`: a bundle whose deepsynth.json is carried over (marked full weights)."""
+    import dataclasses
+
+    from deepsynth.models.bundle import read_spec, write_spec
+
+    out = Path(out)
+    config = native_config(model.config.to_dict(), vision_sizes)  # refuses before anything is written
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        spec = read_spec(bundle_from) if bundle_from is not None else None
+        if spec is not None:
+            write_spec(tmp, dataclasses.replace(spec, weights="full"))
+        write_text_atomic(tmp / "config.json", json.dumps(config, indent=2) + "\n")
+    return out
+
+
 def export_vllm_command(
-    src: Path = typer.Argument(..., exists=True, file_okay=False, help="A full DeepSeek-OCR-2 model directory."),
+    src: Path = typer.Argument(..., exists=True, file_okay=False,
+                               help="A DeepSeek-OCR-2 model directory (full weights, or LoRA adapters: merged)."),
     out: Path = typer.Argument(..., help="Directory to write (vLLM's native DeepSeek-OCR-2 layout)."),
     overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
 ) -> None:

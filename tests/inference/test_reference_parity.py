@@ -1,0 +1,112 @@
+"""Our HF engine against vLLM's NATIVE DeepSeek-OCR / DeepSeek-OCR-2 classes (code we did not write).
+
+The same random weights (tiny widths, the released architecture's fixed options: 1024 px global
+view, 640 / 768 px crops, learned-query readout, MoE decoder layer) are written in the layout each
+native class loads and answered greedily in float32 on both sides from the same prompt token ids;
+prompt ids, answer tokens and each token's log-probability must agree (1e-3). The vLLM side runs in
+the vLLM environment (`make vllm-env`) through tests/inference/reference_boot.py, which gives vLLM's
+processor a stand-in for the three torchvision transforms it imports (torchvision's wheels do not
+import on this CPU machine). Skipped only where that environment is absent.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+from deepsynth.inference import reference
+from deepsynth.inference.parity import vllm_python
+from deepsynth.models.vllm_export import ExportError, native_config
+
+HERE = Path(__file__).parent
+PYTHON = vllm_python()
+needs_vllm = pytest.mark.skipif(PYTHON is None, reason="the vLLM environment is absent: run `make vllm-env` "
+                                                       "(makes .venv-vllm) or set DEEPSYNTH_VLLM_PYTHON")
+
+
+@pytest.fixture(autouse=True)
+def _boot(monkeypatch):
+    monkeypatch.setattr(reference, "SIDE_COMMAND", [str(HERE / "reference_boot.py")])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+def page(width: int, height: int, seed: int) -> Image.Image:
+    img = Image.new("RGB", (width, height), "white")
+    draw, rng = ImageDraw.Draw(img), random.Random(seed)
+    for i in range(30):
+        draw.text((rng.randint(0, width - 60), rng.randint(0, height - 20)), f"key{i}: {rng.randint(10, 99)}",
+                  fill=(0, 0, 0))
+    return img
+
+
+CASES = [  # family, crop mode, page size: crops need a page wider than one 768 px tile (2 x 1 crops)
+    (reference.OCR2, "none", (640, 640)),
+    (reference.OCR2, "tiles", (1536, 768)),
+    (reference.V1, "none", (640, 640)),
+]
+
+
+@pytest.mark.slow
+@needs_vllm
+@pytest.mark.parametrize("family,crop_mode,size", CASES, ids=[f"{f}-{c}" for f, c, _ in CASES])
+def test_hf_engine_matches_vllm_native_class(tmp_path, family, crop_mode, size):
+    model = reference.save_fixture(tmp_path / "model", family, crop_mode)
+    pages = [page(*size, 1), page(*size, 2)]
+    report = reference.check_reference(str(model), pages, ["read", "key3?"], max_new_tokens=12)
+    print(json.dumps(report, indent=1))
+    assert report["family"] == family and report["crop_mode"] == crop_mode
+    assert report["vision_sizes"] == "checkpoint"  # tiny widths: vLLM's classes built at them
+    for answer in report["answers"]:
+        assert answer["prompt_identical"], answer  # vLLM expanded the page into our image tokens
+        assert answer["tokens_identical"], answer
+        assert answer["hf_tokens"] == 12 or answer["hf_answer"] is not None
+        assert answer["max_abs_logprob_diff"] <= reference.LOGPROB_TOLERANCE
+    if crop_mode == "tiles":  # 256 global + 2 x 144 crop tokens + separator
+        assert report["answers"][0]["prompt_tokens"] > 256 + 2 * 144
+    assert report["agree"]
+
+
+@pytest.mark.slow
+@needs_vllm
+def test_check_reference_command_writes_report(tmp_path):
+    from typer.testing import CliRunner
+
+    from deepsynth.cli import app
+
+    model = reference.save_fixture(tmp_path / "model", reference.OCR2, "none")
+    page(640, 640, 3).save(tmp_path / "page.png")
+    examples = tmp_path / "examples.jsonl"
+    examples.write_text(json.dumps({"image": str(tmp_path / "page.png"), "instruction": "read"}) + "\n"
+                        + json.dumps({"text": "alpha: 07\nbravo: 42", "instruction": "bravo"}) + "\n")
+    out = tmp_path / "report.json"
+    result = CliRunner().invoke(app, ["check-reference", str(model), "--examples", str(examples),
+                                      "--max-new-tokens", "8", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["agree"] and len(report["answers"]) == 2
+    assert report["reference"].endswith("DeepseekOCR2ForCausalLM")
+    assert "answers token-identical" in result.output
+
+
+def test_native_config_refuses_what_vllm_fixes_in_code():
+    model, _, _ = reference.tiny_native_ocr2()
+    config = model.config.to_dict()
+    native = native_config(config, vision_sizes="checkpoint")
+    assert native["projector_config"]["input_dim"] == 64
+    assert native["language_config"]["qk_nope_head_dim"] == 0  # plain multi-head attention in vLLM
+    with pytest.raises(ExportError, match="vision sizes built in"):
+        native_config(config)  # the released widths only, by default
+    config["vision_config"]["encoder_config"]["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
+    with pytest.raises(ExportError, match="encoder_rope_theta"):
+        native_config(config, vision_sizes="checkpoint")
+
+
+def test_fold_image_runs_and_errors():
+    assert reference.fold_image_runs([0, 9, 9, 9, 5, 6], 9, [3]) == [0, 9, 5, 6]
+    with pytest.raises(reference.ReferenceError, match="image tokens for 1 pages, not 2"):
+        reference.fold_image_runs([0, 9, 9, 5], 9, [2, 2])
