@@ -237,6 +237,41 @@ def test_evaluate_scores_summaries_with_rouge_and_qa_with_em_f1(tmp_path):
     assert set(report["scores_no_instruction"]["by_task"]) == set(by_task)
 
 
+@pytest.mark.parametrize("converter,fixture,tasks", [
+    ("squad", "squad_v2", {"extractive_qa": 3}),
+    ("natural_questions", "natural_questions", {"extractive_qa": 2, "short_answer": 1, "free_form": 1}),
+    ("ms_marco", "ms_marco", {"short_answer": 3}),
+    ("cnn_dailymail", "cnn_dailymail", {"summarization": 1}),
+    ("xsum", "xsum", {"summarization": 2}),
+])
+def test_every_converter_gives_a_task_and_its_metrics(converter, fixture, tasks):
+    from collections import Counter
+
+    from deepsynth.data.converters import ConversionStats, convert
+    from deepsynth.evaluation.run import TASK_METRICS, task_of
+
+    examples = convert(converter, rows(FIXTURES / f"{fixture}.jsonl"), errors="collect", stats=ConversionStats())
+    got = Counter(task_of(ex.answer, ex.text, ex.meta) for ex in examples)
+    assert dict(got) == tasks
+    # NQ: a short span is extractive QA, yes/no a short free-form answer, a long answer free-form text
+    if converter == "natural_questions":
+        by_type = {ex.meta["answer_type"]: task_of(ex.answer, ex.text, ex.meta) for ex in examples}
+        assert by_type == {"short": "extractive_qa", "yes_no": "short_answer", "long": "free_form"}
+    assert TASK_METRICS["short_answer"] == ("em", "f1", "rouge1", "rouge2", "rougeL")
+
+
+def test_records_without_a_task_are_classed_by_their_answer():
+    from deepsynth.evaluation.run import task_of
+
+    text = "The invoice total is 42 euros, paid on 3 May."
+    assert task_of("42 euros", text) == "extractive_qa"
+    assert task_of("forty-two", text) == "short_answer"
+    assert task_of("An invoice of 42 euros was paid in early May by the customer as agreed.", text) == "free_form"
+    assert task_of("42", text, {"task": "summarization"}) == "summarization"
+    with pytest.raises(ValueError, match="meta\\['task'\\]='qa' is unknown"):
+        task_of("42", text, {"task": "qa"})
+
+
 # ---- presets named after DeepSeek-OCR's modes ----------------------------------------------------
 def test_presets_carry_deepseek_modes_and_the_old_names_are_aliases():
     for mode in ("tiny", "small", "base", "large", "gundam"):
