@@ -59,6 +59,14 @@ def native_config(config: dict, vision_sizes: str = "native") -> dict:
     vision, text = config.get("vision_config", {}), config.get("text_config", {})
     sam, encoder = vision.get("sam_config", {}), vision.get("encoder_config", {})
     sam_hidden = sam.get("hidden_size", 768)
+    found = {"sam_hidden_size": sam_hidden, "sam_layers": sam.get("num_hidden_layers", 12),
+             "encoder_hidden_size": encoder.get("hidden_size", 896),
+             "encoder_layers": encoder.get("num_hidden_layers", 24), "image_size": sam.get("image_size", 1024)}
+    wrong = {k: (v, NATIVE_VISION[k]) for k, v in found.items() if v != NATIVE_VISION[k]}
+    if wrong and vision_sizes == "native":
+        detail = ", ".join(f"{k}={v} (native {n})" for k, (v, n) in wrong.items())
+        raise ExportError(f"vLLM's native class has the released model's vision sizes built in; this model has "
+                          f"{detail}: serve it through the Transformers backend")
     fixed = {"sam_patch_size": sam.get("patch_size", 16), "sam_window_size": sam.get("window_size", 14),
              "sam_output_channels": sam.get("output_channels", 256),
              "sam_first_downsample": (sam.get("downsample_channels") or [512, 896])[0],
@@ -69,14 +77,6 @@ def native_config(config: dict, vision_sizes: str = "native") -> dict:
         detail = ", ".join(f"{k}={v} (native {n})" for k, (v, n) in wrong.items())
         raise ExportError(f"vLLM's native DeepSeek-OCR-2 class fixes these in code and this model differs: {detail}; "
                           "serve it through the Transformers backend")
-    found = {"sam_hidden_size": sam_hidden, "sam_layers": sam.get("num_hidden_layers", 12),
-             "encoder_hidden_size": encoder.get("hidden_size", 896),
-             "encoder_layers": encoder.get("num_hidden_layers", 24), "image_size": sam.get("image_size", 1024)}
-    wrong = {k: (v, NATIVE_VISION[k]) for k, v in found.items() if v != NATIVE_VISION[k]}
-    if wrong and vision_sizes == "native":
-        detail = ", ".join(f"{k}={v} (native {n})" for k, (v, n) in wrong.items())
-        raise ExportError(f"vLLM's native class has the released model's vision sizes built in; this model has "
-                          f"{detail}: serve it through the Transformers backend")
     layer_types = text.get("mlp_layer_types") or []
     dense_first = next((i for i, t in enumerate(layer_types) if t != "dense"), len(layer_types))
     rope = text.get("rope_parameters") or {}
