@@ -110,3 +110,33 @@ def test_fold_image_runs_and_errors():
     assert reference.fold_image_runs([0, 9, 9, 9, 5, 6], 9, [3]) == [0, 9, 5, 6]
     with pytest.raises(reference.ReferenceError, match="image tokens for 1 pages, not 2"):
         reference.fold_image_runs([0, 9, 9, 5], 9, [2, 2])
+
+
+@pytest.mark.slow
+@needs_vllm
+def test_lora_finetune_exported_for_vllm_answers_as_our_engine(tmp_path):
+    """A few LoRA steps of our Trainer (adapters on attention, MLPs and the routed experts of the MoE
+    layer) on the OCR-2 fixture; `export_vllm` merges the adapter bundle into vLLM's native layout,
+    and vLLM's native class answers as our engine does with the merged adapters."""
+    from deepsynth.data.synthetic import SyntheticConfig, generate
+    from deepsynth.models.vllm_export import export_vllm
+    from deepsynth.training.config import TrainerConfig
+    from deepsynth.training.trainer import Trainer
+
+    base = reference.save_fixture(tmp_path / "base", reference.OCR2, "none")
+    config = TrainerConfig(model_name=str(base), output_dir=str(tmp_path / "run"), batch_size=1, max_steps=2,
+                           use_lora=True, lora_rank=4, lora_experts=True, learning_rate=5e-2, log_interval=1)
+    metrics, _ = Trainer(config).train(generate(SyntheticConfig(facts_per_doc=2), 2, "train"))
+    adapter = tmp_path / "run" / "adapter"  # the adapters (final/ holds them merged)
+    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+    assert any("experts" in t for t in adapter_config.get("target_parameters") or []), adapter_config
+    native = export_vllm(adapter, tmp_path / "native", vision_sizes="checkpoint")
+    pages = [page(640, 640, 4)]
+    report = reference.check_reference(str(adapter), pages, ["read"], max_new_tokens=10, native_dir=native)
+    before = reference.check_reference(str(base), pages, ["read"], max_new_tokens=10)
+    print(json.dumps(report, indent=1))
+    assert report["agree"], report
+    assert report["answers"][0]["max_abs_logprob_diff"] <= reference.LOGPROB_TOLERANCE
+    # the adapters changed what the model says (so the export carried them)
+    assert report["answers"][0]["hf_answer"] != before["answers"][0]["hf_answer"] or \
+        report["answers"][0]["max_abs_logprob_diff"] != before["answers"][0]["max_abs_logprob_diff"]
