@@ -139,6 +139,16 @@ def test_config_with_text_encoder_fields_round_trips(tmp_path):
         DeepSynthLoRATrainer(lora)  # offline: the one missing piece is the hub
 
 
+def test_the_documents_examples_run_one_after_another_in_one_session(tmp_path):
+    # Its Q&A example trains in bf16, its LoRA example in the default precision: one notebook.
+    first = UnifiedProductionTrainer(TrainerConfig(model_name="tiny", output_dir=str(tmp_path / "a"),
+                                                   mixed_precision="bf16", batch_size=4, num_epochs=3))
+    assert first.trainer.accelerator.mixed_precision == "bf16"
+    second = DeepSynthLoRATrainer(TrainerConfig(model_name="tiny", output_dir=str(tmp_path / "b"), lora_rank=16,
+                                                lora_alpha=32, batch_size=6))
+    assert second.trainer.accelerator.mixed_precision == "no" and second.config.use_lora
+
+
 # ---- collation -----------------------------------------------------------------------------------
 def test_collation_with_instructions_places_one_slot_per_encoder_token():
     model, processor = load_model("tiny", seed=0)

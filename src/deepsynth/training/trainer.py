@@ -32,6 +32,7 @@ from accelerate.utils import broadcast_object_list, set_seed
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, Subset
 from tqdm.auto import tqdm
 
+from deepsynth import storage
 from deepsynth.atomic import atomic_dir, clean_stale_temps
 from deepsynth.data.instruction_dataset import InstructionDataset
 from deepsynth.data.schema import InstructionExample
@@ -187,8 +188,12 @@ class Trainer:
         self.config = config
         self.clock = clock
         self.callbacks = list(callbacks)
-        self.out = Path(config.output_dir)
+        # output_dir may be an object-storage URI: the run writes into a local stage, and each
+        # checkpoint (then the whole run) is uploaded as it is finished (deepsynth.storage).
+        self._mirror = storage.mirror_for(config.output_dir)
+        self.out = self._mirror.stage
         trackers = [t for t in config.report_to if _tracker_available(t)]
+        _release_mixed_precision(config.mixed_precision)
         self.accelerator = Accelerator(
             mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -277,6 +282,8 @@ class Trainer:
         self._prepared = model
 
         if acc.is_main_process:
+            if self._mirror.uri:  # the remote run so far (its checkpoints: resume_from_checkpoint=latest)
+                self._mirror.pull()
             stale = clean_stale_temps(self.out)
             if stale:
                 logger.warning("removed temporary folders left in %s by an interrupted run: %s", self.out, stale)
@@ -419,6 +426,9 @@ class Trainer:
             self._log_file = None
             plot_curves(self.out / "metrics.jsonl", self.out / "curves.png")
         acc.end_training()
+        if acc.is_main_process and self._mirror.uri:
+            self._mirror.put_tree()
+            final = self._mirror.public(final)
         metrics["final_model"] = final
         return metrics, list(self.checkpoints)
 
@@ -530,8 +540,10 @@ class Trainer:
             acc.wait_for_everyone()  # all ranks' files are in place before the rename
         if acc.is_main_process:
             self.checkpoints.append(str(final))
+            self._mirror.put_tree(final.name)
             for old in sorted(self.out.glob("checkpoint-*"))[:-self.config.keep_checkpoints]:
                 shutil.rmtree(old)
+                self._mirror.delete_tree(old.name)
             self.checkpoints = [c for c in self.checkpoints if Path(c).exists()]
         acc.wait_for_everyone()
         return str(final)
@@ -603,6 +615,18 @@ class Trainer:
             flat = {k: v for k, v in rec.items() if isinstance(v, (int, float)) and k != "step"}
             flat.update({f"eval/{k}": v for k, v in rec.get("eval", {}).items() if isinstance(v, (int, float))})
             self.accelerator.log(flat, step=rec.get("step"))
+
+
+def _release_mixed_precision(wanted: str) -> None:
+    """accelerate keeps one process-wide state, and a second Accelerator with another mixed
+    precision raises; a second Trainer in the same session (a notebook running a bf16 example, then
+    a LoRA one) must get the precision its own config asks for. Only the precision state is reset:
+    the distributed setup (PartialState) stays as launched."""
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != wanted:
+        logger.info("mixed precision %s -> %s for this trainer", AcceleratorState().mixed_precision, wanted)
+        AcceleratorState._reset_state()
 
 
 def _input_tokens(batch: dict) -> int:
