@@ -155,13 +155,13 @@ def tiny_config(vocab_size: int, image_token_id: int, pad_token_id: int, bos_tok
     return config
 
 
-def tiny_processor(image_size: int = 256) -> DeepseekOcr2Processor:
-    """Processor for the tiny preset: one global view per page, no local crops, char tokenizer."""
+def tiny_processor(image_size: int = 256, patch_size: int = 16) -> DeepseekOcr2Processor:
+    """Processor for the tiny presets: one global view per page, no local crops, char tokenizer."""
     image_processor = DeepseekOcr2ImageProcessorPil(
         size={"height": image_size, "width": image_size}, tile_size=image_size, crop_to_patches=False
     )
     processor = DeepseekOcr2Processor(
-        image_processor=image_processor, tokenizer=build_char_tokenizer(), patch_size=16, downsample_ratio=4
+        image_processor=image_processor, tokenizer=build_char_tokenizer(), patch_size=patch_size, downsample_ratio=4
     )
     set_crop_mode(processor, "none")  # the processor class's default would cut crops anyway
     return processor
@@ -175,6 +175,36 @@ def build_tiny(seed: int = 0, image_size: int = 256) -> tuple[DeepseekOcr2ForCon
         vocab_size=len(tok), image_token_id=processor.image_token_id, pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, image_size=image_size,
     )
+    torch.manual_seed(seed)
+    model = DeepseekOcr2PatchReadoutForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    return model, processor
+
+
+def build_tiny_page(seed: int = 0, patch_size: int = 4) -> tuple[DeepseekOcr2ForConditionalGeneration,
+                                                                   DeepseekOcr2Processor]:
+    """The page reader's preset (`deepsynth.training.page_reader`): the tiny preset with a token grid
+    fine enough to read a page of small type. SAM cuts the 256 px page into 4 px patches (64 x 64)
+    and its two stride-2 convolutions leave one image token per 16 x 16 px (256 per page, one row
+    per line of the "reader" render preset, about two characters per token). SAM is 64 wide with
+    windowed attention only (global attention over 4096 patches is quadratic; the vision encoder
+    after it attends across the whole page) and a 64-channel neck (a 256-channel 3 x 3 neck at
+    64 x 64 cost more than the rest of the model). Decoder positions reach 4096 for multi-page
+    documents. `patch_size` 8 gives the coarser grid (32 px per token) that
+    benchmarks/page_reader_geometry.py compares."""
+    image_size = 256
+    processor = tiny_processor(image_size, patch_size)
+    tok = processor.tokenizer
+    config = tiny_config(
+        vocab_size=len(tok), image_token_id=processor.image_token_id, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, image_size=image_size,
+    )
+    sam = config.vision_config.sam_config
+    sam.patch_size, sam.hidden_size, sam.mlp_dim, sam.output_channels = patch_size, 64, 256, 64
+    sam.window_size, sam.global_attn_indexes = 8, []
+    config.vision_config.encoder_config.max_position_embeddings = 1024
+    config.text_config.max_position_embeddings = 4096
     torch.manual_seed(seed)
     model = DeepseekOcr2PatchReadoutForConditionalGeneration(config)
     model.generation_config.pad_token_id = tok.pad_token_id
@@ -412,7 +442,7 @@ def build_random(seed: int = 0):
 
 BACKEND = Backend(
     name="deepseek-ocr-2", model_types=("deepseek_ocr2", PATCH_READOUT_TYPE), load=load,
-    presets={"tiny": _build_tiny_preset, "tiny-moe": build_tiny_moe, "random-deepseek-ocr-2": build_random},
+    presets={"tiny": _build_tiny_preset, "tiny-page": build_tiny_page, "tiny-moe": build_tiny_moe, "random-deepseek-ocr-2": build_random},
     aliases={"deepseek-ocr-2": CHECKPOINT},
     prompt_layout="raw", render_preset="large", preset_render="tiny", real_size_presets=("random-deepseek-ocr-2",),
     encodes_pages=True,

@@ -61,6 +61,10 @@ MONO_FONT = "DejaVuSansMono"
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(page_width=256, page_height=256, margin=4, font=MONO_FONT, font_size=32, bold=True,
                  line_spacing=2.0),
+    # The page reader's page (deepsynth.training.page_reader): 14 lines of 30 characters on a
+    # 256 px page; the 16 px line pitch is one row of the reader's 16 px image-token grid.
+    "reader": dict(page_width=256, page_height=256, margin=8, font=MONO_FONT, font_size=13, bold=True,
+                   line_spacing=1.25),
 }
 
 #: Presets matched to DeepSeek-OCR's modes (``deepsynth.render.modes``): the page is drawn at the
@@ -98,6 +102,8 @@ def describe_preset(name: str) -> str:
     side = PRESETS[name]["page_width"]
     if name == "tiny":
         return "tiny: the tiny offline models' 256 px page (not DeepSeek-OCR's Tiny mode: see ocr-tiny-*)"
+    if name == "reader":
+        return "reader: the page reader's 256 px page, 14 lines of 30 characters (tiny-page models)"
     mode = PRESET_MODES[name]
     what = f"{side} px pages for DeepSeek-OCR's {mode.capitalize()} mode"
     if name in PRESET_ALIASES:

@@ -44,7 +44,7 @@ from torch.utils.data import IterableDataset
 
 from deepsynth.atomic import atomic_dir
 from deepsynth.data.synthetic import LAYOUTS, TRANSCRIBE_INSTRUCTION, SyntheticConfig, make_document, split_values
-from deepsynth.models.bundle import read_spec, write_spec
+from deepsynth.models.bundle import make_collator, read_spec, write_spec
 from deepsynth.models.collate import Collator
 from deepsynth.models.generate import GenerationSettings, generate_with_stats
 from deepsynth.render import RenderConfig, render_text
@@ -207,10 +207,13 @@ class CurriculumStream(IterableDataset):
                 self._snapshots[n] = self.rng.getstate()
                 for old in [k for k in self._snapshots if k < n - 4 * self.examples_per_step]:
                     del self._snapshots[old]
-            example = make_example(self.rng, self.stage(n // self.examples_per_step), self.syn, self.values,
-                                   self.cfg.jitter)
+            example = self.draw(self.stage(n // self.examples_per_step))
             self.produced = n + 1
             yield example
+
+    def draw(self, stage: Stage) -> dict:
+        """One example of `stage` from the stream's RNG (the page reader draws its own tasks)."""
+        return make_example(self.rng, stage, self.syn, self.values, self.cfg.jitter)
 
     def state_at(self, examples: int) -> dict:
         if examples == self.produced:
@@ -251,10 +254,21 @@ class StageGate(TrainerCallback):
 
     def on_train_begin(self, trainer: Trainer) -> None:
         self.stream.examples_per_step = trainer.examples_per_step
-        self.collator = Collator(trainer.processor)
+        # the layout the run trains on (its base's bundle), not the processor's default
+        self.collator = make_collator(trainer.model, trainer.processor, trainer.base_spec)
+
+    n_stages = len(STAGES)
+
+    def batch_accuracy(self, logits: torch.Tensor, labels: torch.Tensor) -> float:
+        """What gates a stage: the share of examples decoded whole under teacher forcing."""
+        return sequence_accuracy(logits, labels)
+
+    def evaluate(self, model) -> dict:
+        """Held-out scores logged every eval_every_minutes and at the end."""
+        return evaluate_reader(model, self.collator, self.syn, n=self.cfg.eval_examples)
 
     def on_batch_end(self, trainer: Trainer, batch: dict, outputs) -> None:
-        self._step_accuracy.append(sequence_accuracy(outputs.logits.detach(), batch["labels"]))
+        self._step_accuracy.append(self.batch_accuracy(outputs.logits.detach(), batch["labels"]))
 
     def on_step_end(self, trainer: Trainer, step: int, record: dict, control: StepControl) -> None:
         accuracy = sum(self._step_accuracy) / len(self._step_accuracy)
@@ -272,7 +286,7 @@ class StageGate(TrainerCallback):
         now = trainer.elapsed()
         passed = len(self.recent) == self.recent.maxlen and rolling >= self.cfg.advance_at
         timed_out = now - self.stage_started > self.cfg.stage_minutes * 60
-        if self.stage < len(STAGES) - 1 and measuring and (passed or timed_out):
+        if self.stage < self.n_stages - 1 and measuring and (passed or timed_out):
             self.history.append({"stage": self.stage, "ended_step": step, "minutes": round(now / 60, 2),
                                  "train_seq_acc": round(rolling, 3)})
             self.stage += 1
@@ -282,13 +296,13 @@ class StageGate(TrainerCallback):
         if now - self.last_eval > self.cfg.eval_every_minutes * 60:
             self.last_eval = now
             if acc.is_main_process:
-                scores = evaluate_reader(trainer.trained_model, self.collator, self.syn, n=self.cfg.eval_examples)
+                scores = self.evaluate(trainer.trained_model)
                 trainer.log({"step": step, "minutes": round(now / 60, 2), "eval": scores})
             control.save = True
 
     def on_train_end(self, trainer: Trainer, metrics: dict) -> None:
         if trainer.accelerator.is_main_process:
-            self.final_scores = evaluate_reader(trainer.trained_model, self.collator, self.syn, n=self.cfg.eval_examples)
+            self.final_scores = self.evaluate(trainer.trained_model)
             trainer.evaluation["reader_heldout"] = self.final_scores
 
     def state_dict(self) -> dict:
@@ -338,9 +352,9 @@ def evaluate_reader(model, collator: Collator, syn: SyntheticConfig, n: int = 10
     return out
 
 
-def render_fingerprint() -> str:
-    """Hash of a reference page in the tiny preset; the reader is only valid for pages drawn this way."""
-    page = render_text("alpha: 07\nbravo: 42", RenderConfig.from_preset("tiny"))[0].image
+def render_fingerprint(preset: str = "tiny") -> str:
+    """Hash of a reference page in the reader's preset; the reader is only valid for pages drawn this way."""
+    page = render_text("alpha: 07\nbravo: 42", RenderConfig.from_preset(preset))[0].image
     return hashlib.sha256(page.tobytes()).hexdigest()[:16]
 
 
@@ -354,20 +368,21 @@ def earlier_phases(init_from: str) -> tuple[list[dict], list[Path]]:
     return phases, logs
 
 
-def save_reader(final_model: Path, out: Path, meta: dict, log_path: Path, init_from: str = "") -> None:
+def save_reader(final_model: Path, out: Path, meta: dict, log_path: Path, init_from: str = "",
+                preset: str = "tiny", recipe: str = "make reader (deepsynth.training.reader_pretrain)") -> None:
     """The reader folder, whole or not at all (`atomic_dir`): the Trainer's final model bundle, and
     every phase's metadata (reader_pretrain.json) and log (reader_pretrain.phase{N}.log.jsonl)."""
     phases, logs = earlier_phases(init_from)
     with atomic_dir(out) as tmp:
         shutil.copytree(final_model, tmp, dirs_exist_ok=True)
-        info = {"phases": [*phases, meta], "render_fingerprint": render_fingerprint()}
+        info = {"phases": [*phases, meta], "render_fingerprint": render_fingerprint(preset)}
         (tmp / "reader_pretrain.json").write_text(json.dumps(info, indent=2))
         for n, src in enumerate([*logs, log_path], start=1):
             shutil.copyfile(src, tmp / f"reader_pretrain.phase{n}.log.jsonl")
         spec = read_spec(tmp)
         if spec is not None:
             # The reader's recipe is all its phases, not only the last one's trainer settings.
-            spec.training = {"recipe": "make reader (deepsynth.training.reader_pretrain)",
+            spec.training = {"recipe": recipe,
                              "phases": [p["config"] for p in info["phases"]], "trainer": spec.training}
             write_spec(tmp, spec)
 

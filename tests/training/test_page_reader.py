@@ -1,0 +1,107 @@
+import json
+import random
+
+import numpy as np
+import pytest
+
+from deepsynth.data.reading import (
+    ITEMS,
+    JOBS,
+    KINDS,
+    TRANSCRIBE,
+    dictionary,
+    is_heldout,
+    make_task,
+    prose_paragraphs,
+    question_phrasings,
+)
+from deepsynth.models import load_model
+from deepsynth.models.collate import Collator
+from deepsynth.models.deepseek_ocr2 import build_tiny_page, image_tokens
+from deepsynth.render import RenderConfig, render_text
+from deepsynth.training.page_reader import (
+    PAGE_STAGES,
+    PRESET,
+    PageReaderConfig,
+    evaluate_page_reader,
+    make_page_example,
+    pretrain_page_reader,
+    similarity,
+)
+from deepsynth.training.reader_pretrain import render_fingerprint
+
+
+def test_heldout_paragraphs_names_and_values_never_reach_training_tasks():
+    train, held = prose_paragraphs("train"), prose_paragraphs("heldout")
+    assert train and held and not set(train) & set(held)
+    assert {is_heldout(p) for p in held} == {True} and {is_heldout(p) for p in train} == {False}
+    rng = random.Random(0)
+    for split in ("train", "heldout"):
+        for _ in range(60):
+            for kind in ("prose_qa", "form_qa", "invoice_qa"):
+                task = make_task(rng, kind, split, max_lines=8)
+                assert task.answer and task.answer in task.text  # the answer is on the page
+                if task.answer in ITEMS + JOBS:
+                    continue  # items and jobs are common words, not held-out entities
+                price = kind == "invoice_qa" or task.meta.get("slot") == "price"
+                value = task.answer.rsplit(" ", 1)[0] if price else task.answer
+                assert is_heldout(value) == (split == "heldout"), (kind, task)
+
+
+def test_tasks_are_seeded_and_cover_every_kind_and_phrasing():
+    def draw(seed):
+        rng = random.Random(seed)
+        return [make_task(rng, kind, "train", max_lines=6) for kind in KINDS for _ in range(5)]
+
+    assert draw(1) == draw(1) and draw(1) != draw(2)
+    rng = random.Random(3)
+    asked = {make_task(rng, "prose_qa", "heldout").instruction for _ in range(400)}
+    templates = [q for qs in question_phrasings().values() for q in qs]
+    assert sum(any(a.startswith(q.split("{")[0]) for a in asked) for q in templates) >= len(templates) - 6
+    words = make_task(random.Random(4), "words", "train", max_lines=14).text
+    assert len(dictionary()) > 1000 and words.count("\n") < 14
+    with pytest.raises(ValueError, match="kind='poem'"):
+        make_task(rng, "poem")
+    with pytest.raises(ValueError, match="split='test'"):
+        make_task(rng, "words", "test")
+
+
+def test_transcription_answer_is_the_text_drawn_and_jitter_keeps_every_mark():
+    render = RenderConfig.from_preset(PRESET)
+    rng = random.Random(5)
+    for _ in range(10):
+        example = make_page_example(rng, PAGE_STAGES[5], jitter=0)
+        if example["instruction"] == TRANSCRIBE:
+            assert example["answer"] == render_text(example["answer"], render)[0].text
+    still = make_page_example(random.Random(6), PAGE_STAGES[5], jitter=0)
+    moved = make_page_example(random.Random(6), PAGE_STAGES[5], jitter=6)
+    assert still["answer"] == moved["answer"]
+    ink = [int((np.asarray(e["pages"][0].convert("L")) < 128).sum()) for e in (still, moved)]
+    assert ink[0] == ink[1] > 0 and still["pages"][0].tobytes() != moved["pages"][0].tobytes()
+    with pytest.raises(ValueError, match="--jitter=9"):
+        PageReaderConfig(jitter=9)
+
+
+def test_tiny_page_preset_reads_a_page_as_a_16_px_token_grid():
+    model, processor = build_tiny_page()
+    assert image_tokens(processor, 256, 256) == 16 * 16 + 1
+    page = render_text("The total amount due is 4,250 euros.", RenderConfig.from_preset(PRESET))[0].image
+    batch = Collator(processor, max_length=4096)([{"pages": [page], "instruction": TRANSCRIBE, "answer": "x"}])
+    assert int((batch["input_ids"] == processor.image_token_id).sum()) == 16 * 16 + 1
+    assert model(**batch).loss.item() > 0
+    assert similarity("abc", "abc") == 1.0 and similarity("abcd", "abxd") == pytest.approx(0.75)
+
+
+@pytest.mark.slow
+def test_a_short_phase_saves_a_loadable_reader_scored_on_every_heldout_set(tmp_path):
+    out = tmp_path / "page"
+    meta = pretrain_page_reader(PageReaderConfig(out=str(out), max_steps=3, batch_size=2, warmup_steps=1,
+                                                 eval_examples=1, eval_every_minutes=1e6, start_stage=2))
+    assert meta["step"] == 3 and meta["final_stage"] == 2
+    assert set(meta["eval"]) == {"read", "read_shifted", "read_multipage", "prose_qa", "form_qa", "invoice_qa"}
+    assert set(meta["eval"]["prose_qa"]) >= {"em", "em_no_instruction"}
+    saved = json.loads((out / "reader_pretrain.json").read_text())
+    assert saved["render_fingerprint"] == render_fingerprint(PRESET)
+    model, processor = load_model(str(out))
+    scores = evaluate_page_reader(model, Collator(processor, max_length=4096), n=1, ablate=False)
+    assert 0 <= scores["read"]["char_similarity"] <= 1 and "em_no_instruction" not in scores["form_qa"]
