@@ -80,6 +80,9 @@ def predict(data: str | os.PathLike, model: str, out: str | os.PathLike | None =
         dataset = open_examples(data, render, loaded.spec.default_instruction)
         settings = resolve_generation(loaded.model, max_new_tokens=max_new_tokens) if max_new_tokens else None
         records = _decode(loaded.decoder(settings), dataset, None, batch_size)
+    from deepsynth.evaluation.run import attach_tasks
+
+    attach_tasks(records, dataset.examples)  # the task each is scored as, as in evaluate's records
     if out is not None:
         lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         write_atomic(out, lambda tmp: Path(tmp).write_text(lines, encoding="utf-8"))
