@@ -62,22 +62,25 @@ def demo(
 
 @app.command()
 def train(
-    recipe: Path = typer.Argument(..., exists=True, dir_okay=False, help="YAML recipe of TrainerConfig fields."),
-    train_path: Path = typer.Option(
-        ..., "--train", exists=True,
+    # str, not Path, for every path: pathlib would turn s3://bucket/x into the local path s3:/bucket/x
+    recipe: str = typer.Argument(..., help="YAML recipe of TrainerConfig fields (local or an s3://, gs://... URI)."),
+    train_path: str = typer.Option(
+        ..., "--train",
         help="Training examples: a .jsonl/.json/.parquet file, or a folder written by `deepsynth prepare` "
-             "(its rendered pages are used as they are)."),
-    eval_path: Optional[Path] = typer.Option(None, "--eval", exists=True,
-                                             help="Evaluation examples (same forms as --train)."),
+             "(its rendered pages are used as they are); local or an object-storage URI (s3://..., gs://...)."),
+    eval_path: Optional[str] = typer.Option(None, "--eval",
+                                            help="Evaluation examples (same forms as --train)."),
     overrides: Optional[list[str]] = typer.Option(
         None, "--set", metavar="KEY=VALUE",
         help="Override a recipe field, e.g. --set max_steps=5 --set use_lora=true (repeatable)."),
-    output_dir: Optional[str] = typer.Option(None, help="Override the recipe's output_dir."),
+    output_dir: Optional[str] = typer.Option(None, help="Override the recipe's output_dir (local or a URI: "
+                                                          "checkpoints are uploaded as they are written)."),
     resume: Optional[str] = typer.Option(None, help="Checkpoint directory or 'latest'."),
 ) -> None:
     """Train a model from a recipe on instruction examples or prepared folders."""
     from dataclasses import asdict
 
+    from deepsynth import storage
     from deepsynth.data.instruction_dataset import open_examples
     from deepsynth.data.pipeline import PrepareError
     from deepsynth.render import RenderConfig
@@ -88,15 +91,15 @@ def train(
     try:
         fields = parse_overrides(overrides or [], TrainerConfig)
         fields.update({k: v for k, v in {"output_dir": output_dir, "resume_from_checkpoint": resume}.items() if v})
-        config = TrainerConfig.from_yaml(recipe, **fields)
+        config = TrainerConfig.from_yaml(storage.local_input(recipe, what="recipe"), **fields)
         asked = RenderConfig.from_preset(config.render_preset)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         raise typer.BadParameter(str(exc), param_hint="'RECIPE' / '--set'") from exc
 
-    def open_data(path: Path, option: str):
+    def open_data(path: str, option: str):
         try:
             return open_examples(path, asked, config.instruction_prompt)
-        except (ValueError, FileNotFoundError, PrepareError) as exc:
+        except (ValueError, OSError, PrepareError) as exc:
             raise typer.BadParameter(str(exc), param_hint=f"'{option}'") from exc
 
     train_dataset = open_data(train_path, "--train")

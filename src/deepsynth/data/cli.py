@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 from typing import Any, Optional
 
 import typer
@@ -47,7 +46,8 @@ def register(app: typer.Typer) -> None:
         source: str = typer.Argument(..., help="Known name (squad, squad_v2, natural_questions, ms_marco, "
                                                "cnn_dailymail, xsum, fiqa), hub id, dataset folder, BEIR folder, "
                                                "or a .json/.jsonl/.csv/.parquet file."),
-        out: Path = typer.Option(..., "--out", "-o", help="Output folder (data/*.parquet, manifest.json)."),
+        out: str = typer.Option(..., "--out", "-o", help="Output folder (data/*.parquet, manifest.json): a local "
+                                                         "path or an object-storage URI (s3://..., gs://...)."),
         config: Optional[str] = typer.Option(None, "--config", help="Dataset configuration name."),
         split: Optional[str] = typer.Option(None, "--split", help="Split (default train; test for BEIR folders)."),
         limit: Optional[int] = typer.Option(None, "--limit", min=0, help="Convert only the first N records."),
@@ -84,6 +84,7 @@ def register(app: typer.Typer) -> None:
         """Convert a dataset to instruction examples (validated, optionally rendered) in sharded Parquet.
 
         Running the same command again resumes an interrupted run (with either engine)."""
+        from deepsynth import storage
         from deepsynth.cluster import ClusterError, RaySettings
         from deepsynth.data.pipeline import PrepareError, prepare
 
@@ -109,13 +110,14 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"{result.examples} example(s) from {result.input_rows} record(s) in {result.shards} shard(s) "
                    f"({result.shards_written} written, {result.shards_reused} reused) -> {out}")
         typer.echo(f"skipped: {skipped}; rejected: {result.rejected}"
-                   + (f" (reasons in {out / 'rejected.jsonl'})" if result.rejected else ""))
+                   + (f" (reasons in {storage.join(out, 'rejected.jsonl')})" if result.rejected else ""))
         if strict and result.rejected:
             raise typer.Exit(code=1)
 
     @app.command("validate")
     def validate_cmd(
-        path: Path = typer.Argument(..., help="A prepared folder, a folder of files, or a .jsonl/.json/.parquet file."),
+        path: str = typer.Argument(..., help="A prepared folder, a folder of files, or a .jsonl/.json/.parquet file "
+                                             "(local, or an object-storage URI: s3://..., gs://...)."),
         as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
         preset: str = typer.Option("base", "--preset", help="Render preset for page counts of unrendered data."),
         pages: bool = typer.Option(True, "--pages/--no-pages", help="Count pages per document."),
@@ -136,7 +138,8 @@ def register(app: typer.Typer) -> None:
 
     @app.command("upload")
     def upload_cmd(
-        path: Path = typer.Argument(..., exists=True, file_okay=False, help="A folder written by `deepsynth prepare`."),
+        path: str = typer.Argument(..., help="A folder written by `deepsynth prepare` (local, or an "
+                                             "object-storage URI: s3://..., gs://...)."),
         repo: str = typer.Option(..., "--repo", help="Hub dataset repo id, e.g. user/name."),
         private: bool = typer.Option(False, "--private", help="Create the repo as private."),
         license: Optional[str] = typer.Option(None, "--license", help="Licence for the card (default: the source's)."),
@@ -147,7 +150,7 @@ def register(app: typer.Typer) -> None:
 
         try:
             url = upload(path, repo, private=private, license=license, commit_message=message)
-        except (PrepareError, ValueError) as exc:
+        except (PrepareError, ValueError, OSError) as exc:
             _fail(exc)
             return
         typer.echo(f"uploaded {path} -> {url}")

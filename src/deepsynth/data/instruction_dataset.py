@@ -166,9 +166,10 @@ def open_examples(path: str | os.PathLike, render_config: RenderConfig | None = 
     path, ``ValueError`` (naming the path and what to do) for a folder that is not a prepared
     folder, an unfinished or empty one, or a file without examples, and
     `deepsynth.data.pipeline.PrepareError` for shards its manifest lists but that are missing."""
+    from deepsynth import storage
     from deepsynth.data.schema import read_examples
 
-    path = Path(path)
+    path = storage.local_input(path, what="examples")  # a URI: a cached local copy
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
     if path.is_dir() or (path.suffix.lower() == ".parquet" and _is_prepared_shard(path)):

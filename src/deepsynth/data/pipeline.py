@@ -53,6 +53,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from deepsynth import storage
 from deepsynth.atomic import TMP_MARK, clean_stale_temps, write_atomic, write_text_atomic
 from deepsynth.cluster import RaySettings, check_engine, ray_session, require_ray
 from deepsynth.data.converters import (
@@ -222,7 +223,8 @@ def load_source(source: str, *, config: str | None = None, split: str | None = N
     ``corpus``, ``queries`` (Datasets) and ``qrels`` (list of dicts). ``info`` holds ``kind``
     (``file``, ``folder``, ``beir``, ``hub``), the resolved name/config/split, the converter the
     source implies (or ``None``) and its licence when known."""
-    path = Path(source).expanduser()
+    # a remote file or folder is read from a local copy; the plan keeps the URI as the source
+    path = storage.local_input(source, what="source") if storage.is_uri(source) else Path(source).expanduser()
     known: KnownDataset | None = None
     info: dict[str, Any] = {"source": source, "config": config, "split": split}
     try:
@@ -639,7 +641,11 @@ def prepare(
         raise ValueError(f"limit={limit!r}: must be >= 0")
     if num_proc < 1:
         raise ValueError(f"num_proc={num_proc!r}: must be >= 1")
-    out = Path(out)
+    # Object storage: the run writes into a local stage holding what the remote folder already
+    # has (so an interrupted run resumes), and each finished file is uploaded at once, the
+    # complete manifest last (storage.RemoteMirror).
+    mirror = storage.mirror_for(out)
+    shown = mirror.uri or str(out)
     options = dict(options or {})
     mapping_d = resolve_mapping(mapping)
     render_cfg = RenderConfig.from_preset(preset, **dict(render_overrides or {})) if render else None
@@ -689,15 +695,18 @@ def prepare(
         "input_fingerprint": _fingerprint(data),
     }
     plan_hash = _hash(plan)
+    mirror.pull()
+    out = mirror.stage
     manifest_path = out / MANIFEST
     if manifest_path.exists():
         old = _read_own_manifest(out)
         if old.get("plan_hash") != plan_hash:
             if not overwrite:
                 diff = sorted(k for k in plan if old.get("plan", {}).get(k) != plan[k])
-                raise PrepareError(f"{out} holds the output of a different prepare run (differs in: "
+                raise PrepareError(f"{shown} holds the output of a different prepare run (differs in: "
                                    f"{', '.join(diff) or 'format'}); use --overwrite or another --out")
-            _clear_outputs(out, old)
+            for name in _clear_outputs(out, old) + [MANIFEST]:
+                mirror.delete(name)
         else:
             logger.info("resuming the prepare run in %s", out)
         _clean_stale(out)
@@ -705,6 +714,7 @@ def prepare(
     manifest: dict[str, Any] = {"tool": TOOL, "plan": plan, "plan_hash": plan_hash, "complete": False,
                                 "license": info.get("license", "unknown"), "files": [REJECTED, SKIPPED]}
     _write_manifest(manifest_path, manifest)
+    mirror.put(MANIFEST)
 
     # convert + validate (datasets.map with num_proc, cached for on-disk sources; or Ray Data tasks)
     with ray_session(ray_settings) if engine == "ray" else contextlib.nullcontext():
@@ -735,6 +745,7 @@ def prepare(
         # listed before they exist, so --overwrite after a kill still knows every file this run may have written
         manifest["files"] = shard_names + marker_names + [REJECTED, SKIPPED]
         _write_manifest(manifest_path, manifest)
+        mirror.put(MANIFEST)
         (out / MARKER_DIR).mkdir(exist_ok=True)
         done_infos: dict[int, dict] = {}
         for s in range(n_shards):
@@ -768,6 +779,8 @@ def prepare(
         # shards are written (each with its marker) as they come, so a kill loses only those in progress
         for s, part in tqdm(parts, total=len(pending), desc="shards", unit="shard", disable=not progress):
             done_infos[s] = _write_shard(out, part, shard_names[s], out / marker_names[s], plan_hash)
+            mirror.put(shard_names[s])
+            mirror.put(marker_names[s])  # after its shard: a marker never names a missing upload
         written = len(pending)
         shard_infos = [done_infos[s] for s in range(n_shards)]
 
@@ -776,6 +789,8 @@ def prepare(
     n_examples = sum(si["rows"] for si in shard_infos)
     _write_jsonl(out / REJECTED, rejected_rows)
     _write_jsonl(out / SKIPPED, skipped_rows)
+    mirror.put(REJECTED)
+    mirror.put(SKIPPED)
     skipped_counts = dict(Counter(r["reason"] for r in skipped_rows))
     manifest.update({
         "complete": True,
@@ -790,10 +805,11 @@ def prepare(
     if render_cfg is not None:
         manifest["render"] = {"preset": preset, "config": asdict(render_cfg)}
     _write_manifest(manifest_path, manifest)
+    mirror.put(MANIFEST)  # last: a complete manifest in the bucket means every file it lists is there
     if rejected_rows:
         logger.warning("%d record(s) rejected; reasons in %s (first: %s)", len(rejected_rows),
-                       out / REJECTED, rejected_rows[0]["reason"])
-    return PrepareResult(out=str(out), examples=n_examples, input_rows=len(source_ds),
+                       storage.join(shown, REJECTED), rejected_rows[0]["reason"])
+    return PrepareResult(out=shown, examples=n_examples, input_rows=len(source_ds),
                          skipped=skipped_counts, rejected=len(rejected_rows), shards=n_shards,
                          shards_written=written, shards_reused=reused, manifest=manifest)
 
@@ -935,7 +951,7 @@ def validate_path(path: str | os.PathLike, *, preset: str = "base", count_pages:
     from deepsynth.render import RenderConfig
     from deepsynth.render.renderer import layout
 
-    path = Path(path)
+    path = storage.local_input(path, what="file or folder")
     files = _files_of(path)
     cfg = RenderConfig.from_preset(preset) if count_pages else None
     n = 0
@@ -1177,7 +1193,7 @@ def upload(path: str | os.PathLike, repo_id: str, *, private: bool = False, lice
     (``huggingface_hub.get_token``); it is never printed or logged. Returns the repo URL."""
     from huggingface_hub import CommitOperationAdd, HfApi, get_token
 
-    path = Path(path)
+    path = storage.local_input(path, what="prepared folder")
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         raise PrepareError(f"{path}: not a prepared folder (no {MANIFEST}); run `deepsynth prepare` first")

@@ -25,9 +25,11 @@ from deepsynth.inference.engines import check_dtype
 
 
 def evaluate_command(
-    data: Path = typer.Argument(..., exists=True, help="Examples (.jsonl/.json/.parquet) or a prepared folder."),
-    model: str = typer.Option(..., "--model", "-m", help="Model directory, preset or hub id."),
-    out: Path = typer.Option(Path("runs/eval.json"), "--out", "-o", help="Predictions and scores (JSON)."),
+    # str, not Path: pathlib would turn s3://bucket/x into the local path s3:/bucket/x
+    data: str = typer.Argument(..., help="Examples (.jsonl/.json/.parquet) or a prepared folder; local or an "
+                                         "object-storage URI (s3://..., gs://...)."),
+    model: str = typer.Option(..., "--model", "-m", help="Model directory (local or a URI), preset or hub id."),
+    out: str = typer.Option("runs/eval.json", "--out", "-o", help="Predictions and scores (JSON); local or a URI."),
     metrics: Optional[str] = typer.Option(
         None, help="Comma-separated metrics (em, f1, rouge1, rouge2, rougeL, rougeLsum, rouge) for every example; "
                    "default: each example by its task (extractive QA: EM/F1; summaries and long free-form "
@@ -51,6 +53,7 @@ def evaluate_command(
                                            help="Ray engine: GPUs each replica reserves (0: CPU)."),
 ) -> None:
     """Score a model (each example by its task: EM/F1, ROUGE-1/2/L) with and without the instruction."""
+    from deepsynth import storage
     from deepsynth.evaluation.metrics import SUPPORTED_METRICS
     from deepsynth.models.bundle import record_evaluation
 
@@ -62,6 +65,12 @@ def evaluate_command(
     if engine != "vllm" and dtype != "auto":
         raise typer.BadParameter("--dtype is for --engine vllm (the local and Ray engines use the checkpoint's)",
                                  param_hint="'--dtype'")
+    remote_model = storage.is_uri(model)
+    if remote_model and engine != "ray":  # Ray replicas copy it on their own nodes
+        try:
+            model = str(storage.local_input(model, what="model"))
+        except (OSError, ValueError) as exc:
+            raise typer.BadParameter(f"cannot load model {model!r}: {exc}", param_hint="'--model'") from None
     if engine == "vllm":
         if address is not None or replicas != 1 or gpus_per_replica:
             raise typer.BadParameter("--address, --replicas and --gpus-per-replica are for --engine ray",
@@ -78,18 +87,19 @@ def evaluate_command(
     else:
         raise typer.BadParameter(f"{engine!r}: choose local, ray or vllm", param_hint="'--engine'")
     summary = {k: report[k] for k in ("n", "metrics", "scores", "scores_no_instruction", "ablation")}
-    if record and Path(model).is_dir():
-        record_evaluation(model, data.name, {"scores": report["scores"],
+    # a model in object storage is read from a cached copy: its bundle is not rewritten
+    if record and not remote_model and Path(model).is_dir():
+        record_evaluation(model, data.rstrip("/").rsplit("/", 1)[-1], {"scores": report["scores"],
                                              "scores_no_instruction": report["scores_no_instruction"]})
     typer.echo(json.dumps(summary, indent=2))
 
 
-def _open_data(data: Path, render, default_instruction: str):
+def _open_data(data: str, render, default_instruction: str):
     from deepsynth.data.instruction_dataset import open_examples
 
     try:
         return open_examples(data, render, default_instruction)
-    except (FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError) as exc:
         raise typer.BadParameter(str(exc), param_hint="DATA") from None
 
 

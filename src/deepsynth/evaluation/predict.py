@@ -18,12 +18,11 @@ import json
 import logging
 import os
 from collections import Counter
-from pathlib import Path
 from typing import Optional
 
 import typer
 
-from deepsynth.atomic import write_atomic
+from deepsynth import storage
 from deepsynth.cluster import ClusterError, RaySettings, check_engine, require_ray
 from deepsynth.inference.engines import check_dtype
 
@@ -50,6 +49,8 @@ def predict(data: str | os.PathLike, model: str, out: str | os.PathLike | None =
         raise ValueError(f"batch_size={batch_size!r}: must be >= 1")
     if engine not in ("local", "ray", "vllm"):
         raise ValueError(f"engine={engine!r}: choose one of local, ray, vllm")
+    if storage.is_uri(model) and engine != "ray":  # Ray replicas copy it on their own nodes
+        model = str(storage.local_input(model, what="model"))
     if engine == "vllm":
         from deepsynth.inference.engines import make_engine
 
@@ -85,7 +86,7 @@ def predict(data: str | os.PathLike, model: str, out: str | os.PathLike | None =
     attach_tasks(records, dataset.examples)  # the task each is scored as, as in evaluate's records
     if out is not None:
         lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        write_atomic(out, lambda tmp: Path(tmp).write_text(lines, encoding="utf-8"))
+        storage.write_text(out, lines)  # atomic on disk; one whole object on object storage
     return records
 
 
@@ -101,9 +102,10 @@ def _decode(decoder, dataset, settings, batch_size: int) -> list[dict]:
 
 
 def predict_command(
-    data: Path = typer.Argument(..., exists=True, help="Examples (.jsonl/.json/.parquet) or a prepared folder."),
-    model: str = typer.Option(..., "--model", "-m", help="Model directory, preset or hub id."),
-    out: Path = typer.Option(..., "--out", "-o", help="Predictions, one JSON line per example (.jsonl)."),
+    data: str = typer.Argument(..., help="Examples (.jsonl/.json/.parquet) or a prepared folder; local or an "
+                                         "object-storage URI (s3://..., gs://...)."),
+    model: str = typer.Option(..., "--model", "-m", help="Model directory (local or a URI), preset or hub id."),
+    out: str = typer.Option(..., "--out", "-o", help="Predictions, one JSON line per example (.jsonl); local or a URI."),
     preset: Optional[str] = typer.Option(None, help="Render preset override (default: the model's bundle)."),
     max_new_tokens: Optional[int] = typer.Option(None, help="Decoding override (default: the model's bundle)."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Examples per generate call."),
@@ -137,7 +139,7 @@ def predict_command(
         records = predict(data, model, out, preset=preset, max_new_tokens=max_new_tokens, batch_size=batch_size,
                           engine=engine, replicas=layout, dtype=dtype,
                           ray_settings=RaySettings(address=address) if engine == "ray" else None)
-    except (ClusterError, PrepareError, FileNotFoundError, ValueError) as exc:
+    except (ClusterError, PrepareError, OSError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=1) from None
     stops = Counter(r["stopped"] for r in records)

@@ -60,9 +60,12 @@ def bundle_spec(model: str):
     """The `ModelSpec` of ``model`` without loading its weights when its folder holds a bundle
     (the driver needs only what the pages and instructions look like); presets and folders
     without a bundle are loaded to learn their defaults."""
+    from deepsynth import storage
     from deepsynth.models.bundle import load_bundle, read_spec
     from deepsynth.models.registry import preset_backend, resolve
 
+    if storage.is_uri(model):
+        model = str(storage.local_input(model, what="model"))
     if preset_backend(model) is None:
         path = Path(resolve(model))
         if path.is_dir():
@@ -129,10 +132,12 @@ class _Replica:
 
     def __init__(self, model: str, render: dict, default_instruction: str, instructions: list,
                  batch_size: int, total: int, max_new_tokens: int | None = None) -> None:
+        from deepsynth import storage
         from deepsynth.models.bundle import load_bundle, resolve_generation
         from deepsynth.render import RenderConfig
 
-        loaded = load_bundle(model)
+        # a model in object storage is copied to each replica's own node
+        loaded = load_bundle(str(storage.local_input(model, what="model")) if storage.is_uri(model) else model)
         settings = resolve_generation(loaded.model, max_new_tokens=max_new_tokens) if max_new_tokens else None
         self.decoder = loaded.decoder(settings)
         self.render = RenderConfig(**render)

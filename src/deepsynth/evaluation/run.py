@@ -155,9 +155,9 @@ def ablation_report(normal: dict, ablated: dict, chance: float = 0.0, out_path: 
         "predictions_no_instruction": ablated["predictions"],
     }
     if out_path is not None:
-        from deepsynth.atomic import write_text_atomic
+        from deepsynth import storage
 
-        write_text_atomic(out_path, json.dumps(report, indent=2))
+        storage.write_text(out_path, json.dumps(report, indent=2))  # a local path or an object-storage URI
     return report
 
 

@@ -134,7 +134,7 @@ def resolve_model(name: str, adapter: str | None = None, seed: int = 0) -> Resol
     from transformers import AutoProcessor
 
     from deepsynth.models.bundle import load_bundle, save_bundle
-    from deepsynth.models.registry import backend_for_type, model_type_of, preset_backend, resolve
+    from deepsynth.models.registry import backend_for_checkpoint, preset_backend, resolve
 
     if preset_backend(name) is not None:
         loaded = load_bundle(name, seed=seed)
@@ -160,7 +160,7 @@ def resolve_model(name: str, adapter: str | None = None, seed: int = 0) -> Resol
         if (local / "generation_config.json").is_file():
             base.generation_dir = str(local)
         return base
-    backend = backend_for_type(model_type_of(path), name)
+    backend = backend_for_checkpoint(path)
     processor = AutoProcessor.from_pretrained(path)
     if spec is None:
         spec = default_spec(backend, processor, backend.render_preset, backend.default_crop_mode)

@@ -24,6 +24,9 @@ class Backend:
 
     name:            registry key, also written in the bundle ("deepseek-ocr-2", ...).
     model_types:     config.json `model_type` values this backend serves.
+    recognizes:      config.json (dict) -> True when this backend serves the checkpoint whatever its
+                     `model_type` says; tried before `model_types`, for layouts whose model_type is
+                     shared between families (DeepSeek's remote-code `deepseek_vl_v2`). None = by type only.
     load:            (path or hub id, dtype) -> (model, processor), with `from_pretrained`.
     presets:         offline tiny models of this family: name -> builder(seed) -> (model, processor).
     aliases:         short names of real checkpoints ("deepseek-ocr-2" -> hub id).
@@ -53,6 +56,7 @@ class Backend:
     name: str
     model_types: tuple[str, ...]
     load: Callable[..., tuple[torch.nn.Module, object]]
+    recognizes: Callable[[dict], bool] | None = None
     presets: Mapping[str, Callable[..., tuple]] = field(default_factory=dict)
     aliases: Mapping[str, str] = field(default_factory=dict)
     prompt_layout: str = "raw"

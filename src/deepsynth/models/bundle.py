@@ -33,7 +33,7 @@ from deepsynth.models.backend import Backend
 from deepsynth.models.collate import CHAT_TEMPLATE_PROMPT, RAW_PROMPT, Collator, PromptBuilder
 from deepsynth.models.generate import Decoder, GenerationSettings
 from deepsynth.models.loops import LoopPolicy
-from deepsynth.models.registry import backend_for_type, backend_of, model_type_of, preset_backend, resolve
+from deepsynth.models.registry import backend_for_checkpoint, backend_for_type, backend_of, preset_backend, resolve
 from deepsynth.models.text_encoder import SoftPromptModel, guard_forward, load_soft_prompt_model
 from deepsynth.render import RenderConfig
 
@@ -264,7 +264,7 @@ def load_bundle(name: str, dtype: torch.dtype | None = None, seed: int = 0, merg
     spec = read_spec(local) if local.is_dir() else None
     if (local / "adapter_config.json").is_file():
         return _load_adapter(local, spec, dtype, merge_adapters)
-    backend = backend_for_type(model_type_of(path), name)
+    backend = backend_for_checkpoint(path)
     logger.info("loading %s with backend %s", path, backend.name)
     model, processor = backend.load(path, dtype=dtype)
     if spec is None:

@@ -265,10 +265,177 @@ def set_crop_mode(processor: DeepseekOcr2Processor, crop_mode: str | None) -> No
     processor.images_kwargs = kwargs
 
 
+# ---- DeepSeek's own repository layout (deepseek-ai/DeepSeek-OCR-2) ------------------------------
+# Its config.json is the remote-code one: model_type "deepseek_vl_v2" (shared with DeepSeek-OCR v1
+# and DeepSeek-VL2), architectures ["DeepseekOCR2ForCausalLM"], auto_map to
+# modeling_deepseekocr2, `language_config`, `vision_config.width` {"sam_vit_b", "qwen2-0-5b"},
+# `projector_config`; saved again by that code it says model_type "DeepseekOCR2". Its weights use the
+# original names (model.sam_model.*, model.qwen2_model.*, per-expert MoE weights, ...), which
+# transformers' own checkpoint conversion for deepseek_ocr2 renames at load time, so only the config
+# is translated here.
+OFFICIAL_CHECKPOINT = "deepseek-ai/DeepSeek-OCR-2"
+OFFICIAL_ARCHITECTURE = "DeepseekOCR2ForCausalLM"
+OFFICIAL_RESAVED_TYPE = "DeepseekOCR2"
+# The Qwen2-0.5B encoder as the official code builds it (`build_qwen2_decoder_as_encoder`); the
+# config names only its width ("dim"), so the rest are its fixed values unless a key says otherwise.
+_OFFICIAL_ENCODER = dict(layers=24, heads=14, kv_heads=2, intermediate_size=4864, rope_theta=1000000.0,
+                         vocab_size=151936, max_position_embeddings=131072)
+
+
+def is_official_config(data: dict) -> bool:
+    """A config.json in the layout of DeepSeek's own DeepSeek-OCR-2 repository."""
+    architectures = data.get("architectures") or []
+    auto_model = str((data.get("auto_map") or {}).get("AutoModel", ""))
+    widths = (data.get("vision_config") or {}).get("width") or {}
+    return (OFFICIAL_ARCHITECTURE in architectures or data.get("model_type") == OFFICIAL_RESAVED_TYPE
+            or auto_model.endswith("." + OFFICIAL_ARCHITECTURE)
+            or (data.get("model_type") == "deepseek_vl_v2" and isinstance(widths, dict) and "qwen2-0-5b" in widths))
+
+
+def config_from_official(original: dict, image_token_id: int) -> DeepseekOcr2Config:
+    """`DeepseekOcr2Config` from the official config.json. Keys beyond the published file (tiny test
+    checkpoints): `sam_vit_b` may carry image_size/patch_size/window_size/output_channels/mlp_dim,
+    `qwen2-0-5b` the encoder's layers/heads/kv_heads/intermediate_size/rope_theta/vocab_size/
+    max_position_embeddings."""
+    from deepsynth.models.deepseek_ocr_v1 import text_config_from_language  # the same DeepSeek-V2 fields
+
+    where = "DeepSeek-OCR-2 config.json"
+    vision = original.get("vision_config") or {}
+    widths = vision.get("width") or {}
+    if "sam_vit_b" not in widths or "qwen2-0-5b" not in widths:
+        raise ValueError(f"{where}: vision_config.width needs 'sam_vit_b' and 'qwen2-0-5b' entries")
+    sam, qwen = widths["sam_vit_b"], {**_OFFICIAL_ENCODER, **widths["qwen2-0-5b"]}
+    projector = original.get("projector_config") or {}
+    if projector.get("projector_type", "linear") != "linear":
+        raise ValueError(f"{where}: projector_type {projector['projector_type']!r}; DeepSeek-OCR-2 has a linear one")
+    dim = qwen["dim"]
+    if projector.get("input_dim", dim) != dim:
+        raise ValueError(f"{where}: projector_config.input_dim {projector['input_dim']} != the encoder width {dim}")
+    image_size = sam.get("image_size", vision.get("image_size", REAL_PAGE_SIZE))
+    sam_config = dict(
+        hidden_size=sam["width"], num_hidden_layers=sam["layers"], num_attention_heads=sam["heads"],
+        image_size=image_size, patch_size=sam.get("patch_size", 16), window_size=sam.get("window_size", 14),
+        global_attn_indexes=list(sam["global_attn_indexes"]), output_channels=sam.get("output_channels", 256),
+        # The official code's SAM ends in `dim` channels (the encoder's width) whatever
+        # downsample_channels says (the published file repeats v1's [512, 1024]).
+        downsample_channels=[sam.get("downsample_channels", [512])[0], dim],
+        **({"mlp_dim": sam["mlp_dim"]} if "mlp_dim" in sam else {}),
+    )
+    encoder = dict(
+        hidden_size=dim, intermediate_size=qwen["intermediate_size"], num_hidden_layers=qwen["layers"],
+        num_attention_heads=qwen["heads"], num_key_value_heads=qwen["kv_heads"], vocab_size=qwen["vocab_size"],
+        max_position_embeddings=qwen["max_position_embeddings"],
+        rope_parameters={"rope_type": "default", "rope_theta": float(qwen["rope_theta"])},
+    )
+    text = text_config_from_language(original.get("language_config") or original)
+    if projector.get("n_embed", text.hidden_size) != text.hidden_size:
+        raise ValueError(f"{where}: projector_config.n_embed {projector['n_embed']} != hidden_size {text.hidden_size}")
+    return DeepseekOcr2Config(vision_config={"sam_config": sam_config, "encoder_config": encoder},
+                              text_config=text.to_dict(), image_token_id=image_token_id)
+
+
+def official_processor(tokenizer, image_size: int | None = None) -> DeepseekOcr2Processor:
+    """The official repository's image settings (its `infer` defaults: a `base_size` global view,
+    768 px local crops of 1024 px pages) on the repository's tokenizer."""
+    image_size = image_size or REAL_PAGE_SIZE
+    tile = REAL_TILE_SIZE if image_size == REAL_PAGE_SIZE else image_size
+    image_processor = DeepseekOcr2ImageProcessorPil(size={"height": image_size, "width": image_size}, tile_size=tile)
+    return DeepseekOcr2Processor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def convert_official(src, dst):
+    """Rewrite DeepSeek's own layout in `src` as a directory the native class loads: the translated
+    config.json, the weights linked (not copied) under a generated index, and the processor files.
+    Tensor names stay the official ones; transformers' deepseek_ocr2 conversion renames them at load."""
+    import json
+    import os
+    import shutil
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    from deepsynth.models.deepseek_ocr_v1 import tokenizer_of_remote_code_checkpoint
+
+    src, dst = Path(src), Path(dst)
+    files = sorted(src.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{src}: no .safetensors weights")
+    tokenizer = tokenizer_of_remote_code_checkpoint(src)
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    if image_token_id is None or image_token_id == tokenizer.unk_token_id:
+        raise ValueError(f"{src}: the tokenizer has no <image> token (a DeepSeek-OCR-2 checkpoint has one)")
+    config = config_from_official(json.loads((src / "config.json").read_text()), image_token_id)
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    config.save_pretrained(tmp)
+    weight_map = {}
+    for file in files:
+        try:
+            os.symlink(file.resolve(), tmp / file.name)
+        except OSError:  # no symlinks on this file system
+            shutil.copy(file, tmp / file.name)
+        with safe_open(str(file), "pt") as handle:
+            weight_map.update({key: file.name for key in handle.keys()})
+    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    official_processor(tokenizer, config.vision_config.sam_config.image_size).save_pretrained(tmp)
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+    logger.info("converted DeepSeek-OCR-2 checkpoint %s -> %s", src, dst)
+    return dst
+
+
+def _official_cache(src) -> "Path":
+    import hashlib
+    import os
+    from pathlib import Path
+
+    files = sorted(Path(src).glob("*.safetensors")) + [Path(src) / "config.json"]
+    stamp = "|".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    digest = hashlib.sha256(f"{Path(src).resolve()}|{stamp}".encode()).hexdigest()[:16]
+    root = Path(os.environ.get("DEEPSYNTH_CACHE", Path.home() / ".cache" / "deepsynth"))
+    return root / "deepseek-ocr-2-official" / digest
+
+
+def load_official(path: str, dtype: torch.dtype | None = None):
+    """(model, processor) from DeepSeek's own layout, converted once into the cache
+    (`$DEEPSYNTH_CACHE`, default ~/.cache/deepsynth); a checkpoint weight the model lacks, or a model
+    weight the checkpoint lacks, is an error."""
+    from pathlib import Path
+
+    from transformers import AutoProcessor
+
+    local = Path(path)
+    if not local.exists():
+        from huggingface_hub import snapshot_download
+
+        local = Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    target = _official_cache(local)
+    if not (target / "config.json").is_file():
+        convert_official(local, target)
+    model, info = DeepseekOcr2ForConditionalGeneration.from_pretrained(target, dtype=dtype, output_loading_info=True)
+    missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
+    mismatched = sorted(str(k) for k in info.get("mismatched_keys", []))
+    if missing or unexpected or mismatched:
+        raise ValueError(f"{path}: the weights do not match DeepSeek-OCR-2 under its config.json (missing "
+                         f"{missing[:5]}, unexpected {unexpected[:5]}, wrong shape {mismatched[:5]})")
+    processor = AutoProcessor.from_pretrained(target)
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
+    return model, processor
+
+
 def load(path: str, dtype: torch.dtype | None = None):
-    """Backend loader: the native class and its processor, with the saved vision readout."""
+    """Backend loader: the native class and its processor, with the saved vision readout; DeepSeek's
+    own repository layout through `load_official`."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from deepsynth.models.registry import read_config
+
+    if is_official_config(read_config(path)[0]):
+        return load_official(path, dtype)
     # The Auto class picks the patch-readout class for its model type; older checkpoints that
     # store `vision_readout` under the stock type get the readout applied here.
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
@@ -441,9 +608,12 @@ def build_random(seed: int = 0):
 
 
 BACKEND = Backend(
-    name="deepseek-ocr-2", model_types=("deepseek_ocr2", PATCH_READOUT_TYPE), load=load,
+    name="deepseek-ocr-2", model_types=("deepseek_ocr2", PATCH_READOUT_TYPE, OFFICIAL_RESAVED_TYPE), load=load,
+    recognizes=is_official_config,
     presets={"tiny": _build_tiny_preset, "tiny-page": build_tiny_page, "tiny-moe": build_tiny_moe, "random-deepseek-ocr-2": build_random},
-    aliases={"deepseek-ocr-2": CHECKPOINT},
+    # The converted checkpoint (native classes, processor files); `deepseek-ai/DeepSeek-OCR-2` itself
+    # also loads, through `load_official`.
+    aliases={"deepseek-ocr-2": CHECKPOINT, "deepseek-ocr2": CHECKPOINT},
     prompt_layout="raw", render_preset="large", preset_render="tiny", real_size_presets=("random-deepseek-ocr-2",),
     encodes_pages=True,
     configure_processor=set_crop_mode, default_crop_mode=None,

@@ -65,6 +65,8 @@ logger = logging.getLogger(__name__)
 
 V1_CHECKPOINT = "deepseek-ai/DeepSeek-OCR"
 V1_ARCHITECTURE = "DeepseekOCRForCausalLM"
+# What v1's remote code (DeepseekOCRConfig) writes when a loaded model is saved again.
+RESAVED_MODEL_TYPE = "DeepseekOCR"
 MODEL_TYPE = "deepseek_ocr_v1"
 
 
@@ -114,21 +116,16 @@ REAL_V1_CONFIG_JSON = {
 }
 
 
-def v1_config_from_original(original: dict) -> DeepseekOcrV1Config:
-    """Our config from a v1 config.json (`language_config`, `vision_config.width`, `projector_config`).
-
-    Extra keys understood beyond the published file (used by tiny test checkpoints): `sam_vit_b`
-    may carry image_size/patch_size/window_size/output_channels; `clip-l-14-224` may carry
-    intermediate_size (default 4 x width).
-    """
-    lang = original["language_config"]
+def text_config_from_language(lang: dict) -> DeepseekOcr2TextConfig:
+    """The decoder config from a remote-code `language_config` (DeepSeek-V2 fields; v1 and
+    DeepSeek-OCR-2 share the decoder)."""
     if lang.get("use_mla") or lang.get("kv_lora_rank"):
-        raise ValueError("this v1 checkpoint uses multi-head latent attention; the port covers use_mla=false")
-    widths = original["vision_config"]["width"]
-    sam, clip = widths["sam_vit_b"], widths["clip-l-14-224"]
+        raise ValueError("this checkpoint's decoder uses multi-head latent attention; DeepSynth covers use_mla=false")
+    if lang.get("norm_topk_prob"):
+        raise ValueError("norm_topk_prob=true is not what DeepSeek-OCR uses; the port routes without it")
     layers = lang["num_hidden_layers"]
     dense = lang.get("first_k_dense_replace", 0)
-    text = DeepseekOcr2TextConfig(
+    return DeepseekOcr2TextConfig(
         vocab_size=lang["vocab_size"], hidden_size=lang["hidden_size"], intermediate_size=lang["intermediate_size"],
         num_hidden_layers=layers, num_attention_heads=lang["num_attention_heads"],
         num_key_value_heads=lang.get("num_key_value_heads", lang["num_attention_heads"]),
@@ -137,12 +134,27 @@ def v1_config_from_original(original: dict) -> DeepseekOcrV1Config:
         n_routed_experts=lang["n_routed_experts"], num_experts_per_tok=lang["num_experts_per_tok"],
         n_shared_experts=lang["n_shared_experts"], moe_intermediate_size=lang["moe_intermediate_size"],
         topk_method=lang.get("topk_method", "greedy"), n_group=lang.get("n_group"), topk_group=lang.get("topk_group"),
-        routed_scaling_factor=lang.get("routed_scaling_factor", 1.0),
+        routed_scaling_factor=lang.get("routed_scaling_factor", 1.0), rms_norm_eps=lang.get("rms_norm_eps", 1e-6),
         bos_token_id=lang.get("bos_token_id", 0), eos_token_id=lang.get("eos_token_id", 1),
         pad_token_id=lang.get("pad_token_id"),
     )
-    if lang.get("norm_topk_prob"):
-        raise ValueError("norm_topk_prob=true is not what DeepSeek-OCR uses; the port routes without it")
+
+
+def v1_config_from_original(original: dict) -> DeepseekOcrV1Config:
+    """Our config from a v1 config.json (`language_config`, `vision_config.width`, `projector_config`).
+
+    Extra keys understood beyond the published file (used by tiny test checkpoints): `sam_vit_b`
+    may carry image_size/patch_size/window_size/output_channels; `clip-l-14-224` may carry
+    intermediate_size (default 4 x width).
+    """
+    # A checkpoint re-saved by the remote code keeps `language_config`; its DeepseekV2Config parent
+    # also writes the same fields at the top level, which is all a stripped-down copy may have.
+    lang = original.get("language_config") or original
+    if "vision_config" not in original or "width" not in original["vision_config"]:
+        raise ValueError("this DeepSeek-OCR v1 config.json has no vision_config.width (sam_vit_b, clip-l-14-224)")
+    widths = original["vision_config"]["width"]
+    sam, clip = widths["sam_vit_b"], widths["clip-l-14-224"]
+    text = text_config_from_language(lang)
     image_size = sam.get("image_size", original["vision_config"].get("image_size", 1024))
     sam_config = DeepseekOcr2SamVisionConfig(
         hidden_size=sam["width"], num_hidden_layers=sam["layers"], num_attention_heads=sam["heads"],
@@ -366,6 +378,10 @@ V1_KEY_MAP: list[tuple[str, str]] = [
     (r"^model\.layers\.", "model.language_model.layers."),
     (r"^lm_head\.", "lm_head."),
 ]
+# CLIP's position ids: a persistent buffer of the remote code's CLIP embeddings (transformers 4.46),
+# so a checkpoint that the remote code saved again carries it (2,711 tensors instead of 2,710); the
+# port computes positions and keeps no such buffer.
+_POSITION_IDS = "model.vision_model.embeddings.position_ids"
 _EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 _QKV = re.compile(r"^(model\.vision_model\.transformer\.layers\.\d+\.self_attn\.)qkv_proj\.(weight|bias)$")
 
@@ -383,6 +399,12 @@ def convert_v1_state_dict(state: dict[str, torch.Tensor], config: DeepseekOcrV1C
     out: dict[str, torch.Tensor] = {}
     experts: dict[int, dict[str, dict[int, torch.Tensor]]] = {}
     for key, tensor in state.items():
+        if key == _POSITION_IDS:
+            expected = torch.arange(tensor.shape[-1]).expand(1, -1)
+            if tuple(tensor.shape) != tuple(expected.shape) or not torch.equal(tensor.long().cpu(), expected):
+                raise ValueError(f"{key} of shape {tuple(tensor.shape)} is not the positions 0..n-1 the port "
+                                 "assumes; this checkpoint is not DeepSeek-OCR v1 as published")
+            continue
         if m := _EXPERT.match(key):
             layer, expert, proj = int(m[1]), int(m[2]), m[3]
             experts.setdefault(layer, {}).setdefault(proj, {})[expert] = tensor
@@ -461,13 +483,26 @@ def to_v1_state_dict(state: dict[str, torch.Tensor], config: DeepseekOcrV1Config
 
 
 # ---- checkpoints -------------------------------------------------------------------------------
+def is_v1_config(data: dict) -> bool:
+    """A config.json of v1's remote-code layout: as published (`model_type` "deepseek_vl_v2", shared
+    with DeepSeek-OCR-2 and DeepSeek-VL2) or saved again by the remote code ("DeepseekOCR"). v1 is told
+    apart by its architecture `DeepseekOCRForCausalLM`, its auto_map, or CLIP-L in
+    `vision_config.width` (OCR-2 has "qwen2-0-5b" there and architecture `DeepseekOCR2ForCausalLM`)."""
+    architectures = data.get("architectures") or []
+    if any("OCR2" in a for a in architectures):
+        return False
+    auto_model = str((data.get("auto_map") or {}).get("AutoModel", ""))
+    widths = (data.get("vision_config") or {}).get("width") or {}
+    return (V1_ARCHITECTURE in architectures or data.get("model_type") == RESAVED_MODEL_TYPE
+            or auto_model.endswith("." + V1_ARCHITECTURE)
+            or (data.get("model_type") == "deepseek_vl_v2" and isinstance(widths, dict) and "clip-l-14-224" in widths))
+
+
 def is_v1_checkpoint(path: str | os.PathLike) -> bool:
     config = Path(path) / "config.json"
     if not config.is_file():
         return False
-    data = json.loads(config.read_text())
-    return V1_ARCHITECTURE in (data.get("architectures") or []) or (
-        data.get("model_type") == "deepseek_vl_v2" and "language_config" in data and "sam_vit_b" in json.dumps(data))
+    return is_v1_config(json.loads(config.read_text()))
 
 
 def _v1_weights(src: Path) -> dict[str, torch.Tensor]:
@@ -483,11 +518,25 @@ def _v1_weights(src: Path) -> dict[str, torch.Tensor]:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 
 
+def tokenizer_of_remote_code_checkpoint(src: str | os.PathLike):
+    """The tokenizer of a DeepSeek remote-code checkpoint directory. Its config.json names remote
+    code in auto_map, and AutoTokenizer reading that directory asks on the terminal whether to run
+    it; the tokenizer files alone, in a folder of their own, load without it."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    src = Path(src)
+    with tempfile.TemporaryDirectory(prefix="deepsynth-tokenizer-") as folder:
+        copied = [shutil.copy(src / name, Path(folder) / name) for name in TOKENIZER_FILES if (src / name).is_file()]
+        if not copied:
+            raise FileNotFoundError(f"{src}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+        return AutoTokenizer.from_pretrained(folder)
+
+
 def convert_v1_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, image_size: int | None = None) -> Path:
     """Rewrite a v1 checkpoint directory (original keys, remote-code config) as a `save_pretrained`
     directory of `DeepseekOcrV1ForConditionalGeneration` plus a `DeepseekOcrV1Processor`."""
-    from transformers import AutoTokenizer
-
     src, dst = Path(src), Path(dst)
     config = v1_config_from_original(json.loads((src / "config.json").read_text()))
     state = convert_v1_state_dict(_v1_weights(src), config)
@@ -505,7 +554,7 @@ def convert_v1_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, image_
     tmp.mkdir(parents=True)
     config.save_pretrained(tmp)
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    tokenizer = AutoTokenizer.from_pretrained(src)
+    tokenizer = tokenizer_of_remote_code_checkpoint(src)
     processor = DeepseekOcrV1Processor(image_processor=v1_image_processor(image_size or config.sam_config.image_size),
                                        tokenizer=tokenizer)
     processor.save_pretrained(tmp)
@@ -634,9 +683,12 @@ def build_random_v1(seed: int = 0):
 
 
 BACKEND = Backend(
-    # Original checkpoints (remote-code layout, model_type "deepseek_vl_v2") are converted once to
-    # the port; converted directories have model_type "deepseek_ocr_v1".
-    name="deepseek-ocr-v1", model_types=("deepseek_vl_v2", MODEL_TYPE), load=load_v1,
+    # Original checkpoints (remote-code layout, model_type "deepseek_vl_v2", or "DeepseekOCR" when the
+    # remote code saved them again) are converted once to the port; converted directories have
+    # model_type "deepseek_ocr_v1".
+    # "deepseek_vl_v2" is not listed: DeepSeek-OCR-2 and DeepSeek-VL2 use it too, so `is_v1_config`
+    # decides by the config's fields.
+    name="deepseek-ocr-v1", model_types=(MODEL_TYPE, RESAVED_MODEL_TYPE), load=load_v1, recognizes=is_v1_config,
     presets={"tiny-deepseek-ocr-v1": build_tiny_v1, "random-deepseek-ocr": build_random_v1},
     aliases={"deepseek-ocr": V1_CHECKPOINT},
     prompt_layout="raw", render_preset="large", preset_render="tiny", real_size_presets=("random-deepseek-ocr",),

@@ -40,12 +40,43 @@ def preset_backend(name: str) -> Backend | None:
     return next((b for b in BACKENDS.values() if name in b.presets), None)
 
 
+class UnknownModelType(ValueError):
+    """A checkpoint whose config.json names a model type no backend serves."""
+
+
 def backend_for_type(model_type: str | None, name: str = "") -> Backend:
     for backend in BACKENDS.values():
         if model_type in backend.model_types:
             return backend
-    known = sorted(t for b in BACKENDS.values() for t in b.model_types)
-    raise ValueError(f"no backend for model_type {model_type!r} of {name!r}; known: {known}")
+    where = f"{name}: " if name else ""
+    raise UnknownModelType(f"{where}no backend for model_type {model_type!r}; {_supported()}")
+
+
+def _supported() -> str:
+    named = [f"{b.name} ({', '.join(b.model_types)})" for b in BACKENDS.values() if b.name != "generic"]
+    generic = BACKENDS.get("generic")
+    tail = ""
+    if generic is not None:
+        some = ", ".join(sorted(generic.model_types)[:6])
+        tail = f", or one of transformers' {len(generic.model_types)} image-text-to-text types ({some}, ...)"
+    return ("DeepSynth loads " + "; ".join(named) + tail
+            + ", and DeepSeek's original DeepSeek-OCR / DeepSeek-OCR-2 repositories (model_type deepseek_vl_v2)")
+
+
+def backend_for_config(config: dict, where: str = "") -> Backend:
+    """The backend of a checkpoint from its config.json: a backend that recognizes the layout
+    (DeepSeek's remote-code checkpoints share `deepseek_vl_v2`, so their fields decide), else the
+    one serving its `model_type`."""
+    for backend in BACKENDS.values():
+        if backend.recognizes is not None and backend.recognizes(config):
+            return backend
+    return backend_for_type(config.get("model_type"), where)
+
+
+def backend_for_checkpoint(path: str) -> Backend:
+    """The backend of a model directory or hub id (reads its config.json; runs no remote code)."""
+    config, where = read_config(path)
+    return backend_for_config(config, where)
 
 
 def backend_of(model: torch.nn.Module) -> Backend:
@@ -56,21 +87,44 @@ def backend_of(model: torch.nn.Module) -> Backend:
     return backend_for_type(getattr(config, "model_type", None), type(model).__name__)
 
 
-def _hub_model_type(repo_id: str) -> str | None:
-    """`model_type` of a hub checkpoint from its config.json (AutoConfig would refuse remote-code
-    checkpoints such as DeepSeek-OCR v1 without trust_remote_code; reading the JSON runs nothing)."""
+def _hub_config(repo_id: str) -> dict:
+    """config.json of a hub checkpoint (AutoConfig would refuse remote-code checkpoints such as
+    DeepSeek-OCR v1 without trust_remote_code; reading the JSON runs nothing)."""
     from huggingface_hub import hf_hub_download
 
     try:
         config = hf_hub_download(repo_id, "config.json")
     except Exception as err:  # offline, missing repo, gated repo, ...: all reported with the cause
         raise OSError(f"cannot read the config of {repo_id!r}: {err}") from err
-    return json.loads(Path(config).read_text()).get("model_type")
+    return _parse_config(Path(config), repo_id)
+
+
+def _parse_config(file: Path, where: str) -> dict:
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{where}: config.json is not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{where}: config.json is not a JSON object")
+    return config
+
+
+def read_config(path: str) -> tuple[dict, str]:
+    """(config.json as a dict, where it was read: the file's path or the hub id)."""
+    local = Path(path)
+    if local.exists():
+        file = local / "config.json"
+        if not file.is_file():
+            raise FileNotFoundError(f"model directory {path!r} has no config.json (expected a save_pretrained "
+                                    "directory or a hub checkpoint's files)")
+        return _parse_config(file, str(file)), str(file)
+    return _hub_config(path), path
 
 
 def resolve(name: str) -> str:
     """Map an alias or a shipped checkpoint name to a loadable path or hub id."""
-    found = aliases().get(name)
+    known = aliases()
+    found = known.get(name) or {alias.lower(): target for alias, target in known.items()}.get(name.lower())
     if found:
         return found
     shipped = CHECKPOINT_DIR / name
@@ -80,12 +134,7 @@ def resolve(name: str) -> str:
 
 
 def model_type_of(path: str) -> str | None:
-    local = Path(path)
-    if local.exists() and not (local / "config.json").is_file():
-        raise FileNotFoundError(f"model directory {path!r} has no config.json (expected a save_pretrained directory)")
-    if (local / "config.json").is_file():
-        return json.loads((local / "config.json").read_text()).get("model_type")
-    return _hub_model_type(path)
+    return read_config(path)[0].get("model_type")
 
 
 def load_model(name: str, dtype: torch.dtype | None = None, seed: int = 0):

@@ -52,7 +52,7 @@ class DeepSynthLoRATrainer(UnifiedProductionTrainer):
 
     @property
     def adapter_dir(self) -> Path:
-        return Path(self.config.output_dir) / "adapter"
+        return Path(self.trainer.out) / "adapter"  # the local stage when output_dir is a URI
 
     def push_adapters_to_hub(self, repo_id: str, token: str | None = None, private: bool = False) -> str:
         """Upload the trained adapters (`output_dir/adapter`) and the processor to `repo_id`.
