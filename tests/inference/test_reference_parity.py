@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 
 from deepsynth.inference import reference
 from deepsynth.inference.parity import vllm_python
-from deepsynth.models.vllm_export import ExportError, native_config
+from deepsynth.models.vllm_export import ExportError, native_adapter, native_config
 
 HERE = Path(__file__).parent
 PYTHON = vllm_python()
@@ -140,3 +140,60 @@ def test_lora_finetune_exported_for_vllm_answers_as_our_engine(tmp_path):
     # the adapters changed what the model says (so the export carried them)
     assert report["answers"][0]["hf_answer"] != before["answers"][0]["hf_answer"] or \
         report["answers"][0]["max_abs_logprob_diff"] != before["answers"][0]["max_abs_logprob_diff"]
+
+
+@pytest.mark.slow
+@needs_vllm
+def test_lora_adapters_served_as_vllm_lora_module_answer_as_our_engine(tmp_path):
+    """export_vllm(adapters="keep"): the base in the native layout plus our Trainer's adapters renamed
+    for vLLM's native class, applied by vLLM as a LoRA module, answer as our engine with the adapters
+    merged. Dense decoder: on this CPU build vLLM's LoRA on a MoE model runs Triton kernels, which it
+    does not have (the MoE case is exported, and checked for its format, only)."""
+    from deepsynth.data.synthetic import SyntheticConfig, generate
+    from deepsynth.models.vllm_export import export_vllm
+    from deepsynth.training.config import TrainerConfig
+    from deepsynth.training.trainer import Trainer
+
+    base = reference.save_fixture(tmp_path / "base", reference.OCR2, "none", moe=False)
+    config = TrainerConfig(model_name=str(base), output_dir=str(tmp_path / "run"), batch_size=1, max_steps=1,
+                           use_lora=True, lora_rank=4, learning_rate=2e-2, log_interval=1)
+    Trainer(config).train(generate(SyntheticConfig(facts_per_doc=2), 1, "train"))
+    adapter = tmp_path / "run" / "adapter"
+    out = export_vllm(adapter, tmp_path / "native", vision_sizes="checkpoint", adapters="keep")
+    lora = native_adapter(adapter, tmp_path / "lora-check")
+    assert not lora["fused_experts"]
+    assert (out / "lora" / "adapter_model.safetensors").is_file()
+    pages = [page(640, 640, 5), page(640, 640, 6)]
+    lora["path"] = str(out / "lora")
+    report = reference.check_reference(str(adapter), pages, ["read", "key1?"], max_new_tokens=10, native_dir=out,
+                                       lora=lora)
+    base_report = reference.check_reference(str(base), pages, ["read", "key1?"], max_new_tokens=10)
+    print(json.dumps(report, indent=1))
+    assert report["lora"] and report["agree"], report
+    # the adapters change the answers' log-probabilities: vLLM applied them
+    assert [a["hf_answer"] for a in report["answers"]] != [a["hf_answer"] for a in base_report["answers"]] or \
+        report["max_abs_logprob_diff"] != base_report["max_abs_logprob_diff"]
+
+
+def test_native_adapter_renames_for_vllm_and_flags_fused_experts(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from safetensors import safe_open
+
+    from deepsynth.models.deepseek_ocr2 import lora_expert_parameters
+
+    model, _, _ = reference.tiny_native_ocr2()
+    peft_model = get_peft_model(model, LoraConfig(
+        r=4, target_modules=r"^model\.language_model\.layers\.\d+\.self_attn\.q_proj$",
+        target_parameters=lora_expert_parameters(model)))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    lora = native_adapter(tmp_path / "adapter", tmp_path / "native")
+    assert lora["fused_experts"] and lora["max_rank"] == 8
+    with safe_open(str(tmp_path / "native" / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and all(k.startswith("base_model.model.model.layers.") for k in keys)
+    assert "language_model" not in json.loads((tmp_path / "native" / "adapter_config.json").read_text())[
+        "target_modules"]
+    vision = get_peft_model(reference.tiny_native_ocr2()[0], LoraConfig(r=4, target_modules=["qkv"]))
+    vision.save_pretrained(tmp_path / "vision")
+    with pytest.raises(ExportError, match="decoder only"):
+        native_adapter(tmp_path / "vision", tmp_path / "v")

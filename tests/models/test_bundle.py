@@ -38,12 +38,14 @@ def test_bundle_round_trip_keeps_render_decoding_and_answers(tmp_path):
     loaded = load_bundle("tiny", seed=3)
     render = RenderConfig.from_preset("small", font_size=15)
     spec = ModelSpec(backend="deepseek-ocr-2", render=asdict(render), crop_mode="none", default_instruction="read",
-                     base_model="tiny", base_seed=3, evaluation={"dev": {"em": 0.5}})
+                     prompt_layout=loaded.spec.prompt_layout, base_model="tiny", base_seed=3,
+                     evaluation={"dev": {"em": 0.5}})
     decoding = GenerationSettings(max_new_tokens=7, no_repeat_ngram_size=5)
     save_bundle(tmp_path, loaded.model, loaded.processor, spec, generation=decoding)
     again = load_bundle(str(tmp_path))
     assert again.spec.render_config() == render and again.spec.default_instruction == "read"
     assert again.spec.evaluation == {"dev": {"em": 0.5}} and again.spec.crop_mode == "none"
+    assert again.spec.prompt_layout == "plain"
     assert GenerationSettings.from_model(again.model) == decoding
     assert again.decoder().settings == decoding
     assert _answers(again) == _answers(loaded)
@@ -69,7 +71,8 @@ def test_a_directory_without_a_bundle_gets_its_backend_defaults_with_a_warning(t
     processor.save_pretrained(tmp_path)
     with caplog.at_level(logging.WARNING):
         loaded = load_bundle(str(tmp_path))
-    assert loaded.spec.backend == "deepseek-ocr-2" and loaded.spec.prompt_layout == "raw"
+    # DeepSeek's own prompt (BOS + pages + "\n" + instruction) for a checkpoint that does not say
+    assert loaded.spec.backend == "deepseek-ocr-2" and loaded.spec.prompt_layout == "plain"
     assert f"has no {BUNDLE_FILE}" in caplog.text
 
 

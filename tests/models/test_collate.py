@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from deepsynth.models import IGNORE_INDEX, Collator, build_prompt
+from deepsynth.models.collate import build_plain_prompt
 from deepsynth.models.deepseek_ocr2 import tiny_processor
 from deepsynth.render import RenderConfig, render_text
 
@@ -18,9 +19,17 @@ def page(text):
 
 
 def test_prompt_layout():
-    assert build_prompt(2, "kilo?") == "<image><image>\nkilo?\n"
-    with pytest.raises(ValueError, match="at least one page"):
-        build_prompt(0, "x")
+    assert build_plain_prompt(2, "kilo?") == "<image><image>\nkilo?"  # the BOS is an id, not text
+    assert build_prompt(2, "kilo?") == "<image><image>\nkilo?\n"  # raw: the shipped reader's
+    for build in (build_plain_prompt, build_prompt):
+        with pytest.raises(ValueError, match="at least one page"):
+            build(0, "x")
+
+
+def test_plain_prompts_start_with_one_bos(processor):
+    ids = Collator(processor).encode_prompts([[page("a")]], ["kilo?"])["input_ids"][0]
+    tok = processor.tokenizer
+    assert ids == [tok.bos_token_id] + [processor.image_token_id] * 17 + tok.encode("\nkilo?", add_special_tokens=False)
 
 
 def test_labels_cover_answer_and_eos_only(processor):

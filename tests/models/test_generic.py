@@ -7,7 +7,7 @@ import torch
 
 from deepsynth.data.synthetic import SyntheticConfig, generate
 from deepsynth.models import IGNORE_INDEX, Collator, load_model
-from deepsynth.models.collate import CHAT_TEMPLATE_PROMPT, RAW_PROMPT, default_prompt_builder
+from deepsynth.models.collate import CHAT_TEMPLATE_PROMPT, PLAIN_PROMPT, default_prompt_builder
 from deepsynth.models.deepseek_ocr2 import tiny_processor
 from deepsynth.models.generate import GenerationSettings, generate_answers
 from deepsynth.render import RenderConfig, render_text
@@ -32,9 +32,9 @@ def family(request):
     return request.param, model, processor
 
 
-def test_deepseek_keeps_the_raw_layout_and_chat_models_get_their_template(family):
+def test_deepseek_gets_its_plain_layout_and_chat_models_get_their_template(family):
     name, model, processor = family
-    assert default_prompt_builder(tiny_processor()) is RAW_PROMPT
+    assert default_prompt_builder(tiny_processor()) is PLAIN_PROMPT
     assert Collator(processor).prompt_builder is CHAT_TEMPLATE_PROMPT
     assert type(model).__name__ == FAMILIES[name][0]
 

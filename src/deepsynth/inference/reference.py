@@ -283,7 +283,10 @@ def vllm_side(job: dict) -> dict:
         from vllm.lora.request import LoRARequest
 
         kwargs.update(enable_lora=True, max_lora_rank=job["lora"]["max_rank"], max_loras=1)
-        lora = LoRARequest("adapter", 1, job["lora"]["path"])
+        fused = bool(job["lora"].get("fused_experts"))
+        if fused:  # the experts' adapters as peft writes them for fused 3-D expert weights
+            kwargs["enable_mixed_moe_lora_format"] = True
+        lora = LoRARequest("adapter", 1, job["lora"]["path"], is_3d_lora_weight=fused)
     llm = LLM(**kwargs)
     params = SamplingParams(temperature=0.0, max_tokens=job["max_new_tokens"], logprobs=0)
     answers = []
@@ -525,7 +528,7 @@ def _spread_init(model) -> None:
             p.copy_(torch.randn(p.shape, generator=gen) * std)
 
 
-def save_fixture(directory: str | Path, family: str, crop_mode: str = "none", seed: int = 0) -> Path:
+def save_fixture(directory: str | Path, family: str, crop_mode: str = "none", seed: int = 0, moe: bool = True) -> Path:
     """A tiny fixture (`tiny_native_ocr2` / `tiny_native_v1`) written as a model directory: our bundle
     for DeepSeek-OCR-2, the original remote-code layout (plus deepsynth.json) for v1."""
     from deepsynth.models.bundle import save_bundle, write_spec
@@ -533,7 +536,7 @@ def save_fixture(directory: str | Path, family: str, crop_mode: str = "none", se
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if family == OCR2:
-        model, processor, spec = tiny_native_ocr2(seed, crop_mode)
+        model, processor, spec = tiny_native_ocr2(seed, crop_mode, moe=moe)
         save_bundle(directory, model, processor, spec)
     elif family == V1:
         if crop_mode != "none":

@@ -520,14 +520,25 @@ class VLLMEngine(InstructionEngine):
         return SamplingParams(**kwargs)
 
     def _prompt(self, doc: PreparedDocument, instruction: str) -> dict:
-        text = self.spec.prompt_builder(self.processor, len(doc.pages), instruction)
-        return {"prompt": text, "multi_modal_data": {"image": list(doc.pages) if len(doc.pages) > 1 else doc.pages[0]}}
+        """The request for vLLM: prompt text, or for a layout whose BOS is ours (plain) the token
+        ids with one image token per page, since vLLM's tokenizer call on text would add a BOS or not
+        as the tokenizer's settings say; vLLM expands each page's image token as it would in text."""
+        builder = self.spec.prompt_builder
+        text = builder(self.processor, len(doc.pages), instruction)
+        images = {"image": list(doc.pages) if len(doc.pages) > 1 else doc.pages[0]}
+        if builder.bos:
+            return {"prompt_token_ids": builder.encode(self.tokenizer, text), "multi_modal_data": images}
+        return {"prompt": text, "multi_modal_data": images}
 
-    def _estimate_prompt_tokens(self, doc: PreparedDocument, prompt: str) -> int:
+    def _estimate_prompt_tokens(self, doc: PreparedDocument, prompt: dict) -> int:
         """Prompt length as the processor expands it (image tokens + text), before vLLM sees it."""
+        visual = self.visual_token_count(doc) or 0
+        if "prompt_token_ids" in prompt:
+            image_id = getattr(self.processor, "image_token_id", None)
+            return visual + sum(1 for t in prompt["prompt_token_ids"] if t != image_id)
         image_token = getattr(self.processor, "image_token", None)
-        text = prompt.replace(image_token, "") if image_token else prompt
-        return (self.visual_token_count(doc) or 0) + len(self.tokenizer(text)["input_ids"])
+        text = prompt["prompt"].replace(image_token, "") if image_token else prompt["prompt"]
+        return visual + len(self.tokenizer(text)["input_ids"])
 
     def _submit(self, docs: Sequence[PreparedDocument], instructions: Sequence[str], settings: GenerationSettings,
                 cancel: threading.Event | None, json_schema: dict | None, stream: bool = False) -> list[_Request]:
@@ -535,7 +546,7 @@ class VLLMEngine(InstructionEngine):
         requests = []
         for i, (doc, instruction) in enumerate(zip(docs, instructions)):
             prompt = self._prompt(doc, instruction)
-            self.check_length(self._estimate_prompt_tokens(doc, prompt["prompt"]), settings,
+            self.check_length(self._estimate_prompt_tokens(doc, prompt), settings,
                               field=f"documents[{i}]" if len(docs) > 1 else "document")
             requests.append(_Request(prompt=prompt, params=params.clone(), lora=self._lora_request, cancel=cancel))
         if self._driver is None:

@@ -30,8 +30,10 @@ class Backend:
     load:            (path or hub id, dtype) -> (model, processor), with `from_pretrained`.
     presets:         offline tiny models of this family: name -> builder(seed) -> (model, processor).
     aliases:         short names of real checkpoints ("deepseek-ocr-2" -> hub id).
-    prompt_layout:   "raw" (`<image>...\\n{instruction}\\n`, what DeepSeek-OCR models were trained on)
-                     or "chat-template" (the processor's chat template, for chat VLMs).
+    prompt_layout:   layout of checkpoints and presets without a bundle: "plain" (BOS +
+                     `<image>...\\n{instruction}`, what DeepSeek-OCR models were trained on), "raw"
+                     (`<image>...\\n{instruction}\\n`) or "chat-template" (the processor's chat
+                     template, for chat VLMs).
     render_preset:   render preset for pages drawn from text when a checkpoint has no bundle.
     preset_render:   render preset of the tiny presets.
     real_size_presets: presets with the released model's sizes (random weights): their pages are

@@ -30,7 +30,7 @@ import torch
 from deepsynth.atomic import write_text_atomic
 from deepsynth.models.adapters import load_adapters
 from deepsynth.models.backend import Backend
-from deepsynth.models.collate import CHAT_TEMPLATE_PROMPT, RAW_PROMPT, Collator, PromptBuilder
+from deepsynth.models.collate import CHAT_TEMPLATE_PROMPT, PLAIN_PROMPT, RAW_PROMPT, Collator, PromptBuilder
 from deepsynth.models.generate import Decoder, GenerationSettings
 from deepsynth.models.loops import LoopPolicy
 from deepsynth.models.registry import backend_for_checkpoint, backend_for_type, backend_of, preset_backend, resolve
@@ -41,7 +41,8 @@ logger = logging.getLogger(__name__)
 
 BUNDLE_FILE = "deepsynth.json"
 BUNDLE_VERSION = 1
-PROMPT_LAYOUTS: dict[str, PromptBuilder] = {"raw": RAW_PROMPT, "chat-template": CHAT_TEMPLATE_PROMPT}
+PROMPT_LAYOUTS: dict[str, PromptBuilder] = {"plain": PLAIN_PROMPT, "raw": RAW_PROMPT,
+                                             "chat-template": CHAT_TEMPLATE_PROMPT}
 PROMPT_CHANNEL = {"kind": "prompt"}
 
 
@@ -59,7 +60,9 @@ class ModelSpec:
     render: dict = field(default_factory=lambda: asdict(RenderConfig()))
     # Processor crop mode: "none" (one global view per page), "tiles" (local crops too), None (as saved).
     crop_mode: str | None = None
-    # Prompt layout: "raw" (`<image>...\n{instruction}\n`) or "chat-template".
+    # Prompt layout: "plain" (BOS + `<image>...\n{instruction}`, DeepSeek's own), "raw"
+    # (`<image>...\n{instruction}\n`) or "chat-template". Bundles written before "plain" existed have
+    # no such field and were all trained on raw: a missing field means "raw".
     prompt_layout: str = "raw"
     # {"kind": "prompt"}, or {"kind": "text-encoder", "model": id, "trainable", "pooling",
     # "use_projection", "projection": file or None, "weights": folder of a fine-tuned encoder or None}.

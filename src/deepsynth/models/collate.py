@@ -1,10 +1,14 @@
 """Prompt building and collation: pages + instruction (+ answer) -> model inputs.
 
-Layout of one example (the native instruction channel, docs/architecture.md):
-    <image tokens of page 1> ... <image tokens of page n> "\\n" instruction "\\n" | answer <eos>
-That raw layout is for DeepSeek-OCR models; chat VLMs (Qwen2-VL, Idefics3, ...) get their processor's
-chat template instead (a user turn with the pages and the instruction, then the assistant header),
-chosen per processor by `default_prompt_builder`.
+Layout of one example (the native instruction channel, docs/architecture.md), "plain":
+    <bos> <image tokens of page 1> ... <image tokens of page n> "\\n" instruction | answer <eos>
+token for token what DeepSeek-OCR's and DeepSeek-OCR-2's own code feeds their models (their "plain"
+conversation template: the text split on `<image>`, each piece encoded without special tokens, the
+BOS id put in front by the code, not by the tokenizer). "raw" is the layout this project used first
+(`<image>...\\n{instruction}\\n`, BOS only where the tokenizer adds one); models trained on it (the
+shipped tiny reader) keep it through their bundle. Chat VLMs (Qwen2-VL, Idefics3, ...) get their
+processor's chat template instead (a user turn with the pages and the instruction, then the
+assistant header). `default_prompt_builder` chooses per processor where no bundle says.
 The processor owns image preprocessing and the number of image tokens per page; this module only
 places the text around them and masks the labels so that the loss falls on answer + EOS alone.
 """
@@ -21,10 +25,20 @@ IGNORE_INDEX = -100
 
 
 def build_prompt(num_pages: int, instruction: str, image_token: str = "<image>") -> str:
-    """Text of the prompt for `num_pages` pages and an instruction (processor expands each image token)."""
+    """Text of a raw-layout prompt for `num_pages` pages and an instruction (processor expands each
+    image token)."""
     if num_pages < 1:
         raise ValueError(f"an example needs at least one page, got {num_pages}")
     return image_token * num_pages + "\n" + instruction + "\n"
+
+
+def build_plain_prompt(num_pages: int, instruction: str, image_token: str = "<image>") -> str:
+    """Text of a plain-layout prompt (the BOS id is not text: `PromptBuilder.encode` puts it in front).
+    No newline after the instruction: in DeepSeek's plain template the answer follows it directly,
+    and with byte-level BPE a trailing "\\n" could also merge into the instruction's last token."""
+    if num_pages < 1:
+        raise ValueError(f"an example needs at least one page, got {num_pages}")
+    return image_token * num_pages + "\n" + instruction
 
 
 @dataclass(frozen=True)
@@ -38,18 +52,52 @@ class PromptBuilder:
                    processor output goes to the model too: per-token ones (`mm_token_type_ids`,
                    shaped like `input_ids`) are padded with the ids (0 on answer and padding
                    positions), the rest (`image_grid_thw`, `pixel_attention_mask`) as they are.
+    bos:           True: the prompt starts with the tokenizer's BOS id, put there by `encode` (the
+                   text is tokenized without special tokens), so there is exactly one whether or not
+                   the tokenizer adds it by itself. False: the tokenizer's own special tokens.
+    page_text:     (num_pages, instruction, image token string) -> text, for layouts whose text is
+                   fixed around the pages (raw, plain): lets the decoder put pre-computed page
+                   features in place of the pages (`Decoder.encodes_pages`). None for templates.
     """
 
     name: str
     text: Callable[[object, int, str], str]
     pass_through: bool = False
+    bos: bool = False
+    page_text: Callable[[int, str, str], str] | None = None
 
     def __call__(self, processor, num_pages: int, instruction: str) -> str:
         return self.text(processor, num_pages, instruction)
 
+    def tokenizer_kwargs(self) -> dict:
+        """Keyword arguments for the tokenizer (or processor) call on this layout's text."""
+        return {"add_special_tokens": False} if self.bos else {}
+
+    def with_bos(self, tokenizer, ids: list[int]) -> list[int]:
+        """`ids` (tokenized with `tokenizer_kwargs`) with this layout's BOS in front."""
+        if not self.bos:
+            return list(ids)
+        bos = tokenizer.bos_token_id
+        if bos is None:
+            raise ValueError(f"the {self.name!r} prompt layout starts with a BOS token, but the tokenizer "
+                             f"({type(tokenizer).__name__}) has no bos_token; set one or use another layout")
+        if bos == tokenizer.pad_token_id:
+            # padding and the text-encoder placeholders are found by the pad id
+            raise ValueError(f"the {self.name!r} prompt layout needs a BOS token distinct from the pad token "
+                             f"(both are id {bos}); give the tokenizer its own bos_token")
+        return [bos, *ids]
+
+    def encode(self, tokenizer, text: str) -> list[int]:
+        """Token ids of a prompt text of this layout (image placeholders as the text has them)."""
+        return self.with_bos(tokenizer, tokenizer(text, **self.tokenizer_kwargs())["input_ids"])
+
 
 def _raw_text(processor, num_pages: int, instruction: str) -> str:
     return build_prompt(num_pages, instruction, processor.image_token)
+
+
+def _plain_text(processor, num_pages: int, instruction: str) -> str:
+    return build_plain_prompt(num_pages, instruction, processor.image_token)
 
 
 def chat_messages(num_pages: int, instruction: str) -> list[dict]:
@@ -64,19 +112,27 @@ def _chat_text(processor, num_pages: int, instruction: str) -> str:
                                          add_generation_prompt=True)
 
 
-# `<image>...\n{instruction}\n`: what DeepSeek-OCR models were trained on (their documented prompts).
-RAW_PROMPT = PromptBuilder("raw", _raw_text)
+# BOS + `<image>...\n{instruction}`: DeepSeek-OCR's and DeepSeek-OCR-2's own prompt (their "plain"
+# template); the default of DeepSeek checkpoints and presets without a bundle.
+PLAIN_PROMPT = PromptBuilder("plain", _plain_text, bos=True, page_text=build_plain_prompt)
+# `<image>...\n{instruction}\n` with the tokenizer's own special tokens: the project's first layout,
+# kept for the models trained on it (the shipped tiny reader; bundles written before "plain").
+RAW_PROMPT = PromptBuilder("raw", _raw_text, page_text=build_prompt)
 # The processor's chat template with add_generation_prompt: what chat VLMs (Qwen2-VL, Idefics3,
 # SmolVLM, ...) were instruction-tuned on; the answer follows the assistant header.
 CHAT_TEMPLATE_PROMPT = PromptBuilder("chat-template", _chat_text, pass_through=True)
-# Processor classes that always get the raw layout, whatever chat template they carry.
+# Processor classes of DeepSeek-OCR models: they get DeepSeek's plain layout, whatever chat template
+# they carry (the name predates "plain"; family modules add their processors here).
 RAW_PROMPT_PROCESSORS: set[str] = {"DeepseekOcr2Processor"}
 
 
 def default_prompt_builder(processor) -> PromptBuilder:
-    """Raw layout for DeepSeek-OCR processors and processors without a chat template; the chat
-    template for every other processor."""
-    if type(processor).__name__ in RAW_PROMPT_PROCESSORS or not getattr(processor, "chat_template", None):
+    """The layout of a model without a bundle: plain for DeepSeek-OCR processors, raw for other
+    processors without a chat template, the chat template for every other processor. A model with a
+    bundle gets the bundle's (`deepsynth.models.bundle.make_collator`)."""
+    if type(processor).__name__ in RAW_PROMPT_PROCESSORS:
+        return PLAIN_PROMPT
+    if not getattr(processor, "chat_template", None):
         return RAW_PROMPT
     return CHAT_TEMPLATE_PROMPT
 
@@ -100,7 +156,7 @@ class Collator:
     max_length: int = 1024
     instruction_tokenizer: object | None = None
     instruction_max_length: int = 128
-    # Prompt layout; None = `default_prompt_builder(processor)` (raw for DeepSeek, chat template otherwise).
+    # Prompt layout; None = `default_prompt_builder(processor)` (plain for DeepSeek, chat template otherwise).
     prompt_builder: PromptBuilder | None = field(default=None)
 
     def __post_init__(self) -> None:
@@ -127,11 +183,14 @@ class Collator:
             placeholder = self.tokenizer.pad_token
             instructions = [placeholder * int(n) for n in ins_enc["attention_mask"].sum(1)]
             extra = {"instruction_input_ids": ins_enc["input_ids"], "instruction_attention_mask": ins_enc["attention_mask"]}
-        prompts = [self.prompt_builder(self.processor, len(p), ins) for p, ins in zip(pages, instructions)]
+        builder = self.prompt_builder
+        prompts = [builder(self.processor, len(p), ins) for p, ins in zip(pages, instructions)]
         flat = [img for doc in pages for img in doc]
-        enc = self.processor(images=flat, text=prompts, return_tensors="pt", padding=True)
+        enc = self.processor(images=flat, text=prompts, return_tensors="pt", padding=True,
+                             **builder.tokenizer_kwargs())
         # Unpad the ids so that answers can be appended before the batch is padded again.
-        ids = [row[mask.bool()].tolist() for row, mask in zip(enc["input_ids"], enc["attention_mask"])]
+        ids = [builder.with_bos(self.tokenizer, row[mask.bool()].tolist())
+               for row, mask in zip(enc["input_ids"], enc["attention_mask"])]
         if self.prompt_builder.pass_through:
             extra.update(_split_processor_outputs(enc))
         elif "pixel_values_local" in enc:

@@ -614,7 +614,7 @@ BACKEND = Backend(
     # The converted checkpoint (native classes, processor files); `deepseek-ai/DeepSeek-OCR-2` itself
     # also loads, through `load_official`.
     aliases={"deepseek-ocr-2": CHECKPOINT, "deepseek-ocr2": CHECKPOINT},
-    prompt_layout="raw", render_preset="large", preset_render="tiny", real_size_presets=("random-deepseek-ocr-2",),
+    prompt_layout="plain", render_preset="large", preset_render="tiny", real_size_presets=("random-deepseek-ocr-2",),
     encodes_pages=True,
     configure_processor=set_crop_mode, default_crop_mode=None,
     lora_target_parameters=lora_expert_parameters, parameter_group=parameter_group,

@@ -691,7 +691,7 @@ BACKEND = Backend(
     name="deepseek-ocr-v1", model_types=(MODEL_TYPE, RESAVED_MODEL_TYPE), load=load_v1, recognizes=is_v1_config,
     presets={"tiny-deepseek-ocr-v1": build_tiny_v1, "random-deepseek-ocr": build_random_v1},
     aliases={"deepseek-ocr": V1_CHECKPOINT},
-    prompt_layout="raw", render_preset="large", preset_render="tiny", real_size_presets=("random-deepseek-ocr",),
+    prompt_layout="plain", render_preset="large", preset_render="tiny", real_size_presets=("random-deepseek-ocr",),
     encodes_pages=False,
     configure_processor=_set_crop_mode,
     # The port reuses DeepSeek-OCR-2's decoder classes: same fused experts, same parameter groups.

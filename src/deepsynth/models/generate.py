@@ -21,7 +21,7 @@ from PIL import Image
 from transformers import LogitsProcessorList, StoppingCriteriaList
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from deepsynth.models.collate import RAW_PROMPT, Collator, build_prompt
+from deepsynth.models.collate import Collator
 from deepsynth.models.loops import CancelStop, LoopPolicy, LoopStop, trim_loop
 from deepsynth.models.structured import JsonSchemaLogitsProcessor, TokenizerData, check_schema
 
@@ -137,7 +137,7 @@ class Decoder:
         self.loop_policy = loop_policy
         self.image_token_id = getattr(model.config, "image_token_id", None)
         self.encodes_pages = (
-            encodes_pages and collator.instruction_tokenizer is None and collator.prompt_builder is RAW_PROMPT
+            encodes_pages and collator.instruction_tokenizer is None and collator.prompt_builder.page_text is not None
             and hasattr(model, "_supports_mm_encoder_outputs") and model._supports_mm_encoder_outputs()
         )
         # Soft-prompt models (text-encoder channel) generate from inputs_embeds: the ids that
@@ -175,11 +175,12 @@ class Decoder:
 
     def _feature_inputs(self, features: Sequence[Sequence[torch.Tensor]], instructions: Sequence[str]) -> dict:
         image_token = self.collator.processor.image_token
+        builder = self.collator.prompt_builder
         prompts = []
         for page_features, instruction in zip(features, instructions):
             tokens = "".join(image_token * int(f.shape[0]) for f in page_features)
-            # The raw layout with every page's image tokens in place of the page placeholders.
-            prompts.append(self.tokenizer(build_prompt(1, instruction, image_token=tokens))["input_ids"])
+            # The collator's layout with every page's image tokens in place of the page placeholders.
+            prompts.append(builder.encode(self.tokenizer, builder.page_text(1, instruction, tokens)))
         width = max(len(p) for p in prompts)
         pad = self.tokenizer.pad_token_id
         return {

@@ -127,14 +127,69 @@ _CARRIED = ("*.safetensors", "*.safetensors.index.json", "tokenizer*", "special_
             "deepsynth.json")
 
 
-def export_vllm(src: str | Path, out: str | Path, overwrite: bool = False, vision_sizes: str = "native") -> Path:
-    """Write `src` (a full DeepSeek-OCR-2 bundle, or an adapter bundle: merged into its base first) to
-    `out` in vLLM's native layout; returns `out`."""
+#: `adapters` choices of `export_vllm` for an adapter bundle: "merge" writes merged weights;
+#: "keep" writes the base in the native layout plus the adapters as a vLLM LoRA module (`lora/`).
+ADAPTER_MODES = ("merge", "keep")
+_DECODER_PREFIX = "base_model.model.model.language_model."
+
+
+def native_adapter(src: str | Path, out: str | Path) -> dict:
+    """A peft adapter of our DeepSeek-OCR-2 decoder renamed for vLLM's native class (its weight
+    mapper reads the original layout: `model.layers.*`, not transformers' `model.language_model.*`).
+    Returns what serving it needs: {"path", "max_rank", "fused_experts"}; fused_experts (LoRA on the
+    routed experts, peft's 3-D `target_parameters` form) needs vLLM started with
+    `enable_mixed_moe_lora_format=True` and requests with `is_3d_lora_weight=True`. Adapters on the
+    vision tower or projector are refused: vLLM's class applies LoRA to the decoder only."""
+    from safetensors.torch import load_file, save_file
+
     src, out = Path(src), Path(out)
+    config = json.loads((src / "adapter_config.json").read_text())
+    tensors = load_file(str(src / "adapter_model.safetensors"))
+    outside = sorted(k for k in tensors if not k.startswith(_DECODER_PREFIX))
+    if outside:
+        raise ExportError(f"{src}: adapters outside the decoder ({outside[0]}, ...): vLLM's native class applies "
+                          "LoRA to the decoder only; export with adapters='merge'")
+    renamed = {"base_model.model.model." + k[len(_DECODER_PREFIX):]: v for k, v in tensors.items()}
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        config["target_modules"] = targets.replace("model\\.language_model\\.", "model\\.")
+    elif isinstance(targets, list):
+        config["target_modules"] = [t.replace("model.language_model.", "model.") for t in targets]
+    fused = any(".mlp.experts." in k for k in tensors)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(renamed, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    write_text_atomic(out / "adapter_config.json", json.dumps(config, indent=2) + "\n")
+    rank = max([int(config.get("r", 8)), *(int(r) for r in (config.get("rank_pattern") or {}).values())])
+    max_rank = next((r for r in (8, 16, 32, 64, 128, 256, 320, 512) if rank <= r), None)
+    if max_rank is None:
+        raise ExportError(f"{src}: LoRA rank {rank} is above vLLM's largest max_lora_rank (512)")
+    return {"path": str(out), "max_rank": max_rank, "fused_experts": fused}
+
+
+def export_vllm(src: str | Path, out: str | Path, overwrite: bool = False, vision_sizes: str = "native",
+                adapters: str = "merge") -> Path:
+    """Write `src` (a full DeepSeek-OCR-2 bundle, or an adapter bundle) to `out` in vLLM's native
+    layout; returns `out`. An adapter bundle is merged into its base (adapters="merge"), or its base
+    is exported and the adapters written beside it as a vLLM LoRA module in `out/lora`
+    (adapters="keep", see `native_adapter`)."""
+    src, out = Path(src), Path(out)
+    if adapters not in ADAPTER_MODES:
+        raise ValueError(f"adapters={adapters!r}: choose one of {ADAPTER_MODES}")
     if not (src / "config.json").is_file() and not (src / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{src} has neither config.json nor adapter_config.json")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists (pass --overwrite to replace it)")
+    if (src / "adapter_config.json").is_file() and adapters == "keep":
+        from deepsynth.models.bundle import read_spec
+        from deepsynth.models.registry import resolve
+
+        spec = read_spec(src)
+        if spec is None or not spec.base_model or not Path(resolve(spec.base_model)).is_dir():
+            raise ExportError(f"{src}: the adapters' base model is not a local directory; export with "
+                              "adapters='merge'")
+        export_vllm(resolve(spec.base_model), out, overwrite=True, vision_sizes=vision_sizes)
+        native_adapter(src, out / "lora")
+        return out
     if (src / "adapter_config.json").is_file():
         import torch
 
@@ -176,10 +231,21 @@ def export_vllm_command(
                                help="A DeepSeek-OCR-2 model directory (full weights, or LoRA adapters: merged)."),
     out: Path = typer.Argument(..., help="Directory to write (vLLM's native DeepSeek-OCR-2 layout)."),
     overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
+    adapters: str = typer.Option("merge", help="For an adapter bundle: 'merge' (merged weights) or 'keep' "
+                                               "(the base, plus the adapters as a vLLM LoRA module in OUT/lora)."),
 ) -> None:
     """Export a real-size DeepSeek-OCR-2 fine-tune to the layout vLLM's native class loads."""
     try:
-        path = export_vllm(src, out, overwrite)
-    except (ExportError, FileExistsError, FileNotFoundError) as exc:
+        path = export_vllm(src, out, overwrite, adapters=adapters)
+    except (ExportError, FileExistsError, FileNotFoundError, ValueError) as exc:
         raise typer.BadParameter(str(exc)) from None
     typer.echo(f"exported {src} -> {path} (serve: deepsynth serve --engine vllm --model {path})")
+    lora = path / "lora" / "adapter_model.safetensors"
+    if lora.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(lora), "pt") as f:
+            fused = any(".mlp.experts." in k for k in f.keys())
+        typer.echo(f"LoRA module for vLLM: {path / 'lora'}" + (
+            " (LoRA on the routed experts, fused 3-D form: start vLLM with enable_mixed_moe_lora_format=True "
+            "and send requests with is_3d_lora_weight=True)" if fused else ""))
