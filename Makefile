@@ -9,13 +9,13 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-slow bench reader page-reader clean vllm-env
+.PHONY: setup demo test test-slow bench reader page-reader clean vllm-env gpu-check
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,pdf,serve,ocr,cluster]'
+	$(BIN)/pip install -q -e '.[dev,pdf,serve,ocr,cluster,cloud]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -40,6 +40,14 @@ $(VLLM_STAMP): pyproject.toml
 	touch $(VLLM_STAMP)
 
 vllm-env: $(VLLM_STAMP)
+
+# On a CUDA machine: the real-size check in bf16 (LoRA with experts, crops off and on; QLoRA 4-bit),
+# HF vs vLLM serving at concurrency 1/8/32 and measured memory against estimate-memory, in one
+# report (benchmarks/gpu_check.py; vLLM's CUDA build: make vllm-env VLLM_CPU=vllm). Without a GPU:
+# make gpu-check GPU_CHECK_ARGS=--dry-run prints the plan and checks its command lines.
+GPU_CHECK_ARGS ?=
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py --out benchmarks/gpu_check_report.json $(GPU_CHECK_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/deepsynth demo

@@ -105,3 +105,23 @@ def reference_image_tokens(pix, sd, config):
         g = torch.cat([f.view(h,h,n), sd["model.image_newline"][None,None,:].expand(h,1,n)], 1).view(-1,n)
         out.append(torch.cat([g, sd["model.view_seperator"][None,:]], 0))
     return out
+
+
+def reference_gundam_tokens(global_pix, crops_pix, grid, sd, config):
+    """One page in Gundam mode, as v1's forward builds it: the crops' features as one grid of
+    rows x columns crops (newline after every row), then the global view's rows, then the separator."""
+    def features(pix):
+        s = sam(pix, sd, config.sam_config)
+        c = clip(s, sd, config.clip_config)
+        feats = torch.cat([c[:, 1:], s.flatten(2).permute(0, 2, 1)], -1)
+        return F.linear(feats, sd["model.projector.layers.weight"], sd["model.projector.layers.bias"])
+    newline, sep = sd["model.image_newline"], sd["model.view_seperator"]
+    g = features(global_pix)[0]
+    h = int(g.shape[0] ** 0.5)
+    g = torch.cat([g.view(h, h, -1), newline[None, None, :].expand(h, 1, -1)], 1).reshape(-1, g.shape[-1])
+    loc = features(crops_pix)
+    columns, rows = grid
+    h2 = int(loc.shape[1] ** 0.5)
+    loc = loc.view(rows, columns, h2, h2, -1).permute(0, 2, 1, 3, 4).reshape(rows * h2, columns * h2, -1)
+    loc = torch.cat([loc, newline[None, None, :].expand(rows * h2, 1, -1)], 1).reshape(-1, loc.shape[-1])
+    return torch.cat([loc, g, sep[None, :]], 0)

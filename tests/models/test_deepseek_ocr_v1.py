@@ -156,3 +156,60 @@ def test_vision_path_matches_an_independent_deepencoder_implementation(image_siz
     for e, g in zip(expected, got):
         assert e.shape == g.shape == ((image_size // 64) * (image_size // 64 + 1) + 1, 192)
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+
+def test_gundam_features_match_an_independent_implementation_of_v1s_forward():
+    """Crops laid out as v1's forward does: the crops' joint grid (rows x columns crops, a newline
+    after each row), then the global view's rows, then the view separator."""
+    from deepseek_ocr_v1_reference import reference_gundam_tokens
+
+    model, processor = v1.build_tiny_v1(seed=5)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if any(k in name for k in ("rel_pos", "pos_embed", "class_embedding", "position_embedding")):
+                param.normal_(0, 0.5)
+    model.eval()
+    v1._set_crop_mode(processor, "tiles")
+    pages = [render_text("alpha: 12\nbravo: 34", PAGE)[0].image.resize((700, 300)),
+             render_text("charlie: 56", PAGE)[0].image.resize((200, 520))]
+    enc = processor(images=pages, text=["<image>\nx", "<image>\ny"], return_tensors="pt", padding=True)
+    assert enc["num_local_patches"].tolist() == [[4, 2], [1, 3]]  # crop grids of 160 px crops
+    weights = v1.to_v1_state_dict(model.state_dict(), model.config)
+    with torch.no_grad():
+        got = model.model.get_image_features(enc["pixel_values"], enc["pixel_values_local"],
+                                             enc["num_local_patches"]).pooler_output
+        starts = [0, 8]
+        for i, (grid, start) in enumerate(zip([(4, 2), (1, 3)], starts)):
+            crops = enc["pixel_values_local"][start:start + grid[0] * grid[1]]
+            expected = reference_gundam_tokens(enc["pixel_values"][i:i + 1], crops, grid, weights, model.config)
+            torch.testing.assert_close(got[i], expected, rtol=1e-4, atol=1e-5)
+            # the prompt holds exactly as many image tokens as the page has features
+            assert (enc["input_ids"][i] == model.config.image_token_id).sum() == got[i].shape[0]
+    with pytest.raises(ValueError, match="crop grid"):
+        model.model.get_image_features(enc["pixel_values"], enc["pixel_values_local"], torch.tensor([8, 3]))
+
+
+def test_v1_checkpoint_in_gundam_mode_answers_through_ask(tmp_path, monkeypatch):
+    """A v1 checkpoint whose config.json asks for crops (`infer`'s base_size / image_size / crop_mode)
+    converts to a Gundam processor and answers `deepsynth ask`; the record counts the crops' tokens."""
+    from typer.testing import CliRunner
+
+    from deepsynth.cli import app
+    from deepsynth.models import deepseek_ocr2 as ocr2
+
+    monkeypatch.setenv("DEEPSYNTH_CACHE", str(tmp_path / "cache"))
+    model, processor = load_model("tiny-deepseek-ocr-v1", seed=4)
+    write_v1_checkpoint(model, processor, tmp_path / "v1")
+    config = json.loads((tmp_path / "v1" / "config.json").read_text())
+    config.update(base_size=256, image_size=128, crop_mode=True)
+    (tmp_path / "v1" / "config.json").write_text(json.dumps(config))
+    loaded, converted = load_model(str(tmp_path / "v1"))
+    assert ocr2.crop_mode_of(converted) == "tiles" and converted.image_processor.tile_size == 128
+    doc = tmp_path / "doc.txt"
+    doc.write_text("alpha: 12\nbravo: 34\n")
+    res = CliRunner().invoke(app, ["ask", str(doc), "-i", "alpha?", "-m", str(tmp_path / "v1"),
+                                   "--max-new-tokens", "3", "--json"])
+    assert res.exit_code == 0, res.output
+    record = json.loads(res.stdout[res.stdout.index("{"):])
+    # the tiny model reads DeepSeek-OCR v1's default pages (1024 px): a 3 x 3 grid of 128 px crops
+    assert record["visual_tokens"] == ocr2.image_tokens(converted, 1024, 1024, "tiles") == 21 + (2 * 3 + 1) * 2 * 3

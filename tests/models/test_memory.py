@@ -53,8 +53,8 @@ def test_expert_lora_and_crops_on_the_real_config():
     crops = estimate_memory("deepseek-ocr-2", lora=True, crops=True, text_tokens=16)
     assert crops.seq_len == 257 + 4 * 144 + 16 and "crops" in crops.options  # 2 x 2 crops of 768 px
     assert estimate_memory("deepseek-ocr", lora=True, text_tokens=0).seq_len == 16 * 17 + 1
-    with pytest.raises(ValueError, match="one global view"):
-        estimate_memory("deepseek-ocr", lora=True, crops=True)
+    # v1 Gundam: 2 x 2 crops of 640 px, each row of the crops' 20 x 20 grid ends in a newline token
+    assert estimate_memory("deepseek-ocr", lora=True, crops=True, text_tokens=0).seq_len == 16 * 17 + 1 + 20 * 21
     with pytest.raises(ValueError, match="no local crops"):
         estimate_memory(QWEN25_VL_7B, lora=True, crops=True)
 

@@ -251,7 +251,9 @@ def set_crop_mode(processor: DeepseekOcr2Processor, crop_mode: str | None) -> No
     while the token count still assumes `size`).
     "tiles": the global view plus local crops of `tile_size` (the released checkpoint's mode).
     None: leave the processor as it was saved.
+    In every case the image processor draws pages by DeepSeek's rules (`use_page_rules`).
     """
+    use_page_rules(processor)
     if crop_mode is None:
         return
     if crop_mode not in CROP_MODES:
@@ -488,37 +490,176 @@ def _image_settings(config_or_processor, crop_mode: str) -> dict:
     v1 = config.model_type == "deepseek_ocr_v1"
     sam = config.sam_config if v1 else config.vision_config.sam_config
     side = sam.image_size
+    if v1:
+        from deepsynth.models.deepseek_ocr_v1 import V1_MAX_CROPS, V1_MIN_CROPS, v1_tile_size
+
+        tile = v1_tile_size(side) if crop_mode == "tiles" else side
+        return dict(side=side, tile=tile, min_patches=V1_MIN_CROPS, max_patches=V1_MAX_CROPS,
+                    cell=sam.patch_size * 4, newlines=True)
     tile = (REAL_TILE_SIZE if side == REAL_PAGE_SIZE else side) if crop_mode == "tiles" else side
     return dict(side=side, tile=tile, min_patches=REAL_MIN_PATCHES, max_patches=REAL_MAX_PATCHES,
-                cell=sam.patch_size * 4, newlines=v1)
+                cell=sam.patch_size * 4, newlines=False)
+
+
+def crop_grid(width: int, height: int, tile: int, min_patches: int = REAL_MIN_PATCHES,
+              max_patches: int = REAL_MAX_PATCHES) -> tuple[int, int]:
+    """(columns, rows) of the local crops DeepSeek's `dynamic_preprocess` cuts from a width x height
+    page; (0, 0) when the page fits one tile. The grid of min_patches..max_patches crops whose aspect
+    ratio is closest to the page's; on a tie the later candidate (more crops) while the page's area
+    exceeds half of the grid's. Candidates are built and ordered as DeepSeek's code builds them
+    (a set sorted by crop count), so that exact ties resolve the same way."""
+    if width < 1 or height < 1:
+        raise ValueError(f"page size must be positive, got {width} x {height}")
+    if max(width, height) <= tile:
+        return 0, 0
+    if not 1 <= min_patches <= max_patches:
+        raise ValueError(f"crops per page: min_patches={min_patches}, max_patches={max_patches}; need "
+                         "1 <= min_patches <= max_patches")
+    candidates = sorted({(c, r) for n in range(min_patches, max_patches + 1) for c in range(1, n + 1)
+                         for r in range(1, n + 1) if min_patches <= c * r <= max_patches}, key=lambda g: g[0] * g[1])
+    aspect, area = width / height, width * height
+    best, best_diff = (1, 1), float("inf")
+    for columns, rows in candidates:
+        diff = abs(aspect - columns / rows)
+        if diff < best_diff:
+            best, best_diff = (columns, rows), diff
+        elif diff == best_diff and area > 0.5 * tile * tile * columns * rows:
+            best = (columns, rows)
+    return best
 
 
 def local_crops(width: int, height: int, tile: int, min_patches: int = REAL_MIN_PATCHES,
                 max_patches: int = REAL_MAX_PATCHES) -> int:
     """Local crops the image processor cuts from a width x height page (0 when it fits one tile)."""
-    from transformers.models.deepseek_ocr2.image_processing_pil_deepseek_ocr2 import get_optimal_tiled_canvas
-
-    if max(width, height) <= tile:
-        return 0
-    columns, rows = get_optimal_tiled_canvas((height, width), (tile, tile), min_patches, max_patches)
+    columns, rows = crop_grid(width, height, tile, min_patches, max_patches)
     return columns * rows
+
+
+# ---- page preprocessing as DeepSeek's own code does it ------------------------------------------
+# Without crops, DeepSeek's `infer` (and its vLLM scripts) STRETCH a page to the square view when the
+# view's side is at most this (v1's Tiny 512 / Small 640; OCR-2 up to 768) and PAD it above (aspect
+# kept, centred, in the normalisation mean's colour: v1 Base 1024 / Large 1280); with crops the
+# global view is always padded. transformers' image processor always pads, so the processors here
+# use `DeepseekOcrPageImageProcessor` instead.
+STRETCH_MAX_SIDE = 768
+
+
+def _pil_page(array):
+    """The page as the PIL image DeepSeek's code works on (transformers hands over channels-first uint8)."""
+    import numpy as np
+    from PIL import Image
+
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[0] != 3:
+        raise ValueError(f"page pixels of shape {tuple(array.shape)} and dtype {array.dtype}: DeepSeek-OCR "
+                         "pages are 8-bit RGB images (pass PIL images or uint8 arrays)")
+    return Image.fromarray(np.ascontiguousarray(array.transpose(1, 2, 0)), "RGB")
+
+
+class DeepseekOcrPageImageProcessor(DeepseekOcr2ImageProcessorPil):
+    """transformers' DeepSeek-OCR-2 image processor with DeepSeek's own page rules (its `infer` and
+    `dynamic_preprocess`): same settings (`size`, `tile_size`, `crop_to_patches`, `min_patches`,
+    `max_patches`, `background_color`, mean/std) and outputs, PIL bicubic resampling throughout.
+
+    * crops (`crop_to_patches`): pages larger than `tile_size` are resized to the `crop_grid` and cut
+      into tiles, row by row; the global view is the page padded to `size` (aspect kept, centred);
+    * no crops: the view has side `tile_size` (`set_crop_mode` makes it `size`); the page is stretched
+      to it when the side is at most `stretch_max_side`, padded otherwise.
+
+    Saved as the stock class (`to_dict`), so checkpoints load in plain transformers; our loaders put
+    this class back (`use_page_rules`).
+    """
+
+    # Largest no-crop view that is stretched rather than padded (v1's subclass: 640).
+    stretch_max_side = STRETCH_MAX_SIDE
+    # num_local_patches holds each page's (columns, rows) instead of its crop count (v1 lays crops
+    # out as a grid with a newline per row, so its model needs the grid).
+    crop_grid_output = False
+
+    def to_dict(self):
+        out = super().to_dict()
+        out["image_processor_type"] = DeepseekOcr2ImageProcessorPil.__name__
+        return out
+
+    def _pixels(self, image, do_rescale, rescale_factor, do_normalize, image_mean, image_std):
+        import numpy as np
+
+        array = np.asarray(image, dtype=np.float32).transpose(2, 0, 1)
+        if do_rescale:
+            # x / 255 as torchvision's ToTensor computes it (x * (1/255) differs in the last bit)
+            array = array / np.float32(1 / rescale_factor) if rescale_factor == 1 / 255 else array * rescale_factor
+        if do_normalize:
+            mean = np.asarray(image_mean, dtype=np.float32).reshape(-1, 1, 1)
+            std = np.asarray(image_std, dtype=np.float32).reshape(-1, 1, 1)
+            array = (array - mean) / std
+        return np.ascontiguousarray(array, dtype=np.float32)
+
+    def _preprocess(self, images, size, resample, do_rescale, rescale_factor, do_normalize, image_mean, image_std,
+                    return_tensors, crop_to_patches=True, min_patches=2, max_patches=6, tile_size=768,
+                    background_color=None, **kwargs):
+        from PIL import ImageOps
+        from transformers.image_processing_utils import BatchFeature
+
+        colour = tuple(int(c) for c in (background_color if background_color is not None else self.background_color))
+        resample = int(resample if resample is not None else self.resample)
+        pixels = dict(do_rescale=do_rescale, rescale_factor=rescale_factor, do_normalize=do_normalize,
+                      image_mean=image_mean, image_std=image_std)
+        views, crops, counts = [], [], []
+        for array in images:
+            page = _pil_page(array)
+            columns, rows = crop_grid(*page.size, tile_size, min_patches, max_patches) if crop_to_patches else (0, 0)
+            if columns:
+                grid = page.resize((tile_size * columns, tile_size * rows), resample)
+                for i in range(columns * rows):
+                    x, y = (i % columns) * tile_size, (i // columns) * tile_size
+                    crops.append(self._pixels(grid.crop((x, y, x + tile_size, y + tile_size)), **pixels))
+            counts.append([columns, rows] if self.crop_grid_output else columns * rows)
+            side = size.height if crop_to_patches else tile_size
+            if not crop_to_patches and side <= self.stretch_max_side:
+                page = page.resize((side, side), resample)
+            views.append(self._pixels(ImageOps.pad(page, (side, side), method=resample, color=colour), **pixels))
+        data = {"pixel_values": views, "num_local_patches": counts}
+        if crops:
+            data["pixel_values_local"] = crops
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def get_number_of_image_patches(self, height: int, width: int, images_kwargs: dict | None = None) -> int:
+        kwargs = self._merge_and_standardize_kwargs(**(images_kwargs or {}))
+        if not kwargs["crop_to_patches"]:
+            return 1
+        columns, rows = crop_grid(width, height, kwargs["tile_size"], kwargs["min_patches"], kwargs["max_patches"])
+        return 1 + columns * rows
+
+
+def use_page_rules(processor, page_class: type = DeepseekOcrPageImageProcessor) -> None:
+    """Give the processor an image processor that draws pages by DeepSeek's rules: transformers'
+    PIL image processor (as saved, as loaded) becomes `page_class` with the same settings."""
+    ip = processor.image_processor
+    if isinstance(ip, page_class):
+        return
+    if type(ip) is DeepseekOcr2ImageProcessorPil or (
+            isinstance(ip, DeepseekOcrPageImageProcessor) and issubclass(page_class, DeepseekOcrPageImageProcessor)):
+        ip.__class__ = page_class  # no state of its own: the same settings, DeepSeek's drawing
+        return
+    raise ValueError(f"{type(ip).__name__}: DeepSeek-OCR pages need transformers' PIL image processor "
+                     "(DeepseekOcr2ImageProcessorPil); load the processor without the torchvision backend")
 
 
 def image_tokens(config_or_processor, width: int, height: int, crop_mode: str = "none") -> int:
     """Image tokens of one width x height page in `crop_mode`: the global view's grid, each local
-    crop's grid, and the view separator (v1: plus a newline token per grid row, no crops)."""
+    crop's grid, and the view separator. v1 adds a newline token after every row of the global grid
+    and after every row of the crops' joint grid (columns x rows crops of q x q tokens: q x rows rows
+    of q x columns tokens)."""
     if crop_mode not in CROP_MODES:
         raise ValueError(f"crop mode must be one of {CROP_MODES}, got {crop_mode!r}")
     if width < 1 or height < 1:
         raise ValueError(f"page size must be positive, got {width} x {height}")
     s = _image_settings(config_or_processor, crop_mode)
+    columns, rows = crop_grid(width, height, s["tile"], s["min_patches"], s["max_patches"]) \
+        if crop_mode == "tiles" else (0, 0)
+    q, qt = math.ceil(s["side"] / s["cell"]), math.ceil(s["tile"] / s["cell"])
     if s["newlines"]:
-        if crop_mode == "tiles":
-            raise ValueError("crop mode 'tiles': DeepSeek-OCR v1 (the port) reads one global view per page")
-        q = math.ceil(s["side"] / s["cell"])
-        return q * (q + 1) + 1
-    crops = local_crops(width, height, s["tile"], s["min_patches"], s["max_patches"]) if crop_mode == "tiles" else 0
-    return math.ceil(s["side"] / s["cell"]) ** 2 + crops * math.ceil(s["tile"] / s["cell"]) ** 2 + 1
+        return q * (q + 1) + 1 + (qt * columns + 1) * qt * rows
+    return q * q + columns * rows * qt * qt + 1
 
 
 def vision_views(config_or_processor, width: int, height: int, crop_mode: str = "none") -> list[int]:

@@ -20,9 +20,12 @@ original key names) into a `save_pretrained` directory of `DeepseekOcrV1ForCondi
 `to_v1_state_dict` is the inverse. `load_v1` does the conversion once into a cache directory and
 loads the result; the registry calls it for checkpoints whose config names `DeepseekOCRForCausalLM`.
 
-Scope: the base mode (one global view per page, 1024 px: `base_size=1024, crop_mode=False` in v1's
-`infer`). The "Gundam" crop mode (640 px local tiles) is not ported; a processor asked for crops
-raises an error saying so.
+Pages are drawn as v1's `infer` draws them, in each of its modes (`v1_image_processor`): Tiny 512,
+Small 640 (the page stretched to the square view), Base 1024, Large 1280 (padded, aspect kept), and
+Gundam: a 1024 px padded global view plus 640 px local crops, 2 to 9 of them in the grid closest to
+the page's aspect ratio (`crop_grid`). In Gundam the model lays the crops out as one grid with a
+newline after each row and puts them before the global view, then the view separator, as v1's
+forward does.
 """
 
 from __future__ import annotations
@@ -48,7 +51,6 @@ from transformers.models.deepseek_ocr2.configuration_deepseek_ocr2 import (
     DeepseekOcr2SamVisionConfig,
     DeepseekOcr2TextConfig,
 )
-from transformers.models.deepseek_ocr2.image_processing_pil_deepseek_ocr2 import DeepseekOcr2ImageProcessorPil
 from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import (
     DeepseekOcr2ForConditionalGeneration,
     DeepseekOcr2Model,
@@ -60,6 +62,7 @@ from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import (
 from transformers.models.deepseek_ocr2.processing_deepseek_ocr2 import DeepseekOcr2Processor
 
 from deepsynth.models.backend import Backend
+from deepsynth.models.deepseek_ocr2 import DeepseekOcrPageImageProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -306,21 +309,58 @@ class DeepseekOcrV1Model(DeepseekOcrV1PreTrainedModel, DeepseekOcr2Model):
         self.view_separator = nn.Parameter(torch.randn(config.text_config.hidden_size) * std)
         self.post_init()
 
+    def _rows(self, grid: torch.Tensor) -> torch.Tensor:
+        """(rows, columns, hidden) features -> rows x (columns + 1) tokens, a newline ending each row."""
+        rows, _, dim = grid.shape
+        newline = self.image_newline.to(grid.dtype).view(1, 1, dim).expand(rows, 1, dim)
+        return torch.cat([grid, newline], dim=1).reshape(-1, dim)
+
     def get_image_features(self, pixel_values: torch.Tensor, pixel_values_local: torch.Tensor | None = None,
                            num_local_patches=None, **kwargs) -> DeepseekOcr2ModelOutputWithPooling:
-        if pixel_values_local is not None and pixel_values_local.numel():
-            raise NotImplementedError("DeepSeek-OCR v1 port: crop mode (local tiles) is not supported; "
-                                      "use one global view per page (crop_to_patches=False)")
+        """One feature sequence per page, as v1's forward builds it: [crops' rows, global rows,
+        view separator]. `num_local_patches`: each page's crop grid (columns, rows), (0, 0) without
+        crops, as `DeepseekOcrV1Processor` writes it; `pixel_values_local`: the crops of all pages in
+        page order, each page's row by row."""
+        batch = pixel_values.shape[0]
+        grids = _crop_grids(num_local_patches, batch)
         vision = self.vision_tower(pixel_values)
         features = self.multi_modal_projector(vision.last_hidden_state)  # (batch, h*w, hidden)
-        batch, tokens, dim = features.shape
+        _, tokens, dim = features.shape
         side = math.isqrt(tokens)
-        grid = features.view(batch, side, side, dim)
-        newline = self.image_newline.to(features.dtype).view(1, 1, 1, dim).expand(batch, side, 1, dim)
-        rows = torch.cat([grid, newline], dim=2).reshape(batch, side * (side + 1), dim)
+        local = [None] * batch
+        crops = sum(c * r for c, r in grids)
+        if crops:
+            if pixel_values_local is None or pixel_values_local.shape[0] != crops:
+                got = 0 if pixel_values_local is None else pixel_values_local.shape[0]
+                raise ValueError(f"the crop grids {grids} need {crops} local crops, pixel_values_local has {got}")
+            crop_features = self.multi_modal_projector(self.vision_tower(pixel_values_local).last_hidden_state)
+            q = math.isqrt(crop_features.shape[1])
+            start = 0
+            for i, (columns, rows) in enumerate(grids):
+                if columns * rows:
+                    page = crop_features[start:start + columns * rows].view(rows, columns, q, q, dim)
+                    local[i] = self._rows(page.permute(0, 2, 1, 3, 4).reshape(rows * q, columns * q, dim))
+                    start += columns * rows
         separator = self.view_separator.to(features.dtype).view(1, dim)
-        pooled = [torch.cat([rows[i], separator], dim=0) for i in range(batch)]
+        pooled = []
+        for i in range(batch):
+            global_rows = self._rows(features[i].view(side, side, dim))
+            pooled.append(torch.cat([v for v in (local[i], global_rows, separator) if v is not None], dim=0))
         return DeepseekOcr2ModelOutputWithPooling(last_hidden_state=vision.last_hidden_state, pooler_output=pooled)
+
+
+def _crop_grids(num_local_patches, batch: int) -> list[tuple[int, int]]:
+    """Each page's (columns, rows) from the processor's `num_local_patches`."""
+    if num_local_patches is None:
+        return [(0, 0)] * batch
+    grids = torch.as_tensor(num_local_patches).reshape(-1).tolist()
+    if torch.as_tensor(num_local_patches).ndim == 1 and not any(grids):
+        return [(0, 0)] * batch  # crop counts, all zero: no crops
+    if torch.as_tensor(num_local_patches).ndim != 2 or len(grids) != 2 * batch:
+        raise ValueError(f"num_local_patches {num_local_patches!r}: DeepSeek-OCR v1 needs each page's crop grid "
+                         f"(columns, rows), one pair for each of the {batch} pages, as DeepseekOcrV1Processor "
+                         "writes it")
+    return [(int(grids[2 * i]), int(grids[2 * i + 1])) for i in range(batch)]
 
 
 class DeepseekOcrV1ForConditionalGeneration(DeepseekOcrV1PreTrainedModel, DeepseekOcr2ForConditionalGeneration):
@@ -334,24 +374,80 @@ class DeepseekOcrV1ForConditionalGeneration(DeepseekOcrV1PreTrainedModel, Deepse
 
 
 # ---- processor ---------------------------------------------------------------------------------
+# v1's modes (its `infer`): the view side, and Gundam's local crops. No-crop views up to 640 px are
+# stretched to the square, larger ones padded; HF's `dynamic_preprocess` cuts 2 to 9 crops (DeepSeek's
+# vLLM scripts and vLLM's own class default to 6: `max_patches`).
+V1_MODES = {"tiny": 512, "small": 640, "base": 1024, "large": 1280}
+V1_GUNDAM_SIZE, V1_GUNDAM_TILE = 1024, 640
+V1_MIN_CROPS, V1_MAX_CROPS = 2, 9
+V1_STRETCH_MAX_SIDE = 640
+
+
+def v1_tile_size(side: int) -> int:
+    """Gundam's crop side for a global view of `side` px: 640 at 1024, in proportion otherwise
+    (tiny test models)."""
+    return side * V1_GUNDAM_TILE // V1_GUNDAM_SIZE
+
+
+class DeepseekOcrV1PageImageProcessor(DeepseekOcrPageImageProcessor):
+    """v1's page rules: stretched no-crop views up to 640 px; `num_local_patches` holds each page's
+    crop grid (columns, rows), which v1's model needs to lay the crops out."""
+
+    stretch_max_side = V1_STRETCH_MAX_SIDE
+    crop_grid_output = True
+
+
 class DeepseekOcrV1Processor(DeepseekOcr2Processor):
-    """DeepSeek-OCR-2's processor with v1's token count: q x (q + 1) + 1 image tokens per page
-    (q = side / 16 / 4; a newline token after each row, one view separator)."""
+    """DeepSeek-OCR-2's processor with v1's pages (`DeepseekOcrV1PageImageProcessor`) and token count:
+    q x (q + 1) + 1 for the global view (q = side / 16 / 4; a newline token after each row, one view
+    separator), plus (qt x columns + 1) x qt x rows for a grid of columns x rows crops of qt x qt."""
+
+    # The image processor's own (saved) settings decide crops, not class-level call defaults.
+    images_kwargs: dict = {}
+
+    def __init__(self, image_processor=None, tokenizer=None, **kwargs) -> None:
+        super().__init__(image_processor=image_processor, tokenizer=tokenizer, **kwargs)
+        _ocr2().use_page_rules(self, DeepseekOcrV1PageImageProcessor)
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
-        if image_inputs["num_local_patches"][image_idx]:
-            raise ValueError("DeepSeek-OCR v1 port: crop mode is not supported; build the image processor with "
-                             "crop_to_patches=False")
-        tile = kwargs.get("tile_size") or self.image_processor.tile_size
-        q = math.ceil(tile / self.patch_size / self.downsample_ratio)
-        return self.image_token * (q * (q + 1) + 1)
+        ip = self.image_processor
+        columns, rows = (int(n) for n in torch.as_tensor(image_inputs["num_local_patches"][image_idx]).reshape(2))
+        crops = kwargs.get("crop_to_patches", ip.crop_to_patches)
+        tile = kwargs.get("tile_size") or ip.tile_size
+        side = (kwargs.get("size") or ip.size)["height"] if crops else tile  # `_preprocess`'s global view
+        cell = self.patch_size * self.downsample_ratio
+        q, qt = math.ceil(side / cell), math.ceil(tile / cell)
+        return self.image_token * (q * (q + 1) + 1 + (qt * columns + 1) * qt * rows)
 
 
-def v1_image_processor(image_size: int = 1024) -> DeepseekOcr2ImageProcessorPil:
-    """v1's base mode: the page padded to a square (grey 127) and resized to `image_size`, normalised
-    with mean = std = 0.5; no local crops."""
-    return DeepseekOcr2ImageProcessorPil(size={"height": image_size, "width": image_size}, tile_size=image_size,
-                                         crop_to_patches=False, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+def v1_image_processor(image_size: int = 1024, crop_mode: str = "none", tile_size: int | None = None,
+                       min_crops: int = V1_MIN_CROPS, max_crops: int = V1_MAX_CROPS) -> DeepseekOcrV1PageImageProcessor:
+    """v1's pages, normalised with mean = std = 0.5. crop_mode "none": one view of `image_size` (Tiny
+    512, Small 640: stretched; Base 1024, Large 1280: padded with grey 127); "tiles" (Gundam): the page
+    padded to `image_size` plus `min_crops`..`max_crops` crops of `tile_size` (default
+    `v1_tile_size(image_size)`, 640 at 1024)."""
+    if crop_mode not in ("none", "tiles"):
+        raise ValueError(f"crop_mode={crop_mode!r}: choose 'none' or 'tiles'")
+    tile = (tile_size or v1_tile_size(image_size)) if crop_mode == "tiles" else image_size
+    return DeepseekOcrV1PageImageProcessor(
+        size={"height": image_size, "width": image_size}, tile_size=tile, crop_to_patches=crop_mode == "tiles",
+        min_patches=min_crops, max_patches=max_crops, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+        background_color=[127] * 3)
+
+
+def v1_page_settings(original: dict) -> dict:
+    """`v1_image_processor` arguments from a v1 config.json: the `infer` arguments `base_size`,
+    `image_size`, `crop_mode` when the file carries them (DeepSeek's mode names: Gundam = base 1024,
+    image 640, crop), else one view of the SAM input size."""
+    sam = original["vision_config"]["width"]["sam_vit_b"]
+    default = sam.get("image_size", original["vision_config"].get("image_size", V1_GUNDAM_SIZE))
+    crop = original.get("crop_mode", False)
+    if not isinstance(crop, bool):
+        raise ValueError(f"config.json crop_mode={crop!r}: true (Gundam: local crops) or false (one view)")
+    base = int(original.get("base_size", default))
+    if not crop:
+        return dict(image_size=int(original.get("image_size", base)), crop_mode="none")
+    return dict(image_size=base, crop_mode="tiles", tile_size=int(original.get("image_size", v1_tile_size(base))))
 
 
 # ---- checkpoint key map ------------------------------------------------------------------------
@@ -555,8 +651,10 @@ def convert_v1_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, image_
     config.save_pretrained(tmp)
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     tokenizer = tokenizer_of_remote_code_checkpoint(src)
-    processor = DeepseekOcrV1Processor(image_processor=v1_image_processor(image_size or config.sam_config.image_size),
-                                       tokenizer=tokenizer)
+    pages = v1_page_settings(json.loads((src / "config.json").read_text()))
+    if image_size:
+        pages["image_size"] = image_size
+    processor = DeepseekOcrV1Processor(image_processor=v1_image_processor(**pages), tokenizer=tokenizer)
     processor.save_pretrained(tmp)
     shutil.rmtree(dst, ignore_errors=True)
     tmp.rename(dst)
@@ -650,22 +748,31 @@ def build_tiny_v1(seed: int = 0, image_size: int = 256):
 
 
 def _set_crop_mode(processor, crop_mode: str | None) -> None:
-    from deepsynth.models.deepseek_ocr2 import set_crop_mode
-
-    set_crop_mode(processor, crop_mode)  # the v1 processor is the OCR-2 processor with v1 sizes
+    """The OCR-2 processor's crop modes with v1's pages; "tiles" is Gundam: crops of the image
+    processor's tile size when it is below the global view's, else `v1_tile_size`."""
+    ocr2 = _ocr2()
+    ocr2.use_page_rules(processor, DeepseekOcrV1PageImageProcessor)
+    ocr2.set_crop_mode(processor, crop_mode)
+    if crop_mode == "tiles":
+        ip = processor.image_processor
+        side = ip.size["height"]
+        tile = ip.tile_size if ip.tile_size < side else v1_tile_size(side)
+        processor.images_kwargs = {**processor.images_kwargs, "tile_size": tile}
 
 
 def _image_tokens(config, width: int, height: int, crop_mode: str = "none") -> int:
-    return _ocr2().image_tokens(config, width, height, crop_mode)  # knows v1's row newlines, refuses crops
+    return _ocr2().image_tokens(config, width, height, crop_mode)  # knows v1's row newlines and crop grid
 
 
 def _vision_tokens(config, stack: str, side: int = 1024, crop_mode: str = "none") -> int:
     """Tokens through SAM ("sam" in the stack's name: the 16 px patches) or CLIP-L (the
-    4x-downsampled grid + CLS) for one page; one global view (the port has no crops)."""
-    if crop_mode != "none":
-        raise ValueError(f"crop_mode={crop_mode!r}: the DeepSeek-OCR v1 port reads one global view per page")
-    patches = (config.sam_config.image_size // config.sam_config.patch_size) ** 2
-    return patches if "sam" in stack else patches // 16 + 1
+    4x-downsampled grid + CLS) for one side x side page, summed over its views (Gundam: the
+    global view and the crops)."""
+    total = 0
+    for view in _ocr2().vision_views(config, side, side, crop_mode):
+        patches = (view // config.sam_config.patch_size) ** 2
+        total += patches if "sam" in stack else patches // 16 + 1
+    return total
 
 
 def build_random_v1(seed: int = 0):
@@ -675,7 +782,7 @@ def build_random_v1(seed: int = 0):
 
     config = real_v1_config()
     tok = stand_in_tokenizer(config.text_config.vocab_size, config.image_token_id)
-    processor = DeepseekOcrV1Processor(image_processor=v1_image_processor(1024), tokenizer=tok)
+    processor = DeepseekOcrV1Processor(image_processor=v1_image_processor(V1_MODES["base"]), tokenizer=tok)
     model = random_weights(DeepseekOcrV1ForConditionalGeneration, config, seed)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
