@@ -229,10 +229,13 @@ def stop_session(sid: int) -> list[str]:
 ENGINE_WORKLOADS = {"short_answers": ("tiny-reader", 16), "long_answers": ("tiny", 64)}
 
 
-def engine_cells(url: str, max_new_tokens: int) -> list[dict]:
-    """Concurrency 1/4/16 against one server; each engine gets the same documents and questions."""
+ENGINE_LEVELS = (1, 4, 16)
+
+
+def engine_cells(url: str, max_new_tokens: int, levels: tuple[int, ...] = ENGINE_LEVELS) -> list[dict]:
+    """Each concurrency of `levels` against one server; each engine gets the same documents and questions."""
     cells, first_doc = [], 20000
-    for concurrency in (1, 4, 16):
+    for concurrency in levels:
         requests = max(32, 4 * concurrency)
         post(url, {"text": document(first_doc - 1), "instruction": "Warm up?", "max_new_tokens": max_new_tokens})
         cell = run_cell(url, concurrency, requests, first_doc, max_new_tokens)
@@ -249,7 +252,7 @@ def print_cells(name: str, cells: list[dict]) -> None:
 
 
 def engine_comparison(model: str, max_new_tokens: int, max_wait_ms: float, max_batch_size: int = 16,
-                      dtype: str = "float32") -> dict:
+                      dtype: str = "float32", levels: tuple[int, ...] = ENGINE_LEVELS) -> dict:
     """requests/s, tokens/s and p50/p95 at concurrency 1/4/16 for `serve --engine hf` and `--engine vllm`."""
     import socket
 
@@ -271,7 +274,7 @@ def engine_comparison(model: str, max_new_tokens: int, max_wait_ms: float, max_b
                          max_new_tokens=max(max_new_tokens, 16), default_new_tokens=max_new_tokens)
     app = create_app(engine, config)
     server, thread, base = start_server(app)
-    out["engines"]["hf"] = engine_cells(base + "/api/inference/instruct", max_new_tokens)
+    out["engines"]["hf"] = engine_cells(base + "/api/inference/instruct", max_new_tokens, levels)
     server.should_exit = True
     thread.join(10)
     app.state.batcher.stop()
@@ -295,7 +298,7 @@ def engine_comparison(model: str, max_new_tokens: int, max_wait_ms: float, max_b
         start = time.perf_counter()
         wait_health(base, proc, timeout=900)
         out["vllm_start_s"] = round(time.perf_counter() - start, 1)
-        out["engines"]["vllm"] = engine_cells(base + "/api/inference/instruct", max_new_tokens)
+        out["engines"]["vllm"] = engine_cells(base + "/api/inference/instruct", max_new_tokens, levels)
     finally:
         proc.terminate()
         try:
@@ -321,11 +324,12 @@ def engine_comparison(model: str, max_new_tokens: int, max_wait_ms: float, max_b
 
 
 def engine_workloads(max_wait_ms: float, model: str | None = None, max_new_tokens: int = 64,
-                     dtype: str = "float32") -> dict:
+                     dtype: str = "float32", levels: tuple[int, ...] = ENGINE_LEVELS) -> dict:
     """`engine_comparison` for each of ENGINE_WORKLOADS, or for `model` alone (e.g. a real-size
     bundle on a GPU machine, in bfloat16)."""
     workloads = {"model": (model, max_new_tokens)} if model else ENGINE_WORKLOADS
-    return {name: engine_comparison(m, tokens, max_wait_ms, dtype=dtype) for name, (m, tokens) in workloads.items()}
+    return {name: engine_comparison(m, tokens, max_wait_ms, dtype=dtype, levels=levels)
+            for name, (m, tokens) in workloads.items()}
 
 
 def main() -> None:
@@ -341,6 +345,8 @@ def main() -> None:
     parser.add_argument("--engine-dtype", default="float32", help="Weights' dtype of both servers in part 3.")
     parser.add_argument("--only-engines", action="store_true",
                         help="Run only the HF vs vLLM comparison (part 3) and merge it into --out.")
+    parser.add_argument("--levels", default=",".join(map(str, ENGINE_LEVELS)),
+                        help="Part 3: client concurrencies, comma-separated (make gpu-check: 1,8,32).")
     parser.add_argument("--client", help=argparse.SUPPRESS)  # internal: run as the load generator
     parser.add_argument("--concurrency", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1,
@@ -363,8 +369,9 @@ def main() -> None:
     if args.only_engines:
         path = Path(args.out)
         report = json.loads(path.read_text()) if path.is_file() else {"benchmark": "serve"}
+        levels = tuple(int(x) for x in args.levels.split(","))
         report["engines"] = engine_workloads(args.max_wait_ms, args.engine_model, args.max_new_tokens,
-                                             args.engine_dtype)
+                                             args.engine_dtype, levels)
         report["engines"]["loadavg"] = [[round(x, 2) for x in load_start], [round(x, 2) for x in os.getloadavg()]]
         report["engines"]["seconds"] = round(time.perf_counter() - t_start, 1)
         path.write_text(json.dumps(report, indent=2) + "\n")
