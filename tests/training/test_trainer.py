@@ -32,7 +32,8 @@ def test_fixed_seed_first_losses_are_pinned(tmp_path):
     assert [round(got[s], 2) for s in (1, 2, 3)] == pytest.approx(EXPECTED_FIRST_LOSSES, abs=0.02)
 
 
-EXPECTED_FIRST_LOSSES = [4.76, 4.43, 3.95]
+# With the tiny preset's prompt layout, DeepSeek's plain one (raw gave 4.76, 4.43, 3.95).
+EXPECTED_FIRST_LOSSES = [4.73, 4.46, 3.95]
 
 
 def test_resume_continues_exactly(tmp_path):
