@@ -157,6 +157,19 @@ def test_an_interrupted_prepare_resumes_from_the_bucket(s3, records, tmp_path, m
     assert json.loads(s3.cat_file(f"{BUCKET}/resume/manifest.json"))["complete"]
 
 
+def test_overwrite_removes_the_earlier_runs_objects_from_the_bucket(s3, records):
+    uri = f"s3://{BUCKET}/overwrite"
+    P.prepare(str(records), uri, shard_size=2, progress=False)
+    assert len([k for k in _keys(s3, "overwrite") if k.startswith("data/")]) == 3
+    with pytest.raises(P.PrepareError, match=f"{uri} holds the output of a different prepare run"):
+        P.prepare(str(records), uri, shard_size=5, progress=False)
+    P.prepare(str(records), uri, shard_size=5, progress=False, overwrite=True)
+    keys = _keys(s3, "overwrite")
+    assert sorted(k for k in keys if k.startswith(("data/", ".prepare/"))) == [
+        ".prepare/shard-00000.done", "data/train-00000-of-00001.parquet"]
+    assert json.loads(s3.cat_file(f"{BUCKET}/overwrite/manifest.json"))["plan"]["shard_size"] == 5
+
+
 @pytest.mark.slow
 def test_prepare_validate_train_evaluate_predict_round_trip_through_s3(s3, records, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -179,6 +192,15 @@ def test_prepare_validate_train_evaluate_predict_round_trip_through_s3(s3, recor
     checkpoints = {k.split("/")[0] for k in keys if k.startswith("checkpoint-")}
     assert checkpoints == {"checkpoint-000002"}  # keep_checkpoints=1: the older one was removed from the bucket too
     assert not any(Path(k).name.endswith(".tmp") for k in keys)
+
+    # resumed on "another machine" (no local stage): the newest checkpoint comes from the bucket
+    shutil.rmtree(storage.cache_root())
+    out = _ok("train", f"s3://{BUCKET}/rt/tiny.yaml", "--train", data, "--output-dir", run,
+              "--resume", "latest", "--set", "max_steps=3").stdout
+    assert json.loads(out[out.index("{"):])["metrics"]["train_steps"] == 3
+    logged = [json.loads(line) for line in s3.cat_file(f"{BUCKET}/rt/run/metrics.jsonl").decode().splitlines()]
+    assert any(r.get("resumed_from", "").endswith("checkpoint-000002") for r in logged)
+    assert {k.split("/")[0] for k in _keys(s3, "rt/run") if k.startswith("checkpoint-")} == {"checkpoint-000003"}
 
     model = f"{run}/final"
     _ok("evaluate", data, "-m", model, "-o", f"s3://{BUCKET}/rt/eval.json", "--batch-size", "5")
