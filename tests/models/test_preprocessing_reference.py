@@ -167,13 +167,13 @@ PYTHON = vllm_python()
 needs_vllm = pytest.mark.skipif(PYTHON is None, reason="the vLLM environment is absent (.venv-vllm): run "
                                                        "`make vllm-env` or set DEEPSYNTH_VLLM_PYTHON")
 
-# name -> (our processor, vLLM case, vLLM case whose global view is ours when vLLM's no-crop path
-# stretches where DeepSeek's code pads)
 def _vllm_case(name, image_size, base_size, crop, strategy, max_crops=6):
     return dict(name=name, image_size=image_size, base_size=base_size, crop_mode=crop, strategy=strategy,
                 max_crops=max_crops)
 
 
+# name -> (our processor, vLLM case, vLLM case whose global view is ours when vLLM's no-crop path
+# stretches where DeepSeek's code pads)
 MODES = {
     "v1-tiny": (lambda: v1_processor("tiny"), _vllm_case("v1-tiny", 512, 512, False, "v1"), None),
     "v1-small": (lambda: v1_processor("small"), _vllm_case("v1-small", 640, 640, False, "v1"), None),
