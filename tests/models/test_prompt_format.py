@@ -256,9 +256,9 @@ def test_a_bundle_without_a_layout_field_means_raw(tmp_path):
 
 
 # ---- (f) what the trainer writes ----------------------------------------------------------------
-def _trainer(tmp_path, model_name: str) -> Trainer:
+def _trainer(tmp_path, model_name: str, **options) -> Trainer:
     return Trainer(TrainerConfig(model_name=model_name, output_dir=str(tmp_path), batch_size=2, max_steps=1,
-                                 learning_rate=1e-3, seed=5, save_interval=0))
+                                 learning_rate=1e-3, seed=5, save_interval=0, **options))
 
 
 def test_training_a_preset_writes_a_plain_bundle_that_reloads_with_it(tmp_path):
@@ -282,6 +282,17 @@ def test_fine_tuning_keeps_the_layout_of_its_base(tmp_path):
     base.processor.save_pretrained(tmp_path / "hub")
     assert _trainer(tmp_path / "from-hub", str(tmp_path / "hub")).spec().prompt_layout == "plain"
     assert _trainer(tmp_path / "from-preset", "tiny-deepseek-ocr-v1").spec().prompt_layout == "plain"
+
+
+def test_a_run_can_ask_for_a_layout_and_the_reader_recipe_asks_for_raw(tmp_path):
+    from deepsynth.training.reader_pretrain import PretrainConfig, trainer_config
+
+    # `make reader` starts from a fresh tiny model and re-creates the shipped (raw) reader
+    assert trainer_config(PretrainConfig(), tmp_path).prompt_layout == "raw"
+    trainer = _trainer(tmp_path / "raw", "tiny", prompt_layout="raw")
+    assert trainer.spec().prompt_layout == "raw" and trainer.decoder().collator.prompt_builder is RAW_PROMPT
+    with pytest.raises(ValueError, match=r"TrainerConfig.prompt_layout='chat' is invalid: must be None or one of"):
+        TrainerConfig(prompt_layout="chat")
 
 
 def test_a_processor_without_a_bundle_gets_plain_and_others_keep_theirs():

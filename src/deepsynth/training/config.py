@@ -83,6 +83,9 @@ class TrainerConfig:
     instruction_prompt: str = "Answer the question about the document."
     # Render preset for documents given as text (must match what the model reads).
     render_preset: str = "tiny"
+    # Prompt layout the run trains and writes ("plain", "raw", "chat-template"); None = the base's (its
+    # bundle's; for a preset or a checkpoint without a bundle, its backend's: "plain" for DeepSeek).
+    prompt_layout: str | None = None
     # Longest token sequence (image tokens included); longer examples raise an error.
     max_length: int = 1024
     # Evaluate every N optimizer steps (0 = only at the end).
@@ -136,6 +139,10 @@ class TrainerConfig:
         check("text_encoder_model", not self.use_text_encoder or bool(self.text_encoder_model),
               "a hub id or directory (or None for the default encoder) when use_text_encoder is true")
         check("max_length", self.max_length >= 16, ">= 16")
+        from deepsynth.models.bundle import PROMPT_LAYOUTS
+
+        check("prompt_layout", self.prompt_layout is None or self.prompt_layout in PROMPT_LAYOUTS,
+              f"None or one of {sorted(PROMPT_LAYOUTS)}")
         for name in ("eval_interval", "eval_samples", "save_interval", "num_workers"):
             check(name, getattr(self, name) >= 0, ">= 0")
         check("keep_checkpoints", self.keep_checkpoints >= 1, ">= 1")

@@ -396,7 +396,9 @@ def trainer_config(cfg: PretrainConfig, run_dir: Path) -> TrainerConfig:
         min_lr_ratio=cfg.lr_min / cfg.lr, warmup_steps=cfg.warmup_steps, schedule_steps=cfg.planned_steps,
         lr_scheduler="cosine", weight_decay=0.01, max_grad_norm=1.0, seed=cfg.seed, render_preset="tiny",
         instruction_prompt=TRANSCRIBE_INSTRUCTION, log_interval=cfg.log_every, save_interval=0, keep_checkpoints=2,
-        resume_from_checkpoint=cfg.resume or None, num_workers=0)
+        resume_from_checkpoint=cfg.resume or None, num_workers=0,
+        # the shipped reader's layout (its deepsynth.json), so that `make reader` re-creates it
+        prompt_layout="raw")
 
 
 def pretrain(cfg: PretrainConfig, clock: Callable[[], float] = time.monotonic) -> dict:

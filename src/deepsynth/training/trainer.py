@@ -23,7 +23,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -205,6 +205,9 @@ class Trainer:
             model, processor, self.base_spec = load_bundle(config.model_name, seed=config.seed)
         elif processor is not None:
             self.base_spec = spec_of_loaded(model, processor)
+        if processor is not None and config.prompt_layout is not None:
+            # the layout this run asks for: training, evaluation and the bundle all follow it
+            self.base_spec = replace(self.base_spec, prompt_layout=config.prompt_layout)
         if processor is None:
             raise ValueError("a processor is needed when a model object is passed")
         self.processor = processor
