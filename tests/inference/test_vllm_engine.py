@@ -118,6 +118,54 @@ def test_lora_adapter_served_unmerged_gives_merged_answers(tmp_path):
     assert [m["answer"] for m in merged] != base
 
 
+# The vLLM side of the next test: the prompt ids vLLM reports for the engine's requests, and the answers.
+PLAIN_SIDE = """
+import json, sys
+from deepsynth.inference.vllm_engine import VLLMEngine, VLLMOptions
+job = json.load(open(sys.argv[1]))
+with VLLMEngine(job["model"], options=VLLMOptions(dtype="float32", kv_cache_gib=1, max_num_seqs=4)) as engine:
+    docs = [engine.prepare(d) for d in job["documents"]]
+    requests = engine._submit(docs, job["instructions"], engine.generation, None, None)
+    ids = [list(engine._wait(r)[0].prompt_token_ids) for r in requests]
+    answers = [a.to_dict() for a in engine.ask_batch(job["documents"], job["instructions"])]
+json.dump({"prompt_ids": ids, "answers": answers}, open(sys.argv[2], "w"))
+"""
+
+
+@needs_vllm
+def test_vllm_serves_a_plain_layout_model_with_the_hf_engines_prompt_ids(tmp_path):
+    """DeepSeek's plain prompt (BOS put in front by us, no newline after the instruction) reaches
+    vLLM as token ids: the prompt vLLM runs is the HF engine's, token for token, one and two pages."""
+    from dataclasses import replace
+
+    from deepsynth.inference.engine import InstructionEngine
+    from deepsynth.models.bundle import load_bundle, save_bundle
+
+    reader = load_bundle("tiny-reader")
+    model = tmp_path / "plain"
+    model.mkdir()
+    save_bundle(model, reader.model, reader.processor, replace(reader.spec, prompt_layout="plain"))
+    documents = [DOCUMENTS[0], "\n".join(f"item {i}: {7 * i}" for i in range(12))]
+    instructions = [INSTRUCTIONS[0], "item 9?"]
+    hf_engine = InstructionEngine(str(model))
+    docs = [hf_engine.prepare(d) for d in documents]
+    assert [len(d.pages) for d in docs][0] == 1 and len(docs[1].pages) > 1
+    hf_ids = []
+    for doc, instruction in zip(docs, instructions):
+        inputs = hf_engine.decoder.prepare_inputs([doc.pages], [instruction])
+        hf_ids.append(inputs["input_ids"][0].tolist())
+    tok = reader.processor.tokenizer
+    assert all(ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1 for ids in hf_ids)
+    hf = [a.to_dict() for a in hf_engine.ask_batch(documents, instructions)]
+    (tmp_path / "job.json").write_text(json.dumps({"model": str(model), "documents": documents,
+                                                   "instructions": instructions}))
+    run_vllm_side(["-c", PLAIN_SIDE, str(tmp_path / "job.json"), str(tmp_path / "out.json")])
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["prompt_ids"] == hf_ids
+    for mine, theirs in zip(out["answers"], hf):
+        assert {k: mine[k] for k in COMPARED} == {k: theirs[k] for k in COMPARED}
+
+
 @needs_vllm
 def test_check_parity_reports_no_difference_for_tiny_reader(tmp_path):
     report = tmp_path / "parity.json"
