@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 
+from deepsynth.cli_errors import DEBUG_ENV, DEBUG_META, ErrorReportingGroup
 from deepsynth.data.cli import register as register_data
 from deepsynth.evaluation.cli import register as register_evaluate
 from deepsynth.evaluation.predict import register as register_predict
@@ -19,8 +20,10 @@ from deepsynth.models.push import register as register_push
 from deepsynth.render.cli import register as register_render
 from deepsynth.serve.cli import register as register_serve
 
+# Failures are one line on stderr (deepsynth.cli_errors); --debug shows Python's own traceback,
+# which typer's pretty tracebacks would replace with a multi-screen panel.
 app = typer.Typer(help="DeepSynth: teach document vision-language models to follow instructions.",
-                  no_args_is_help=True, add_completion=False)
+                  no_args_is_help=True, add_completion=False, cls=ErrorReportingGroup, pretty_exceptions_enable=False)
 register_render(app)
 register_data(app)
 register_evaluate(app)
@@ -33,7 +36,11 @@ register_push(app)
 
 
 @app.callback()
-def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details.")) -> None:
+def main(ctx: typer.Context,
+         verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details."),
+         debug: bool = typer.Option(False, "--debug", help=f"Show the full traceback of a failure (also {DEBUG_ENV}=1) "
+                                                           "instead of one line.")) -> None:
+    ctx.meta[DEBUG_META] = debug
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 

@@ -34,8 +34,9 @@ def parse_options(items: list[str] | None) -> dict[str, Any]:
 
 
 def _fail(exc: Exception) -> None:
-    typer.echo(f"error: {exc}", err=True)
-    raise typer.Exit(code=1)
+    from deepsynth.cli_errors import CommandFailed, describe
+
+    raise CommandFailed(describe(exc)) from exc  # one line, the traceback under --debug
 
 
 def register(app: typer.Typer) -> None:

@@ -117,8 +117,12 @@ def build_meta_model(name: str) -> nn.Module:
     else:
         from transformers import AutoConfig
 
-        from deepsynth.models.registry import resolve
+        from pathlib import Path
 
+        from deepsynth.models.registry import backend_for_checkpoint, resolve
+
+        if Path(resolve(name)).is_dir():  # a type no backend serves: say so, not transformers' list of all types
+            backend_for_checkpoint(resolve(name))
         config = _config_or_error(AutoConfig.from_pretrained, resolve(name), name, VLM_CONFIGS)
     from transformers import AutoModelForImageTextToText
 
