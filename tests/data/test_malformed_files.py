@@ -75,7 +75,9 @@ KINDS = ["deep_line", "deep_first_line", "deep_meta", "deep_json_array", "not_ut
 
 @pytest.fixture(scope="module")
 def app() -> typer.Typer:
-    app = typer.Typer()
+    from deepsynth.cli_errors import ErrorReportingGroup
+
+    app = typer.Typer(cls=ErrorReportingGroup)  # as the `deepsynth` app: failures in one line
 
     @app.callback()
     def main() -> None:
