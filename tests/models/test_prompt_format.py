@@ -340,3 +340,20 @@ def test_a_saved_plain_bundle_round_trips(tmp_path):
     loaded = load_bundle("tiny-reader")
     save_bundle(tmp_path, loaded.model, loaded.processor, replace(loaded.spec, prompt_layout="plain"))
     assert load_bundle(str(tmp_path)).decoder().collator.prompt_builder is PLAIN_PROMPT
+
+
+# ---- the text-encoder channel: placeholders in the plain layout -------------------------------
+def test_text_encoder_placeholders_follow_the_plain_layout():
+    from deepsynth.models.text_encoder import SoftPromptModel, TextEncoderModule
+
+    base, processor = load_bundle("tiny")[:2]
+    wrapped = SoftPromptModel(base, TextEncoderModule("tiny-qwen2"))
+    batch = Collator.for_model(wrapped, processor)([{"pages": [PAGE], "instruction": "alpha?", "answer": "12"}])
+    tok = processor.tokenizer
+    k = int(batch["instruction_attention_mask"][0].sum())
+    prompt = [tok.bos_token_id] + [processor.image_token_id] * 17 + tok.encode("\n", add_special_tokens=False) \
+        + [tok.pad_token_id] * k
+    answer = tok.encode("12", add_special_tokens=False) + [tok.eos_token_id]
+    assert batch["input_ids"][0].tolist() == prompt + answer
+    assert batch["instruction_positions"][0].tolist() == [False] * (len(prompt) - k) + [True] * k + [False] * 3
+    assert batch["labels"][0].tolist() == [IGNORE_INDEX] * len(prompt) + answer
