@@ -5,7 +5,9 @@
 vLLM's native DeepSeek-OCR(-2) modules import torchvision for three image transforms of their
 processor (ToTensor, Normalize, Compose); torchvision's PyPI wheels do not import on this CPU
 machine, so this harness puts a stand-in with those three into `sys.modules` before vLLM is
-imported (after transformers, which must go on seeing no torchvision), then runs the library's vLLM side (`deepsynth.inference.reference.main`) in-process.
+imported (after transformers, which must go on seeing no torchvision), registers vLLM's two native
+classes in-process (vLLM would inspect them in a fresh subprocess without the stand-in), then runs
+the library's vLLM side (`deepsynth.inference.reference.main`) in-process.
 Only the processor's tensor conversion is replaced: what torchvision defines (HWC uint8 -> CHW
 float in [0, 1]; (x - mean) / std per channel).
 """

@@ -48,6 +48,7 @@ CASES = [  # family, crop mode, page size: crops need a page wider than one 768 
     (reference.OCR2, "none", (640, 640)),
     (reference.OCR2, "tiles", (1536, 768)),
     (reference.V1, "none", (640, 640)),
+    (reference.V1, "tiles", (1280, 640)),  # Gundam: 2 x 1 crops of 640 px
 ]
 
 
@@ -66,9 +67,22 @@ def test_hf_engine_matches_vllm_native_class(tmp_path, family, crop_mode, size):
         assert answer["tokens_identical"], answer
         assert answer["hf_tokens"] == 12 or answer["hf_answer"] is not None
         assert answer["max_abs_logprob_diff"] <= reference.LOGPROB_TOLERANCE
-    if crop_mode == "tiles":  # 256 global + 2 x 144 crop tokens + separator
-        assert report["answers"][0]["prompt_tokens"] > 256 + 2 * 144
+    if crop_mode == "tiles":  # the global view's tokens plus two crops' (OCR-2: 2 x 144, v1: 2 x 100 + newlines)
+        assert report["answers"][0]["prompt_tokens"] > 256 + 2 * 100
     assert report["agree"]
+
+
+@pytest.mark.slow
+@needs_vllm
+@pytest.mark.parametrize("family", [reference.OCR2, reference.V1])
+def test_released_vision_widths_match_vllm_native_class_as_shipped(tmp_path, family):
+    """The vision towers at the released widths (SAM ViT-B, the 896 x 24 encoder / CLIP-L), the
+    decoder tiny: vLLM's native class runs exactly as shipped (nothing built at other sizes)."""
+    model = reference.save_fixture(tmp_path / "model", family, "none", released_vision=True)
+    report = reference.check_reference(str(model), [page(640, 640, 1)], ["read"], max_new_tokens=6)
+    print(json.dumps(report, indent=1))
+    assert report["vision_sizes"] == "built-in"
+    assert report["agree"], report
 
 
 @pytest.mark.slow

@@ -111,7 +111,8 @@ def _check_v1_native(config) -> None:
     sam, clip = config.sam_config, config.clip_config
     fixed = {"SAM image_size": (sam.image_size, 1024), "SAM patch_size": (sam.patch_size, 16),
              "SAM window_size": (sam.window_size, 14), "SAM output_channels": (sam.output_channels, 256),
-             "SAM first downsample": (sam.downsample_channels[0], 512), "SAM mlp_dim": (sam.mlp_dim, 4 * sam.hidden_size),
+             "SAM first downsample": (sam.downsample_channels[0], 512),
+             "SAM mlp_dim": (sam.mlp_dim, 4 * sam.hidden_size),
              "CLIP image_size": (clip.image_size, 224), "CLIP patch_size": (clip.patch_size, 14)}
     wrong = {k: v for k, v in fixed.items() if v[0] != v[1]}
     if wrong:
@@ -373,8 +374,6 @@ def check_reference(model: str, pages: Sequence, instructions: Sequence[str], ma
     crop_mode = engine.spec.crop_mode or "none"
     config = engine.model.config.to_dict()
     family = V1 if engine.spec.backend == "deepseek-ocr-v1" else family_of(config)
-    if family == V1 and crop_mode != "none":
-        raise ReferenceError("crop mode 'tiles' of DeepSeek-OCR v1 is not in the port yet: compare crop mode none")
     pages = [fit_page(p, family, crop_mode) for p in pages]
     hf = hf_rows(engine, pages, instructions, max_new_tokens)
     tokenizer = engine.tokenizer
@@ -409,7 +408,8 @@ def check_reference(model: str, pages: Sequence, instructions: Sequence[str], ma
             "prompts_identical": sum(a["prompt_identical"] for a in answers),
             "tokens_identical": sum(a["tokens_identical"] for a in answers), "answers": answers,
             "max_abs_logprob_diff": worst, "tolerance": LOGPROB_TOLERANCE,
-            "agree": all(a["prompt_identical"] and a["tokens_identical"] for a in answers) and worst <= LOGPROB_TOLERANCE}
+            "agree": all(a["prompt_identical"] and a["tokens_identical"] for a in answers)
+            and worst <= LOGPROB_TOLERANCE}
 
 
 def _write_loaded(engine, family: str, out: Path) -> Path:
@@ -422,11 +422,13 @@ def _write_loaded(engine, family: str, out: Path) -> Path:
 
 
 # ---- fixtures: tiny models with the released architecture options ---------------------------------
-def tiny_native_ocr2(seed: int = 0, crop_mode: str = "none", moe: bool = True):
+def tiny_native_ocr2(seed: int = 0, crop_mode: str = "none", moe: bool = True, released_vision: bool = False):
     """DeepSeek-OCR-2 at toy widths with what vLLM's native class fixes kept as released: 1024 px
     global view (256 learned queries), 768 px crops (144 queries), the stock query readout, SAM's
     256 -> 512 -> C necks, window 14, MLP ratio 4, the encoder's RoPE theta 1e6; a dense then a MoE
-    decoder layer (4 routed experts top-2, one shared). Returns (model, processor, spec)."""
+    decoder layer (4 routed experts top-2, one shared). released_vision: SAM ViT-B and the 896 x 24
+    encoder at the released widths (vLLM's classes then run as shipped, nothing built at other
+    sizes), the decoder still tiny. Returns (model, processor, spec)."""
     import torch
     from transformers import DeepseekOcr2Config, DeepseekOcr2ForConditionalGeneration, DeepseekOcr2Processor
     from transformers.models.deepseek_ocr2.image_processing_pil_deepseek_ocr2 import DeepseekOcr2ImageProcessorPil
@@ -445,6 +447,11 @@ def tiny_native_ocr2(seed: int = 0, crop_mode: str = "none", moe: bool = True):
     encoder = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                    num_key_value_heads=1, vocab_size=8, max_position_embeddings=2048,
                    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+    if released_vision:
+        sam.update(hidden_size=768, mlp_dim=3072, num_hidden_layers=12, num_attention_heads=12,
+                   global_attn_indexes=[2, 5, 8, 11], downsample_channels=[512, 896])
+        encoder.update(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                       num_key_value_heads=2)
     text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=2, num_key_value_heads=2,
                 mlp_layer_types=["dense", "sparse" if moe else "dense"], n_routed_experts=4, num_experts_per_tok=2,
@@ -461,10 +468,11 @@ def tiny_native_ocr2(seed: int = 0, crop_mode: str = "none", moe: bool = True):
     return model, processor, spec
 
 
-def tiny_native_v1(seed: int = 0):
+def tiny_native_v1(seed: int = 0, released_vision: bool = False):
     """DeepSeek-OCR v1 (the port) at toy widths with what vLLM's native class fixes kept as released:
     1024 px global view, SAM's 256 -> 512 -> C necks (C = CLIP's width), window 14, MLP ratio 4, CLIP
-    at 224 px / 14 px patches (257 positions); a dense then a MoE decoder layer. (model, processor, spec)."""
+    at 224 px / 14 px patches (257 positions); a dense then a MoE decoder layer. released_vision: SAM
+    ViT-B and CLIP-L at the released widths, the decoder still tiny. (model, processor, spec)."""
     import torch
     from transformers import CLIPVisionConfig
     from transformers.models.deepseek_ocr2.configuration_deepseek_ocr2 import (
@@ -483,12 +491,16 @@ def tiny_native_v1(seed: int = 0):
 
     tok = build_char_tokenizer()
     processor = DeepseekOcrV1Processor(image_processor=v1_image_processor(1024), tokenizer=tok)
+    widths = dict(sam=(768, 12, 12, [2, 5, 8, 11]), clip=(1024, 4096, 24, 16)) if released_vision else \
+        dict(sam=(64, 2, 2, [1]), clip=(64, 128, 2, 2))
+    (sam_w, sam_l, sam_h, sam_g), (clip_w, clip_i, clip_l, clip_h) = widths["sam"], widths["clip"]
     sam = DeepseekOcr2SamVisionConfig(
-        hidden_size=64, mlp_dim=256, output_channels=256, num_hidden_layers=2, num_attention_heads=2,
-        image_size=1024, patch_size=16, window_size=14, global_attn_indexes=[1], downsample_channels=[512, 64],
+        hidden_size=sam_w, mlp_dim=4 * sam_w, output_channels=256, num_hidden_layers=sam_l, num_attention_heads=sam_h,
+        image_size=1024, patch_size=16, window_size=14, global_attn_indexes=sam_g, downsample_channels=[512, clip_w],
         initializer_range=0.02)
-    clip = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                            image_size=224, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+    clip = CLIPVisionConfig(hidden_size=clip_w, intermediate_size=clip_i, num_hidden_layers=clip_l,
+                            num_attention_heads=clip_h, image_size=224, patch_size=14, hidden_act="quick_gelu",
+                            layer_norm_eps=1e-5)
     text = DeepseekOcr2TextConfig(
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=2, mlp_layer_types=["dense", "sparse"], n_routed_experts=4, num_experts_per_tok=2,
@@ -528,22 +540,23 @@ def _spread_init(model) -> None:
             p.copy_(torch.randn(p.shape, generator=gen) * std)
 
 
-def save_fixture(directory: str | Path, family: str, crop_mode: str = "none", seed: int = 0, moe: bool = True) -> Path:
+def save_fixture(directory: str | Path, family: str, crop_mode: str = "none", seed: int = 0, moe: bool = True,
+                 released_vision: bool = False) -> Path:
     """A tiny fixture (`tiny_native_ocr2` / `tiny_native_v1`) written as a model directory: our bundle
     for DeepSeek-OCR-2, the original remote-code layout (plus deepsynth.json) for v1."""
+    import dataclasses
+
     from deepsynth.models.bundle import save_bundle, write_spec
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if family == OCR2:
-        model, processor, spec = tiny_native_ocr2(seed, crop_mode, moe=moe)
+        model, processor, spec = tiny_native_ocr2(seed, crop_mode, moe=moe, released_vision=released_vision)
         save_bundle(directory, model, processor, spec)
     elif family == V1:
-        if crop_mode != "none":
-            raise ReferenceError("crop mode 'tiles' of DeepSeek-OCR v1 is not in the port yet")
-        model, processor, spec = tiny_native_v1(seed)
+        model, processor, spec = tiny_native_v1(seed, released_vision=released_vision)
         write_v1_native(model, processor, directory)
-        write_spec(directory, spec)
+        write_spec(directory, dataclasses.replace(spec, crop_mode=crop_mode))  # "tiles": Gundam, 640 px crops
     else:
         raise ReferenceError(f"family {family!r}: choose {V1!r} or {OCR2!r}")
     return directory
@@ -598,13 +611,14 @@ def check_reference_command(
     """Compare our HF engine with vLLM's native DeepSeek-OCR / DeepSeek-OCR-2 class (float32, greedy):
     prompt ids, tokens, max |log-probability difference|, first differing token; exit 1 when they differ."""
     from deepsynth.inference.parity import DEFAULT_EXAMPLES
+    from deepsynth.models.vllm_export import ExportError
 
     items = _read_items(examples) if examples else [("text", t, i) for t, i in DEFAULT_EXAMPLES]
     try:
         pages = _pages_for(model, items)
         report = check_reference(model, pages, [i for _, _, i in items], max_new_tokens=max_new_tokens,
                                  python=vllm_python_path)
-    except (FileNotFoundError, ReferenceError) as exc:
+    except (FileNotFoundError, ReferenceError, ExportError) as exc:
         raise typer.BadParameter(str(exc)) from None
     except RuntimeError as exc:
         typer.echo(str(exc), err=True)

@@ -102,7 +102,8 @@ def native_config(config: dict, vision_sizes: str = "native") -> dict:
     vision_out = {"image_size": 1024, "patch_size": 16, "mlp_ratio": 4, "model_name": "deepencoderv2"}
     if vision_sizes == "checkpoint":
         vision_out["width"] = {
-            "sam_vit_b": {"width": sam_hidden, "layers": found["sam_layers"], "heads": sam.get("num_attention_heads", 12),
+            "sam_vit_b": {"width": sam_hidden, "layers": found["sam_layers"],
+                          "heads": sam.get("num_attention_heads", 12),
                           "global_attn_indexes": list(sam.get("global_attn_indexes", [2, 5, 8, 11])),
                           "downsample_channels": list(sam.get("downsample_channels", [512, 896]))},
             "qwen2-0-5b": {"dim": found["encoder_hidden_size"], "layers": found["encoder_layers"],
