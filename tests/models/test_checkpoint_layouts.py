@@ -370,3 +370,37 @@ def test_official_ocr2_with_weights_of_another_size_is_refused(layouts, tmp_path
     (directory / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="do not match DeepSeek-OCR-2"):
         load_bundle(str(directory))
+
+
+def test_published_ocr2_config_fields_give_the_released_architecture():
+    """deepseek-ai/DeepSeek-OCR-2's config.json fields (no tiny extras) translate to the released
+    model: the same sizes as `real_config()` (the converted checkpoint's config), parameter for
+    parameter, and the tensor names the official code would save are exactly what the loader maps."""
+    lang = {"bos_token_id": 0, "eos_token_id": 1, "first_k_dense_replace": 1, "hidden_size": 1280,
+            "intermediate_size": 6848, "kv_lora_rank": None, "lm_head": True, "max_position_embeddings": 8192,
+            "moe_intermediate_size": 896, "n_group": 1, "n_routed_experts": 64, "n_shared_experts": 2,
+            "num_attention_heads": 10, "num_experts_per_tok": 6, "num_hidden_layers": 12, "num_key_value_heads": 10,
+            "q_lora_rank": None, "qk_nope_head_dim": 0, "qk_rope_head_dim": 0, "rm_head": False, "topk_group": 1,
+            "topk_method": "greedy", "use_mla": False, "v_head_dim": 0, "vocab_size": 129280}
+    published = {
+        "architectures": ["DeepseekOCR2ForCausalLM"], "model_type": "deepseek_vl_v2", "language_config": lang,
+        "projector_config": {"input_dim": 896, "model_type": "mlp_projector", "n_embed": 1280, "projector_type": "linear"},
+        "vision_config": {"image_size": 1024, "mlp_ratio": 3.7362, "model_name": "deepencoderv2", "model_type": "vision",
+                          "width": {"sam_vit_b": {"downsample_channels": [512, 1024], "global_attn_indexes": [2, 5, 8, 11],
+                                                  "heads": 12, "layers": 12, "width": 768},
+                                    "qwen2-0-5b": {"dim": 896}}},
+        "candidate_resolutions": [[1024, 1024]], "global_view_pos": "head", "tile_tag": "2D",
+    }
+    config = ocr2.config_from_official(published, image_token_id=128815)
+    real = ocr2.real_config()
+    with torch.device("meta"):
+        ours = DeepseekOcr2ForConditionalGeneration(config)
+        released = DeepseekOcr2ForConditionalGeneration(real)
+    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == \
+        {k: tuple(v.shape) for k, v in released.state_dict().items()}
+    assert config.vision_config.encoder_config.rope_parameters["rope_theta"] == 1000000.0
+    names = official_ocr2_state_dict(ours)
+    assert all(n.startswith(("model.sam_model.", "model.qwen2_model.", "model.projector.layers.", "model.layers.",
+                             "model.embed_tokens.", "model.norm.", "lm_head.")) or n == "model.view_seperator"
+               for n in names)
+    assert "model.layers.1.mlp.experts.63.down_proj.weight" in names and "model.qwen2_model.query_1024.weight" in names
