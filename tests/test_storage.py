@@ -221,3 +221,34 @@ def test_prepare_validate_train_evaluate_predict_round_trip_through_s3(s3, recor
     assert predicted == [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
     assert len(predicted) == 5
     assert not (tmp_path / "s3:").exists()
+
+
+@pytest.mark.slow
+def test_prepare_on_a_multi_node_ray_cluster_reads_and_writes_s3(s3, records, tmp_path):
+    """Several raylets on this machine (ray.cluster_utils.Cluster: a head without CPUs, two 1-CPU
+    worker nodes, so every task runs on a worker node): source and output in the bucket, the same
+    bytes as the local engine. Spreading over the nodes and losing a node mid-job are not checked here."""
+    pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    from deepsynth.cluster import RaySettings
+
+    s3.put_file(str(records), f"{BUCKET}/cluster/records.jsonl")
+    store = 100 * 1024 * 1024
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": 0, "object_store_memory": store, "include_dashboard": False})
+    try:
+        for _ in range(2):
+            cluster.add_node(num_cpus=1, object_store_memory=store)
+        cluster.wait_for_nodes()
+        result = P.prepare(f"s3://{BUCKET}/cluster/records.jsonl", f"s3://{BUCKET}/cluster/out", render=True,
+                           preset="tiny", shard_size=2, progress=False, engine="ray",
+                           ray_settings=RaySettings(address=cluster.address))
+    finally:
+        cluster.shutdown()
+    assert (result.examples, result.shards) == (5, 3)
+    P.prepare(str(records), tmp_path / "local", render=True, preset="tiny", shard_size=2, progress=False)
+    manifest = json.loads(s3.cat_file(f"{BUCKET}/cluster/out/manifest.json"))
+    assert manifest["complete"]
+    for s in manifest["shards"]:
+        assert s3.cat_file(f"{BUCKET}/cluster/out/{s['file']}") == (tmp_path / "local" / s["file"]).read_bytes()
