@@ -384,11 +384,13 @@ def test_published_ocr2_config_fields_give_the_released_architecture():
             "topk_method": "greedy", "use_mla": False, "v_head_dim": 0, "vocab_size": 129280}
     published = {
         "architectures": ["DeepseekOCR2ForCausalLM"], "model_type": "deepseek_vl_v2", "language_config": lang,
-        "projector_config": {"input_dim": 896, "model_type": "mlp_projector", "n_embed": 1280, "projector_type": "linear"},
-        "vision_config": {"image_size": 1024, "mlp_ratio": 3.7362, "model_name": "deepencoderv2", "model_type": "vision",
-                          "width": {"sam_vit_b": {"downsample_channels": [512, 1024], "global_attn_indexes": [2, 5, 8, 11],
-                                                  "heads": 12, "layers": 12, "width": 768},
-                                    "qwen2-0-5b": {"dim": 896}}},
+        "projector_config": {"input_dim": 896, "model_type": "mlp_projector", "n_embed": 1280,
+                             "projector_type": "linear"},
+        "vision_config": {
+            "image_size": 1024, "mlp_ratio": 3.7362, "model_name": "deepencoderv2", "model_type": "vision",
+            "width": {"sam_vit_b": {"downsample_channels": [512, 1024], "global_attn_indexes": [2, 5, 8, 11],
+                                    "heads": 12, "layers": 12, "width": 768},
+                      "qwen2-0-5b": {"dim": 896}}},
         "candidate_resolutions": [[1024, 1024]], "global_view_pos": "head", "tile_tag": "2D",
     }
     config = ocr2.config_from_official(published, image_token_id=128815)
