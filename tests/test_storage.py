@@ -223,31 +223,82 @@ def test_prepare_validate_train_evaluate_predict_round_trip_through_s3(s3, recor
     assert not (tmp_path / "s3:").exists()
 
 
+def _render_noting_nodes(batch, *, config, notes, hold_s):
+    """The real renderer; each call first leaves a file named after the Ray node it runs on, then
+    waits ``hold_s`` so that a node can be removed while the call is in progress."""
+    import time
+    import uuid
+
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    (Path(notes) / f"{node}-{uuid.uuid4().hex}").write_text(str(len(batch["text"])))
+    time.sleep(hold_s)
+    return P._render_batch(batch, config=config)  # in the worker: the module's own, not the test's patch
+
+
 @pytest.mark.slow
-def test_prepare_on_a_multi_node_ray_cluster_reads_and_writes_s3(s3, records, tmp_path):
-    """Several raylets on this machine (ray.cluster_utils.Cluster: a head without CPUs, two 1-CPU
-    worker nodes, so every task runs on a worker node): source and output in the bucket, the same
-    bytes as the local engine. Spreading over the nodes and losing a node mid-job are not checked here."""
-    pytest.importorskip("ray")
+def test_prepare_on_a_multi_node_ray_cluster_spreads_reads_and_writes_s3_and_survives_a_lost_node(
+        s3, tmp_path, monkeypatch):
+    """Several raylets on this machine (ray.cluster_utils.Cluster: a head without CPUs and two 1-CPU
+    worker nodes, so every task runs on a worker node); the source and the output are in the bucket.
+    The render tasks run on both worker nodes; one worker node is removed while a task of its is in
+    progress; the shards are byte for byte the local engine's."""
+    import functools
+    import sys
+    import threading
+
+    ray = pytest.importorskip("ray")
     from ray.cluster_utils import Cluster
 
     from deepsynth.cluster import RaySettings
 
-    s3.put_file(str(records), f"{BUCKET}/cluster/records.jsonl")
+    examples = generate(SyntheticConfig(layout="form"), n_docs=48, kinds=("question",))
+    source = tmp_path / "records.jsonl"
+    source.write_text("".join(json.dumps(ex.to_dict()) + "\n" for ex in examples), encoding="utf-8")
+    s3.put_file(str(source), f"{BUCKET}/cluster/records.jsonl")
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    real = P._render_batch
+    wrapped = functools.partial(_render_noting_nodes, notes=str(notes), hold_s=4.0)
+    monkeypatch.setattr(P, "_render_batch", wrapped)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
     store = 100 * 1024 * 1024
     cluster = Cluster(initialize_head=True,
                       head_node_args={"num_cpus": 0, "object_store_memory": store, "include_dashboard": False})
+    removed: dict = {}
     try:
-        for _ in range(2):
-            cluster.add_node(num_cpus=1, object_store_memory=store)
+        workers = [cluster.add_node(num_cpus=1, object_store_memory=store) for _ in range(2)]
         cluster.wait_for_nodes()
+        victim = workers[0]
+
+        def remove_when_busy():
+            # the first render call on the victim node: remove that node while the call is held
+            for _ in range(1200):
+                if any(f.name.startswith(victim.node_id) for f in notes.iterdir()):
+                    cluster.remove_node(victim, allow_graceful=False)
+                    removed["node"] = victim.node_id
+                    return
+                threading.Event().wait(0.1)
+
+        remover = threading.Thread(target=remove_when_busy, daemon=True)
+        remover.start()
         result = P.prepare(f"s3://{BUCKET}/cluster/records.jsonl", f"s3://{BUCKET}/cluster/out", render=True,
-                           preset="tiny", shard_size=2, progress=False, engine="ray",
+                           preset="tiny", shard_size=20, progress=False, engine="ray",
                            ray_settings=RaySettings(address=cluster.address))
+        remover.join(5)
+        worker_ids = {w.node_id for w in workers}
     finally:
         cluster.shutdown()
-    assert (result.examples, result.shards) == (5, 3)
-    P.prepare(str(records), tmp_path / "local", render=True, preset="tiny", shard_size=2, progress=False)
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    assert removed.get("node") == victim.node_id, "the victim node never ran a render task"
+    used = {f.name.rsplit("-", 1)[0] for f in notes.iterdir()}
+    assert used == worker_ids  # both worker nodes rendered; the head (no CPUs) did not
+    assert (result.examples, result.shards) == (48, 3)
+
+    monkeypatch.setattr(P, "_render_batch", real)
+    P.prepare(str(source), tmp_path / "local", render=True, preset="tiny", shard_size=20, progress=False)
     manifest = json.loads(s3.cat_file(f"{BUCKET}/cluster/out/manifest.json"))
     assert manifest["complete"]
     for s in manifest["shards"]:
