@@ -157,6 +157,21 @@ def test_an_interrupted_prepare_resumes_from_the_bucket(s3, records, tmp_path, m
     assert json.loads(s3.cat_file(f"{BUCKET}/resume/manifest.json"))["complete"]
 
 
+def test_concurrent_copies_of_one_uri_share_one_whole_copy(s3):
+    from concurrent.futures import ThreadPoolExecutor
+
+    for i in range(6):
+        s3.pipe_file(f"{BUCKET}/shared/part-{i}.txt", f"part {i}\n".encode() * 2000)
+    with ThreadPoolExecutor(4) as pool:
+        copies = list(pool.map(lambda _: storage.local_input(f"s3://{BUCKET}/shared"), range(4)))
+    assert len(set(copies)) == 1
+    assert sorted(f.name for f in copies[0].iterdir()) == [f"part-{i}.txt" for i in range(6)]
+    assert all((copies[0] / f"part-{i}.txt").read_text() == f"part {i}\n" * 2000 for i in range(6))
+    assert not [f for f in copies[0].parent.parent.iterdir() if f.name.endswith(".tmp")]  # no temporaries left
+    s3.pipe_file(f"{BUCKET}/shared/part-0.txt", b"changed")
+    assert (storage.local_input(f"s3://{BUCKET}/shared") / "part-0.txt").read_text() == "changed"
+
+
 def test_overwrite_removes_the_earlier_runs_objects_from_the_bucket(s3, records):
     uri = f"s3://{BUCKET}/overwrite"
     P.prepare(str(records), uri, shard_size=2, progress=False)

@@ -5,8 +5,8 @@ Every command reads and writes local files (Parquet shards, checkpoints, JSON re
 is the one place that moves them to and from object storage:
 
 * inputs: :func:`local_input` copies a remote file or folder into a local cache
-  (``$DEEPSYNTH_CACHE`` or ``~/.cache/deepsynth/remote/<hash of the URI>``) and returns the copy;
-  a second call with the same remote listing (names, sizes, ETags) reuses it;
+  (``$DEEPSYNTH_CACHE`` or ``~/.cache/deepsynth``, then ``remote/inputs/<URI hash>/<listing hash>``)
+  and returns the copy; a call with the same remote listing (names, sizes, ETags) reuses it;
 * outputs: :func:`staged_output` (a file or a folder written whole) hands the writer a local path
   and uploads it when the writer finished without error; :class:`RemoteMirror` uploads single files
   of a folder as they are finished (`deepsynth prepare`: each shard and its marker as it is written,
@@ -33,7 +33,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from deepsynth.atomic import write_text_atomic
+from deepsynth.atomic import TMP_MARK, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +42,6 @@ __all__ = ["StorageError", "is_uri", "check_uri", "filesystem", "local_input", "
 
 # RFC 3986 scheme followed by "://"; Windows drive letters ("C:\\") and hub ids never match.
 _URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
-# Written beside a cached copy: the remote listing it was copied from (reused while unchanged).
-_LISTING = ".deepsynth-remote.json"
 
 
 class StorageError(ValueError):
@@ -161,7 +159,11 @@ def _listing(fs, path: str) -> dict[str, dict]:
 
 def local_input(path: str | os.PathLike, *, what: str = "input") -> Path:
     """A local path holding what ``path`` names: the path itself when local; for a URI, a cached
-    copy of the remote file or folder (copied again only when the remote listing changed)."""
+    copy of the remote file or folder (copied again only when the remote listing changed).
+
+    Each version of the remote listing gets its own folder, filled under a temporary name and
+    renamed into place, so processes copying the same URI at once (Ray replicas on one node) never
+    see a half-written copy: the first rename wins and the others use its copy."""
     if not is_uri(path):
         return _local(path)
     uri = str(path)
@@ -169,26 +171,33 @@ def local_input(path: str | os.PathLike, *, what: str = "input") -> Path:
     listing = _listing(fs, p)
     if not listing:
         raise FileNotFoundError(f"{uri}: no such {what} (nothing stored under it)")
+    version = hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()[:16]
     slot = _slot(uri, "inputs")
     is_file = set(listing) == {""}
-    target = slot / (uri.rstrip("/").rsplit("/", 1)[-1] or "data") if is_file else slot / "data"
-    stamp = slot / _LISTING
-    with contextlib.suppress(OSError, json.JSONDecodeError):
-        if json.loads(stamp.read_text(encoding="utf-8")) == listing and target.exists():
-            logger.info("%s: using the cached copy in %s", uri, target)
-            return target
-    shutil.rmtree(slot, ignore_errors=True)
+    name = (uri.rstrip("/").rsplit("/", 1)[-1] or "data") if is_file else "data"
+    done = slot / version
+    if (done / name).exists():
+        logger.info("%s: using the cached copy in %s", uri, done / name)
+        return done / name
     slot.mkdir(parents=True, exist_ok=True)
-    logger.info("%s: copying %d object(s) to %s", uri, len(listing), target)
-    if is_file:
-        fs.get_file(p, str(target))
-    else:
-        for rel in sorted(listing):
-            dest = target / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            fs.get_file(f"{p.rstrip('/')}/{rel}", str(dest))
-    write_text_atomic(stamp, json.dumps(listing, sort_keys=True))
-    return target
+    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", suffix=TMP_MARK, dir=slot))
+    try:
+        logger.info("%s: copying %d object(s) to %s", uri, len(listing), done / name)
+        if is_file:
+            fs.get_file(p, str(tmp / name))
+        else:
+            for rel in sorted(listing):
+                dest = tmp / name / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                fs.get_file(f"{p.rstrip('/')}/{rel}", str(dest))
+        try:
+            tmp.rename(done)
+        except OSError:
+            if not (done / name).exists():  # not a concurrent copy that won the rename
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return done / name
 
 
 def upload_file(local: str | os.PathLike, uri: str) -> None:
