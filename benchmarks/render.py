@@ -46,6 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from deepsynth.render import RenderConfig, join_pages, reflow_text, render_text  # noqa: E402
 from deepsynth.render import renderer as ours_module  # noqa: E402
+from deepsynth.render import fonts as ours_fonts  # noqa: E402
+from deepsynth.render import wrap as ours_wrap  # noqa: E402
 from deepsynth.render.renderer import FONT_DIR, load_font, resolve_font_path  # noqa: E402
 
 logger = logging.getLogger("benchmarks.render")
@@ -163,11 +165,14 @@ def load_previous():
 def clear_caches(*modules) -> None:
     """Empty the width and bitmap caches (fonts stay loaded: both renderers share that cost)."""
     for module in modules:
-        for name in ("_cached_token_width", "_kern"):
+        for name in ("_cached_token_width", "_kern"):  # the previous renderer's, in its one module
             if hasattr(module, name):
                 getattr(module, name).cache_clear()
         if hasattr(module, "clear_word_cache"):
             module.clear_word_cache()
+        if module is ours_module:  # ours keeps its width caches in the wrap and fonts modules
+            ours_wrap.clear_width_cache()
+            ours_fonts.kern.cache_clear()
 
 
 def digest(pages) -> str:

@@ -10,13 +10,14 @@ import pytest
 from deepsynth.data import pipeline as P
 from deepsynth.render import RenderConfig
 from deepsynth.render import renderer as R
+from deepsynth.render import wrap as W
 
 
 @pytest.fixture()
 def measured(monkeypatch):
     seen: list[str] = []
-    original = R._measure
-    monkeypatch.setattr(R, "_measure", lambda text, style: seen.append(text) or original(text, style))
+    original = W.measure
+    monkeypatch.setattr(W, "measure", lambda text, style: seen.append(text) or original(text, style))
     return seen
 
 
@@ -24,8 +25,8 @@ def measured(monkeypatch):
 def placed(monkeypatch):
     """Lines the layout placed on pages (it takes each placed line's metrics once)."""
     lines: list[str] = []
-    original = R._metrics
-    monkeypatch.setattr(R, "_metrics", lambda text, style: lines.append(text) or original(text, style))
+    original = R.line_metrics
+    monkeypatch.setattr(R, "line_metrics", lambda text, style: lines.append(text) or original(text, style))
     return lines
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from deepsynth.render import RenderConfig, render_text
 from deepsynth.render import renderer as R
+from deepsynth.render import wrap as W
 from deepsynth.render.renderer import layout
 
 
@@ -20,13 +21,13 @@ from deepsynth.render.renderer import layout
 def measured(monkeypatch):
     """Every string the renderer measures (the expensive step of wrapping)."""
     seen: list[str] = []
-    original = R._measure
+    original = W.measure
 
     def spy(text, style):
         seen.append(text)
         return original(text, style)
 
-    monkeypatch.setattr(R, "_measure", spy)
+    monkeypatch.setattr(W, "measure", spy)
     return seen
 
 
@@ -34,13 +35,13 @@ def measured(monkeypatch):
 def placed(monkeypatch):
     """Texts of the lines the layout placed on pages (it takes each line's metrics once)."""
     lines: list[str] = []
-    original = R._metrics
+    original = R.line_metrics
 
     def spy(text, style):
         lines.append(text)
         return original(text, style)
 
-    monkeypatch.setattr(R, "_metrics", spy)
+    monkeypatch.setattr(R, "line_metrics", spy)
     return lines
 
 

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image, ImageChops, ImageDraw, ImageFont
 
 from deepsynth.render import PRESETS, Page, RenderConfig, join_pages, render_stats, render_text
+from deepsynth.render import fonts as F
 from deepsynth.render import renderer as R
 
 WORDS = [f"w{i:04d}" for i in range(3000)]
@@ -304,7 +305,7 @@ def test_cmap_agrees_with_fonttools():
 
 
 def test_missing_characters_are_warned(monkeypatch, caplog):
-    monkeypatch.setattr(R, "fallback_font_paths", lambda: ())
+    monkeypatch.setattr(F, "fallback_font_paths", lambda: ())
     with caplog.at_level(logging.WARNING, logger="deepsynth.render"):
         pages = render_text("Hello 中文 world")
     assert pages[0].text == "Hello 中文 world"  # kept in the text, drawn as boxes
@@ -316,18 +317,18 @@ def test_fallback_font_draws_missing_characters(monkeypatch, caplog):
     mono = str(R.FONT_DIR / "DejaVuSansMono.ttf")
     assert ord(char) not in R.font_codepoints(mono)
     config = RenderConfig(font="DejaVuSansMono", page_width=200, page_height=100)
-    monkeypatch.setattr(R, "fallback_font_paths", lambda: ())
+    monkeypatch.setattr(F, "fallback_font_paths", lambda: ())
     with caplog.at_level(logging.WARNING, logger="deepsynth.render"):
         boxed = render_text(f"a{char}b", config)[0].image
     assert any("U+01C4" in r.getMessage() for r in caplog.records)
     caplog.clear()
-    monkeypatch.setattr(R, "fallback_font_paths", lambda: (str(R.FONT_DIR / "DejaVuSans.ttf"),))
+    monkeypatch.setattr(F, "fallback_font_paths", lambda: (str(R.FONT_DIR / "DejaVuSans.ttf"),))
     with caplog.at_level(logging.WARNING, logger="deepsynth.render"):
         drawn = render_text(f"a{char}b", config)[0].image
     assert not caplog.records
     assert boxed.tobytes() != drawn.tobytes()
-    style = R._Style(mono, 20)
-    assert [p for _, p in R._runs(f"a{char}b", style)] == [mono, str(R.FONT_DIR / "DejaVuSans.ttf"), mono]
+    style = F.Style(mono, 20)
+    assert [p for _, p in F.runs(f"a{char}b", style)] == [mono, str(R.FONT_DIR / "DejaVuSans.ttf"), mono]
 
 
 def test_final_newlines_are_not_blank_lines_but_leading_ones_are():

@@ -144,8 +144,8 @@ def test_a_one_pixel_wide_page_batched_with_good_ones_fails_alone_with_a_4xx(eng
 
 def test_a_sixteen_thousand_character_word_is_refused_at_the_page_limit(make_client, monkeypatch, asked):
     lines: list[str] = []
-    original = R._metrics
-    monkeypatch.setattr(R, "_metrics", lambda text, style: lines.append(text) or original(text, style))
+    original = R.line_metrics
+    monkeypatch.setattr(R, "line_metrics", lambda text, style: lines.append(text) or original(text, style))
     client = make_client(max_text_chars=20_000)
     r = client.post("/api/inference/instruct", json={"text": "w" * 16_000, "instruction": "Q"})
     assert r.status_code == 422, r.text

@@ -22,17 +22,9 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator
 
-from .renderer import (
-    MONO_FONT,
-    RenderConfig,
-    _Line,
-    _Style,
-    load_font,
-    resolve_font_path,
-    _measure,
-    normalize_spaces,
-    iter_wrap,
-)
+from .config import RenderConfig
+from .fonts import MONO_FONT, Style, load_font, measure, resolve_font_path
+from .wrap import Line, iter_wrap, normalize_spaces
 
 HEADING_SCALE = {1: 1.6, 2: 1.35, 3: 1.15}
 BULLET = "\u2022"
@@ -81,24 +73,24 @@ def _fitting_size(font_path: str, size: int, config: RenderConfig) -> int:
     return size
 
 
-def layout_markdown(text: str, config: RenderConfig) -> list[_Line]:
+def layout_markdown(text: str, config: RenderConfig) -> list[Line]:
     """Turn Markdown source into wrapped lines (see the module docstring for what is supported)."""
     return list(iter_markdown_lines(text, config))
 
 
-def _advanced(lines: Iterable[_Line], advance: int) -> Iterator[_Line]:
+def _advanced(lines: Iterable[Line], advance: int) -> Iterator[Line]:
     for line in lines:
         line.advance = advance
         yield line
 
 
-def iter_markdown_lines(text: str, config: RenderConfig) -> Iterator[_Line]:
+def iter_markdown_lines(text: str, config: RenderConfig) -> Iterator[Line]:
     """``layout_markdown`` one line at a time, so the page limit can stop it early."""
     body_path = str(resolve_font_path(config.font, config.bold))
     bold_path = str(resolve_font_path(config.font, True))
     mono_path = str(resolve_font_path(MONO_FONT, config.bold))
-    body = _Style(body_path, config.font_size)
-    code = _Style(mono_path, config.font_size)
+    body = Style(body_path, config.font_size)
+    code = Style(mono_path, config.font_size)
     width = config.content_width
     max_indent = width // 2
     step = round(config.font_size * 1.5)
@@ -123,7 +115,7 @@ def iter_markdown_lines(text: str, config: RenderConfig) -> Iterator[_Line]:
             level = len(m.group(1))
             content = strip_inline(_CLOSING_HASHES.sub("", m.group(2)).strip())
             size = _fitting_size(bold_path, round(config.font_size * HEADING_SCALE.get(level, 1.0)), config)
-            yield from _advanced(iter_wrap(content, _Style(bold_path, size), width),
+            yield from _advanced(iter_wrap(content, Style(bold_path, size), width),
                                  round(size * config.line_spacing))
             continue
         m = _LIST.match(src)
@@ -133,7 +125,7 @@ def iter_markdown_lines(text: str, config: RenderConfig) -> Iterator[_Line]:
             indent = min(depth * step, max_indent)
             drawn_marker = BULLET if marker in "-*+" else marker
             prefix = f"{drawn_marker} "
-            hang = min(indent + round(_measure(prefix, body)), max_indent)
+            hang = min(indent + round(measure(prefix, body)), max_indent)
             yield from _advanced(iter_wrap(prefix + strip_inline(content), body, width, indent, hang), lh)
             continue
         m = _QUOTE.match(src)
