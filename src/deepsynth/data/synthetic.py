@@ -298,6 +298,59 @@ def _date_str(day: _dt.date) -> str:
     return f"{_MONTHS[day.month - 1]} {day.day}, {day.year}"
 
 
+def _check_passage_args(n_docs: int, facts_per_doc: int, questions_per_doc: int) -> None:
+    if not isinstance(n_docs, int) or n_docs < 0:
+        raise ValueError(f"n_docs={n_docs!r} must be an int >= 0")
+    if not isinstance(facts_per_doc, int) or not 1 <= facts_per_doc <= len(_CITIES):
+        raise ValueError(
+            f"facts_per_doc={facts_per_doc!r} must satisfy 1 <= facts_per_doc <= {len(_CITIES)}"
+        )
+    max_q = facts_per_doc * len(QTYPES)
+    if not isinstance(questions_per_doc, int) or not 1 <= questions_per_doc <= max_q:
+        raise ValueError(
+            f"questions_per_doc={questions_per_doc!r} must satisfy 1 <= questions_per_doc <= "
+            f"{max_q} (facts_per_doc * {len(QTYPES)})"
+        )
+
+
+_EPOCH = _dt.date(1990, 1, 1)
+
+
+def _passage_facts(rng: random.Random, names: list[str], facts_per_doc: int) -> list[dict[str, str]]:
+    """The facts of one passage: distinct names, cities, dates and amounts (draws from ``rng`` in
+    a fixed order, so a seed gives the same passages)."""
+    facts = []
+    for name, city, day, amount in zip(
+        rng.sample(names, facts_per_doc),
+        rng.sample(_CITIES, facts_per_doc),
+        rng.sample(range(365 * 35), facts_per_doc),
+        rng.sample(range(2, 1000), facts_per_doc),
+    ):
+        past, base = rng.choice(_VERBS)
+        facts.append(
+            {
+                "name": name,
+                "city": city,
+                "date": _date_str(_EPOCH + _dt.timedelta(days=day)),
+                "amount": f"${amount * 25:,}",
+                "verb": past,
+                "verb_base": base,
+            }
+        )
+    return facts
+
+
+def _passage_question(f: dict[str, str], qtype: str) -> tuple[str, str]:
+    """(question, answer) of type ``qtype`` about fact ``f``."""
+    if qtype == "who":
+        return f"Who {f['verb']} {f['amount']} in {f['city']}?", f["name"]
+    if qtype == "when":
+        return f"When did {f['name']} {f['verb_base']} {f['amount']}?", f["date"]
+    if qtype == "how much":
+        return f"How much did {f['name']} {f['verb_base']} in {f['city']}?", f["amount"]
+    return f"Where did {f['name']} {f['verb_base']} {f['amount']}?", f["city"]
+
+
 def generate_passages(
     n_docs: int,
     seed: int = 0,
@@ -313,41 +366,12 @@ def generate_passages(
     answer. Held-out splits use a disjoint set of names.
     """
     _check_split(split)
-    if not isinstance(n_docs, int) or n_docs < 0:
-        raise ValueError(f"n_docs={n_docs!r} must be an int >= 0")
-    if not isinstance(facts_per_doc, int) or not 1 <= facts_per_doc <= len(_CITIES):
-        raise ValueError(
-            f"facts_per_doc={facts_per_doc!r} must satisfy 1 <= facts_per_doc <= {len(_CITIES)}"
-        )
-    max_q = facts_per_doc * len(QTYPES)
-    if not isinstance(questions_per_doc, int) or not 1 <= questions_per_doc <= max_q:
-        raise ValueError(
-            f"questions_per_doc={questions_per_doc!r} must satisfy 1 <= questions_per_doc <= "
-            f"{max_q} (facts_per_doc * {len(QTYPES)})"
-        )
+    _check_passage_args(n_docs, facts_per_doc, questions_per_doc)
     names = _passage_names(seed, split)
     rng = random.Random(f"deepsynth.passages:{seed}:{split}:{seed_offset}")
-    epoch = _dt.date(1990, 1, 1)
     out: list[InstructionExample] = []
     for doc in range(n_docs):
-        facts = []
-        for name, city, day, amount in zip(
-            rng.sample(names, facts_per_doc),
-            rng.sample(_CITIES, facts_per_doc),
-            rng.sample(range(365 * 35), facts_per_doc),
-            rng.sample(range(2, 1000), facts_per_doc),
-        ):
-            past, base = rng.choice(_VERBS)
-            facts.append(
-                {
-                    "name": name,
-                    "city": city,
-                    "date": _date_str(epoch + _dt.timedelta(days=day)),
-                    "amount": f"${amount * 25:,}",
-                    "verb": past,
-                    "verb_base": base,
-                }
-            )
+        facts = _passage_facts(rng, names, facts_per_doc)
         sentences = [
             f"On {f['date']}, {f['name']} {f['verb']} {f['amount']} in {f['city']}." for f in facts
         ]
@@ -355,18 +379,7 @@ def generate_passages(
         text = " ".join(sentences)
         pairs = [(i, q) for i in range(facts_per_doc) for q in QTYPES]
         for j, (i, qtype) in enumerate(rng.sample(pairs, questions_per_doc)):
-            f = facts[i]
-            if qtype == "who":
-                question, answer = f"Who {f['verb']} {f['amount']} in {f['city']}?", f["name"]
-            elif qtype == "when":
-                question = f"When did {f['name']} {f['verb_base']} {f['amount']}?"
-                answer = f["date"]
-            elif qtype == "how much":
-                question = f"How much did {f['name']} {f['verb_base']} in {f['city']}?"
-                answer = f["amount"]
-            else:
-                question = f"Where did {f['name']} {f['verb_base']} {f['amount']}?"
-                answer = f["city"]
+            question, answer = _passage_question(facts[i], qtype)
             out.append(
                 InstructionExample(
                     id=f"passage-{split}-{doc:06d}-q{j}",
