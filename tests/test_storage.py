@@ -318,3 +318,79 @@ def test_prepare_on_a_multi_node_ray_cluster_spreads_reads_and_writes_s3_and_sur
     assert manifest["complete"]
     for s in manifest["shards"]:
         assert s3.cat_file(f"{BUCKET}/cluster/out/{s['file']}") == (tmp_path / "local" / s["file"]).read_bytes()
+
+
+def _replica_node(nodes):
+    """The first of ``nodes`` (ray.cluster_utils nodes) whose raylet runs a model replica (a Ray Data
+    actor over `_Replica`), found through the process tree; None while there is none."""
+    import psutil
+    from ray._private import ray_constants
+
+    for node in nodes:
+        raylet = psutil.Process(node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid)
+        for child in raylet.children(recursive=True):
+            try:
+                if "_Replica" in " ".join(child.cmdline()):
+                    return node
+            except psutil.Error:
+                continue
+    return None
+
+
+@pytest.mark.slow
+def test_predict_on_a_multi_node_ray_cluster_from_s3_survives_a_lost_node(s3, tmp_path):
+    """`predict --engine ray` with the model, the data and the output in the bucket, two replicas on a
+    cluster of several raylets (a head without CPUs, three 1-CPU worker nodes: the two replicas are on
+    two different nodes by construction). A node is removed 3 s after a replica process appears on it (while that
+    replica loads the model or answers; which of the two is not observed): Ray restarts the replica
+    on the spare node and runs its batches there; the predictions equal the local engine's."""
+    import threading
+
+    pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    from deepsynth.cluster import RaySettings
+    from deepsynth.evaluation.predict import predict
+    from deepsynth.evaluation.ray_inference import ReplicaSettings
+    from deepsynth.models.registry import resolve
+
+    examples = generate(SyntheticConfig(layout="form"), n_docs=16, kinds=("question",))
+    source = tmp_path / "records.jsonl"
+    source.write_text("".join(json.dumps(ex.to_dict()) + "\n" for ex in examples), encoding="utf-8")
+    s3.put_file(str(source), f"{BUCKET}/infer/records.jsonl")
+    model_dir = Path(resolve(MODEL))
+    for f in model_dir.rglob("*"):
+        if f.is_file():
+            s3.put_file(str(f), f"{BUCKET}/infer/model/{f.relative_to(model_dir).as_posix()}")
+    local = predict(str(source), MODEL, batch_size=2)
+
+    store = 100 * 1024 * 1024
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": 0, "object_store_memory": store, "include_dashboard": False})
+    events: dict = {}
+    try:
+        workers = [cluster.add_node(num_cpus=1, object_store_memory=store) for _ in range(3)]
+        cluster.wait_for_nodes()
+
+        def remove_a_replica_node():
+            for _ in range(3000):
+                node = _replica_node(workers)
+                if node is not None:
+                    threading.Event().wait(3.0)  # the replica loads the model and starts answering
+                    cluster.remove_node(node, allow_graceful=False)
+                    events["removed"] = node.node_id
+                    return
+                threading.Event().wait(0.1)
+
+        mover = threading.Thread(target=remove_a_replica_node, daemon=True)
+        mover.start()
+        records = predict(f"s3://{BUCKET}/infer/records.jsonl", f"s3://{BUCKET}/infer/model",
+                          f"s3://{BUCKET}/infer/pred.jsonl", batch_size=2, engine="ray",
+                          replicas=ReplicaSettings(replicas=2), ray_settings=RaySettings(address=cluster.address))
+        mover.join(5)
+    finally:
+        cluster.shutdown()
+    assert events.get("removed"), "no replica node was found to remove"
+    assert records == local
+    stored = [json.loads(line) for line in s3.cat_file(f"{BUCKET}/infer/pred.jsonl").decode().splitlines()]
+    assert stored == local and len(stored) == 16
