@@ -380,7 +380,7 @@ def _convert(data: Any, converter: str, options: dict, num_proc: int, limit: int
     if engine == "ray":
         from deepsynth.data import ray_prepare
 
-        return source_ds, ray_prepare.convert(source_ds, converter, opts, _converted_features())
+        return source_ds, ray_prepare.convert(source_ds, converter, opts, _converted_features(), _convert_batch)
     n = len(source_ds)
     converted = source_ds.map(
         _convert_batch, batched=True, batch_size=200, with_indices=True,
@@ -765,7 +765,7 @@ def prepare(
             from deepsynth.data import ray_prepare
 
             parts = ray_prepare.render_shards(((s, part_of(s)) for s in pending), asdict(render_cfg),
-                                              _render_features())
+                                              _render_features(), _render_batch)
         else:
             def render_local(s: int):
                 part = part_of(s)

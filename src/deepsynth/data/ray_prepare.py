@@ -3,9 +3,9 @@ tasks.
 
 The driver (the process running `prepare`) loads the source, plans the shards, removes duplicate
 ids and writes every file exactly as the local engine does; only the two per-record steps move to
-Ray: the converter (`pipeline._convert_batch`) and the renderer (`pipeline._render_batch`), the
-same functions the local engine maps with `datasets`. Rows travel through Ray's object store, so
-workers need neither the source files nor the output folder.
+Ray: the converter and the renderer, the same batch functions the local engine maps with
+`datasets`, handed in by `pipeline` (so this module does not import it back). Rows travel through
+Ray's object store, so workers need neither the source files nor the output folder.
 
 Order: the driver feeds row-index-tagged blocks and Ray Data keeps their order
 (`preserve_order`), so converted rows and rendered shards come back in input order; every block
@@ -22,7 +22,7 @@ command again reuses every finished shard, as with the local engine.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from deepsynth.cluster import ordered_execution, require_ray
@@ -68,12 +68,12 @@ def _dataset(table, features):
     return datasets.Dataset(table, info=datasets.DatasetInfo(features=features))
 
 
-def convert(source_ds: Any, converter: str, options: dict, features: Any) -> Any:
+def convert(source_ds: Any, converter: str, options: dict, features: Any, convert_batch: Callable) -> Any:
     """``source_ds`` converted row by row with ``converter`` in Ray tasks: a `datasets.Dataset`
-    with the columns ``features`` names, in input order (what the local engine's map returns)."""
+    with the columns ``features`` names, in input order (what the local engine's map returns).
+    ``convert_batch``: the local engine's batch function (``batch, indices, *, converter,
+    options``), run in the tasks."""
     import pyarrow as pa
-
-    from deepsynth.data import pipeline
 
     ray = require_ray()
     table = _to_table(source_ds)
@@ -86,7 +86,7 @@ def convert(source_ds: Any, converter: str, options: dict, features: Any) -> Any
     with ordered_execution(ray):  # a Dataset keeps the context it was made in
         ds = ray.data.from_arrow(blocks).map_batches(
             _convert_block, batch_size=None, batch_format="pyarrow", zero_copy_batch=True,
-            fn_kwargs={"fn": pipeline._convert_batch, "converter": converter, "options": options, "schema": schema},
+            fn_kwargs={"fn": convert_batch, "converter": converter, "options": options, "schema": schema},
         )
     parts = list(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
     converted = pa.concat_tables(parts) if parts else schema.empty_table()
@@ -97,13 +97,13 @@ def convert(source_ds: Any, converter: str, options: dict, features: Any) -> Any
     return _dataset(converted, features)
 
 
-def render_shards(parts: Iterable[tuple[int, Any]], config: dict, features: Any) -> Iterator[tuple[int, Any]]:
+def render_shards(parts: Iterable[tuple[int, Any]], config: dict, features: Any,
+                  render_batch: Callable) -> Iterator[tuple[int, Any]]:
     """Render every record of the given shards (``(shard number, datasets.Dataset)``) in Ray
     tasks with ``config`` (`RenderConfig` fields); yields ``(shard number, rendered Dataset with
-    the columns of ``features``)`` in the order given, each as soon as Ray has finished it."""
+    the columns of ``features``)`` in the order given, each as soon as Ray has finished it.
+    ``render_batch``: the local engine's batch function (``batch, *, config``), run in the tasks."""
     import pyarrow as pa
-
-    from deepsynth.data import pipeline
 
     ray = require_ray()
     schema = features.arrow_schema
@@ -120,7 +120,7 @@ def render_shards(parts: Iterable[tuple[int, Any]], config: dict, features: Any)
     with ordered_execution(ray):  # a Dataset keeps the context it was made in
         ds = ray.data.from_arrow(blocks).map_batches(
             _render_block, batch_size=None, batch_format="pyarrow", zero_copy_batch=True,
-            fn_kwargs={"fn": pipeline._render_batch, "config": config, "schema": out_schema},
+            fn_kwargs={"fn": render_batch, "config": config, "schema": out_schema},
         )
     order = list(expected)
     current: list = []
