@@ -30,7 +30,6 @@ that other code uses are importable from here too.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -61,8 +60,6 @@ __all__ = ["FONT_DIR", "MONO_FONT", "PRESET_ALIASES", "PRESET_MODES", "PRESETS",
            "RenderConfig", "clear_word_cache", "describe_preset", "fallback_font_paths", "font_codepoints",
            "iter_wrap", "join_pages", "layout", "load_font", "normalize_spaces", "render_stats", "render_text",
            "resolve_font_path", "wrap_paragraph"]
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
