@@ -350,7 +350,7 @@ def test_predict_on_a_multi_node_ray_cluster_from_s3_survives_a_lost_node(s3, tm
     from ray.cluster_utils import Cluster
 
     from deepsynth.cluster import RaySettings
-    from deepsynth.evaluation.predict import predict
+    from deepsynth.inference.predict import predict
     from deepsynth.evaluation.ray_inference import ReplicaSettings
     from deepsynth.models.registry import resolve
 

@@ -14,7 +14,7 @@ from deepsynth.evaluation import (
     normalize_answer,
     rouge_scores,
 )
-from deepsynth.evaluation.metrics import _rouge_scorer, _split_sentences
+from deepsynth.data.metrics import _rouge_scorer, _split_sentences
 
 # --------------------------------------------------------------------------- normalisation
 

@@ -17,7 +17,7 @@ from deepsynth.cli import app
 from deepsynth.data.pipeline import prepare
 from deepsynth.data.synthetic import SyntheticConfig, generate
 from deepsynth.evaluation import ray_inference
-from deepsynth.evaluation.predict import predict
+from deepsynth.inference.predict import predict
 
 MODEL = "tiny-reader"
 BATCH = 3  # 8 examples: batches of 3, 3 and 2, spread over 2 replicas

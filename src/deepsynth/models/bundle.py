@@ -279,6 +279,12 @@ def load_bundle(name: str, dtype: torch.dtype | None = None, seed: int = 0, merg
     return LoadedModel(model, processor, spec)
 
 
+def load_model(name: str, dtype: torch.dtype | None = None, seed: int = 0):
+    """(model, processor) of `load_bundle` (see there)."""
+    loaded = load_bundle(name, dtype=dtype, seed=seed)
+    return loaded.model, loaded.processor
+
+
 def _load_adapter(path: Path, spec: ModelSpec | None, dtype, merge: bool) -> LoadedModel:
     config = json.loads((path / "adapter_config.json").read_text())
     base_name = (spec.base_model if spec else None) or config.get("base_model_name_or_path")

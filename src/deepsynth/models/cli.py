@@ -1,5 +1,5 @@
-"""`deepsynth estimate-memory`: parameters and training memory of a configuration, without weights;
-`deepsynth check-real-size`: the released architecture trained, saved, reloaded and run on this machine."""
+"""`deepsynth estimate-memory`: parameters and training memory of a configuration, without weights.
+(`deepsynth check-real-size`, which trains, is registered by `deepsynth.training.cli`.)"""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def estimate_memory_command(
                                    precision=precision, seq_len=seq_len, lora_rank=lora_rank,
                                    freeze_vision=freeze_vision, text_encoder_trainable=text_encoder_trainable,
                                    gradient_checkpointing=gradient_checkpointing, page_size=page_size,
-                                   crops=_on_off(crops, "--crops"), lora_experts=_on_off(lora_experts, "--lora-experts"))
+                                   crops=on_off(crops, "--crops"), lora_experts=on_off(lora_experts, "--lora-experts"))
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     if as_json:
@@ -50,42 +50,12 @@ def estimate_memory_command(
     typer.echo("Estimates (+-25%), per GPU without sharding; add ~1 GiB for the CUDA context. See docs/memory.md.")
 
 
-def _on_off(value: str, option: str) -> bool:
+def on_off(value: str, option: str) -> bool:
     if value.lower() not in ("on", "off"):
         raise typer.BadParameter(f"{option} takes 'on' or 'off', got {value!r}")
     return value.lower() == "on"
 
 
-def check_real_size_command(
-    model: str = typer.Option("deepseek-ocr-2", "--model", "-m", help="deepseek-ocr-2 or deepseek-ocr (v1)."),
-    crops: str = typer.Option("off", "--crops", help="on: crop mode 'tiles' (global view + 768 px crops); off: one "
-                                                     "global view per page."),
-    lora_experts: str = typer.Option("on", "--lora-experts", help="on: LoRA on the routed experts too."),
-    lora_rank: int = typer.Option(16, "--lora-rank", help="LoRA rank r."),
-    max_new_tokens: int = typer.Option(4, "--max-new-tokens", help="Tokens generated after the reload."),
-    workdir: Optional[str] = typer.Option(None, "--workdir", help="Folder for the temporary adapter bundle."),
-    device: str = typer.Option("cpu", "--device", help="cpu, or cuda on a GPU machine (CUDA allocator peak)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
-) -> None:
-    """Build the released architecture from its real config with random bf16 weights (no hub), take one
-    1024 px page through processor -> one LoRA training step -> adapter bundle saved and reloaded ->
-    greedy generation, and report image tokens vs features, trainable parameters by group, seconds,
-    peak memory and estimate-memory's figure. Needs about 7-14 GiB of RAM; exits 1 when a check fails."""
-    from deepsynth.models.real_size import RealSizeSettings, check_failures, format_report, run_check
-
-    try:
-        settings = RealSizeSettings(model=model, crops=_on_off(crops, "--crops"),
-                                    lora_experts=_on_off(lora_experts, "--lora-experts"), lora_rank=lora_rank,
-                                    max_new_tokens=max_new_tokens, workdir=workdir, device=device)
-    except ValueError as err:
-        raise typer.BadParameter(str(err)) from None
-    report = run_check(settings)
-    typer.echo(json.dumps(report, indent=2) if as_json else format_report(report))
-    if check_failures(report):
-        raise typer.Exit(1)
-
-
 def register(app: typer.Typer) -> None:
-    """Add `estimate-memory` and `check-real-size` to the `deepsynth` CLI."""
+    """Add `estimate-memory` to the `deepsynth` CLI."""
     app.command("estimate-memory")(estimate_memory_command)
-    app.command("check-real-size")(check_real_size_command)

@@ -32,6 +32,8 @@ from transformers.models.deepseek_ocr2.image_processing_pil_deepseek_ocr2 import
 from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import DeepseekOcr2VisionModel
 
 from deepsynth.models.backend import Backend
+from deepsynth.models.deepseek_shared import (V1_MAX_CROPS, V1_MIN_CROPS, text_config_from_language,
+                                              tokenizer_of_remote_code_checkpoint, v1_tile_size)
 from deepsynth.models.tokenizer import build_char_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -299,8 +301,6 @@ def config_from_official(original: dict, image_token_id: int) -> DeepseekOcr2Con
     checkpoints): `sam_vit_b` may carry image_size/patch_size/window_size/output_channels/mlp_dim,
     `qwen2-0-5b` the encoder's layers/heads/kv_heads/intermediate_size/rope_theta/vocab_size/
     max_position_embeddings."""
-    from deepsynth.models.deepseek_ocr_v1 import text_config_from_language  # the same DeepSeek-V2 fields
-
     where = "DeepSeek-OCR-2 config.json"
     vision = original.get("vision_config") or {}
     widths = vision.get("width") or {}
@@ -355,8 +355,6 @@ def convert_official(src, dst):
     from pathlib import Path
 
     from safetensors import safe_open
-
-    from deepsynth.models.deepseek_ocr_v1 import tokenizer_of_remote_code_checkpoint
 
     src, dst = Path(src), Path(dst)
     files = sorted(src.glob("*.safetensors"))
@@ -434,7 +432,7 @@ def load(path: str, dtype: torch.dtype | None = None):
     own repository layout through `load_official`."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from deepsynth.models.registry import read_config
+    from deepsynth.models.config_file import read_config
 
     if is_official_config(read_config(path)[0]):
         return load_official(path, dtype)
@@ -491,8 +489,6 @@ def _image_settings(config_or_processor, crop_mode: str) -> dict:
     sam = config.sam_config if v1 else config.vision_config.sam_config
     side = sam.image_size
     if v1:
-        from deepsynth.models.deepseek_ocr_v1 import V1_MAX_CROPS, V1_MIN_CROPS, v1_tile_size
-
         tile = v1_tile_size(side) if crop_mode == "tiles" else side
         return dict(side=side, tile=tile, min_patches=V1_MIN_CROPS, max_patches=V1_MAX_CROPS,
                     cell=sam.patch_size * 4, newlines=True)
@@ -735,8 +731,8 @@ def build_tiny_moe(seed: int = 0, n_experts: int = 4, image_size: int = 256):
 def build_random(seed: int = 0):
     """The released architecture (`real_config()`, 3.39B parameters) with random bf16 weights, the
     released 1024 px image processor and a stand-in tokenizer of the real vocabulary size: the base
-    that the real-size check (`deepsynth.models.real_size`) trains, saves and reloads, offline."""
-    from deepsynth.models.real_size import random_weights, stand_in_tokenizer
+    that the real-size check (`deepsynth.training.real_size`) trains, saves and reloads, offline."""
+    from deepsynth.models.stand_in import random_weights, stand_in_tokenizer
 
     config = real_config()
     tok = stand_in_tokenizer(config.text_config.vocab_size, config.image_token_id)

@@ -63,6 +63,9 @@ from transformers.models.deepseek_ocr2.processing_deepseek_ocr2 import DeepseekO
 
 from deepsynth.models.backend import Backend
 from deepsynth.models.deepseek_ocr2 import DeepseekOcrPageImageProcessor
+from deepsynth.models.deepseek_shared import (  # noqa: F401  (v1 names, kept importable from here)
+    TOKENIZER_FILES, V1_GUNDAM_SIZE, V1_GUNDAM_TILE, V1_MAX_CROPS, V1_MIN_CROPS, text_config_from_language,
+    tokenizer_of_remote_code_checkpoint, v1_tile_size)
 
 logger = logging.getLogger(__name__)
 
@@ -117,30 +120,6 @@ REAL_V1_CONFIG_JSON = {
         },
     },
 }
-
-
-def text_config_from_language(lang: dict) -> DeepseekOcr2TextConfig:
-    """The decoder config from a remote-code `language_config` (DeepSeek-V2 fields; v1 and
-    DeepSeek-OCR-2 share the decoder)."""
-    if lang.get("use_mla") or lang.get("kv_lora_rank"):
-        raise ValueError("this checkpoint's decoder uses multi-head latent attention; DeepSynth covers use_mla=false")
-    if lang.get("norm_topk_prob"):
-        raise ValueError("norm_topk_prob=true is not what DeepSeek-OCR uses; the port routes without it")
-    layers = lang["num_hidden_layers"]
-    dense = lang.get("first_k_dense_replace", 0)
-    return DeepseekOcr2TextConfig(
-        vocab_size=lang["vocab_size"], hidden_size=lang["hidden_size"], intermediate_size=lang["intermediate_size"],
-        num_hidden_layers=layers, num_attention_heads=lang["num_attention_heads"],
-        num_key_value_heads=lang.get("num_key_value_heads", lang["num_attention_heads"]),
-        max_position_embeddings=lang.get("max_position_embeddings", 8192),
-        mlp_layer_types=["dense"] * dense + ["sparse"] * (layers - dense),
-        n_routed_experts=lang["n_routed_experts"], num_experts_per_tok=lang["num_experts_per_tok"],
-        n_shared_experts=lang["n_shared_experts"], moe_intermediate_size=lang["moe_intermediate_size"],
-        topk_method=lang.get("topk_method", "greedy"), n_group=lang.get("n_group"), topk_group=lang.get("topk_group"),
-        routed_scaling_factor=lang.get("routed_scaling_factor", 1.0), rms_norm_eps=lang.get("rms_norm_eps", 1e-6),
-        bos_token_id=lang.get("bos_token_id", 0), eos_token_id=lang.get("eos_token_id", 1),
-        pad_token_id=lang.get("pad_token_id"),
-    )
 
 
 def v1_config_from_original(original: dict) -> DeepseekOcrV1Config:
@@ -378,15 +357,7 @@ class DeepseekOcrV1ForConditionalGeneration(DeepseekOcrV1PreTrainedModel, Deepse
 # stretched to the square, larger ones padded; HF's `dynamic_preprocess` cuts 2 to 9 crops (DeepSeek's
 # vLLM scripts and vLLM's own class default to 6: `max_patches`).
 V1_MODES = {"tiny": 512, "small": 640, "base": 1024, "large": 1280}
-V1_GUNDAM_SIZE, V1_GUNDAM_TILE = 1024, 640
-V1_MIN_CROPS, V1_MAX_CROPS = 2, 9
 V1_STRETCH_MAX_SIDE = 640
-
-
-def v1_tile_size(side: int) -> int:
-    """Gundam's crop side for a global view of `side` px: 640 at 1024, in proportion otherwise
-    (tiny test models)."""
-    return side * V1_GUNDAM_TILE // V1_GUNDAM_SIZE
 
 
 class DeepseekOcrV1PageImageProcessor(DeepseekOcrPageImageProcessor):
@@ -611,25 +582,6 @@ def _v1_weights(src: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
-
-
-def tokenizer_of_remote_code_checkpoint(src: str | os.PathLike):
-    """The tokenizer of a DeepSeek remote-code checkpoint directory. Its config.json names remote
-    code in auto_map, and AutoTokenizer reading that directory asks on the terminal whether to run
-    it; the tokenizer files alone, in a folder of their own, load without it."""
-    import tempfile
-
-    from transformers import AutoTokenizer
-
-    src = Path(src)
-    with tempfile.TemporaryDirectory(prefix="deepsynth-tokenizer-") as folder:
-        copied = [shutil.copy(src / name, Path(folder) / name) for name in TOKENIZER_FILES if (src / name).is_file()]
-        if not copied:
-            raise FileNotFoundError(f"{src}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
-        return AutoTokenizer.from_pretrained(folder)
-
-
 def convert_v1_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, image_size: int | None = None) -> Path:
     """Rewrite a v1 checkpoint directory (original keys, remote-code config) as a `save_pretrained`
     directory of `DeepseekOcrV1ForConditionalGeneration` plus a `DeepseekOcrV1Processor`."""
@@ -778,7 +730,7 @@ def _vision_tokens(config, stack: str, side: int = 1024, crop_mode: str = "none"
 def build_random_v1(seed: int = 0):
     """v1's released architecture (`real_v1_config()`) with random bf16 weights, its 1024 px base-mode
     processor and a stand-in tokenizer of the real vocabulary size (the real-size check's base)."""
-    from deepsynth.models.real_size import random_weights, stand_in_tokenizer
+    from deepsynth.models.stand_in import random_weights, stand_in_tokenizer
 
     config = real_v1_config()
     tok = stand_in_tokenizer(config.text_config.vocab_size, config.image_token_id)

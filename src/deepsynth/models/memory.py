@@ -44,6 +44,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from deepsynth.models.anatomy import (DECODER_NAMES, VISION_TOWER_NAMES, lora_target_modules, lora_target_parameters,
+                                      named_submodule)
 from deepsynth.models.deepseek_ocr2 import CHECKPOINT, real_config
 
 GiB = 1024**3
@@ -111,7 +113,7 @@ def build_meta_model(name: str) -> nn.Module:
     if name in VLM_CONFIGS:
         config = VLM_CONFIGS[name]()
     elif name == "tiny-reader" or preset_backend(name) is not None:
-        from deepsynth.models.registry import load_model
+        from deepsynth.models.bundle import load_model
 
         return load_model(name)[0]  # tiny presets, a few MB: built for real
     else:
@@ -176,9 +178,7 @@ def _backend(model: nn.Module):
 def vision_stacks(model: nn.Module, page_size: int = 1024, crop_mode: str = "none") -> list[Stack]:
     """The vision tower's layer stacks (ModuleLists), with tokens per page (all views) from the
     family's `vision_tokens`."""
-    from deepsynth.training.peft_utils import VISION_TOWER_NAMES, _named
-
-    found = _named(model, VISION_TOWER_NAMES)
+    found = named_submodule(model, VISION_TOWER_NAMES)
     if not found:
         return []
     backend = _backend(model)
@@ -272,9 +272,6 @@ def estimate_memory(model: str, lora: bool = False, text_encoder: str | None = N
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
     if text_tokens < 0:
         raise ValueError(f"text_tokens must be >= 0, got {text_tokens}")
-    from deepsynth.training.peft_utils import (DECODER_NAMES, VISION_TOWER_NAMES, _named, lora_target_modules,
-                                               lora_target_parameters)
-
     lora = lora or qlora
     net = build_meta_model(model)
     pbytes = PRECISION_BYTES[precision]
@@ -285,8 +282,8 @@ def estimate_memory(model: str, lora: bool = False, text_encoder: str | None = N
 
     params = {n: p.numel() for n, p in net.named_parameters()}
     total_params = sum(params.values())
-    vision = _named(net, VISION_TOWER_NAMES)
-    decoder = _named(net, DECODER_NAMES)
+    vision = named_submodule(net, VISION_TOWER_NAMES)
+    decoder = named_submodule(net, DECODER_NAMES)
     vision_params = sum(v for n, v in params.items() if vision and n.startswith(vision[0] + "."))
 
     weights = total_params * pbytes

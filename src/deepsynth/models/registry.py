@@ -1,20 +1,20 @@
 """Backend registry: which family module loads a preset, alias, hub id or local directory.
 
 Backends are chosen by the checkpoint's `model_type` (read from config.json, so no remote code
-runs). Loading itself goes through `deepsynth.models.bundle.load_bundle`, which also reads what
-the model directory says about its pages, prompt and decoding; `load_model` is its
-(model, processor) shorthand.
+runs; `deepsynth.models.config_file.read_config`). Loading itself goes through
+`deepsynth.models.bundle.load_bundle`, which also reads what the model directory says about its
+pages, prompt and decoding; `deepsynth.models.bundle.load_model` is its (model, processor) shorthand.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from deepsynth.models import deepseek_ocr2, deepseek_ocr_v1, generic
 from deepsynth.models.backend import Backend
+from deepsynth.models.config_file import read_config
 
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
 
@@ -87,40 +87,6 @@ def backend_of(model: torch.nn.Module) -> Backend:
     return backend_for_type(getattr(config, "model_type", None), type(model).__name__)
 
 
-def _hub_config(repo_id: str) -> dict:
-    """config.json of a hub checkpoint (AutoConfig would refuse remote-code checkpoints such as
-    DeepSeek-OCR v1 without trust_remote_code; reading the JSON runs nothing)."""
-    from huggingface_hub import hf_hub_download
-
-    try:
-        config = hf_hub_download(repo_id, "config.json")
-    except Exception as err:  # offline, missing repo, gated repo, ...: all reported with the cause
-        raise OSError(f"cannot read the config of {repo_id!r}: {err}") from err
-    return _parse_config(Path(config), repo_id)
-
-
-def _parse_config(file: Path, where: str) -> dict:
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{where}: config.json is not valid JSON ({err})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{where}: config.json is not a JSON object")
-    return config
-
-
-def read_config(path: str) -> tuple[dict, str]:
-    """(config.json as a dict, where it was read: the file's path or the hub id)."""
-    local = Path(path)
-    if local.exists():
-        file = local / "config.json"
-        if not file.is_file():
-            raise FileNotFoundError(f"model directory {path!r} has no config.json (expected a save_pretrained "
-                                    "directory or a hub checkpoint's files)")
-        return _parse_config(file, str(file)), str(file)
-    return _hub_config(path), path
-
-
 def resolve(name: str) -> str:
     """Map an alias or a shipped checkpoint name to a loadable path or hub id."""
     known = aliases()
@@ -135,11 +101,3 @@ def resolve(name: str) -> str:
 
 def model_type_of(path: str) -> str | None:
     return read_config(path)[0].get("model_type")
-
-
-def load_model(name: str, dtype: torch.dtype | None = None, seed: int = 0):
-    """(model, processor) of `deepsynth.models.bundle.load_bundle` (see there)."""
-    from deepsynth.models.bundle import load_bundle
-
-    loaded = load_bundle(name, dtype=dtype, seed=seed)
-    return loaded.model, loaded.processor

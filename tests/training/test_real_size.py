@@ -21,15 +21,18 @@ import yaml
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-import deepsynth.models.real_size as real_size
+import deepsynth.training.real_size as real_size
 from deepsynth.data import InstructionExample, write_jsonl
-from deepsynth.models.cli import register
 from deepsynth.models.deepseek_ocr2 import real_config
-from deepsynth.models.real_size import RealSizeSettings, check_failures, format_report, run_check, stand_in_tokenizer
+from deepsynth.models.stand_in import stand_in_tokenizer
+from deepsynth.models.cli import register as register_models
+from deepsynth.training.cli import register
+from deepsynth.training.real_size import RealSizeSettings, check_failures, format_report, run_check
 
 
 def cli() -> typer.Typer:
     app = typer.Typer()
+    register_models(app)  # as in `deepsynth`: with a second command, typer keeps command names
     register(app)
     return app
 
