@@ -1,3 +1,33 @@
 """DeepSynth: teach document vision-language models to follow instructions about rendered pages."""
 
+import warnings
+
 __version__ = "0.1.0"
+
+
+def quiet_known_warnings() -> None:
+    """Ignore the libraries' warnings about paths DeepSynth takes on purpose, each matched by its
+    message, category and emitting module, so that any other warning still shows (tests/test_quiet.py
+    runs the commands with warnings as errors). Called on import; calling again re-asserts them
+    ahead of filters set since (e.g. `warnings.simplefilter("error")`)."""
+    # Soft-prompt models (SoftPromptModel.generate) decode from inputs_embeds, so the ids
+    # transformers' n-gram blocking / repetition penalty see are the answer's alone. That is the
+    # intent: the guards are against loops in the answer (LoopStop is given a prompt width of 0
+    # there too), and the prompt's instruction is no text the answer must avoid repeating.
+    warnings.filterwarnings(
+        "ignore", message=r"Passing `(no_repeat_ngram_size|repetition_penalty)` with `inputs_embeds`",
+        category=UserWarning, module=r"transformers\.generation\.utils")
+    # peft's get_peft_model reads the model's `is_gradient_checkpointing`, an alias transformers
+    # deprecated in favour of `is_activation_checkpointing`; the value is the same, and nothing of
+    # ours reads the alias.
+    warnings.filterwarnings(
+        "ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning,
+        module=r"transformers\.modeling_utils")
+    # Ray Data's own DataContext() assigns its deprecated fields' defaults in __init__, and its
+    # __setattr__ warns on any assignment of them: every Ray Data run warns without our setting one.
+    warnings.filterwarnings(
+        "ignore", message=r"`(use_push_based_shuffle|use_polars|use_arrow_tensor_v2)` is deprecated",
+        category=DeprecationWarning, module=r"ray\.data\.context")
+
+
+quiet_known_warnings()
