@@ -296,12 +296,30 @@ def test_cmap_coverage_matches_notdef_rendering():
     assert glyph("A") != notdef and glyph("\u2022") != notdef
 
 
-def test_cmap_agrees_with_fonttools():
-    ttlib = pytest.importorskip("fontTools.ttLib")
+def test_cmap_of_each_shipped_face_matches_its_drawn_glyphs():
     for name in ("DejaVuSans.ttf", "DejaVuSansMono-Bold.ttf"):
-        path = R.FONT_DIR / name
-        expected = set(ttlib.TTFont(path).getBestCmap())
-        assert set(R.font_codepoints(str(path))) == expected
+        path = str(R.FONT_DIR / name)
+        cps = R.font_codepoints(path)
+        font = ImageFont.truetype(path, 20)
+
+        def glyph(ch: str) -> bytes:
+            img = Image.new("L", (40, 40))
+            ImageDraw.Draw(img).text((5, 5), ch, font=font, fill=255)
+            return img.tobytes()
+
+        notdef = glyph("\U0010FFFD")
+        assert {0x41, 0xE9, 0x2022} <= cps and all(glyph(chr(c)) != notdef for c in (0x41, 0xE9, 0x2022))
+        assert 0x4E2D not in cps and glyph("\u4e2d") == notdef
+
+
+def test_an_unreadable_font_file_is_assumed_to_cover_everything(tmp_path, caplog):
+    bad = tmp_path / "broken.ttf"
+    bad.write_bytes(b"not a font at all")
+    with caplog.at_level(logging.WARNING, logger="deepsynth.render"):
+        assert R.font_codepoints(str(bad)) == frozenset()
+    assert any("could not read the cmap" in r.getMessage() and "broken.ttf" in r.getMessage() for r in caplog.records)
+    # no fallback is tried for such a font: every character stays in it
+    assert F.runs("a\u4e2d", F.Style(str(bad), 20)) == [("a\u4e2d", str(bad))]
 
 
 def test_missing_characters_are_warned(monkeypatch, caplog):
