@@ -1,5 +1,6 @@
 """DeepSynth: teach document vision-language models to follow instructions about rendered pages."""
 
+import logging
 import warnings
 
 __version__ = "0.1.0"
@@ -28,6 +29,23 @@ def quiet_known_warnings() -> None:
     warnings.filterwarnings(
         "ignore", message=r"`(use_push_based_shuffle|use_polars|use_arrow_tensor_v2)` is deprecated",
         category=DeprecationWarning, module=r"ray\.data\.context")
+    # Ray announces, as a logged WARNING, that a local instance it starts has token authentication
+    # on (Ray's default for a new local instance; the token is written under ~/.ray). The instance deepsynth starts
+    # is private to the command, and the announcement asks nothing of the user.
+    ray_auth = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _DropMessage) for f in ray_auth.filters):
+        ray_auth.addFilter(_DropMessage("Token authentication is enabled for this Ray cluster."))
+
+
+class _DropMessage(logging.Filter):
+    """Drops the log records whose message starts with `prefix`."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
 
 
 quiet_known_warnings()
