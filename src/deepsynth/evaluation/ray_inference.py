@@ -10,6 +10,11 @@ pages decoded, text rendered with the render config) and answers with `decode_it
 prediction equals the single-process one. Pages travel as the stored PNG bytes, or as text when
 they are drawn at answer time, so the driver never decodes or renders a page.
 
+Each replica decodes with the bundle's HF decoder, or with what ``decoder`` builds (a picklable
+callable ``(model directory, max_new_tokens) -> (decoder, settings)``; `evaluate/predict --engine
+ray --decode vllm` hand `deepsynth.inference.engines.replica_decoder("vllm", dtype)`, one
+`VLLMEngine` per replica): any object with `Decoder.run_all`'s rows gives the same records.
+
 Failures: Ray restarts an actor that died and runs its batch again (Ray Data's defaults for actor
 pools); rows are checked on return, so a lost or repeated batch fails the run instead of changing
 the predictions (`tests/evaluation/test_ray_inference.py` kills a replica in the middle of a job).
@@ -131,15 +136,19 @@ class _Replica:
     """One model replica (a Ray actor): loads the bundle once, answers one batch per call."""
 
     def __init__(self, model: str, render: dict, default_instruction: str, instructions: list,
-                 batch_size: int, total: int, max_new_tokens: int | None = None) -> None:
+                 batch_size: int, total: int, max_new_tokens: int | None = None, decoder=None) -> None:
         from deepsynth import storage
         from deepsynth.models.bundle import load_bundle, resolve_generation
         from deepsynth.render import RenderConfig
 
         # a model in object storage is copied to each replica's own node
-        loaded = load_bundle(str(storage.local_input(model, what="model")) if storage.is_uri(model) else model)
-        settings = resolve_generation(loaded.model, max_new_tokens=max_new_tokens) if max_new_tokens else None
-        self.decoder = loaded.decoder(settings)
+        local = str(storage.local_input(model, what="model")) if storage.is_uri(model) else model
+        if decoder is None:
+            loaded = load_bundle(local)
+            settings = resolve_generation(loaded.model, max_new_tokens=max_new_tokens) if max_new_tokens else None
+            self.decoder, self.settings = loaded.decoder(settings), None
+        else:
+            self.decoder, self.settings = decoder(local, max_new_tokens)
         self.render = RenderConfig(**render)
         self.default_instruction = default_instruction
         self.instructions = instructions
@@ -169,7 +178,8 @@ class _Replica:
         items = self._items(block)
         out: dict[str, list] = {"row": [], "pass": [], "record": []}
         for k, instruction in enumerate(self.instructions):
-            for row, record in zip(rows, decode_items(self.decoder, items, None, instruction, len(items))):
+            records = decode_items(self.decoder, items, self.settings, instruction, len(items))
+            for row, record in zip(rows, records):
                 out["row"].append(row)
                 out["pass"].append(k)
                 out["record"].append(json.dumps(record, ensure_ascii=False))
@@ -189,11 +199,14 @@ def _check_resources(have: dict, replicas: ReplicaSettings) -> None:
 
 def decode_on_ray(model: str, dataset, instructions: Sequence[str | None] = (None,), *,
                   max_new_tokens: int | None = None, replicas: ReplicaSettings | None = None,
-                  settings: RaySettings | None = None) -> list[list[dict]]:
+                  settings: RaySettings | None = None, decoder=None) -> list[list[dict]]:
     """Prediction records (as `deepsynth.evaluation.run.decode_items` writes them) of every example
     of ``dataset`` (an `InstructionDataset`, e.g. from `open_examples`), once per entry of
     ``instructions`` (None: each example's own instruction; "": none, the ablation), answered by
-    replicas of ``model`` on Ray. Returns one list per entry, in the dataset's order."""
+    replicas of ``model`` on Ray. Returns one list per entry, in the dataset's order.
+
+    decoder: None (each replica loads the bundle's HF decoder) or what builds each replica's
+    decoder (see the module's docstring; `deepsynth.inference.engines.replica_decoder`)."""
     require_ray()
     replicas = replicas or ReplicaSettings()
     n = len(dataset)
@@ -210,7 +223,7 @@ def decode_on_ray(model: str, dataset, instructions: Sequence[str | None] = (Non
             fn_constructor_kwargs={"model": model, "render": asdict(dataset.render_config),
                                    "default_instruction": dataset.default_instruction,
                                    "instructions": list(instructions), "batch_size": replicas.batch_size,
-                                   "total": n, "max_new_tokens": max_new_tokens},
+                                   "total": n, "max_new_tokens": max_new_tokens, "decoder": decoder},
             compute=ray.data.ActorPoolStrategy(size=replicas.replicas), num_cpus=replicas.num_cpus,
             num_gpus=replicas.num_gpus or None,
         )
@@ -230,13 +243,15 @@ def decode_on_ray(model: str, dataset, instructions: Sequence[str | None] = (Non
 
 def evaluate_on_ray(model: str, dataset, chance: float = 0.0, out_path: str | Path | None = None,
                     metrics: Sequence[str] | None = None, *, max_new_tokens: int | None = None,
-                    replicas: ReplicaSettings | None = None, settings: RaySettings | None = None) -> dict:
+                    replicas: ReplicaSettings | None = None, settings: RaySettings | None = None,
+                    decoder=None) -> dict:
     """`deepsynth.evaluation.run.evaluate_with_ablation` with the answers from replicas on Ray:
-    the same report (scores, ablation, predictions), written to ``out_path`` when given."""
+    the same report (scores, ablation, predictions), written to ``out_path`` when given.
+    ``decoder``: as in `decode_on_ray`."""
     from deepsynth.evaluation.run import ablation_report, attach_tasks, score_predictions
 
     normal, ablated = decode_on_ray(model, dataset, (None, ""), max_new_tokens=max_new_tokens, replicas=replicas,
-                                    settings=settings)
+                                    settings=settings, decoder=decoder)
     results = []
     for records in (normal, ablated):
         scores = score_predictions(attach_tasks(records, dataset.examples), metrics)

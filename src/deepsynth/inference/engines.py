@@ -8,6 +8,7 @@ Both engines implement `deepsynth.inference.interface.Engine` and give the same 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 ENGINES = ("hf", "vllm")
 
@@ -41,12 +42,7 @@ def make_engine(model: str = "tiny-reader", engine: str = "hf", dtype: str = "au
 
         return InstructionEngine(model, dtype=None if dtype == "auto" else getattr(torch, dtype), **kwargs)
     if engine == "vllm":
-        try:
-            import vllm  # noqa: F401
-        except ImportError:
-            raise ValueError("engine 'vllm' needs vLLM, which is not installed in this environment: run "
-                             "`make vllm-env` and start the command with .venv-vllm/bin/python -m deepsynth.cli "
-                             "(or .venv-vllm/bin/deepsynth)") from None
+        _require_vllm()
         from deepsynth.inference.vllm_engine import VLLMEngine, VLLMOptions
 
         options = kwargs.pop("options", None) or VLLMOptions()
@@ -54,3 +50,36 @@ def make_engine(model: str = "tiny-reader", engine: str = "hf", dtype: str = "au
             options = dataclasses.replace(options, dtype=dtype)
         return VLLMEngine(model, options=options, **kwargs)
     raise ValueError(f"engine {engine!r}: choose one of {ENGINES}")
+
+
+def _require_vllm() -> None:
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        raise ValueError("engine 'vllm' needs vLLM, which is not installed in this environment: run "
+                         "`make vllm-env` and start the command with .venv-vllm/bin/python -m deepsynth.cli "
+                         "(or .venv-vllm/bin/deepsynth)") from None
+
+
+def replica_decoder(engine: str = "hf", dtype: str = "auto"):
+    """What each Ray replica of `evaluate/predict --engine ray` decodes with (``--decode``): None
+    for "hf" (the replica builds the bundle's own decoder) or, for "vllm", a picklable callable
+    ``(model directory, max_new_tokens) -> (decoder, settings)`` that starts one `VLLMEngine` in
+    ``dtype``. vLLM is checked here, in the driver: Ray starts the replicas in the driver's
+    environment (a remote cluster's nodes need the vLLM environment too)."""
+    if engine not in ENGINES:
+        raise ValueError(f"decode={engine!r}: choose one of {', '.join(ENGINES)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: choose one of {DTYPES}")
+    if engine == "hf":
+        if dtype != "auto":
+            raise ValueError(f"dtype={dtype!r} is for the vLLM engine (the HF replicas use the checkpoint's)")
+        return None
+    _require_vllm()
+    return functools.partial(_vllm_replica, dtype=dtype)
+
+
+def _vllm_replica(model: str, max_new_tokens: int | None, *, dtype: str):
+    engine = make_engine(model, "vllm", dtype=dtype)
+    # the same settings `evaluate/predict --engine vllm` decode with
+    return engine, engine.settings(None, max_new_tokens=max_new_tokens) if max_new_tokens else None
