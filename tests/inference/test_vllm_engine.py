@@ -270,3 +270,189 @@ def test_export_refuses_tiny_and_patch_readout_models():
     config.update(model_type="deepseek_ocr2", vision_readout="queries")
     with pytest.raises(ExportError, match="vision sizes built in"):
         native_config(config)
+
+
+# ---- pages as the HF engine draws them; DeepSeek's own checkpoint layout -------------------------
+def checkpoint_layouts():
+    """tests/models/test_checkpoint_layouts.py (its writers of tiny official-layout checkpoints)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("checkpoint_layouts", ROOT / "tests/models/test_checkpoint_layouts.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def text_page(text: str, width: int, height: int):
+    """A non-square page drawn from text (the engines' renderer draws square pages only for presets)."""
+    from PIL import Image, ImageDraw
+
+    page = Image.new("RGB", (width, height), "white")
+    ImageDraw.Draw(page).multiline_text((6, 6), text, fill="black", spacing=6)
+    return page
+
+
+NON_SQUARE = ((200, 300), (300, 180))
+
+
+@pytest.fixture(scope="module")
+def official_ocr2(tmp_path_factory):
+    """A tiny DeepSeek-OCR-2 checkpoint in DeepSeek's own repository layout (768 px view)."""
+    layouts = checkpoint_layouts()
+    model, processor = layouts.tiny_ocr2(seed=6)
+    directory = tmp_path_factory.mktemp("official") / "ocr2-official"
+    layouts.write_ocr2_official(model, processor, directory)
+    return directory
+
+
+@pytest.fixture()
+def page_files(tmp_path):
+    files = []
+    for (width, height), text in zip(NON_SQUARE, ("alpha: 07\nbravo: 42", "name: Ada\ncity: Oslo")):
+        path = tmp_path / f"page-{width}x{height}.png"
+        text_page(text, width, height).save(path)
+        files.append(path)
+    return files
+
+
+# The vLLM side of the pixel test: what vLLM's processor (built from the checkpoint, with the engine's
+# mm_processor_kwargs) sends the model for each page, and what transformers' stock processor sends.
+PIXEL_SIDE = """
+import json, sys, torch
+from PIL import Image
+from deepsynth.inference.vllm_engine import resolve_model, vllm_hf_overrides, vllm_processor_kwargs
+from transformers import AutoConfig
+from transformers.models.deepseek_ocr2.image_processing_pil_deepseek_ocr2 import DeepseekOcr2ImageProcessorPil
+from vllm.config import ModelConfig
+from vllm.multimodal import MULTIMODAL_REGISTRY
+job = json.load(open(sys.argv[1]))
+found = resolve_model(job["model"])
+kwargs = vllm_processor_kwargs(found.processor)
+config = ModelConfig(model=found.path, tokenizer=found.path, model_impl="transformers", dtype="float32",
+                     mm_processor_kwargs=kwargs, hf_overrides=vllm_hf_overrides(AutoConfig.from_pretrained(found.path)))
+info = MULTIMODAL_REGISTRY.create_processor(config).info
+out = {"vllm": [], "stock": [], "kwargs": kwargs}
+for page in job["pages"]:
+    image = Image.open(page).convert("RGB")
+    hf = info.ctx.call_hf_processor(info.get_hf_processor(**kwargs),
+                                    {"text": found.processor.image_token, "images": [image]}, kwargs)
+    out["vllm"].append(hf["pixel_values"])
+    stock = DeepseekOcr2ImageProcessorPil(**info.get_hf_processor().image_processor.to_dict())
+    out["stock"].append(stock(images=[image], return_tensors="pt", **kwargs)["pixel_values"])
+torch.save(out, sys.argv[2])
+"""
+
+
+@needs_vllm
+def test_vllm_processor_sends_the_hf_engines_pixels_for_non_square_pages(tmp_path, page_files, official_ocr2,
+                                                                         monkeypatch):
+    """vLLM's own processor (built from the checkpoint in vLLM's environment, with the engine's
+    settings) draws non-square pages pixel for pixel as the HF engine's processor: the tiny reader
+    (crop mode "none") stretches them to its 256 px view, where transformers' stock processor pads;
+    DeepSeek's layout keeps its saved crop setting, under which the 768 px global view is padded."""
+    import torch
+    from PIL import Image
+
+    from deepsynth.inference.engine import InstructionEngine
+
+    monkeypatch.setenv("DEEPSYNTH_CACHE", str(tmp_path / "cache"))
+    for model in (READER, str(official_ocr2)):
+        (tmp_path / "job.json").write_text(json.dumps({"model": model, "pages": [str(p) for p in page_files]}))
+        run_vllm_side(["-c", PIXEL_SIDE, str(tmp_path / "job.json"), str(tmp_path / "pixels.pt")])
+        out = torch.load(tmp_path / "pixels.pt")
+        engine = InstructionEngine(model)
+        for path, vllm_pixels, stock in zip(page_files, out["vllm"], out["stock"]):
+            page = Image.open(path).convert("RGB")
+            ours = engine.collator.prompt_batch([[page]], ["x"])["pixel_values"]
+            assert ours.shape == vllm_pixels.shape and torch.equal(ours, vllm_pixels), (model, path.name)
+            if not out["kwargs"]["crop_to_patches"]:  # stretched, where the stock processor pads
+                assert not torch.equal(stock, vllm_pixels), (model, path.name)
+        assert out["kwargs"]["crop_to_patches"] == (model != READER)
+
+
+# The vLLM side of the next test: answers for page images, and the error for a page cut into crops.
+PAGES_SIDE = """
+import json, sys
+from PIL import Image
+from deepsynth.inference.documents import DocumentError
+from deepsynth.inference.vllm_engine import VLLMEngine, VLLMOptions
+job = json.load(open(sys.argv[1]))
+out = {}
+with VLLMEngine(job["model"], options=VLLMOptions(dtype="float32", kv_cache_gib=1, max_num_seqs=4)) as engine:
+    docs = [[Image.open(p).convert("RGB") for p in pages] for pages in job["pages"]]
+    out["answers"] = [a.to_dict() for a in engine.ask_batch(docs, job["instructions"],
+                                                             max_new_tokens=job["max_new_tokens"])]
+    out["crop_mode"] = engine.spec.crop_mode
+    try:
+        engine.ask_batch([[Image.new("RGB", (1000, 800), "white")]], ["read"])
+        out["large_page"] = None
+    except DocumentError as exc:
+        out["large_page"] = str(exc)
+json.dump(out, open(sys.argv[2], "w"))
+"""
+
+
+def _parity_on_pages(model: str, page_files, instructions, tmp_path, env: dict) -> dict:
+    examples = tmp_path / "examples.jsonl"
+    examples.write_text("".join(json.dumps({"pages": [p.name], "instruction": i}) + "\n"
+                                for p, i in zip(page_files, instructions)))
+    report = tmp_path / "parity.json"
+    proc = subprocess.run([sys.executable, "-m", "deepsynth.cli", "check-parity", model, "--examples", str(examples),
+                           "--max-new-tokens", "24", "--out", str(report)], capture_output=True, text=True,
+                          env={**env, "DEEPSYNTH_VLLM_PYTHON": PYTHON, "VLLM_CPU_KVCACHE_SPACE": "1"}, timeout=1200)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+    return json.loads(report.read_text())
+
+
+@needs_vllm
+@pytest.mark.parametrize("which", ["tiny-reader", "ocr2-official"])
+def test_non_square_pages_answer_as_in_the_hf_engine(which, tmp_path, page_files, official_ocr2, monkeypatch):
+    """Non-square pages (200x300, 300x180) through both engines in float32: the same answers, stop
+    reasons and prompt token counts, and check-parity finds no differing token. "ocr2-official" is
+    DeepSeek's own repository layout, which the vLLM engine converts as load_bundle does; the
+    processor it saves keeps the class's crop setting, so a page larger than a tile (768 px) would be
+    cut into crops, which the vLLM engine refuses with the reason."""
+    import torch
+
+    from PIL import Image
+
+    from deepsynth.inference.engine import InstructionEngine
+
+    monkeypatch.setenv("DEEPSYNTH_CACHE", str(tmp_path / "cache"))
+    model = READER if which == "tiny-reader" else str(official_ocr2)
+    instructions = ["bravo", "city"]
+    docs = [[Image.open(p).convert("RGB")] for p in page_files]
+    hf_engine = InstructionEngine(model, dtype=torch.float32)
+    hf = [a.to_dict() for a in hf_engine.ask_batch(docs, instructions, max_new_tokens=24)]
+    assert all(a["new_tokens"] > 0 and a["prompt_tokens"] > a["visual_tokens"] > 0 for a in hf)
+    job = {"model": model, "pages": [[str(p)] for p in page_files], "instructions": instructions,
+           "max_new_tokens": 24}
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    run_vllm_side(["-c", PAGES_SIDE, str(tmp_path / "job.json"), str(tmp_path / "out.json")])
+    out = json.loads((tmp_path / "out.json").read_text())
+    for mine, theirs in zip(out["answers"], hf):
+        assert {k: mine[k] for k in COMPARED} == {k: theirs[k] for k in COMPARED}
+    if which == "ocr2-official":
+        assert out["crop_mode"] is None  # as saved: crops for pages larger than a tile
+        assert "local crops" in out["large_page"] and "HF engine" in out["large_page"], out["large_page"]
+    else:
+        assert out["large_page"] is None  # crop mode "none": one view, any page size
+    report = _parity_on_pages(model, page_files, instructions, tmp_path, dict(os.environ))
+    assert report["identical"] == len(report["answers"]) == len(page_files), report["answers"]
+    assert all(a["hf"]["tokens"] > 0 for a in report["answers"])
+
+
+@needs_vllm
+def test_v1_checkpoints_are_refused_with_the_engine_to_use(tmp_path, monkeypatch):
+    layouts = checkpoint_layouts()
+    from deepsynth.models import deepseek_ocr_v1 as v1
+
+    model, processor = v1.build_tiny_v1(seed=5)
+    layouts.write_v1(model, processor, tmp_path / "v1")
+    monkeypatch.setenv("DEEPSYNTH_CACHE", str(tmp_path / "cache"))
+    proc = subprocess.run([PYTHON, "-c", "import sys\nfrom deepsynth.inference.vllm_engine import vllm_checkpoint\n"
+                           "vllm_checkpoint(sys.argv[1])", str(tmp_path / "v1")], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}, timeout=600, cwd=ROOT)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "DeepSeek-OCR v1 checkpoints are not served by the vLLM engine" in last and "--engine local" in last

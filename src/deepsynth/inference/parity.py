@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from PIL import Image
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +130,8 @@ def first_difference(a: Sequence[int], b: Sequence[int]) -> Difference | None:
 
 def check_parity(model: str, examples: Sequence[tuple[str, str]] = DEFAULT_EXAMPLES, adapter: str | None = None,
                  max_new_tokens: int = 48, python: str | None = None, kv_cache_gib: int = 1) -> dict:
-    """Answer `examples` ((text, instruction) pairs) with both engines; the report per answer."""
+    """Answer `examples` ((document, instruction) pairs: text, or page images as the engines take
+    them) with both engines; the report per answer."""
     import torch
 
     from deepsynth.inference.engine import InstructionEngine, encode_png
@@ -164,7 +166,8 @@ def check_parity(model: str, examples: Sequence[tuple[str, str]] = DEFAULT_EXAMP
     answers = []
     for (text, instruction), hf, vl in zip(examples, hf_rows, vllm["answers"]):
         diff = first_difference(hf["token_ids"], vl["token_ids"])
-        entry = {"instruction": instruction, "document": text[:80], "identical": diff is None and hf["answer"] ==
+        document = text[:80] if isinstance(text, str) else f"{len(text)} page image(s)"
+        entry = {"instruction": instruction, "document": document, "identical": diff is None and hf["answer"] ==
                  vl["answer"], "hf": {"answer": hf["answer"], "stopped": hf["stopped"], "tokens": len(hf["token_ids"])},
                  "vllm": {"answer": vl["answer"], "stopped": vl["stopped"], "tokens": len(vl["token_ids"])},
                  "first_difference": None}
@@ -186,11 +189,20 @@ def _read_examples(path: Path) -> list[tuple[str, str]]:
         if not line.strip():
             continue
         record = json.loads(line)
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str) \
-                or not isinstance(record.get("instruction"), str):
-            raise typer.BadParameter(f"line {n}: expected {{\"text\": str, \"instruction\": str}}",
-                                     param_hint="'--examples'")
-        out.append((record["text"], record["instruction"]))
+        pages = record.get("pages") if isinstance(record, dict) else None
+        if not isinstance(record, dict) or not isinstance(record.get("instruction"), str) or not (
+                isinstance(record.get("text"), str) or (isinstance(pages, list) and pages
+                                                        and all(isinstance(p, str) for p in pages))):
+            raise typer.BadParameter(f"line {n}: expected {{\"text\": str, \"instruction\": str}} or "
+                                     "{\"pages\": [image paths], \"instruction\": str}", param_hint="'--examples'")
+        if pages is None:
+            out.append((record["text"], record["instruction"]))
+            continue
+        for page in pages:
+            if not (path.parent / page).is_file():
+                raise typer.BadParameter(f"line {n}: page image {page!r} not found (paths are relative to "
+                                         f"{path.parent})", param_hint="'--examples'")
+        out.append(([Image.open(path.parent / page).convert("RGB") for page in pages], record["instruction"]))
     if not out:
         raise typer.BadParameter(f"{path} holds no examples", param_hint="'--examples'")
     return out
@@ -200,7 +212,8 @@ def check_parity_command(
     model: str = typer.Argument(..., help="Model directory, adapter bundle, shipped checkpoint or preset."),
     adapter: Optional[str] = typer.Option(None, help="LoRA adapter: merged on the HF side, a LoRA module in vLLM."),
     examples: Optional[Path] = typer.Option(None, exists=True, dir_okay=False,
-                                            help="JSONL of {\"text\", \"instruction\"} (default: built-in pages)."),
+                                            help="JSONL of {\"text\" or \"pages\" (image paths), \"instruction\"} "
+                                                 "(default: built-in pages)."),
     max_new_tokens: int = typer.Option(48, min=1, max=8192, help="Answer length compared."),
     vllm_python_path: Optional[str] = typer.Option(None, "--vllm-python",
                                                    help=f"Python of the vLLM environment (default: "

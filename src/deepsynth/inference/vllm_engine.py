@@ -20,7 +20,11 @@ What a request is answered with comes from the model bundle, as for the HF engin
 Models: the tiny DeepSeek-OCR-2 checkpoints (and any image-text-to-text model transformers knows)
 go through vLLM's Transformers backend, with the project's plugin (`deepsynth.vllm_plugin`);
 a checkpoint in vLLM's own DeepSeek-OCR-2 layout (`deepsynth export-vllm`) goes through vLLM's
-native class. Crops ("tiles" crop mode) are not served by the Transformers backend.
+native class. Pages are drawn as the HF engine draws them (DeepSeek's page rules: stretched or
+padded views, the bundle's crop settings); local crops are not served by the Transformers backend,
+so a page that "tiles" mode would cut into crops is refused (pages up to a tile are served).
+DeepSeek's own DeepSeek-OCR-2 layout is converted once into the cache as `load_bundle` converts
+it (`vllm_checkpoint`); DeepSeek-OCR v1 is not served.
 
 vLLM is not a dependency of the project's main environment: `make vllm-env` builds .venv-vllm,
 and this module imports only there. `python -m deepsynth.inference.vllm_engine REQUESTS OUT`
@@ -63,6 +67,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["VLLMEngine", "VLLMOptions", "resolve_model"]
 
 KV_CACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"
+#: Backend name of DeepSeek-OCR v1 (`deepsynth.models.deepseek_ocr_v1`), which vLLM does not serve here.
+V1_BACKEND = "deepseek-ocr-v1"
 
 
 @dataclass
@@ -125,6 +131,38 @@ def _native_layout(path: str) -> bool:
     return "language_config" in data and "projector_config" in data
 
 
+def vllm_checkpoint(path: str) -> str:
+    """The directory vLLM loads for the checkpoint at `path` (a directory or hub id).
+
+    DeepSeek's own DeepSeek-OCR-2 layout (remote-code config.json) is converted once into the cache,
+    as `load_bundle` converts it (`deepseek_ocr2.convert_official`, same cache folder), since vLLM's
+    Transformers backend reads transformers' layout; DeepSeek-OCR v1 (either layout) is refused;
+    anything else is served from where it is.
+    """
+    from deepsynth.models import deepseek_ocr2 as ocr2
+    from deepsynth.models.config_file import read_config
+    from deepsynth.models.registry import backend_for_config
+
+    if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
+        return path  # an adapter bundle: its base model is resolved on its own
+    config, where = read_config(path)
+    if ocr2.is_official_config(config):
+        local = Path(path)
+        if not local.exists():
+            from huggingface_hub import snapshot_download
+
+            local = Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+        target = ocr2._official_cache(local)
+        if not (target / "config.json").is_file():
+            ocr2.convert_official(local, target)
+        return str(target)
+    if backend_for_config(config, where).name == V1_BACKEND:
+        raise BundleError(f"{path}: DeepSeek-OCR v1 checkpoints are not served by the vLLM engine (vLLM's "
+                          "Transformers backend cannot build this project's v1 port); use the HF engine "
+                          "(--engine local)")
+    return path
+
+
 def resolve_model(name: str, adapter: str | None = None, seed: int = 0) -> ResolvedModel:
     """Where the weights, spec, processor and LoRA adapter of `name` are, for vLLM.
 
@@ -143,7 +181,7 @@ def resolve_model(name: str, adapter: str | None = None, seed: int = 0) -> Resol
         found = resolve_model(tmp, adapter)
         found.temporary.append(tmp)
         return found
-    path = resolve(name)
+    path = vllm_checkpoint(resolve(name))
     local = Path(path)
     spec = read_spec(local) if local.is_dir() else None
     if (local / "adapter_config.json").is_file():
@@ -175,6 +213,29 @@ def resolve_model(name: str, adapter: str | None = None, seed: int = 0) -> Resol
         found.lora = str(adapter)
         found.spec = read_spec(adapter) or spec
     return found
+
+
+def vllm_processor_kwargs(processor) -> dict:
+    """The call-time image settings of our processor (what `set_crop_mode` put on it: crops or not,
+    the view and tile sides, the crop counts), as `mm_processor_kwargs` for the processor vLLM builds
+    from the checkpoint, so that vLLM draws every page as ours does. vLLM's copy draws pages by
+    DeepSeek's rules too: the plugin gives it the same page image processor (`deepsynth.vllm_plugin`)."""
+    settings = getattr(processor, "images_kwargs", None) or {}
+    image_processor = getattr(processor, "image_processor", None)
+    valid = getattr(getattr(image_processor, "valid_kwargs", None), "__annotations__", {})
+    return {key: value for key, value in settings.items() if key in valid}
+
+
+def vllm_hf_overrides(config) -> dict:
+    """`hf_overrides` for vLLM: vLLM picks its model class by the config's `architectures`, which a
+    config saved from a bare config object (DeepSeek's layout converted, `convert_official`) lacks;
+    the class is then the one transformers' image-text-to-text Auto class maps the config to."""
+    if getattr(config, "architectures", None):
+        return {}
+    from transformers import AutoModelForImageTextToText
+
+    cls = AutoModelForImageTextToText._model_mapping.get(type(config), None)
+    return {"architectures": [cls.__name__]} if cls is not None else {}
 
 
 #: peft key prefixes of DeepSeek-OCR-2 adapters in transformers' module names, and the checkpoint
@@ -399,6 +460,8 @@ class VLLMEngine(InstructionEngine):
             found = dataclasses.replace(found, lora=served)
             if tmp is not None:
                 self._temporary.append(tmp)
+        self._images_kwargs = vllm_processor_kwargs(self.processor)
+        self._hf_overrides = vllm_hf_overrides(config)
         self.llm = self._start(found)
         self._lora_request = None
         if found.lora is not None:
@@ -426,16 +489,10 @@ class VLLMEngine(InstructionEngine):
                                                  "disable_any_whitespace": True})
         if opts.max_model_len:
             kwargs["max_model_len"] = opts.max_model_len
-        if type(self.processor).__name__ == "DeepseekOcr2Processor" and impl == "transformers":
-            if self.spec.crop_mode == "tiles":
-                raise BundleError(f"{self.name}: crop mode 'tiles' (local crops) is not served by vLLM's "
-                                  "Transformers backend; use crop mode 'none' or the HF engine")
-            # vLLM builds its own processor from the checkpoint: give it the crop settings that
-            # `set_crop_mode` put on ours (no crops; the global view drawn at `size`, not at
-            # `tile_size`, or a 1024 px model reads a 768 px view with 1024 px token counts)
-            images_kwargs = getattr(self.processor, "images_kwargs", None) or {}
-            kwargs["mm_processor_kwargs"] = {"crop_to_patches": False,
-                                             **{k: images_kwargs[k] for k in ("tile_size",) if k in images_kwargs}}
+        if impl == "transformers":
+            kwargs["mm_processor_kwargs"] = vllm_processor_kwargs(self.processor)
+        if self._hf_overrides:
+            kwargs["hf_overrides"] = self._hf_overrides
         allowed = os.environ.get("VLLM_PLUGINS")
         if allowed is not None and "deepsynth" not in [p.strip() for p in allowed.split(",")]:
             # vLLM's own processes would build the model without the plugin: no patch readout, and
@@ -530,6 +587,27 @@ class VLLMEngine(InstructionEngine):
             return {"prompt_token_ids": builder.encode(self.tokenizer, text), "multi_modal_data": images}
         return {"prompt": text, "multi_modal_data": images}
 
+    def _check_no_crops(self, doc: PreparedDocument, field: str) -> None:
+        """Refuse pages the processor would cut into local crops: vLLM's Transformers backend splits
+        image fields per image by one row count, which the crops (a varying number per page) break.
+        Pages no larger than a tile get the global view alone, which vLLM serves in every crop mode."""
+        if not self._images_kwargs.get("crop_to_patches"):
+            return
+        from deepsynth.models.deepseek_ocr2 import crop_grid
+
+        ip = self.processor.image_processor
+        settings = {key: self._images_kwargs.get(key, getattr(ip, key, None))
+                    for key in ("tile_size", "min_patches", "max_patches")}
+        for k, page in enumerate(doc.pages):
+            columns, rows = crop_grid(page.width, page.height, settings["tile_size"], settings["min_patches"],
+                                      settings["max_patches"])
+            if columns * rows:
+                mode = self.spec.crop_mode or "as saved"
+                raise DocumentError(field, f"page {k + 1} ({page.width}x{page.height} px) would be cut into "
+                                           f"{columns * rows} local crops (crop mode {mode}), "
+                                           "which vLLM's Transformers backend does not serve; use the HF engine "
+                                           "or crop mode 'none'")
+
     def _estimate_prompt_tokens(self, doc: PreparedDocument, prompt: dict) -> int:
         """Prompt length as the processor expands it (image tokens + text), before vLLM sees it."""
         visual = self.visual_token_count(doc) or 0
@@ -545,6 +623,7 @@ class VLLMEngine(InstructionEngine):
         params = self._params(settings, json_schema, stream)
         requests = []
         for i, (doc, instruction) in enumerate(zip(docs, instructions)):
+            self._check_no_crops(doc, field=f"documents[{i}]" if len(docs) > 1 else "document")
             prompt = self._prompt(doc, instruction)
             self.check_length(self._estimate_prompt_tokens(doc, prompt), settings,
                               field=f"documents[{i}]" if len(docs) > 1 else "document")

@@ -14,6 +14,10 @@ What it does (each step is idempotent and needed only where transformers lacks i
 * vision readout: `DeepseekOcr2Model.__init__` applies the config's `vision_readout`, so a model
   that vLLM builds reads image tokens at the patch positions as our checkpoints were trained to.
   Without it vLLM still runs, with the stock readout, and answers garbage (the tests check this);
+* pages: every `DeepseekOcr2Processor` draws pages by DeepSeek's rules (`use_page_rules`: the
+  no-crop view stretched up to 768 px, padded above), as the project's loaders make theirs draw
+  them; vLLM's copy, built from the checkpoint, would otherwise pad every page (transformers'
+  stock image processor), and non-square pages would read differently in the two engines;
 * processor: `_get_num_multimodal_tokens` (how many tokens and pixel rows an image of a given
   size takes: vLLM needs it to profile memory and to split the image fields per image), and, on
   transformers releases whose `DeepseekOcr2Processor` still expands image tokens in its own
@@ -24,6 +28,7 @@ What it does (each step is idempotent and needed only where transformers lacks i
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
@@ -104,6 +109,19 @@ def _patch_processor() -> None:
     from transformers.processing_utils import MultiModalData, ProcessorMixin
 
     cls = DeepseekOcr2Processor
+    init = cls.__init__
+    if not getattr(init, "_deepsynth_pages", False):
+        @functools.wraps(init)  # ProcessorMixin reads the arguments it passes from the signature
+        def __init__(self, *args, **kwargs):
+            init(self, *args, **kwargs)
+            # vLLM builds its processor from the checkpoint, where the page image processor is saved
+            # as transformers' own (which always pads): draw pages as the HF engine does
+            from deepsynth.models.deepseek_ocr2 import use_page_rules
+
+            use_page_rules(self)
+
+        __init__._deepsynth_pages = True
+        cls.__init__ = __init__
     backport = "images_kwargs" not in vars(cls) and "__call__" in vars(cls)
     if backport:
         # transformers releases before the processor moved onto ProcessorMixin's expansion; the
