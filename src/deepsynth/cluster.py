@@ -84,7 +84,9 @@ def ray_session(settings: RaySettings | None = None) -> Iterator[Any]:
         return
     kwargs: dict[str, Any] = {"address": settings.address, "log_to_driver": logger.isEnabledFor(logging.INFO)}
     if settings.address is None and not os.environ.get("RAY_ADDRESS"):
-        kwargs.update(num_cpus=settings.num_cpus, object_store_memory=settings.object_store_memory,
+        # "local" always starts a new instance; address=None would join any cluster that `ray start`
+        # left running on this machine, whatever its size or owner.
+        kwargs.update(address="local", num_cpus=settings.num_cpus, object_store_memory=settings.object_store_memory,
                       include_dashboard=False)
     elif settings.num_cpus is not None or settings.object_store_memory is not None:
         logger.warning("num_cpus/object_store_memory size a local Ray instance; joining %s, they are ignored",
