@@ -4,7 +4,7 @@ overhead, in one run, to a JSON report.
 
 Input: a synthetic SQuAD-v2-schema JSONL file (English-like contexts of 80-220 words, about one
 ``base`` page each; 1 in 10 questions unanswerable and skipped). Every configuration runs
-``deepsynth.data.pipeline.prepare`` end to end on the same file with a fresh ``datasets`` cache and
+``deepsynth.data.prepare.prepare`` end to end on the same file with a fresh ``datasets`` cache and
 a fresh output folder, so each time includes loading the JSONL into Arrow, conversion and
 validation (``datasets.map``), for the render runs laying out, drawing and PNG-encoding every page
 (preset ``base``: 640x640), and writing the Parquet shards. Rates are examples written per second
@@ -41,7 +41,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from deepsynth.data.pipeline import prepare  # noqa: E402
+from deepsynth.data.prepare import prepare  # noqa: E402
 
 logger = logging.getLogger("benchmarks.prepare")
 

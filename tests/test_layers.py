@@ -165,7 +165,7 @@ def test_every_module_is_parsed_and_placed():
     assert {"deepsynth.render.renderer", "deepsynth.data.pipeline", "deepsynth.serve.app"} <= set(MODULES)
     # a module-level import, one inside a function and one under TYPE_CHECKING are all seen
     assert edges[("deepsynth.render.renderer", "deepsynth.render.markdown")] == {"module"}
-    assert "function" in edges[("deepsynth.data.pipeline", "deepsynth.data.ray_prepare")]
+    assert "function" in edges[("deepsynth.data.prepare", "deepsynth.data.ray_prepare")]
     assert edges[("deepsynth.render.wrap", "deepsynth.render.config")] == {"type"}
     for module in MODULES:
         assert stage_of(module) in STAGES

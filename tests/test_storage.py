@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from deepsynth import storage
 from deepsynth.cli import app
 from deepsynth.data import pipeline as P
+from deepsynth.data import prepare as prepare_module
 from deepsynth.data.synthetic import SyntheticConfig, generate
 
 pytest.importorskip("s3fs")
@@ -131,7 +132,7 @@ def test_prepare_writes_to_s3_and_validate_reads_it(s3, records, tmp_path, monke
 
 def test_an_interrupted_prepare_resumes_from_the_bucket(s3, records, tmp_path, monkeypatch):
     uri = f"s3://{BUCKET}/resume"
-    real = P._write_shard
+    real = prepare_module._write_shard
     calls = {"n": 0}
 
     def dies_on_third(*args, **kwargs):
@@ -140,7 +141,7 @@ def test_an_interrupted_prepare_resumes_from_the_bucket(s3, records, tmp_path, m
             raise KeyboardInterrupt("killed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(P, "_write_shard", dies_on_third)
+    monkeypatch.setattr(prepare_module, "_write_shard", dies_on_third)
     with pytest.raises(KeyboardInterrupt):
         P.prepare(str(records), uri, shard_size=2, progress=False)
     keys = _keys(s3, "resume")
@@ -150,7 +151,7 @@ def test_an_interrupted_prepare_resumes_from_the_bucket(s3, records, tmp_path, m
 
     # another machine: no local stage, only the bucket
     shutil.rmtree(storage.cache_root())
-    monkeypatch.setattr(P, "_write_shard", real)
+    monkeypatch.setattr(prepare_module, "_write_shard", real)
     result = P.prepare(str(records), uri, shard_size=2, progress=False)
     assert (result.shards_reused, result.shards_written, result.examples) == (2, 1, 5)
     assert result.out == uri
@@ -249,7 +250,7 @@ def _render_noting_nodes(batch, *, config, notes, hold_s):
     node = ray.get_runtime_context().get_node_id()
     (Path(notes) / f"{node}-{uuid.uuid4().hex}").write_text(str(len(batch["text"])))
     time.sleep(hold_s)
-    return P._render_batch(batch, config=config)  # in the worker: the module's own, not the test's patch
+    return prepare_module._render_batch(batch, config=config)  # in the worker: the module's own, not the test's patch
 
 
 @pytest.mark.slow
@@ -274,9 +275,9 @@ def test_prepare_on_a_multi_node_ray_cluster_spreads_reads_and_writes_s3_and_sur
     s3.put_file(str(source), f"{BUCKET}/cluster/records.jsonl")
     notes = tmp_path / "notes"
     notes.mkdir()
-    real = P._render_batch
+    real = prepare_module._render_batch
     wrapped = functools.partial(_render_noting_nodes, notes=str(notes), hold_s=4.0)
-    monkeypatch.setattr(P, "_render_batch", wrapped)
+    monkeypatch.setattr(prepare_module, "_render_batch", wrapped)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
     store = 100 * 1024 * 1024
@@ -312,7 +313,7 @@ def test_prepare_on_a_multi_node_ray_cluster_spreads_reads_and_writes_s3_and_sur
     assert used == worker_ids  # both worker nodes rendered; the head (no CPUs) did not
     assert (result.examples, result.shards) == (48, 3)
 
-    monkeypatch.setattr(P, "_render_batch", real)
+    monkeypatch.setattr(prepare_module, "_render_batch", real)
     P.prepare(str(source), tmp_path / "local", render=True, preset="tiny", shard_size=20, progress=False)
     manifest = json.loads(s3.cat_file(f"{BUCKET}/cluster/out/manifest.json"))
     assert manifest["complete"]

@@ -91,7 +91,7 @@ def train(
 
     from deepsynth import storage
     from deepsynth.data.instruction_dataset import open_examples
-    from deepsynth.data.pipeline import PrepareError
+    from deepsynth.data.prepared_folder import PrepareError
     from deepsynth.render import RenderConfig
     from deepsynth.training.config import TrainerConfig
     from deepsynth.training.overrides import parse_overrides

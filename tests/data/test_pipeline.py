@@ -18,6 +18,8 @@ from typer.testing import CliRunner
 
 from deepsynth.data import InstructionExample, write_jsonl
 from deepsynth.data import pipeline as P
+from deepsynth.data import prepare as prepare_module
+from deepsynth.data import sources
 from deepsynth.data.cli import register
 from deepsynth.data.instruction_dataset import InstructionDataset
 from deepsynth.render import RenderConfig, render_text
@@ -117,14 +119,14 @@ def test_known_name_goes_through_load_dataset(tmp_path, cache, monkeypatch):
     hub_dir.mkdir(parents=True)
     shutil.copy(FIX / "squad_v2.jsonl", hub_dir / "validation.jsonl")
     calls = []
-    real = P._load_dataset
+    real = sources._load_dataset
 
     def fake(path, name=None, **kw):
         calls.append((path, name, kw.get("split")))
         assert path == "rajpurkar/squad_v2"
         return real(str(hub_dir), name, **kw)
 
-    monkeypatch.setattr(P, "_load_dataset", fake)
+    monkeypatch.setattr(sources, "_load_dataset", fake)
     res = P.prepare("squad_v2", tmp_path / "out", split="validation", limit=4, cache_dir=cache,
                     options={"no_answer": "unanswerable"}, progress=False)
     assert calls == [("rajpurkar/squad_v2", None, "validation")]
@@ -214,7 +216,7 @@ def test_resume_after_interruption(tmp_path, cache, squad_file, monkeypatch):
     ref = tmp_path / "ref"
     P.prepare(str(squad_file), ref, cache_dir=cache, render=True, preset="tiny", shard_size=4, progress=False)
     out = tmp_path / "out"
-    real = P.write_atomic
+    real = prepare_module.write_atomic
     calls = {"n": 0}
 
     def interrupted(path, write):
@@ -226,12 +228,12 @@ def test_resume_after_interruption(tmp_path, cache, squad_file, monkeypatch):
                 raise KeyboardInterrupt
         return real(path, write)
 
-    monkeypatch.setattr(P, "write_atomic", interrupted)
+    monkeypatch.setattr(prepare_module, "write_atomic", interrupted)
     with pytest.raises(KeyboardInterrupt):
         P.prepare(str(squad_file), out, cache_dir=cache, render=True, preset="tiny", num_proc=2, shard_size=4,
                   progress=False)
     assert not manifest(out)["complete"] and len(list((out / "data").glob("*.parquet"))) == 1
-    monkeypatch.setattr(P, "write_atomic", real)
+    monkeypatch.setattr(prepare_module, "write_atomic", real)
     res = P.prepare(str(squad_file), out, cache_dir=cache, render=True, preset="tiny", num_proc=2, shard_size=4,
                     progress=False)
     assert (res.shards, res.shards_reused, res.shards_written) == (3, 1, 2)

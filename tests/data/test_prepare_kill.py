@@ -22,9 +22,10 @@ CHILD = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     from deepsynth.data import pipeline as P
+    from deepsynth.data import prepare as prepare_module
 
     source, out, cache, signal_file = sys.argv[1:5]
-    real = P.write_atomic
+    real = prepare_module.write_atomic
     shards = []
 
     def write_atomic(path, write):
@@ -38,7 +39,7 @@ CHILD = textwrap.dedent("""
                 return real(path, blocked)
         return real(path, write)
 
-    P.write_atomic = write_atomic
+    prepare_module.write_atomic = write_atomic
     P.prepare(source, out, cache_dir=cache, shard_size=4, progress=False)
 """)
 

@@ -18,10 +18,11 @@ from typer.testing import CliRunner
 
 from deepsynth.cluster import ClusterError, RaySettings
 from deepsynth.data import pipeline as P
+from deepsynth.data import prepare as prepare_module
 from deepsynth.data import ray_prepare
 
 FIXTURES = Path(__file__).parent / "fixtures"
-_REAL_RENDER = P._render_batch
+_REAL_RENDER = prepare_module._render_batch
 LIMIT_S = 300  # per test: several times what one takes on a busy 2-core machine
 
 
@@ -126,7 +127,7 @@ def test_a_worker_killed_mid_job_loses_and_duplicates_no_record(ray_instance, tm
     kw = dict(render=True, preset="tiny", shard_size=10, progress=False)
     P.prepare(str(src), tmp_path / "local", cache_dir=str(tmp_path / "c1"), **kw)
     marker = tmp_path / "killed.pid"
-    monkeypatch.setattr(P, "_render_batch", functools.partial(_render_killing_once, marker=str(marker),
+    monkeypatch.setattr(prepare_module, "_render_batch", functools.partial(_render_killing_once, marker=str(marker),
                                                               victim="Record 21."))
     result = P.prepare(str(src), tmp_path / "ray", cache_dir=str(tmp_path / "c2"), engine="ray", **kw)
     assert marker.is_file() and int(marker.read_text()) != os.getpid()  # a worker, not this process, died

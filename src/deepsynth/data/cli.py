@@ -87,7 +87,8 @@ def register(app: typer.Typer) -> None:
         Running the same command again resumes an interrupted run (with either engine)."""
         from deepsynth import storage
         from deepsynth.cluster import ClusterError, RaySettings
-        from deepsynth.data.pipeline import PrepareError, prepare
+        from deepsynth.data.prepare import prepare
+        from deepsynth.data.prepared_folder import PrepareError
 
         options = parse_options(option)
         if no_answer is not None:
@@ -126,7 +127,8 @@ def register(app: typer.Typer) -> None:
         """Check every record and report counts, errors, duplicate ids, length and page histograms.
 
         Exits with code 1 when any record is invalid or an id is empty or duplicated."""
-        from deepsynth.data.pipeline import PrepareError, format_report, validate_path
+        from deepsynth.data.prepared_folder import PrepareError
+        from deepsynth.data.validate import format_report, validate_path
 
         try:
             report = validate_path(path, preset=preset, count_pages=pages, progress=not as_json)
@@ -147,7 +149,8 @@ def register(app: typer.Typer) -> None:
         message: Optional[str] = typer.Option(None, "--message", help="Commit message."),
     ) -> None:
         """Push a prepared folder to the hub with a dataset card (token: HF_TOKEN or the stored login)."""
-        from deepsynth.data.pipeline import PrepareError, upload
+        from deepsynth.data.prepared_folder import PrepareError
+        from deepsynth.data.upload import upload
 
         try:
             url = upload(path, repo, private=private, license=license, commit_message=message)

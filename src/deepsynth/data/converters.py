@@ -7,7 +7,7 @@ is available in two forms:
 * a row function ``<name>_row(row, index, **options) -> InstructionExample`` that raises
   :class:`SkipRecord` for a record the chosen policy leaves out (an unanswerable question with
   ``no_answer="skip"``); the pipeline maps these over a ``datasets.Dataset`` with
-  ``num_proc`` workers (see :mod:`deepsynth.data.pipeline`);
+  ``num_proc`` workers (see :mod:`deepsynth.data.sources`);
 * a list function ``convert_<name>(data, **options) -> list[InstructionExample]`` over a
   ``datasets.Dataset`` or any iterable of dicts.
 

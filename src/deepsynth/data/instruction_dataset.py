@@ -23,6 +23,7 @@ from deepsynth.data.converters import (
     generic_row,
     squad_row,
 )
+from deepsynth.data.prepared_folder import DATA_DIR, MANIFEST, shard_files
 from deepsynth.data.schema import DataValidationError, InstructionExample
 from deepsynth.render import RenderConfig, render_text
 
@@ -165,7 +166,7 @@ def open_examples(path: str | os.PathLike, render_config: RenderConfig | None = 
     ``default_instruction`` fills empty instructions. Raises ``FileNotFoundError`` for a missing
     path, ``ValueError`` (naming the path and what to do) for a folder that is not a prepared
     folder, an unfinished or empty one, or a file without examples, and
-    `deepsynth.data.pipeline.PrepareError` for shards its manifest lists but that are missing."""
+    `deepsynth.data.prepared_folder.PrepareError` for shards its manifest lists but that are missing."""
     from deepsynth import storage
     from deepsynth.data.schema import read_examples
 
@@ -184,8 +185,6 @@ def _is_prepared_shard(path: Path) -> bool:
     """A shard inside a prepared folder's data/, or any Parquet file holding rendered pages."""
     import pyarrow.parquet as pq
 
-    from deepsynth.data.pipeline import DATA_DIR, MANIFEST
-
     if path.parent.name == DATA_DIR and (path.parent.parent / MANIFEST).is_file():
         return True
     names = pq.read_schema(path).names
@@ -193,8 +192,6 @@ def _is_prepared_shard(path: Path) -> bool:
 
 
 def _read_manifest(folder: Path) -> dict:
-    from deepsynth.data.pipeline import MANIFEST
-
     try:
         manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
@@ -214,8 +211,6 @@ def _open_prepared(path: Path, render_config: RenderConfig | None, default_instr
                    cache_dir: str | None) -> InstructionDataset:
     import datasets
 
-    from deepsynth.data.pipeline import DATA_DIR, MANIFEST, _shard_files
-
     if path.is_dir():
         folder = path
         if not (folder / MANIFEST).is_file():
@@ -228,7 +223,7 @@ def _open_prepared(path: Path, render_config: RenderConfig | None, default_instr
         if manifest.get("shards") is None:  # a manifest without a shard list: every Parquet file under data/
             files = sorted((folder / DATA_DIR).glob("*.parquet"))
         else:
-            files = _shard_files(folder, manifest)
+            files = shard_files(folder, manifest)
         if not files:
             raise ValueError(f"{folder}: the prepared folder holds no examples (its rejected.jsonl and "
                              "skipped.jsonl say why records were left out)")

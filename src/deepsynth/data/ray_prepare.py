@@ -1,11 +1,12 @@
-"""`prepare --engine ray`: conversion and rendering of `deepsynth.data.pipeline.prepare` in Ray Data
+"""`prepare --engine ray`: conversion and rendering of `deepsynth.data.prepare.prepare` in Ray Data
 tasks.
 
 The driver (the process running `prepare`) loads the source, plans the shards, removes duplicate
 ids and writes every file exactly as the local engine does; only the two per-record steps move to
 Ray: the converter and the renderer, the same batch functions the local engine maps with
-`datasets`, handed in by `pipeline` (so this module does not import it back). Rows travel through
-Ray's object store, so workers need neither the source files nor the output folder.
+`datasets`, handed in by `deepsynth.data.sources` and `deepsynth.data.prepare` (so this module
+does not import them back). Rows travel through Ray's object store, so workers need neither the
+source files nor the output folder.
 
 Order: the driver feeds row-index-tagged blocks and Ray Data keeps their order
 (`preserve_order`), so converted rows and rendered shards come back in input order; every block
