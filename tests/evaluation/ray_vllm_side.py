@@ -35,7 +35,7 @@ def main() -> None:
     from deepsynth.cli import app
 
     records, out = sys.argv[1], Path(sys.argv[2])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a running cluster
     logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
     flags = ["--engine", "ray", "--decode", "vllm", "--dtype", "float32", "--replicas", "2", "--batch-size", "2",
              "--max-new-tokens", "24"]
