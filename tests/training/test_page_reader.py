@@ -23,6 +23,7 @@ from deepsynth.training.page_reader import (
     PAGE_STAGES,
     PRESET,
     PageReaderConfig,
+    ended_stage,
     evaluate_page_reader,
     make_page_example,
     pretrain_page_reader,
@@ -105,3 +106,12 @@ def test_a_short_phase_saves_a_loadable_reader_scored_on_every_heldout_set(tmp_p
     model, processor = load_model(str(out))
     scores = evaluate_page_reader(model, Collator(processor, max_length=4096), n=1, ablate=False)
     assert 0 <= scores["read"]["char_similarity"] <= 1 and "em_no_instruction" not in scores["form_qa"]
+
+
+def test_a_later_phase_starts_where_the_reader_ended_or_says_what_is_missing(tmp_path):
+    (tmp_path / "reader_pretrain.json").write_text(json.dumps({"phases": [{"final_stage": 1}, {"final_stage": 4}]}))
+    assert ended_stage(str(tmp_path)) == 4
+    with pytest.raises(ValueError, match="reader_pretrain.json is missing"):
+        ended_stage(str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="-1 with --init-from"):
+        PageReaderConfig(start_stage=-1)
