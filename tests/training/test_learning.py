@@ -29,10 +29,10 @@ def test_reader_learns_to_follow_a_new_instruction(tmp_path):
     assert em_blind <= chance_em(SYN) + 0.10, report["scores_no_instruction"]
 
 
-# Measured on the shipped reader (fixed seed, CPU, 400 steps, ~2.5 min): loss 9.34 -> 0.91, EM 0.00
-# -> 0.31, 0.01 without the instruction (chance 0.25). EM is still far from the demo's level;
-# 700 steps gave 0.32, so this checks that learning happens, not how far it goes.
-STEPS = 400
+# This checks that learning happens, not how far it goes (the demo shows how far). The trajectory
+# depends on the CPU's float kernels: at 400 steps one machine reached EM 0.31 and another 0.19, just
+# under MIN_EM, so the run is 700 steps long, which clears the bar on both.
+STEPS = 700
 LOSS_DROP = 0.2
 MIN_EM = 0.2
 MIN_GAIN = 0.2
