@@ -36,7 +36,8 @@ from deepsynth.data.synthetic import SyntheticConfig
 from deepsynth.models.generate import GenerationSettings, generate_with_stats
 from deepsynth.render import RenderConfig, render_text
 from deepsynth.training.config import TrainerConfig
-from deepsynth.training.reader_pretrain import CurriculumStream, StageGate, StageSchedule, save_reader, shifted
+from deepsynth.training.reader_pretrain import (CurriculumStream, StageGate, StageSchedule, option_check, save_reader,
+                                                shifted)
 from deepsynth.training.trainer import Trainer
 
 logger = logging.getLogger(__name__)
@@ -97,11 +98,7 @@ class PageReaderConfig:
     threads: int = 0  # torch CPU threads (0 = torch's default)
 
     def __post_init__(self) -> None:
-        def check(name: str, ok: bool, limit: str) -> None:
-            if not ok:
-                raise ValueError(f"page_reader --{name.replace('_', '-')}={getattr(self, name)!r} is invalid: "
-                                 f"must be {limit}")
-
+        check = option_check("page_reader", self)
         check("minutes", self.minutes > 0, "> 0")
         check("batch_size", self.batch_size >= 1, ">= 1")
         check("lr", 0 < self.lr < 1, "in (0, 1)")

@@ -75,6 +75,18 @@ STAGES = (
 )
 
 
+def option_check(command: str, cfg) -> Callable[[str, bool, str], None]:
+    """`check(name, ok, limit)` for a phase config's `__post_init__`: raises one error naming the
+    command's flag, its value and the limit when `ok` is false."""
+
+    def check(name: str, ok: bool, limit: str) -> None:
+        if not ok:
+            raise ValueError(f"{command} --{name.replace('_', '-')}={getattr(cfg, name)!r} is invalid: "
+                             f"must be {limit}")
+
+    return check
+
+
 @dataclass
 class PretrainConfig:
     """One phase of reader pre-training (every field is a command-line flag: --field-name)."""
@@ -103,11 +115,7 @@ class PretrainConfig:
     resume: str = ""  # continue a killed phase from a checkpoint in run_dir ("latest" = the newest)
 
     def __post_init__(self) -> None:
-        def check(name: str, ok: bool, limit: str) -> None:
-            if not ok:
-                raise ValueError(f"reader_pretrain --{name.replace('_', '-')}={getattr(self, name)!r} is invalid: "
-                                 f"must be {limit}")
-
+        check = option_check("reader_pretrain", self)
         check("minutes", self.minutes > 0, "> 0")
         check("batch_size", self.batch_size >= 1, ">= 1")
         check("lr", 0 < self.lr < 1, "in (0, 1)")
