@@ -147,15 +147,7 @@ def vllm_checkpoint(path: str) -> str:
         return path  # an adapter bundle: its base model is resolved on its own
     config, where = read_config(path)
     if ocr2.is_official_config(config):
-        local = Path(path)
-        if not local.exists():
-            from huggingface_hub import snapshot_download
-
-            local = Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
-        target = ocr2._official_cache(local)
-        if not (target / "config.json").is_file():
-            ocr2.convert_official(local, target)
-        return str(target)
+        return str(ocr2.converted_official(path))
     if backend_for_config(config, where).name == V1_BACKEND:
         raise BundleError(f"{path}: DeepSeek-OCR v1 checkpoints are not served by the vLLM engine (vLLM's "
                           "Transformers backend cannot build this project's v1 port); use the HF engine "

@@ -399,13 +399,10 @@ def _official_cache(src) -> "Path":
     return root / "deepseek-ocr-2-official" / digest
 
 
-def load_official(path: str, dtype: torch.dtype | None = None):
-    """(model, processor) from DeepSeek's own layout, converted once into the cache
-    (`$DEEPSYNTH_CACHE`, default ~/.cache/deepsynth); a checkpoint weight the model lacks, or a model
-    weight the checkpoint lacks, is an error."""
+def converted_official(path: str) -> "Path":
+    """The folder in transformers' layout for a checkpoint in DeepSeek's own layout (a directory or a
+    hub id), converted once into the cache (`$DEEPSYNTH_CACHE`, default ~/.cache/deepsynth)."""
     from pathlib import Path
-
-    from transformers import AutoProcessor
 
     local = Path(path)
     if not local.exists():
@@ -415,6 +412,15 @@ def load_official(path: str, dtype: torch.dtype | None = None):
     target = _official_cache(local)
     if not (target / "config.json").is_file():
         convert_official(local, target)
+    return target
+
+
+def load_official(path: str, dtype: torch.dtype | None = None):
+    """(model, processor) from DeepSeek's own layout (`converted_official`); a checkpoint weight the
+    model lacks, or a model weight the checkpoint lacks, is an error."""
+    from transformers import AutoProcessor
+
+    target = converted_official(path)
     model, info = DeepseekOcr2ForConditionalGeneration.from_pretrained(target, dtype=dtype, output_loading_info=True)
     missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
     mismatched = sorted(str(k) for k in info.get("mismatched_keys", []))
