@@ -145,8 +145,13 @@ def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    if getattr(model.config, "use_cache", None):
-        model.config.use_cache = False  # a KV cache is useless in training and conflicts with recomputation
+    # A KV cache is useless in training and conflicts with recomputation. Composite models keep
+    # `use_cache` on each part's own config (the language model's, the vision encoder's), which is
+    # what their forward reads.
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if getattr(config, "use_cache", None):
+            config.use_cache = False
     return model
 
 
