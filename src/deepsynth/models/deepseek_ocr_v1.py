@@ -422,43 +422,58 @@ def v1_page_settings(original: dict) -> dict:
 
 
 # ---- checkpoint key map ------------------------------------------------------------------------
-# v1 key (regex) -> port key. Per-expert weights and CLIP's fused qkv are handled in code.
-V1_KEY_MAP: list[tuple[str, str]] = [
-    (r"^model\.sam_model\.patch_embed\.proj\.", "model.vision_tower.sam_encoder.patch_embed.projection."),
-    (r"^model\.sam_model\.pos_embed$", "model.vision_tower.sam_encoder.pos_embed"),
-    (r"^model\.sam_model\.blocks\.(\d+)\.norm(\d)\.", r"model.vision_tower.sam_encoder.layers.\1.layer_norm\2."),
-    (r"^model\.sam_model\.blocks\.(\d+)\.(attn|mlp)\.", r"model.vision_tower.sam_encoder.layers.\1.\2."),
-    (r"^model\.sam_model\.neck\.0\.", "model.vision_tower.sam_encoder.neck.conv1."),
-    (r"^model\.sam_model\.neck\.1\.", "model.vision_tower.sam_encoder.neck.layer_norm1."),
-    (r"^model\.sam_model\.neck\.2\.", "model.vision_tower.sam_encoder.neck.conv2."),
-    (r"^model\.sam_model\.neck\.3\.", "model.vision_tower.sam_encoder.neck.layer_norm2."),
-    (r"^model\.sam_model\.net_2\.", "model.vision_tower.sam_encoder.proj.conv1."),
-    (r"^model\.sam_model\.net_3\.", "model.vision_tower.sam_encoder.proj.conv2."),
-    (r"^model\.vision_model\.embeddings\.", "model.vision_tower.clip.embeddings."),
-    (r"^model\.vision_model\.pre_layrnorm\.", "model.vision_tower.clip.pre_layrnorm."),
-    (r"^model\.vision_model\.transformer\.layers\.", "model.vision_tower.clip.encoder.layers."),
-    (r"^model\.projector\.layers\.", "model.multi_modal_projector."),
-    (r"^model\.image_newline$", "model.image_newline"),
-    (r"^model\.view_seperator$", "model.view_separator"),  # sic: the checkpoint's spelling
-    (r"^model\.embed_tokens\.", "model.language_model.embed_tokens."),
-    (r"^model\.norm\.", "model.language_model.norm."),
-    (r"^model\.layers\.", "model.language_model.layers."),
-    (r"^lm_head\.", "lm_head."),
+# (v1 name, port name), one table for both directions. A name ending in "." is a prefix, any other
+# a whole key; "#" stands for a number (a layer's, a norm's). Per-expert weights and CLIP's fused
+# qkv are handled in code.
+V1_NAMES: list[tuple[str, str]] = [
+    ("model.sam_model.patch_embed.proj.", "model.vision_tower.sam_encoder.patch_embed.projection."),
+    ("model.sam_model.pos_embed", "model.vision_tower.sam_encoder.pos_embed"),
+    ("model.sam_model.blocks.#.norm#.", "model.vision_tower.sam_encoder.layers.#.layer_norm#."),
+    ("model.sam_model.blocks.#.attn.", "model.vision_tower.sam_encoder.layers.#.attn."),
+    ("model.sam_model.blocks.#.mlp.", "model.vision_tower.sam_encoder.layers.#.mlp."),
+    ("model.sam_model.neck.0.", "model.vision_tower.sam_encoder.neck.conv1."),
+    ("model.sam_model.neck.1.", "model.vision_tower.sam_encoder.neck.layer_norm1."),
+    ("model.sam_model.neck.2.", "model.vision_tower.sam_encoder.neck.conv2."),
+    ("model.sam_model.neck.3.", "model.vision_tower.sam_encoder.neck.layer_norm2."),
+    ("model.sam_model.net_2.", "model.vision_tower.sam_encoder.proj.conv1."),
+    ("model.sam_model.net_3.", "model.vision_tower.sam_encoder.proj.conv2."),
+    ("model.vision_model.embeddings.", "model.vision_tower.clip.embeddings."),
+    ("model.vision_model.pre_layrnorm.", "model.vision_tower.clip.pre_layrnorm."),
+    ("model.vision_model.transformer.layers.", "model.vision_tower.clip.encoder.layers."),
+    ("model.projector.layers.", "model.multi_modal_projector."),
+    ("model.image_newline", "model.image_newline"),
+    ("model.view_seperator", "model.view_separator"),  # sic: the checkpoint's spelling
+    ("model.embed_tokens.", "model.language_model.embed_tokens."),
+    ("model.norm.", "model.language_model.norm."),
+    ("model.layers.", "model.language_model.layers."),
+    ("lm_head.", "lm_head."),
 ]
+
+
+def _rename_rule(source: str, target: str) -> tuple[re.Pattern, str]:
+    pattern = "^" + re.escape(source).replace("\\#", "#").replace("#", r"(\d+)") + ("" if source.endswith(".") else "$")
+    groups = iter(range(1, source.count("#") + 1))
+    return re.compile(pattern), re.sub("#", lambda _: f"\\{next(groups)}", target)
+
+
+_TO_PORT = [_rename_rule(v1, port) for v1, port in V1_NAMES]
+_TO_V1 = [_rename_rule(port, v1) for v1, port in V1_NAMES]
+
+
+def _rename(key: str, rules: list[tuple[re.Pattern, str]], what: str) -> str:
+    for pattern, repl in rules:
+        new, n = pattern.subn(repl, key)
+        if n:
+            return new
+    raise KeyError(f"{what} key {key!r} is not in the key map")
+
+
 # CLIP's position ids: a persistent buffer of the remote code's CLIP embeddings (transformers 4.46),
 # so a checkpoint that the remote code saved again carries it (2,711 tensors instead of 2,710); the
 # port computes positions and keeps no such buffer.
 _POSITION_IDS = "model.vision_model.embeddings.position_ids"
 _EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 _QKV = re.compile(r"^(model\.vision_model\.transformer\.layers\.\d+\.self_attn\.)qkv_proj\.(weight|bias)$")
-
-
-def _map_key(key: str) -> str:
-    for pattern, repl in V1_KEY_MAP:
-        new, n = re.subn(pattern, repl, key)
-        if n:
-            return new
-    raise KeyError(f"v1 checkpoint key {key!r} is not in the key map")
 
 
 def convert_v1_state_dict(state: dict[str, torch.Tensor], config: DeepseekOcrV1Config) -> dict[str, torch.Tensor]:
@@ -476,11 +491,11 @@ def convert_v1_state_dict(state: dict[str, torch.Tensor], config: DeepseekOcrV1C
             layer, expert, proj = int(m[1]), int(m[2]), m[3]
             experts.setdefault(layer, {}).setdefault(proj, {})[expert] = tensor
         elif m := _QKV.match(key):
-            prefix = _map_key(m[1] + "x").removesuffix("x")
+            prefix = _rename(m[1] + "x", _TO_PORT, "v1 checkpoint").removesuffix("x")
             for name, part in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0)):
                 out[f"{prefix}{name}.{m[2]}"] = part.contiguous()
         else:
-            out[_map_key(key)] = tensor
+            out[_rename(key, _TO_PORT, "v1 checkpoint")] = tensor
     n = config.text_config.n_routed_experts
     for layer, projs in experts.items():
         def stacked(proj: str) -> torch.Tensor:
@@ -497,26 +512,6 @@ def convert_v1_state_dict(state: dict[str, torch.Tensor], config: DeepseekOcrV1C
 
 def to_v1_state_dict(state: dict[str, torch.Tensor], config: DeepseekOcrV1Config) -> dict[str, torch.Tensor]:
     """The inverse of `convert_v1_state_dict`: port state dict -> v1 checkpoint keys."""
-    inverse = [
-        (r"^model\.vision_tower\.sam_encoder\.patch_embed\.projection\.", "model.sam_model.patch_embed.proj."),
-        (r"^model\.vision_tower\.sam_encoder\.pos_embed$", "model.sam_model.pos_embed"),
-        (r"^model\.vision_tower\.sam_encoder\.layers\.(\d+)\.layer_norm(\d)\.", r"model.sam_model.blocks.\1.norm\2."),
-        (r"^model\.vision_tower\.sam_encoder\.layers\.(\d+)\.(attn|mlp)\.", r"model.sam_model.blocks.\1.\2."),
-        (r"^model\.vision_tower\.sam_encoder\.neck\.conv1\.", "model.sam_model.neck.0."),
-        (r"^model\.vision_tower\.sam_encoder\.neck\.layer_norm1\.", "model.sam_model.neck.1."),
-        (r"^model\.vision_tower\.sam_encoder\.neck\.conv2\.", "model.sam_model.neck.2."),
-        (r"^model\.vision_tower\.sam_encoder\.neck\.layer_norm2\.", "model.sam_model.neck.3."),
-        (r"^model\.vision_tower\.sam_encoder\.proj\.conv1\.", "model.sam_model.net_2."),
-        (r"^model\.vision_tower\.sam_encoder\.proj\.conv2\.", "model.sam_model.net_3."),
-        (r"^model\.vision_tower\.clip\.embeddings\.", "model.vision_model.embeddings."),
-        (r"^model\.vision_tower\.clip\.pre_layrnorm\.", "model.vision_model.pre_layrnorm."),
-        (r"^model\.vision_tower\.clip\.encoder\.layers\.", "model.vision_model.transformer.layers."),
-        (r"^model\.multi_modal_projector\.", "model.projector.layers."),
-        (r"^model\.image_newline$", "model.image_newline"),
-        (r"^model\.view_separator$", "model.view_seperator"),
-        (r"^model\.language_model\.", "model."),
-        (r"^lm_head\.", "lm_head."),
-    ]
     out: dict[str, torch.Tensor] = {}
     qkv: dict[str, dict[str, torch.Tensor]] = {}
     moe_dim = config.text_config.moe_intermediate_size
@@ -535,13 +530,7 @@ def to_v1_state_dict(state: dict[str, torch.Tensor], config: DeepseekOcrV1Config
                          key):
             qkv.setdefault(f"{m[1]}|{m[3]}", {})[m[2]] = tensor
             continue
-        for pattern, repl in inverse:
-            new, n = re.subn(pattern, repl, key)
-            if n:
-                out[new] = tensor
-                break
-        else:
-            raise KeyError(f"port key {key!r} has no v1 name")
+        out[_rename(key, _TO_V1, "port")] = tensor
     for joined, parts in qkv.items():
         prefix, kind = joined.split("|")
         v1_prefix = prefix.replace("model.vision_tower.clip.encoder.layers.", "model.vision_model.transformer.layers.")
