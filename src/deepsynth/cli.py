@@ -14,7 +14,7 @@ from deepsynth.data.cli import register as register_data
 from deepsynth.evaluation.cli import register as register_evaluate
 from deepsynth.inference.cli import register as register_ask
 from deepsynth.inference.predict import register as register_predict
-from deepsynth.inference.vllm_cli import register as register_vllm
+from deepsynth.vllm.cli import register as register_vllm
 from deepsynth.models.cli import register as register_models
 from deepsynth.models.push import register as register_push
 from deepsynth.render.cli import register as register_render

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from deepsynth.inference.parity import vllm_python
+from deepsynth.vllm.parity import vllm_python
 
 HERE = Path(__file__).parent
 ROOT = HERE.parents[1]

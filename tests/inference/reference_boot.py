@@ -7,7 +7,7 @@ processor (ToTensor, Normalize, Compose); torchvision's PyPI wheels do not impor
 machine, so this harness puts a stand-in with those three into `sys.modules` before vLLM is
 imported (after transformers, which must go on seeing no torchvision), registers vLLM's two native
 classes in-process (vLLM would inspect them in a fresh subprocess without the stand-in), then runs
-the library's vLLM side (`deepsynth.inference.reference.main`) in-process.
+the library's vLLM side (`deepsynth.vllm.reference.main`) in-process.
 Only the processor's tensor conversion is replaced: what torchvision defines (HWC uint8 -> CHW
 float in [0, 1]; (x - mean) / std per channel).
 """
@@ -70,7 +70,7 @@ if __name__ == "__main__":
     import transformers.image_utils  # noqa: F401
     import transformers.modeling_utils  # noqa: F401
 
-    from deepsynth.inference.reference import main
+    from deepsynth.vllm.reference import main
 
     install()
     # vLLM inspects a model class it knows by name in a fresh subprocess, which would not have the

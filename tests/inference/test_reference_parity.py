@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
-from deepsynth.inference import reference
-from deepsynth.inference.parity import vllm_python
-from deepsynth.models.vllm_export import ExportError, native_adapter, native_config
+from deepsynth.vllm import reference
+from deepsynth.vllm.parity import vllm_python
+from deepsynth.vllm.export import ExportError, native_adapter, native_config
 
 HERE = Path(__file__).parent
 PYTHON = vllm_python()
@@ -133,7 +133,7 @@ def test_lora_finetune_exported_for_vllm_answers_as_our_engine(tmp_path):
     layer) on the OCR-2 fixture; `export_vllm` merges the adapter bundle into vLLM's native layout,
     and vLLM's native class answers as our engine does with the merged adapters."""
     from deepsynth.data.synthetic import SyntheticConfig, generate
-    from deepsynth.models.vllm_export import export_vllm
+    from deepsynth.vllm.export import export_vllm
     from deepsynth.training.config import TrainerConfig
     from deepsynth.training.trainer import Trainer
 
@@ -164,7 +164,7 @@ def test_lora_adapters_served_as_vllm_lora_module_answer_as_our_engine(tmp_path)
     merged. Dense decoder: on this CPU build vLLM's LoRA on a MoE model runs Triton kernels, which it
     does not have (the MoE case is exported, and checked for its format, only)."""
     from deepsynth.data.synthetic import SyntheticConfig, generate
-    from deepsynth.models.vllm_export import export_vllm
+    from deepsynth.vllm.export import export_vllm
     from deepsynth.training.config import TrainerConfig
     from deepsynth.training.trainer import Trainer
 

@@ -17,9 +17,9 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from deepsynth.inference.parity import DEFAULT_EXAMPLES, first_difference, vllm_python
+from deepsynth.vllm.parity import DEFAULT_EXAMPLES, first_difference, vllm_python
 from deepsynth.models.registry import resolve
-from deepsynth.models.vllm_export import ExportError, native_config
+from deepsynth.vllm.export import ExportError, native_config
 
 HERE = Path(__file__).parent
 ROOT = HERE.parents[1]
@@ -85,7 +85,7 @@ def test_vllm_answers_equal_hf_engine_for_tiny_reader(tmp_path):
     assert api["unsupported_schema"]["status"] == 422, api["unsupported_schema"]
     assert "xgrammar" in api["unsupported_schema"]["body"]["message"]
     # Without the plugin's patch readout vLLM does not fail: it reads the page differently and
-    # answers otherwise. This is what the readout step of deepsynth.vllm_plugin prevents.
+    # answers otherwise. This is what the readout step of deepsynth.vllm prevents.
     differ = sum(a != h["answer"] for a, h in zip(out["stock_readout_answers"], hf))
     assert differ >= len(hf) // 2, out["stock_readout_answers"]
 
@@ -109,7 +109,7 @@ def test_lora_adapter_served_unmerged_gives_merged_answers(tmp_path):
     job = {"model": str(adapter), "dtype": "float32", "kv_cache_gib": 1,
            "items": [{"text": d, "instruction": i} for d, i in zip(DOCUMENTS, INSTRUCTIONS)]}
     (tmp_path / "job.json").write_text(json.dumps(job))
-    run_vllm_side(["-m", "deepsynth.inference.vllm_engine", str(tmp_path / "job.json"), str(tmp_path / "out.json")])
+    run_vllm_side(["-m", "deepsynth.vllm.engine", str(tmp_path / "job.json"), str(tmp_path / "out.json")])
     out = json.loads((tmp_path / "out.json").read_text())
     assert out["describe"]["lora"] == str(adapter)  # served as a LoRA module, not merged weights
     for mine, theirs in zip(out["answers"], merged):
@@ -121,7 +121,7 @@ def test_lora_adapter_served_unmerged_gives_merged_answers(tmp_path):
 # The vLLM side of the next test: the prompt ids vLLM reports for the engine's requests, and the answers.
 PLAIN_SIDE = """
 import json, sys
-from deepsynth.inference.vllm_engine import VLLMEngine, VLLMOptions
+from deepsynth.vllm.engine import VLLMEngine, VLLMOptions
 job = json.load(open(sys.argv[1]))
 with VLLMEngine(job["model"], options=VLLMOptions(dtype="float32", kv_cache_gib=1, max_num_seqs=4)) as engine:
     docs = [engine.prepare(d) for d in job["documents"]]
@@ -233,7 +233,7 @@ def test_evaluate_engine_flags_are_checked(tmp_path):
 def test_request_vllm_failed_raises_instead_of_answering_empty():
     from types import SimpleNamespace
 
-    from deepsynth.inference.vllm_engine import VLLMOptions, _raise_if_failed
+    from deepsynth.vllm.engine import VLLMOptions, _raise_if_failed
 
     _raise_if_failed(SimpleNamespace(request_id="r1", outputs=[SimpleNamespace(finish_reason="length")]))
     for reason in ("error", "abort"):
@@ -320,7 +320,7 @@ def page_files(tmp_path):
 PIXEL_SIDE = """
 import json, sys, torch
 from PIL import Image
-from deepsynth.inference.vllm_engine import resolve_model, vllm_hf_overrides, vllm_processor_kwargs
+from deepsynth.vllm.engine import resolve_model, vllm_hf_overrides, vllm_processor_kwargs
 from transformers import AutoConfig
 from transformers.models.deepseek_ocr2.image_processing_pil_deepseek_ocr2 import DeepseekOcr2ImageProcessorPil
 from vllm.config import ModelConfig
@@ -375,7 +375,7 @@ PAGES_SIDE = """
 import json, sys
 from PIL import Image
 from deepsynth.inference.documents import DocumentError
-from deepsynth.inference.vllm_engine import VLLMEngine, VLLMOptions
+from deepsynth.vllm.engine import VLLMEngine, VLLMOptions
 job = json.load(open(sys.argv[1]))
 out = {}
 with VLLMEngine(job["model"], options=VLLMOptions(dtype="float32", kv_cache_gib=1, max_num_seqs=4)) as engine:
@@ -450,7 +450,7 @@ def test_v1_checkpoints_are_refused_with_the_engine_to_use(tmp_path, monkeypatch
     model, processor = v1.build_tiny_v1(seed=5)
     layouts.write_v1(model, processor, tmp_path / "v1")
     monkeypatch.setenv("DEEPSYNTH_CACHE", str(tmp_path / "cache"))
-    proc = subprocess.run([PYTHON, "-c", "import sys\nfrom deepsynth.inference.vllm_engine import vllm_checkpoint\n"
+    proc = subprocess.run([PYTHON, "-c", "import sys\nfrom deepsynth.vllm.engine import vllm_checkpoint\n"
                            "vllm_checkpoint(sys.argv[1])", str(tmp_path / "v1")], capture_output=True, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}, timeout=600, cwd=ROOT)
     assert proc.returncode == 1

@@ -15,7 +15,7 @@ import sys
 
 
 def main() -> None:
-    from deepsynth.inference.vllm_engine import VLLMEngine, VLLMOptions
+    from deepsynth.vllm.engine import VLLMEngine, VLLMOptions
 
     job = json.loads(open(sys.argv[1]).read())
     options = VLLMOptions(dtype="float32", kv_cache_gib=1, max_num_seqs=8)

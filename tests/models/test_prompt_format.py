@@ -302,7 +302,7 @@ def test_a_processor_without_a_bundle_gets_plain_and_others_keep_theirs():
 
 # ---- (g) the vLLM engine's request ----------------------------------------------------------------
 def _vllm_prompt(processor, layout: str, pages: int, instruction: str) -> dict:
-    from deepsynth.inference.vllm_engine import VLLMEngine
+    from deepsynth.vllm.engine import VLLMEngine
 
     engine = SimpleNamespace(spec=ModelSpec(backend="deepseek-ocr-2", prompt_layout=layout), processor=processor,
                              tokenizer=processor.tokenizer)

@@ -43,7 +43,7 @@ def make_engine(model: str = "tiny-reader", engine: str = "hf", dtype: str = "au
         return InstructionEngine(model, dtype=None if dtype == "auto" else getattr(torch, dtype), **kwargs)
     if engine == "vllm":
         _require_vllm()
-        from deepsynth.inference.vllm_engine import VLLMEngine, VLLMOptions
+        from deepsynth.vllm.engine import VLLMEngine, VLLMOptions
 
         options = kwargs.pop("options", None) or VLLMOptions()
         if dtype != "auto":

@@ -10,7 +10,7 @@ What a request is answered with comes from the model bundle, as for the HF engin
 * decoding defaults from generation_config.json (greedy unless it says otherwise);
 * the loop guards of `deepsynth.models.generate.Decoder` (n-gram blocking over prompt + answer,
   the image token suppressed, the loop stop that keeps one copy of a repeated tail) through one
-  vLLM logits processor (`deepsynth.vllm_plugin.guards`), so that in float32 greedy decoding the
+  vLLM logits processor (`deepsynth.vllm.guards`), so that in float32 greedy decoding the
   answers equal the HF engine's token for token (`deepsynth check-parity`);
 * LoRA adapters (an adapter bundle as `model`, or `adapter=`) are served as a vLLM LoRA module on
   the unmerged base;
@@ -18,7 +18,7 @@ What a request is answered with comes from the model bundle, as for the HF engin
   cut is closed as the HF engine closes it.
 
 Models: the tiny DeepSeek-OCR-2 checkpoints (and any image-text-to-text model transformers knows)
-go through vLLM's Transformers backend, with the project's plugin (`deepsynth.vllm_plugin`);
+go through vLLM's Transformers backend, with the project's plugin (`deepsynth.vllm`);
 a checkpoint in vLLM's own DeepSeek-OCR-2 layout (`deepsynth export-vllm`) goes through vLLM's
 native class. Pages are drawn as the HF engine draws them (DeepSeek's page rules: stretched or
 padded views, the bundle's crop settings); local crops are not served by the Transformers backend,
@@ -27,7 +27,7 @@ DeepSeek's own DeepSeek-OCR-2 layout is converted once into the cache as `load_b
 it (`vllm_checkpoint`); DeepSeek-OCR v1 is not served.
 
 vLLM is not a dependency of the project's main environment: `make vllm-env` builds .venv-vllm,
-and this module imports only there. `python -m deepsynth.inference.vllm_engine REQUESTS OUT`
+and this module imports only there. `python -m deepsynth.vllm.engine REQUESTS OUT`
 answers a JSON file of requests with token ids (what check-parity and the tests run there).
 """
 
@@ -56,7 +56,7 @@ from deepsynth.models.bundle import BundleError, ModelSpec, default_spec, make_c
 from deepsynth.models.generate import GenerationSettings, _answer_row
 from deepsynth.models.loops import LoopPolicy, find_loop
 from deepsynth.models.structured import SchemaError
-from deepsynth.vllm_plugin import register
+from deepsynth.vllm import register
 
 # The plugin's processor back-ports apply to this process too (the HF side of check-parity and the
 # processor that counts image tokens run here, not only in vLLM's processes).
@@ -211,7 +211,7 @@ def vllm_processor_kwargs(processor) -> dict:
     """The call-time image settings of our processor (what `set_crop_mode` put on it: crops or not,
     the view and tile sides, the crop counts), as `mm_processor_kwargs` for the processor vLLM builds
     from the checkpoint, so that vLLM draws every page as ours does. vLLM's copy draws pages by
-    DeepSeek's rules too: the plugin gives it the same page image processor (`deepsynth.vllm_plugin`)."""
+    DeepSeek's rules too: the plugin gives it the same page image processor (`deepsynth.vllm`)."""
     settings = getattr(processor, "images_kwargs", None) or {}
     image_processor = getattr(processor, "image_processor", None)
     valid = getattr(getattr(image_processor, "valid_kwargs", None), "__annotations__", {})
@@ -465,7 +465,7 @@ class VLLMEngine(InstructionEngine):
     def _start(self, found: ResolvedModel):
         from vllm import LLM
 
-        from deepsynth.vllm_plugin.guards import DeepsynthGuards
+        from deepsynth.vllm.guards import DeepsynthGuards
 
         opts = self.options
         if opts.kv_cache_gib is not None:
@@ -550,7 +550,7 @@ class VLLMEngine(InstructionEngine):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        from deepsynth.vllm_plugin.guards import guard_args
+        from deepsynth.vllm.guards import guard_args
 
         kwargs = dict(max_tokens=settings.max_new_tokens, repetition_penalty=settings.repetition_penalty,
                       skip_special_tokens=True, output_kind=RequestOutputKind.CUMULATIVE if stream
@@ -805,7 +805,7 @@ def answer_file(requests_path: str | Path, out_path: str | Path) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) != 2:
-        print("usage: python -m deepsynth.inference.vllm_engine REQUESTS.json OUT.json", file=sys.stderr)
+        print("usage: python -m deepsynth.vllm.engine REQUESTS.json OUT.json", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

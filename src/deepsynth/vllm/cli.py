@@ -11,9 +11,9 @@ import typer
 
 def register(app: typer.Typer) -> None:
     """Add ``check-parity``, ``check-reference`` and ``export-vllm`` to a typer app."""
-    from deepsynth.inference.parity import check_parity_command
-    from deepsynth.inference.reference import check_reference_command
-    from deepsynth.models.vllm_export import export_vllm_command
+    from deepsynth.vllm.parity import check_parity_command
+    from deepsynth.vllm.reference import check_reference_command
+    from deepsynth.vllm.export import export_vllm_command
 
     app.command("check-parity")(check_parity_command)
     app.command("check-reference")(check_reference_command)

@@ -9,7 +9,7 @@ Its weight names are those transformers' native class saves (`model.sam_model.*`
 decoder's under `language_model.` and strips `model.` elsewhere), so the weights are copied as
 they are and only config.json is rewritten. Models of other sizes (the tiny presets) and the
 patch readout have no native form: they are served through vLLM's Transformers backend
-(`deepsynth.vllm_plugin`) and this command refuses them.
+(`deepsynth.vllm`) and this command refuses them.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ NATIVE_FIXED = {"sam_patch_size": 16, "sam_window_size": 14, "sam_output_channel
                 "sam_mlp_ratio": 4.0, "encoder_rope_theta": 1000000.0, "image_size": 1024}
 #: `vision_sizes` choices: "native" refuses a model whose vision widths differ from the released
 #: model's; "checkpoint" records its widths in the config (vision_config.width), for comparisons
-#: that build vLLM's classes at those widths (`deepsynth.inference.reference`); plain vLLM cannot
+#: that build vLLM's classes at those widths (`deepsynth.vllm.reference`); plain vLLM cannot
 #: load such an export.
 VISION_SIZES = ("native", "checkpoint")
 

@@ -3,7 +3,7 @@ engine, in float32 with greedy decoding; the first differing token of each answe
 
 The HF side runs in this process (the project's environment, where models are trained and
 evaluated); the vLLM side runs in the vLLM environment (`make vllm-env`), in a subprocess:
-`python -m deepsynth.inference.vllm_engine`, given the rendered pages as PNG files. Both sides
+`python -m deepsynth.vllm.engine`, given the rendered pages as PNG files. Both sides
 decode with the bundle's guards (n-gram blocking, loop stop), so identical weights and identical
 arithmetic give identical tokens; the report names the first token where they part.
 
@@ -62,13 +62,13 @@ def vllm_python(explicit: str | None = None) -> str | None:
 
 
 def run_vllm(job: dict, python: str, workdir: Path, timeout: float = 1800) -> dict:
-    """Answer `job` (see `deepsynth.inference.vllm_engine.answer_file`) with the vLLM engine in
+    """Answer `job` (see `deepsynth.vllm.engine.answer_file`) with the vLLM engine in
     a subprocess of `python`; its stderr is logged when it fails."""
     requests, out = workdir / "requests.json", workdir / "answers.json"
     requests.write_text(json.dumps(job))
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(job.get("kv_cache_gib") or 1)))
-    proc = subprocess.run([python, "-m", "deepsynth.inference.vllm_engine", str(requests), str(out)],
+    proc = subprocess.run([python, "-m", "deepsynth.vllm.engine", str(requests), str(out)],
                           capture_output=True, text=True, env=env, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"the vLLM engine failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")

@@ -1,8 +1,8 @@
 """vLLM general plugin: lets vLLM serve the project's DeepSeek-OCR-2 checkpoints.
 
-Registered as the entry point `vllm.general_plugins: deepsynth = deepsynth.vllm_plugin:register`,
+Registered as the entry point `vllm.general_plugins: deepsynth = deepsynth.vllm:register`,
 so vLLM calls `register()` in every process it starts (front end, engine core, workers). The
-vLLM engine (`deepsynth.inference.vllm_engine`) calls it too, before it loads a processor.
+vLLM engine (`deepsynth.vllm.engine`) calls it too, before it loads a processor.
 
 What it does (each step is idempotent and needed only where transformers lacks it):
 

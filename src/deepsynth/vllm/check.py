@@ -1,4 +1,4 @@
-"""`python -m deepsynth.vllm_plugin.check`: the last step of `make vllm-env`.
+"""`python -m deepsynth.vllm.check`: the last step of `make vllm-env`.
 
 Fails (exit status 1, naming what is missing) unless, in this environment, vLLM imports, vLLM
 finds this project's plugin through its entry point, the plugin registers, and the vLLM engine
@@ -19,14 +19,14 @@ def main() -> int:
               file=sys.stderr)
         return 1
     names = [ep.value for ep in entry_points(group="vllm.general_plugins")]
-    if "deepsynth.vllm_plugin:register" not in names:
-        print(f"the entry point vllm.general_plugins -> deepsynth.vllm_plugin:register is not installed "
+    if "deepsynth.vllm:register" not in names:
+        print(f"the entry point vllm.general_plugins -> deepsynth.vllm:register is not installed "
               f"(found {names}); reinstall the project into this environment", file=sys.stderr)
         return 1
-    from deepsynth.vllm_plugin import register
+    from deepsynth.vllm import register
 
     register()
-    import deepsynth.inference.vllm_engine  # noqa: F401
+    import deepsynth.vllm.engine  # noqa: F401
 
     print(f"vllm {vllm.__version__}: deepsynth plugin registered")
     return 0

@@ -8,11 +8,11 @@ Transformers backend); this check compares the forward pass itself with vLLM's o
 
 * the checkpoint is written in the layout the native class loads (`native_checkpoint`): DeepSeek-OCR
   v1 in the original remote-code layout (`original_config_from_v1` + `to_v1_state_dict`),
-  DeepSeek-OCR-2 through `export-vllm` (`deepsynth.models.vllm_export`);
+  DeepSeek-OCR-2 through `export-vllm` (`deepsynth.vllm.export`);
 * the HF side builds the prompt and page inputs with the engine's own `Decoder.prepare_inputs` and
   decodes greedily with `generate` (no loop guards, no suppressed tokens: vLLM's plain greedy),
   keeping each step's raw logits;
-* the vLLM side (`python -m deepsynth.inference.reference JOB OUT` in the vLLM environment) gets the
+* the vLLM side (`python -m deepsynth.vllm.reference JOB OUT` in the vLLM environment) gets the
   same prompt ids with each page's run of image tokens folded back into one `<image>` (vLLM's
   processor expands it again: the expanded prompt it reports must equal ours token for token) and
   returns each sampled token's raw log-probability.
@@ -61,7 +61,7 @@ BUILT_IN_SIZES = {
                        "num_key_value_heads": 2, "intermediate_size": 4864}},
 }
 #: The vLLM-side entry point (argv before JOB OUT); tests run it through a bootstrap instead.
-SIDE_COMMAND = ["-m", "deepsynth.inference.reference"]
+SIDE_COMMAND = ["-m", "deepsynth.vllm.reference"]
 #: Log-probabilities agree when every token's |HF - vLLM| is at most this (float32).
 LOGPROB_TOLERANCE = 1e-3
 
@@ -142,7 +142,7 @@ def native_checkpoint(src: str | Path, out: Path, model=None, processor=None) ->
     model directory `src`: an original-layout v1 directory is used as it is; a v1 port (`model`,
     `processor` given, or loaded from `src`) is written to `out`; DeepSeek-OCR-2 goes through
     `export_vllm` into `out`."""
-    from deepsynth.models.vllm_export import export_vllm
+    from deepsynth.vllm.export import export_vllm
 
     src = Path(src)
     config = json.loads((src / "config.json").read_text())
@@ -322,7 +322,7 @@ def run_vllm_side(job: dict, python: str, workdir: Path, timeout: float = 3600) 
 # ---- the comparison -------------------------------------------------------------------------------
 def compare(hf: dict, vl: dict, tokenizer=None) -> dict:
     """One answer: token agreement, max |logprob difference| over the common prefix, first difference."""
-    from deepsynth.inference.parity import first_difference
+    from deepsynth.vllm.parity import first_difference
 
     a, b = hf["token_ids"], vl["token_ids"]
     diff = first_difference(a, b)
@@ -361,7 +361,7 @@ def check_reference(model: str, pages: Sequence, instructions: Sequence[str], ma
     import torch
 
     from deepsynth.inference.engine import InstructionEngine
-    from deepsynth.inference.parity import vllm_python
+    from deepsynth.vllm.parity import vllm_python
 
     if len(pages) != len(instructions) or not pages:
         raise ReferenceError(f"{len(pages)} pages but {len(instructions)} instructions: give one page per instruction")
@@ -414,7 +414,7 @@ def check_reference(model: str, pages: Sequence, instructions: Sequence[str], ma
 
 def _write_loaded(engine, family: str, out: Path) -> Path:
     """The engine's loaded (merged) weights in the native layout."""
-    from deepsynth.models.vllm_export import export_loaded
+    from deepsynth.vllm.export import export_loaded
 
     if family == V1:
         return write_v1_native(engine.model, engine.processor, out)
@@ -610,8 +610,8 @@ def check_reference_command(
 ) -> None:
     """Compare our HF engine with vLLM's native DeepSeek-OCR / DeepSeek-OCR-2 class (float32, greedy):
     prompt ids, tokens, max |log-probability difference|, first differing token; exit 1 when they differ."""
-    from deepsynth.inference.parity import DEFAULT_EXAMPLES
-    from deepsynth.models.vllm_export import ExportError
+    from deepsynth.vllm.parity import DEFAULT_EXAMPLES
+    from deepsynth.vllm.export import ExportError
 
     items = _read_items(examples) if examples else [("text", t, i) for t, i in DEFAULT_EXAMPLES]
     try:
@@ -641,10 +641,10 @@ def check_reference_command(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """vLLM side: `python -m deepsynth.inference.reference JOB.json OUT.json`."""
+    """vLLM side: `python -m deepsynth.vllm.reference JOB.json OUT.json`."""
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 2:
-        raise SystemExit("usage: python -m deepsynth.inference.reference JOB.json OUT.json")
+        raise SystemExit("usage: python -m deepsynth.vllm.reference JOB.json OUT.json")
     result = vllm_side(json.loads(Path(args[0]).read_text()))
     Path(args[1]).write_text(json.dumps(result))
 
