@@ -25,7 +25,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -33,6 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(ROOT / "tests"))
+from inference import helpers  # noqa: E402  (the tests' document builders: the same hostile PDFs)
+
 BUDGET_SECONDS = 2.0
 BUDGET_RSS_MB = 200
 GOOD_DOC = "alpha: 12\nbravo: 34\ndelta: 56\necho: 78"
@@ -51,27 +53,7 @@ def png(width: int, height: int, colour=(255, 255, 255)) -> bytes:
 
 def shared_stream_pdf(n_pages: int, n_glyphs: int) -> bytes:
     """`n_pages` pages that all draw one FlateDecode content stream of `n_glyphs` one-glyph text runs."""
-    stream = b"BT /F1 1 Tf 10 10 Td " + b"(a) Tj " * n_glyphs + b"ET"
-    data = zlib.compress(stream, 9)
-    content, font = 3 + n_pages, 4 + n_pages
-    objects = [b"<< /Type /Catalog /Pages 2 0 R >>",
-               f"<< /Type /Pages /Kids [{' '.join(f'{3 + i} 0 R' for i in range(n_pages))}] "
-               f"/Count {n_pages} >>".encode()]
-    objects += [f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents {content} 0 R "
-                f"/Resources << /Font << /F1 {font} 0 R >> >> >>".encode()] * n_pages
-    objects.append(b"<< /Length %d /Filter /FlateDecode >>\nstream\n" % len(data) + data + b"\nendstream")
-    objects.append(b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>")
-    out = io.BytesIO()
-    out.write(b"%PDF-1.4\n")
-    offsets = []
-    for num, body in enumerate(objects, start=1):
-        offsets.append(out.tell())
-        out.write(b"%d 0 obj\n" % num + body + b"\nendobj\n")
-    xref = out.tell()
-    out.write(b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1))
-    out.writelines(b"%010d 00000 n \n" % off for off in offsets)
-    out.write(b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref))
-    return out.getvalue()
+    return helpers.shared_stream_pdf(n_pages, helpers.glyph_stream(n_glyphs))
 
 
 def b64(data: bytes) -> str:
