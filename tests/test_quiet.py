@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from prepare_helpers import squad_rows
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -39,15 +40,6 @@ def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 def quiet_env() -> dict:
     return {**os.environ, "PYTHONWARNINGS": "error", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
             "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def squad_rows(n: int) -> list[dict]:
-    rows = []
-    for i in range(n):
-        ctx = f"Item {i} has code K{i * 7 % 97}."
-        rows.append({"id": f"q{i}", "title": "T", "context": ctx, "question": f"Code of item {i}?",
-                     "answers": {"text": [f"K{i * 7 % 97}"], "answer_start": [ctx.index("K")]}})
-    return rows
 
 
 @pytest.fixture(scope="module")

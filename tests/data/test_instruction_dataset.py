@@ -3,32 +3,21 @@ shards) give their stored pages as they are and report the config those pages we
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import shutil
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from deepsynth.data import InstructionExample, write_jsonl
 from deepsynth.data import pipeline as P
 from deepsynth.data.instruction_dataset import InstructionDataset, open_examples
 from deepsynth.render import RenderConfig, render_text
+from prepare_helpers import squad_rows, stored_pages
 
 TINY = RenderConfig.from_preset("tiny")
 SMALL = RenderConfig.from_preset("small")
-
-
-def squad_rows(n: int) -> list[dict]:
-    rows = []
-    for i in range(n):
-        ctx = f"Item {i} has code K{i * 7 % 97}."
-        rows.append({"id": f"q{i}", "title": "T", "context": ctx, "question": f"Code of item {i}?",
-                     "answers": {"text": [f"K{i * 7 % 97}"], "answer_start": [ctx.index("K")]}})
-    return rows
 
 
 @pytest.fixture(scope="module")
@@ -55,15 +44,6 @@ def rendered(tmp_path_factory, squad_file, cache) -> Path:
 def unrendered(tmp_path_factory, squad_file, cache) -> Path:
     out = tmp_path_factory.mktemp("prep") / "plain"
     P.prepare(str(squad_file), out, cache_dir=cache, progress=False)
-    return out
-
-
-def stored_pages(folder: Path) -> dict[str, list[bytes]]:
-    """Each record's stored PNG pages, decoded to RGB bytes."""
-    out = {}
-    for f in sorted((folder / "data").glob("*.parquet")):
-        for row in pq.read_table(f).to_pylist():
-            out[row["id"]] = [Image.open(io.BytesIO(p["bytes"])).convert("RGB").tobytes() for p in row["Image"]]
     return out
 
 

@@ -4,16 +4,13 @@ overrides reach the run's config.yaml."""
 
 from __future__ import annotations
 
-import io
 import json
 import re
 from dataclasses import asdict
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 import yaml
-from PIL import Image
 from typer.testing import CliRunner
 
 import deepsynth.data.instruction_dataset as ID
@@ -23,17 +20,9 @@ from deepsynth.data import pipeline as P
 from deepsynth.render import RenderConfig
 from deepsynth.training.config import TrainerConfig
 from deepsynth.training.overrides import OverrideError, parse_overrides
+from prepare_helpers import squad_rows, stored_pages
 
 FOLDER_PRESET = "small"  # not the recipe's: the folder's pages must be used as they are, not redrawn
-
-
-def squad_rows(n: int, start: int = 0) -> list[dict]:
-    rows = []
-    for i in range(start, start + n):
-        ctx = f"Item {i} has code K{i * 7 % 97}."
-        rows.append({"id": f"q{i}", "title": "T", "context": ctx, "question": f"Code of item {i}?",
-                     "answers": {"text": [f"K{i * 7 % 97}"], "answer_start": [ctx.index("K")]}})
-    return rows
 
 
 def prepare(tmp: Path, name: str, rows: list[dict], cache: str) -> Path:
@@ -62,14 +51,6 @@ def recipe(tmp_path) -> Path:
 def plain(output: str) -> str:
     """CLI output without the error box typer draws around messages, on one line."""
     return " ".join(re.sub(r"[\u2500-\u257f]", " ", output).split())
-
-
-def stored_pages(folder: Path) -> dict[str, list[bytes]]:
-    out = {}
-    for f in sorted((folder / "data").glob("*.parquet")):
-        for row in pq.read_table(f).to_pylist():
-            out[row["id"]] = [Image.open(io.BytesIO(p["bytes"])).convert("RGB").tobytes() for p in row["Image"]]
-    return out
 
 
 def test_train_from_a_prepared_folder_uses_its_pages_and_the_set_overrides(folders, recipe, tmp_path, monkeypatch):
