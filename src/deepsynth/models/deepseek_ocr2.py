@@ -35,6 +35,7 @@ from deepsynth.models.backend import Backend
 from deepsynth.models.deepseek_shared import (V1_MAX_CROPS, V1_MIN_CROPS, text_config_from_language,
                                               tokenizer_of_remote_code_checkpoint, v1_tile_size)
 from deepsynth.models.tokenizer import build_char_tokenizer
+from deepsynth.render.modes import crop_grid
 
 logger = logging.getLogger(__name__)
 
@@ -433,14 +434,15 @@ def load_official(path: str, dtype: torch.dtype | None = None):
     return model, processor
 
 
-def load(path: str, dtype: torch.dtype | None = None):
+def load(path: str, dtype: torch.dtype | None = None, config: dict | None = None):
     """Backend loader: the native class and its processor, with the saved vision readout; DeepSeek's
-    own repository layout through `load_official`."""
+    own repository layout through `load_official`. config: config.json as the resolver read it
+    (None: read here)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from deepsynth.models.config_file import read_config
 
-    if is_official_config(read_config(path)[0]):
+    if is_official_config(config if config is not None else read_config(path)[0]):
         return load_official(path, dtype)
     # The Auto class picks the patch-readout class for its model type; older checkpoints that
     # store `vision_readout` under the stock type get the readout applied here.
@@ -501,33 +503,6 @@ def _image_settings(config_or_processor, crop_mode: str) -> dict:
     tile = (REAL_TILE_SIZE if side == REAL_PAGE_SIZE else side) if crop_mode == "tiles" else side
     return dict(side=side, tile=tile, min_patches=REAL_MIN_PATCHES, max_patches=REAL_MAX_PATCHES,
                 cell=sam.patch_size * 4, newlines=False)
-
-
-def crop_grid(width: int, height: int, tile: int, min_patches: int = REAL_MIN_PATCHES,
-              max_patches: int = REAL_MAX_PATCHES) -> tuple[int, int]:
-    """(columns, rows) of the local crops DeepSeek's `dynamic_preprocess` cuts from a width x height
-    page; (0, 0) when the page fits one tile. The grid of min_patches..max_patches crops whose aspect
-    ratio is closest to the page's; on a tie the later candidate (more crops) while the page's area
-    exceeds half of the grid's. Candidates are built and ordered as DeepSeek's code builds them
-    (a set sorted by crop count), so that exact ties resolve the same way."""
-    if width < 1 or height < 1:
-        raise ValueError(f"page size must be positive, got {width} x {height}")
-    if max(width, height) <= tile:
-        return 0, 0
-    if not 1 <= min_patches <= max_patches:
-        raise ValueError(f"crops per page: min_patches={min_patches}, max_patches={max_patches}; need "
-                         "1 <= min_patches <= max_patches")
-    candidates = sorted({(c, r) for n in range(min_patches, max_patches + 1) for c in range(1, n + 1)
-                         for r in range(1, n + 1) if min_patches <= c * r <= max_patches}, key=lambda g: g[0] * g[1])
-    aspect, area = width / height, width * height
-    best, best_diff = (1, 1), float("inf")
-    for columns, rows in candidates:
-        diff = abs(aspect - columns / rows)
-        if diff < best_diff:
-            best, best_diff = (columns, rows), diff
-        elif diff == best_diff and area > 0.5 * tile * tile * columns * rows:
-            best = (columns, rows)
-    return best
 
 
 def local_crops(width: int, height: int, tile: int, min_patches: int = REAL_MIN_PATCHES,

@@ -51,24 +51,38 @@ MODES: dict[str, OcrMode] = {
 GUNDAM_MIN_TILES, GUNDAM_MAX_TILES = 2, 6
 
 
-def gundam_tiles(width: int, height: int, tile: int = 640, min_tiles: int = GUNDAM_MIN_TILES,
-                 max_tiles: int = GUNDAM_MAX_TILES) -> int:
-    """Local tiles of a width x height page: 0 when it fits one tile, else the columns x rows grid
-    (between ``min_tiles`` and ``max_tiles`` tiles) whose aspect ratio is closest to the page's,
-    preferring more tiles on a tie while they cover less than twice the page."""
+def crop_grid(width: int, height: int, tile: int, min_patches: int = GUNDAM_MIN_TILES,
+              max_patches: int = GUNDAM_MAX_TILES) -> tuple[int, int]:
+    """(columns, rows) of the local crops DeepSeek's `dynamic_preprocess` cuts from a width x height
+    page; (0, 0) when the page fits one tile. The grid of min_patches..max_patches crops whose aspect
+    ratio is closest to the page's; on a tie the later candidate (more crops) while the page's area
+    exceeds half of the grid's. Candidates are built and ordered as DeepSeek's code builds them
+    (a set sorted by crop count), so that exact ties resolve the same way."""
+    if width < 1 or height < 1:
+        raise ValueError(f"page size must be positive, got {width} x {height}")
     if max(width, height) <= tile:
-        return 0
-    grids = sorted({(c, r) for n in range(min_tiles, max_tiles + 1) for c in range(1, n + 1)
-                    for r in range(1, n + 1) if c * r == n}, key=lambda g: g[0] * g[1])
+        return 0, 0
+    if not 1 <= min_patches <= max_patches:
+        raise ValueError(f"crops per page: min_patches={min_patches}, max_patches={max_patches}; need "
+                         "1 <= min_patches <= max_patches")
+    candidates = sorted({(c, r) for n in range(min_patches, max_patches + 1) for c in range(1, n + 1)
+                         for r in range(1, n + 1) if min_patches <= c * r <= max_patches}, key=lambda g: g[0] * g[1])
     aspect, area = width / height, width * height
     best, best_diff = (1, 1), float("inf")
-    for c, r in grids:
-        diff = abs(aspect - c / r)
+    for columns, rows in candidates:
+        diff = abs(aspect - columns / rows)
         if diff < best_diff:
-            best, best_diff = (c, r), diff
-        elif diff == best_diff and area > 0.5 * tile * tile * c * r:
-            best = (c, r)
-    return best[0] * best[1]
+            best, best_diff = (columns, rows), diff
+        elif diff == best_diff and area > 0.5 * tile * tile * columns * rows:
+            best = (columns, rows)
+    return best
+
+
+def gundam_tiles(width: int, height: int, tile: int = 640, min_tiles: int = GUNDAM_MIN_TILES,
+                 max_tiles: int = GUNDAM_MAX_TILES) -> int:
+    """Local tiles of a width x height page: 0 when it fits one tile, else the tiles of its `crop_grid`."""
+    columns, rows = crop_grid(width, height, tile, min_tiles, max_tiles)
+    return columns * rows
 
 
 def vision_tokens(mode: str | OcrMode, width: int, height: int) -> int:
