@@ -9,7 +9,7 @@ but still knowledge of the module it names: it counts for the order of stages, n
 Stages, lowest first (a module may import its own stage and those before it):
 
 * ``base``: shared utilities every stage may use and which import no other deepsynth module:
-  ``deepsynth`` itself, ``atomic`` (crash-safe writes), ``storage`` (paths and URIs),
+  ``atomic`` (crash-safe writes), ``storage`` (paths and URIs),
   ``cluster`` (connecting to Ray), ``cli_errors`` (how a command reports a failure);
 * ``render``, ``data``, ``models``, ``training``, ``evaluation``, ``inference``, ``serve``: the
   packages of those names;
@@ -18,7 +18,9 @@ Stages, lowest first (a module may import its own stage and those before it):
   its decoding guards and the export to vLLM's native layout belong to ``models`` and import only
   ``models``; the engine, the parity and the reference checks belong to ``inference``; its
   ``cli.py`` and ``check.py`` to ``cli``;
-* ``cli``: the command line on top of everything: ``deepsynth.cli``, every stage's ``cli.py`` (and
+* ``cli``: the front doors on top of everything: the package ``deepsynth`` itself (its lazy
+  ``deepsynth.evaluate`` / ``deepsynth.predict``, the library's entry points), the command line
+  ``deepsynth.cli``, every stage's ``cli.py`` (and
   ``vllm/cli.py``), ``demo`` (the end-to-end demo behind ``deepsynth demo``) and
   ``vllm/check.py`` (the command that checks a vLLM environment, ``make vllm-env``).
 
@@ -36,8 +38,8 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 STAGES = ("base", "render", "data", "models", "training", "evaluation", "inference", "serve", "cli")
-BASE = {"deepsynth", "deepsynth.atomic", "deepsynth.storage", "deepsynth.cluster", "deepsynth.cli_errors"}
-TOP_CLI = {"deepsynth.cli", "deepsynth.demo", "deepsynth.vllm.check"}
+BASE = {"deepsynth.atomic", "deepsynth.storage", "deepsynth.cluster", "deepsynth.cli_errors"}
+TOP_CLI = {"deepsynth", "deepsynth.cli", "deepsynth.demo", "deepsynth.vllm.check"}
 PACKAGE_STAGE = {"render": "render", "data": "data", "models": "models",
                  "training": "training", "evaluation": "evaluation", "inference": "inference", "serve": "serve"}
 #: deepsynth.vllm spans stages: each of its modules sits in the stage it serves (a new one must be placed here).

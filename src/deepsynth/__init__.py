@@ -4,6 +4,26 @@ import logging
 import warnings
 
 __version__ = "0.1.0"
+__all__ = ["evaluate", "predict", "quiet_known_warnings"]
+
+
+
+def __getattr__(name: str):
+    """The library's batch entry points (`deepsynth.inference.batch`), imported on first use:
+    `import deepsynth` stays light and imports no stage."""
+    if name == "evaluate":
+        from deepsynth.inference.batch import evaluate
+
+        return evaluate
+    if name == "predict":
+        from deepsynth.inference.batch import predict
+
+        return predict
+    raise AttributeError(f"module 'deepsynth' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | {"evaluate", "predict"})
 
 
 def quiet_known_warnings() -> None:

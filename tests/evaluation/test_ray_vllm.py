@@ -100,4 +100,4 @@ def test_decode_flag_is_checked(tmp_path):
             replica_decoder("vllm", "float32")
         result = CliRunner().invoke(app, ["evaluate", str(records), "-m", "tiny-reader", "-o", str(tmp_path / "e.json"),
                                           "--no-record", "--engine", "ray", "--decode", "vllm"])
-        assert result.exit_code == 2 and "make vllm-env" in result.output
+        assert result.exit_code == 1 and "make vllm-env" in result.output  # this environment lacks it: not a usage error

@@ -35,7 +35,7 @@ from deepsynth.cluster import ClusterError, RaySettings, ray_session, require_ra
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ReplicaSettings", "decode_on_ray", "evaluate_on_ray", "bundle_spec"]
+__all__ = ["ReplicaSettings", "decode_on_ray", "evaluate_on_ray"]
 
 
 @dataclass
@@ -59,25 +59,6 @@ class ReplicaSettings:
         if self.num_cpus <= 0 or self.num_gpus < 0:
             raise ClusterError(f"num_cpus={self.num_cpus!r}, num_gpus={self.num_gpus!r}: need num_cpus > 0 "
                                "and num_gpus >= 0")
-
-
-def bundle_spec(model: str):
-    """The `ModelSpec` of ``model`` without loading its weights when its folder holds a bundle
-    (the driver needs only what the pages and instructions look like); presets and folders
-    without a bundle are loaded to learn their defaults."""
-    from deepsynth import storage
-    from deepsynth.models.bundle import load_bundle, read_spec
-    from deepsynth.models.registry import preset_backend, resolve
-
-    if storage.is_uri(model):
-        model = str(storage.local_input(model, what="model"))
-    if preset_backend(model) is None:
-        path = Path(resolve(model))
-        if path.is_dir():
-            spec = read_spec(path)
-            if spec is not None:
-                return spec
-    return load_bundle(model).spec
 
 
 def _page_bytes(page: Any) -> bytes:
@@ -248,13 +229,9 @@ def evaluate_on_ray(model: str, dataset, chance: float = 0.0, out_path: str | Pa
     """`deepsynth.evaluation.run.evaluate_with_ablation` with the answers from replicas on Ray:
     the same report (scores, ablation, predictions), written to ``out_path`` when given.
     ``decoder``: as in `decode_on_ray`."""
-    from deepsynth.evaluation.run import ablation_report, attach_tasks, score_predictions
+    from deepsynth.evaluation.run import ablation_report, scored
 
     normal, ablated = decode_on_ray(model, dataset, (None, ""), max_new_tokens=max_new_tokens, replicas=replicas,
                                     settings=settings, decoder=decoder)
-    results = []
-    for records in (normal, ablated):
-        scores = score_predictions(attach_tasks(records, dataset.examples), metrics)
-        results.append({"scores": scores, "metrics": [k for k in scores if k not in ("n", "by_task", "stopped")],
-                        "predictions": records})
-    return ablation_report(*results, chance, out_path)
+    return ablation_report(scored(normal, dataset.examples, metrics), scored(ablated, dataset.examples, metrics),
+                           chance, out_path)

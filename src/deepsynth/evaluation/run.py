@@ -21,7 +21,8 @@ from deepsynth.data.metrics import (  # noqa: F401  (task rules, importable from
 from deepsynth.data.schema import InstructionExample
 from deepsynth.models.generate import Decoder, GenerationSettings
 from deepsynth.render import RenderConfig
-from deepsynth.training.validation import decode_items, evaluate_examples  # noqa: F401  (the one evaluation routine)
+from deepsynth.training.validation import (  # noqa: F401  (the one evaluation routine)
+    as_dataset, decode_dataset, decode_items, evaluate_examples, scored)
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +60,9 @@ def evaluate_with_ablation(
     """Normal score, score with the instruction removed, and the chance level, side by side
     (each example scored by its task unless `metrics` is given).
 
-    A model that really reads the instruction must fall towards `chance` without it.
+    A model that really reads the instruction must fall towards `chance` without it. Each batch of
+    pages is drawn once and answered with and without the instruction (`decode_dataset`).
     """
-    normal = evaluate_examples(decoder, data, render_config, settings, metrics, batch_size=batch_size)
-    ablated = evaluate_examples(decoder, data, render_config, settings, metrics, instruction="",
-                                batch_size=batch_size)
-    return ablation_report(normal, ablated, chance, out_path)
+    dataset, examples = as_dataset(data, render_config)
+    normal, ablated = decode_dataset(decoder, dataset, (None, ""), settings, batch_size)
+    return ablation_report(scored(normal, examples, metrics), scored(ablated, examples, metrics), chance, out_path)

@@ -42,7 +42,7 @@ def make_engine(model: str = "tiny-reader", engine: str = "hf", dtype: str = "au
 
         return InstructionEngine(model, dtype=None if dtype == "auto" else getattr(torch, dtype), **kwargs)
     if engine == "vllm":
-        _require_vllm()
+        require_vllm()
         from deepsynth.vllm.engine import VLLMEngine, VLLMOptions
 
         options = kwargs.pop("options", None) or VLLMOptions()
@@ -52,7 +52,8 @@ def make_engine(model: str = "tiny-reader", engine: str = "hf", dtype: str = "au
     raise ValueError(f"engine {engine!r}: choose one of {ENGINES}")
 
 
-def _require_vllm() -> None:
+def require_vllm() -> None:
+    """ValueError saying how to get vLLM, when this environment has none (checked before a model loads)."""
     try:
         import vllm  # noqa: F401
     except ImportError:
@@ -75,7 +76,7 @@ def replica_decoder(engine: str = "hf", dtype: str = "auto"):
         if dtype != "auto":
             raise ValueError(f"dtype={dtype!r} is for the vLLM engine (the HF replicas use the checkpoint's)")
         return None
-    _require_vllm()
+    require_vllm()
     return functools.partial(_vllm_replica, dtype=dtype)
 
 

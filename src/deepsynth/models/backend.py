@@ -27,7 +27,8 @@ class Backend:
     recognizes:      config.json (dict) -> True when this backend serves the checkpoint whatever its
                      `model_type` says; tried before `model_types`, for layouts whose model_type is
                      shared between families (DeepSeek's remote-code `deepseek_vl_v2`). None = by type only.
-    load:            (path or hub id, dtype) -> (model, processor), with `from_pretrained`.
+    load:            (path or hub id, dtype, config) -> (model, processor), with `from_pretrained`;
+                     config is config.json as `resolve_source` read it (None: the loader reads it).
     presets:         offline tiny models of this family: name -> builder(seed) -> (model, processor).
     aliases:         short names of real checkpoints ("deepseek-ocr-2" -> hub id).
     prompt_layout:   layout of checkpoints and presets without a bundle: "plain" (BOS +

@@ -10,10 +10,13 @@ Beside `config.json`, the weights and the processor files, every directory the p
   the default instruction, the loop-stop policy, the base model of adapters, the training config,
   the training data and evaluation results.
 
+`resolve_source` is the one resolver: it turns a model name (preset, alias, shipped reader, hub id,
+directory, object-storage URI) into a `ModelSource` (where the weights are, the spec read once,
+the backend, an adapter's base, the decoding defaults' folder) without loading weights.
 `load_bundle` is the one loader of the project (training, evaluation, the engine, `ask`, `serve`,
-`push`): it returns (model, processor, spec) for a preset, an alias, a hub id or a directory; a
-directory without `deepsynth.json` gets its backend's defaults, with a warning. See
-docs/architecture.md.
+`push`) on top of it: it returns (model, processor, spec); a directory without `deepsynth.json`
+gets its backend's defaults, with a warning. The vLLM engine and Ray's driver resolve through
+`resolve_source` too. See docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ from deepsynth.models.backend import Backend
 from deepsynth.models.collate import CHAT_TEMPLATE_PROMPT, PLAIN_PROMPT, RAW_PROMPT, Collator, PromptBuilder
 from deepsynth.models.generate import Decoder, GenerationSettings
 from deepsynth.models.loops import LoopPolicy
-from deepsynth.models.registry import backend_for_checkpoint, backend_for_type, backend_of, preset_backend, resolve
+from deepsynth.models.config_file import read_config
+from deepsynth.models.registry import backend_for_config, backend_for_type, backend_of, preset_backend, resolve
 from deepsynth.models.text_encoder import SoftPromptModel, guard_forward, load_soft_prompt_model
 from deepsynth.render import RenderConfig
 
@@ -157,9 +161,10 @@ def make_decoder(model, processor, spec: ModelSpec, settings: GenerationSettings
 
 
 def default_spec(backend: Backend, processor, render_preset: str, crop_mode: str | None = None) -> ModelSpec:
-    """What a model without a bundle is assumed to read: its backend's defaults."""
+    """What a model without a bundle is assumed to read: its backend's defaults (processor None: not
+    loaded yet, `ModelSource.spec_for` settles the chat-template layout once it is)."""
     layout = backend.prompt_layout
-    if layout == "chat-template" and not getattr(processor, "chat_template", None):
+    if layout == "chat-template" and processor is not None and not getattr(processor, "chat_template", None):
         layout = "raw"
     return ModelSpec(backend=backend.name, render=asdict(RenderConfig.from_preset(render_preset)),
                      crop_mode=crop_mode, prompt_layout=layout)
@@ -181,14 +186,16 @@ def write_spec(directory: str | Path, spec: ModelSpec) -> None:
     write_text_atomic(Path(directory) / BUNDLE_FILE, json.dumps(spec.to_dict(), indent=2, default=list) + "\n")
 
 
-def record_evaluation(directory: str | Path, name: str, scores: dict) -> None:
-    """Add evaluation results to a bundle (a directory without a bundle file is left alone)."""
-    spec = read_spec(directory)
-    if spec is None:
+def record_evaluation(directory: str | Path, name: str, scores: dict, spec: ModelSpec | None = None) -> None:
+    """Add evaluation results to a bundle (a directory without a bundle file is left alone).
+
+    spec: the bundle's spec as the caller read it (`ModelSource.spec`), so that a command reads
+    deepsynth.json once; None reads it here."""
+    spec = spec if spec is not None else read_spec(directory)
+    if spec is None or not (Path(directory) / BUNDLE_FILE).is_file():
         logger.warning("%s has no %s: evaluation results not recorded there", directory, BUNDLE_FILE)
         return
-    spec.evaluation[name] = scores
-    write_spec(directory, spec)
+    write_spec(directory, dataclasses.replace(spec, evaluation={**spec.evaluation, name: scores}))
 
 
 # ---- save ----------------------------------------------------------------------------------------
@@ -246,53 +253,167 @@ def _apply_spec(model, processor, spec: ModelSpec, path: Path | None):
     return model
 
 
-def load_bundle(name: str, dtype: torch.dtype | None = None, seed: int = 0, merge_adapters: bool = True) -> LoadedModel:
-    """(model, processor, spec) for a preset, alias, hub id or model directory.
+# ---- resolve ---------------------------------------------------------------------------------
+@dataclass
+class ModelSource:
+    """Where a model is and what its bundle says, found without loading weights (`resolve_source`).
+
+    Every way of opening a model starts here: `load_bundle` (the HF engine, training, `push`,
+    `ask`, `serve`), the vLLM engine and Ray's driver, so each reads config.json and deepsynth.json
+    once and they all agree on the spec, the backend and an adapter's base."""
+
+    # The name as asked (preset, alias, shipped reader, hub id, directory or object-storage URI).
+    name: str
+    # What the weights load from: a local directory or a hub id; None for a preset (built in memory).
+    path: str | None
+    # The family that loads the weights (an adapter bundle's: its base's).
+    backend: Backend = field(repr=False)
+    # The bundle's spec (read once), or the backend's defaults when the model has no deepsynth.json.
+    spec: ModelSpec
+    # Whether `spec` was read from deepsynth.json (False: the backend's defaults).
+    has_bundle: bool
+    # config.json as read once (None for presets and adapter bundles); the backend's loader takes it.
+    config: dict | None = field(default=None, repr=False)
+    # The seed a preset is built with (an adapter bundle's: its base's).
+    seed: int = 0
+    # The adapter directory of an adapter bundle (then `path` is that directory too), else None.
+    adapter: str | None = None
+    # An adapter bundle's base model, resolved the same way; None for any other model.
+    base: ModelSource | None = None
+
+    @property
+    def is_preset(self) -> bool:
+        return self.path is None
+
+    @property
+    def directory(self) -> Path | None:
+        """The local folder of the model (None: a preset or a hub id)."""
+        return Path(self.path) if self.path is not None and Path(self.path).is_dir() else None
+
+    @property
+    def generation_dir(self) -> str | None:
+        """The folder whose generation_config.json holds the decoding defaults: an adapter bundle's
+        own when it has one (the trainer writes it beside the adapters), else its base's; None for a
+        preset (its defaults are the built model's)."""
+        if self.adapter is not None:
+            if (Path(self.adapter) / "generation_config.json").is_file():
+                return self.adapter
+            return self.base.generation_dir if self.base is not None else None
+        return self.path
+
+    def generation_defaults(self) -> GenerationSettings | None:
+        """The decoding defaults of `generation_dir` (None for a preset: ask the built model)."""
+        where = self.generation_dir
+        return generation_defaults(where) if where is not None else None
+
+    def spec_for(self, processor) -> ModelSpec:
+        """The spec to load with `processor`: the bundle's, or the backend's defaults, whose
+        chat-template layout falls back to "raw" for a processor without a chat template."""
+        if self.has_bundle or self.spec.prompt_layout != "chat-template" or getattr(processor, "chat_template", None):
+            return self.spec
+        return dataclasses.replace(self.spec, prompt_layout="raw")
+
+
+def generation_defaults(directory: str) -> GenerationSettings:
+    """The decoding defaults saved in `directory`'s generation_config.json (the library's defaults
+    where it has none)."""
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+
+    try:
+        config = GenerationConfig.from_pretrained(directory)
+    except OSError:
+        config = None
+    return GenerationSettings.from_model(SimpleNamespace(generation_config=config))
+
+
+def resolve_source(name: str, seed: int = 0) -> ModelSource:
+    """The `ModelSource` of a preset, alias, shipped checkpoint, hub id, model directory, adapter
+    bundle or object-storage URI (copied to the local cache first); no weights are loaded.
+
+    seed: the seed a preset is built with (an adapter bundle's base uses the seed its bundle states).
+    """
+    from deepsynth import storage
+
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"model {name!r}: give a preset (tiny, ...), a model directory or a hub id")
+    backend = preset_backend(name)
+    if backend is not None:
+        spec = default_spec(backend, None, backend.render_of_preset(name), crop_mode="none")
+        spec.base_model, spec.base_seed = name, seed
+        return ModelSource(name, None, backend, spec, has_bundle=False, seed=seed)
+    local = str(storage.local_input(name, what="model")) if storage.is_uri(name) else name
+    path = resolve(local)
+    folder = Path(path)
+    if not folder.exists() and (folder.is_absolute() or path.startswith((".", "~")) or path.count("/") > 1):
+        # a hub id is "name" or "owner/name": anything else is a folder that is not there
+        raise FileNotFoundError(f"no model directory {path!r}: give an existing folder, a preset "
+                                f"({', '.join(sorted(_preset_names()))}), the shipped tiny-reader, an alias or "
+                                "a hub id (owner/name)")
+    spec = read_spec(folder) if folder.is_dir() else None
+    adapter_config = folder / "adapter_config.json"
+    if adapter_config.is_file():
+        config = json.loads(adapter_config.read_text())
+        base_name = (spec.base_model if spec else None) or config.get("base_model_name_or_path")
+        if not base_name:
+            raise BundleError(f"{path}: adapters without a base model (no base_model in {BUNDLE_FILE} or "
+                              "base_model_name_or_path in adapter_config.json)")
+        base_seed = spec.base_seed if spec is not None and spec.base_seed is not None else 0
+        base = resolve_source(base_name, seed=base_seed)
+        own = spec if spec is not None else dataclasses.replace(base.spec, weights="adapter", base_model=base_name)
+        return ModelSource(name, path, base.backend, own, has_bundle=spec is not None, seed=base_seed,
+                           adapter=path, base=base)
+    config, where = read_config(path)
+    backend = backend_for_config(config, where)
+    if spec is not None:
+        return ModelSource(name, path, backend, spec, has_bundle=True, config=config, seed=seed)
+    spec = default_spec(backend, None, backend.render_preset, backend.default_crop_mode)
+    spec.base_model = name
+    logger.warning("%s has no %s: assuming %s pages (preset %r), %s prompts and the model's own "
+                   "decoding defaults", name, BUNDLE_FILE, backend.name, backend.render_preset, spec.prompt_layout)
+    return ModelSource(name, path, backend, spec, has_bundle=False, config=config, seed=seed)
+
+
+def _preset_names() -> list[str]:
+    from deepsynth.models.registry import BACKENDS
+
+    return [name for backend in BACKENDS.values() for name in backend.presets]
+
+
+# ---- load ----------------------------------------------------------------------------------------
+def load_bundle(name: str | ModelSource, dtype: torch.dtype | None = None, seed: int = 0,
+                merge_adapters: bool = True) -> LoadedModel:
+    """(model, processor, spec) for a preset, alias, hub id, model directory or URI, or for a
+    `ModelSource` already resolved (`resolve_source`: nothing is read again).
 
     Presets ("tiny", "tiny-qwen2-vl", ...) are randomly initialised (seeded) tiny models of the real
     classes; "tiny-reader" is the shipped pre-trained tiny reader. An adapter bundle loads its base
     model and applies the adapters (merged unless `merge_adapters=False`).
     """
-    backend = preset_backend(name)
-    if backend is not None:
-        model, processor = backend.presets[name](seed=seed)
+    source = name if isinstance(name, ModelSource) else resolve_source(name, seed=seed)
+    backend = source.backend
+    if source.is_preset:
+        model, processor = backend.presets[source.name](seed=source.seed)
         if dtype is not None:
             model = model.to(dtype)
-        spec = default_spec(backend, processor, backend.render_of_preset(name), crop_mode="none")
-        spec.base_model, spec.base_seed = name, seed
+        spec = source.spec_for(processor)
         backend.configure_processor(processor, spec.crop_mode)
         return LoadedModel(guard_forward(model), processor, spec)
-    path = resolve(name)
-    local = Path(path)
-    spec = read_spec(local) if local.is_dir() else None
-    if (local / "adapter_config.json").is_file():
-        return _load_adapter(local, spec, dtype, merge_adapters)
-    backend = backend_for_checkpoint(path)
-    logger.info("loading %s with backend %s", path, backend.name)
-    model, processor = backend.load(path, dtype=dtype)
-    if spec is None:
-        spec = default_spec(backend, processor, backend.render_preset, backend.default_crop_mode)
-        spec.base_model = name
-        logger.warning("%s has no %s: assuming %s pages (preset %r), %s prompts and the model's own "
-                       "decoding defaults", name, BUNDLE_FILE, backend.name, backend.render_preset, spec.prompt_layout)
-    model = _apply_spec(guard_forward(model), processor, spec, local if local.is_dir() else None)
-    return LoadedModel(model, processor, spec)
+    if source.adapter is not None:
+        base = load_bundle(source.base, dtype=dtype)
+        return apply_adapter(base, source.adapter, source.base.name, source.spec if source.has_bundle else None,
+                             merge_adapters)
+    logger.info("loading %s with backend %s", source.path, backend.name)
+    model, processor = backend.load(source.path, dtype=dtype, config=source.config)
+    spec = source.spec_for(processor)
+    return LoadedModel(_apply_spec(guard_forward(model), processor, spec, source.directory), processor, spec)
 
 
 def load_model(name: str, dtype: torch.dtype | None = None, seed: int = 0):
     """(model, processor) of `load_bundle` (see there)."""
     loaded = load_bundle(name, dtype=dtype, seed=seed)
     return loaded.model, loaded.processor
-
-
-def _load_adapter(path: Path, spec: ModelSpec | None, dtype, merge: bool) -> LoadedModel:
-    config = json.loads((path / "adapter_config.json").read_text())
-    base_name = (spec.base_model if spec else None) or config.get("base_model_name_or_path")
-    if not base_name:
-        raise BundleError(f"{path}: adapters without a base model (no base_model in {BUNDLE_FILE} or "
-                          "base_model_name_or_path in adapter_config.json)")
-    base = load_bundle(base_name, dtype=dtype, seed=(spec.base_seed if spec and spec.base_seed is not None else 0))
-    return apply_adapter(base, path, base_name, spec, merge)
 
 
 def apply_adapter(base: LoadedModel, adapter: str | Path, base_name: str = "", spec: ModelSpec | None = None,

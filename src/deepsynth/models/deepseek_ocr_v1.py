@@ -622,16 +622,17 @@ def load_port(path: str | os.PathLike, dtype: torch.dtype | None = None):
     return model, processor
 
 
-def load_v1(path: str, dtype: torch.dtype | None = None):
+def load_v1(path: str, dtype: torch.dtype | None = None, config: dict | None = None):
     """Backend loader: a v1 checkpoint (directory or hub id, original layout) is converted once into
     the cache (`$DEEPSYNTH_CACHE`, default ~/.cache/deepsynth) and loaded from there; an already
-    converted directory is loaded directly."""
+    converted directory is loaded directly. config: config.json as the resolver read it (None: read
+    here)."""
     local = Path(path)
     if not local.exists():
         from huggingface_hub import snapshot_download
 
         local = Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
-    if not is_v1_checkpoint(local):
+    if not (is_v1_config(config) if config is not None else is_v1_checkpoint(local)):
         return load_port(local, dtype)
     target = _cache_dir(local)
     if not (target / "model.safetensors").is_file():

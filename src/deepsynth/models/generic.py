@@ -119,8 +119,9 @@ def prepare_for_generation(model, processor):
     return model, processor
 
 
-def load_generic(path: str, dtype: torch.dtype | None = None):
-    """Backend loader: (AutoModelForImageTextToText, processor) for a local directory or hub id."""
+def load_generic(path: str, dtype: torch.dtype | None = None, config: dict | None = None):
+    """Backend loader: (AutoModelForImageTextToText, processor) for a local directory or hub id
+    (`config`, the resolver's copy of config.json, is not needed here)."""
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
     return prepare_for_generation(model, load_processor(path))
 

@@ -19,14 +19,26 @@ from deepsynth.models.generate import Decoder, GenerationSettings
 from deepsynth.render import RenderConfig
 
 
-def _items(data, render_config: RenderConfig | None) -> tuple[list[dict], list[InstructionExample]]:
-    if isinstance(data, Dataset):
-        dataset = data
-    else:
-        dataset = InstructionDataset(list(data), render_config)
+def as_dataset(data, render_config: RenderConfig | None) -> tuple[Dataset, list[InstructionExample]]:
+    """(a dataset of items, its examples) for examples (drawn with `render_config`) or a dataset."""
+    dataset = data if isinstance(data, Dataset) else InstructionDataset(list(data), render_config)
     examples = list(getattr(dataset, "examples", None) or getattr(getattr(dataset, "dataset", None), "examples", []))
-    items = [dataset[i] for i in range(len(dataset))]
-    return items, examples
+    return dataset, examples
+
+
+def decode_dataset(decoder: Decoder, dataset: Dataset, instructions: Sequence[str | None] = (None,),
+                   settings: GenerationSettings | None = None, batch_size: int = 16) -> list[list[dict]]:
+    """Prediction records (`decode_items`) of every item of `dataset`, once per entry of
+    `instructions` (None: each item's own; "": none, the ablation): one list per entry, in the
+    dataset's order. Items are drawn one batch at a time and answered by every pass before the next
+    batch is drawn, so each page is rendered once and one batch of pages is in memory; the batches
+    are `Decoder.run_all`'s, so the answers are those of one `run_all` over the whole dataset."""
+    passes: list[list[dict]] = [[] for _ in instructions]
+    for start in range(0, len(dataset), batch_size):
+        items = [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
+        for records, instruction in zip(passes, instructions):
+            records += decode_items(decoder, items, settings, instruction, batch_size)
+    return passes
 
 
 def decode_items(decoder: Decoder, items: Sequence[dict], settings: GenerationSettings | None = None,
@@ -57,8 +69,15 @@ def evaluate_examples(
     when given ("" removes it: the ablation). `metrics`: None scores each example by its task
     (`TASK_METRICS`). Returns {"scores", "metrics", "predictions"}; each prediction records its
     task, why generation stopped and how many tokens it took."""
-    items, examples = _items(data, render_config)
-    records = attach_tasks(decode_items(decoder, items, settings, instruction, batch_size), examples)
+    dataset, examples = as_dataset(data, render_config)
+    records = decode_dataset(decoder, dataset, (instruction,), settings, batch_size)[0]
+    return scored(records, examples, metrics)
+
+
+def scored(records: list[dict], examples: Sequence[InstructionExample], metrics: Sequence[str] | None = None) -> dict:
+    """{"scores", "metrics", "predictions"} of prediction records (each scored by its example's task
+    unless `metrics` is given)."""
+    records = attach_tasks(records, examples)
     scores = score_predictions(records, metrics)
     names = [k for k in scores if k not in ("n", "by_task", "stopped")]
     return {"scores": scores, "metrics": names, "predictions": records}

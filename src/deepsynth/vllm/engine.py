@@ -52,7 +52,8 @@ from PIL import Image
 
 from deepsynth.inference.documents import Document, DocumentError, clean_text
 from deepsynth.inference.engine import Answer, DocumentCache, InstructionEngine, PreparedDocument
-from deepsynth.models.bundle import BundleError, ModelSpec, default_spec, make_collator, read_spec, resolve_render
+from deepsynth.models.bundle import (BundleError, ModelSource, ModelSpec, generation_defaults, make_collator, read_spec,
+                                     resolve_render, resolve_source)
 from deepsynth.models.generate import GenerationSettings, _answer_row
 from deepsynth.models.loops import LoopPolicy, find_loop
 from deepsynth.models.structured import SchemaError
@@ -131,8 +132,9 @@ def _native_layout(path: str) -> bool:
     return "language_config" in data and "projector_config" in data
 
 
-def vllm_checkpoint(path: str) -> str:
-    """The directory vLLM loads for the checkpoint at `path` (a directory or hub id).
+def vllm_checkpoint(path: str, config: dict | None = None) -> str:
+    """The directory vLLM loads for the checkpoint at `path` (a directory or hub id; `config`: its
+    config.json as `resolve_source` read it, None: read here).
 
     DeepSeek's own DeepSeek-OCR-2 layout (remote-code config.json) is converted once into the cache,
     as `load_bundle` converts it (`deepseek_ocr2.convert_official`, same cache folder), since vLLM's
@@ -145,59 +147,49 @@ def vllm_checkpoint(path: str) -> str:
 
     if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
         return path  # an adapter bundle: its base model is resolved on its own
-    config, where = read_config(path)
+    config, where = (config, path) if config is not None else read_config(path)
     if ocr2.is_official_config(config):
         return str(ocr2.converted_official(path))
     if backend_for_config(config, where).name == V1_BACKEND:
         raise BundleError(f"{path}: DeepSeek-OCR v1 checkpoints are not served by the vLLM engine (vLLM's "
                           "Transformers backend cannot build this project's v1 port); use the HF engine "
-                          "(--engine local)")
+                          "(--engine hf)")
     return path
 
 
-def resolve_model(name: str, adapter: str | None = None, seed: int = 0) -> ResolvedModel:
-    """Where the weights, spec, processor and LoRA adapter of `name` are, for vLLM.
-
-    name: a model directory, adapter bundle, shipped checkpoint, alias, hub id (from the local
-    cache) or preset (saved to a temporary bundle first, since vLLM loads weights from disk).
+def resolve_model(name: str | ModelSource, adapter: str | None = None, seed: int = 0) -> ResolvedModel:
+    """Where the weights, spec, processor and LoRA adapter of `name` are, for vLLM: the project's
+    resolver (`resolve_source`: presets, aliases, shipped checkpoints, hub ids, directories, adapter
+    bundles, URIs) plus what vLLM needs on top: weights on disk (a preset is saved to a temporary
+    bundle first) in transformers' layout (`vllm_checkpoint`), the adapter as a LoRA module.
     """
     from transformers import AutoProcessor
 
     from deepsynth.models.bundle import load_bundle, save_bundle
-    from deepsynth.models.registry import backend_for_checkpoint, preset_backend, resolve
 
-    if preset_backend(name) is not None:
-        loaded = load_bundle(name, seed=seed)
+    source = name if isinstance(name, ModelSource) else resolve_source(name, seed=seed)
+    if source.is_preset:
+        loaded = load_bundle(source)
         tmp = tempfile.mkdtemp(prefix="deepsynth-vllm-")
         save_bundle(tmp, loaded.model, loaded.processor, loaded.spec)
         found = resolve_model(tmp, adapter)
         found.temporary.append(tmp)
         return found
-    path = vllm_checkpoint(resolve(name))
-    local = Path(path)
-    spec = read_spec(local) if local.is_dir() else None
-    if (local / "adapter_config.json").is_file():
+    if source.adapter is not None:
         if adapter is not None:
-            raise BundleError(f"{name} is an adapter bundle already; serve one adapter at a time (adapter={adapter})")
-        config = json.loads((local / "adapter_config.json").read_text())
-        base_name = (spec.base_model if spec else None) or config.get("base_model_name_or_path")
-        if not base_name:
-            raise BundleError(f"{path}: adapters without a base model (no base_model in deepsynth.json or "
-                              "base_model_name_or_path in adapter_config.json)")
-        base = resolve_model(base_name, seed=spec.base_seed if spec and spec.base_seed is not None else 0)
-        spec = spec or dataclasses.replace(base.spec, weights="adapter", base_model=base_name)
-        base.spec, base.lora = spec, str(local)
-        if (local / "generation_config.json").is_file():
-            base.generation_dir = str(local)
+            raise BundleError(f"{source.name} is an adapter bundle already; serve one adapter at a time "
+                              f"(adapter={adapter})")
+        base = resolve_model(source.base)
+        base.spec = source.spec if source.has_bundle else dataclasses.replace(
+            base.spec, weights="adapter", base_model=source.base.name)
+        base.lora = source.adapter
+        if source.generation_dir == source.adapter:  # the adapters' own decoding defaults
+            base.generation_dir = source.adapter
         return base
-    backend = backend_for_checkpoint(path)
+    path = vllm_checkpoint(source.path, source.config)
     processor = AutoProcessor.from_pretrained(path)
-    if spec is None:
-        spec = default_spec(backend, processor, backend.render_preset, backend.default_crop_mode)
-        spec.base_model = name
-        logger.warning("%s has no deepsynth.json: assuming %s pages and the model's decoding defaults",
-                       name, backend.render_preset)
-    backend.configure_processor(processor, spec.crop_mode)
+    spec = source.spec_for(processor)
+    source.backend.configure_processor(processor, spec.crop_mode)
     found = ResolvedModel(path=path, spec=spec, processor=processor, lora=None, generation_dir=path)
     if adapter is not None:
         if not (Path(adapter) / "adapter_config.json").is_file():
@@ -271,18 +263,6 @@ def _lora_rank(adapter: str) -> int:
         if max(ranks) <= allowed:
             return allowed
     raise ValueError(f"{adapter}: LoRA rank {max(ranks)} is above vLLM's largest max_lora_rank (512)")
-
-
-def _generation_defaults(directory: str) -> GenerationSettings:
-    from types import SimpleNamespace
-
-    from transformers import GenerationConfig
-
-    try:
-        config = GenerationConfig.from_pretrained(directory)
-    except OSError:
-        config = None
-    return GenerationSettings.from_model(SimpleNamespace(generation_config=config))
 
 
 @dataclass
@@ -433,7 +413,7 @@ class VLLMEngine(InstructionEngine):
         self.render_config = resolve_render(self.spec, render_preset)
         self._render_key = json.dumps(dataclasses.asdict(self.render_config), sort_keys=True, default=str).encode()
         self.loop_policy = loop_policy or self.spec.loop_policy()
-        self.generation = generation or _generation_defaults(found.generation_dir)
+        self.generation = generation or generation_defaults(found.generation_dir)
         self.tokenizer = self.processor.tokenizer
         self.collator = make_collator(None, self.processor, self.spec)
         self.max_batch_size = max_batch_size
