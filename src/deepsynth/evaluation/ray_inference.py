@@ -35,7 +35,7 @@ from deepsynth.cluster import ClusterError, RaySettings, ray_session, require_ra
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ReplicaSettings", "decode_on_ray", "evaluate_on_ray"]
+__all__ = ["ReplicaSettings", "decode_on_ray"]
 
 
 @dataclass
@@ -220,18 +220,3 @@ def decode_on_ray(model: str, dataset, instructions: Sequence[str | None] = (Non
         raise RuntimeError(f"Ray returned no prediction for {len(missing)} example(s) (first: row {missing[0]}); "
                            "no predictions were written")
     return found  # type: ignore[return-value]
-
-
-def evaluate_on_ray(model: str, dataset, chance: float = 0.0, out_path: str | Path | None = None,
-                    metrics: Sequence[str] | None = None, *, max_new_tokens: int | None = None,
-                    replicas: ReplicaSettings | None = None, settings: RaySettings | None = None,
-                    decoder=None) -> dict:
-    """`deepsynth.evaluation.run.evaluate_with_ablation` with the answers from replicas on Ray:
-    the same report (scores, ablation, predictions), written to ``out_path`` when given.
-    ``decoder``: as in `decode_on_ray`."""
-    from deepsynth.evaluation.run import ablation_report, scored
-
-    normal, ablated = decode_on_ray(model, dataset, (None, ""), max_new_tokens=max_new_tokens, replicas=replicas,
-                                    settings=settings, decoder=decoder)
-    return ablation_report(scored(normal, dataset.examples, metrics), scored(ablated, dataset.examples, metrics),
-                           chance, out_path)
