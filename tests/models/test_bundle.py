@@ -122,3 +122,49 @@ def test_lora_adapters_with_a_text_encoder_carry_the_projection(tmp_path):
     assert isinstance(from_adapters.model, SoftPromptModel)
     assert torch.equal(from_adapters.model.projection.weight, merged.model.projection.weight)
     assert _answers(from_adapters) == _answers(merged)
+
+
+
+def test_the_resolver_answers_where_what_and_how_without_loading_weights(tmp_path, monkeypatch):
+    """`resolve_source`: path, spec, backend, an adapter's base and seed, decoding defaults, for the
+    shipped reader, a preset and an adapter bundle, with every weight loader made to fail."""
+    import dataclasses
+
+    from deepsynth.models import registry
+    from deepsynth.models.bundle import resolve_source
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the resolver loaded weights")
+
+    monkeypatch.setattr(registry, "BACKENDS", {
+        name: dataclasses.replace(b, load=no_weights, presets={preset: no_weights for preset in b.presets})
+        for name, b in registry.BACKENDS.items()})
+
+    reader = resolve_source("tiny-reader")
+    assert reader.path == str(registry.CHECKPOINT_DIR / "tiny-reader") and reader.has_bundle
+    assert reader.backend.name == reader.spec.backend == "deepseek-ocr-2" and reader.config["model_type"]
+    assert reader.spec == read_spec(reader.path)
+    saved = json.loads((registry.CHECKPOINT_DIR / "tiny-reader" / "generation_config.json").read_text())
+    assert reader.generation_defaults().max_new_tokens == saved["max_new_tokens"]
+
+    preset = resolve_source("tiny", seed=5)
+    assert preset.is_preset and preset.path is None and (preset.spec.base_model, preset.spec.base_seed) == ("tiny", 5)
+    assert preset.generation_defaults() is None  # a preset's are its built model's
+
+    # an adapter bundle (the resolver reads its files only: no adapter weights needed)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "not-this-one"}))
+    spec = ModelSpec(backend="deepseek-ocr-2", weights="adapter", base_model="tiny", base_seed=3,
+                     default_instruction="read")
+    (adapter / BUNDLE_FILE).write_text(json.dumps(spec.to_dict()))
+    found = resolve_source(str(adapter))
+    assert found.adapter == found.path == str(adapter) and found.spec == read_spec(adapter) and found.has_bundle
+    assert found.spec.default_instruction == "read"
+    assert (found.base.name, found.base.seed, found.seed) == ("tiny", 3, 3) and found.base.is_preset
+    assert found.generation_dir is None  # neither the adapters nor the preset base have the file
+    (adapter / "generation_config.json").write_text(json.dumps({"max_new_tokens": 9}))
+    assert found.generation_dir == str(adapter) and found.generation_defaults().max_new_tokens == 9
+
+    with pytest.raises(FileNotFoundError, match="no model directory"):
+        resolve_source(str(tmp_path / "nowhere" / "model"))
