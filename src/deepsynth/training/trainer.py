@@ -23,7 +23,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -175,6 +175,39 @@ def apply_training_options(model, config: TrainerConfig):
     return model
 
 
+@dataclass
+class _Run:
+    """What one `Trainer.train()` call carries from step to step."""
+
+    model: torch.nn.Module  # the model as accelerate prepared it
+    optimizer: torch.optim.Optimizer  # accelerate's wrapper of AdamW
+    scheduler: torch.optim.lr_scheduler.LRScheduler  # accelerate's wrapper of the LambdaLR
+    loader: DataLoader  # accelerate's loader over the training set
+    sampler: EpochSampler | None  # the map-style set's sampler; None for a stream
+    stream: bool  # the training set is an IterableDataset
+    params: list[torch.Tensor]  # the optimizer's parameters, for gradient clipping
+    total_steps: float  # optimizer steps the run takes; inf for a stream bounded by minutes alone
+    progress: dict  # {"seconds": training seconds so far}, read by an LR schedule over a time budget
+    state: dict  # the counters a checkpoint saves (trainer_state.json)
+    log: object  # metrics.jsonl open for appending on the main process, else None
+    eval_examples: Sequence[InstructionExample] | None  # evaluated every eval_interval steps and at the end
+    examples_per_batch: int  # examples the stream produces per micro-batch (all processes)
+    step: int  # optimizer steps done, those before a resume included
+    epoch: int  # passes over a map-style set completed
+    batch_in_epoch: int  # micro-batches drawn in the current pass
+    tokens_before: int  # non-pad input tokens (all processes) of the run before this session
+    tokens: int = 0  # non-pad input tokens of this process since this session started
+    # Seconds spent drawing batches and stepping (evaluation, logging and checkpoints left out):
+    # what tokens/s is measured against.
+    step_seconds: float = 0.0
+    since_log: dict = field(default_factory=lambda: {"seconds": 0.0, "tokens": 0})  # at the last log record
+    last_loss: float | None = None  # mean loss of the micro-batches of the last optimizer step
+    window: list[float] = field(default_factory=list)  # losses of the micro-batches of the step under way
+    stopped: str = "max_steps"  # why the run ended: max_steps, max_minutes or a callback's reason
+    done: bool = False  # the run has ended
+    bar: object = None  # the tqdm progress bar
+
+
 class Trainer:
     """Trains a model on instruction examples. `train()` returns (metrics, checkpoint paths).
 
@@ -251,28 +284,18 @@ class Trainer:
         state before the n-th example it produced; accelerate's loader draws one batch ahead, so
         this is not its current state) and `load_state_dict(state)`.
         """
+        run = self._setup_run(train_data, eval_examples)
+        while not run.done:
+            self._fit_epoch(run)
+        return self._finish(run)
+
+    def _setup_run(self, train_data, eval_examples) -> _Run:
+        """Data, optimizer and schedule prepared by accelerate, the output folder ready, a checkpoint
+        (if asked) restored, the log open, callbacks told: everything the first batch needs."""
         cfg, acc = self.config, self.accelerator
         dataset = self._dataset(train_data)
+        loader, sampler, total_steps = self._loader(dataset)
         stream = isinstance(dataset, IterableDataset)
-        self._note_training_data(dataset)
-        collate = make_collator(self.model, self.processor, self.base_spec, cfg.max_length)
-        if stream:
-            if not (cfg.max_steps or cfg.max_minutes):
-                raise ValueError("a streamed training set (IterableDataset) has no end: set max_steps or max_minutes")
-            if cfg.num_workers:
-                raise ValueError(f"TrainerConfig.num_workers={cfg.num_workers} is invalid with a streamed training set: "
-                                 "must be 0 (the stream is drawn in the training process, where its state is saved)")
-            sampler = None
-            loader = DataLoader(dataset, batch_size=cfg.batch_size, collate_fn=collate)
-            total_steps = cfg.max_steps or math.inf
-        else:
-            if len(dataset) == 0:
-                raise ValueError("the training set is empty")
-            sampler = EpochSampler(len(dataset), cfg.seed)
-            loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate,
-                                num_workers=cfg.num_workers)
-            steps_per_epoch = max(1, len(loader) // cfg.gradient_accumulation_steps)
-            total_steps = cfg.max_steps or cfg.num_epochs * steps_per_epoch
         self._stream = dataset if stream else None
         optimizer = build_optimizer(self.model, cfg)
         params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -284,148 +307,193 @@ class Trainer:
         model, optimizer, loader, scheduler = acc.prepare(self.model, optimizer, loader, scheduler)
         self._prepared = model
 
-        if acc.is_main_process:
-            if self._mirror.uri:  # the remote run so far (its checkpoints: resume_from_checkpoint=latest)
+        self._prepare_output_dir()
+        state, resumed_from = self._restore()
+        log = self._open_log()
+        if resumed_from:
+            self._log(log, {"step": state["step"], "resumed_from": resumed_from})
+        self._seconds_before, self._clock_start = state["train_seconds"], self.clock()
+        # Examples the stream produces per micro-batch: accelerate dispatches a stream's batches
+        # from the main process, which draws one batch per process.
+        examples_per_batch = cfg.batch_size * acc.num_processes if stream else cfg.batch_size
+        self.examples_per_step = examples_per_batch * cfg.gradient_accumulation_steps
+        run = _Run(model=model, optimizer=optimizer, scheduler=scheduler, loader=loader, sampler=sampler,
+                   stream=stream, params=params, total_steps=total_steps, progress=progress, state=state, log=log,
+                   eval_examples=eval_examples, examples_per_batch=examples_per_batch, step=state["step"],
+                   epoch=state["epoch"], batch_in_epoch=state["batch_in_epoch"], tokens_before=state["tokens"])
+        for callback in self.callbacks:
+            callback.on_train_begin(self)
+        # A run bounded by minutes alone has no meaningful step total to show.
+        bar_total = None if (cfg.max_minutes and not cfg.max_steps) or math.isinf(total_steps) else total_steps
+        run.bar = tqdm(total=bar_total, initial=run.step, desc="train", disable=not acc.is_local_main_process)
+        model.train()
+        run.done = run.step >= total_steps
+        return run
+
+    def _loader(self, dataset: Dataset) -> tuple[DataLoader, EpochSampler | None, float]:
+        """(loader, its sampler (None for a stream), optimizer steps the run takes (inf: a stream
+        bounded by minutes))."""
+        cfg = self.config
+        self._note_training_data(dataset)
+        collate = make_collator(self.model, self.processor, self.base_spec, cfg.max_length)
+        if isinstance(dataset, IterableDataset):
+            if not (cfg.max_steps or cfg.max_minutes):
+                raise ValueError("a streamed training set (IterableDataset) has no end: set max_steps or max_minutes")
+            if cfg.num_workers:
+                raise ValueError(f"TrainerConfig.num_workers={cfg.num_workers} is invalid with a streamed training set: "
+                                 "must be 0 (the stream is drawn in the training process, where its state is saved)")
+            loader = DataLoader(dataset, batch_size=cfg.batch_size, collate_fn=collate)
+            return loader, None, cfg.max_steps or math.inf
+        if len(dataset) == 0:
+            raise ValueError("the training set is empty")
+        sampler = EpochSampler(len(dataset), cfg.seed)
+        loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate,
+                            num_workers=cfg.num_workers)
+        steps_per_epoch = max(1, len(loader) // cfg.gradient_accumulation_steps)
+        return loader, sampler, cfg.max_steps or cfg.num_epochs * steps_per_epoch
+
+    def _prepare_output_dir(self) -> None:
+        """The remote run so far pulled (its checkpoints: resume_from_checkpoint=latest) and the
+        temporary folders of an interrupted run removed, before any rank reads the folder."""
+        if self.accelerator.is_main_process:
+            if self._mirror.uri:
                 self._mirror.pull()
             stale = clean_stale_temps(self.out)
             if stale:
                 logger.warning("removed temporary folders left in %s by an interrupted run: %s", self.out, stale)
-        acc.wait_for_everyone()
+        self.accelerator.wait_for_everyone()
+
+    def _restore(self) -> tuple[dict, str | None]:
+        """(the step counters to start from, the checkpoint they came from): a fresh run's, or those
+        of `resume_from_checkpoint` with its optimizer, RNG, callback and stream states restored."""
         state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "train_seconds": 0.0, "loss_first": None,
                  "tokens": 0, "stream_examples": 0}
-        resumed_from = None
-        if cfg.resume_from_checkpoint:
-            loaded = self._load_checkpoint(cfg.resume_from_checkpoint)
-            resumed_from = loaded.pop("resumed_from", None)
-            self._restore_extras(loaded.pop("callbacks", {}), loaded.pop("data", None), loaded.get("step", 0))
-            state.update(loaded)
+        if not self.config.resume_from_checkpoint:
+            return state, None
+        loaded = self._load_checkpoint(self.config.resume_from_checkpoint)
+        resumed_from = loaded.pop("resumed_from", None)
+        self._restore_extras(loaded.pop("callbacks", {}), loaded.pop("data", None), loaded.get("step", 0))
+        state.update(loaded)
+        return state, resumed_from
+
+    def _open_log(self):
+        """config.yaml written, trackers started, metrics.jsonl opened for appending (main process;
+        None elsewhere)."""
+        cfg, acc = self.config, self.accelerator
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             cfg.to_yaml(self.out / "config.yaml")
         if acc.trackers:
             acc.init_trackers("deepsynth", config={k: v for k, v in asdict(cfg).items() if not isinstance(v, list)})
-        log = self._log_file = (self.out / "metrics.jsonl").open("a") if acc.is_main_process else None
-        if resumed_from:
-            self._log(log, {"step": state["step"], "resumed_from": resumed_from})
+        self._log_file = (self.out / "metrics.jsonl").open("a") if acc.is_main_process else None
+        return self._log_file
 
-        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        seconds_before, tokens_before = state["train_seconds"], state["tokens"]
-        start = self.clock()
-        self._seconds_before, self._clock_start = seconds_before, start
-        # Examples the stream produces per micro-batch: accelerate dispatches a stream's batches
-        # from the main process, which draws one batch per process.
-        examples_per_batch = cfg.batch_size * acc.num_processes if stream else cfg.batch_size
-        self.examples_per_step = examples_per_batch * cfg.gradient_accumulation_steps
-        tokens = 0  # non-pad input tokens of this process since this session started
-        # Seconds spent drawing batches and stepping (evaluation, logging and checkpoints left
-        # out): what tokens/s is measured against.
-        step_seconds = 0.0
-        since_log = {"seconds": 0.0, "tokens": 0}
-        for callback in self.callbacks:
-            callback.on_train_begin(self)
-        stopped = "max_steps"
-        last_loss, window = None, []
-        # A run bounded by minutes alone has no meaningful step total to show.
-        bar_total = None if (cfg.max_minutes and not cfg.max_steps) or math.isinf(total_steps) else total_steps
-        bar = tqdm(total=bar_total, initial=step, desc="train", disable=not acc.is_local_main_process)
-        model.train()
-        done = step >= total_steps
-        while not done:
-            if sampler is not None:
-                sampler.epoch = epoch
-            batches = acc.skip_first_batches(loader, batch_in_epoch) if batch_in_epoch and not stream else loader
-            drawn = 0
-            mark = self.clock()
-            for batch in batches:
-                drawn += 1
-                with acc.accumulate(model):
-                    outputs = model(**batch)
-                    loss = outputs.loss
-                    if not torch.isfinite(loss):
-                        self._diverged(step, loss, log)
-                    acc.backward(loss)
-                    if acc.sync_gradients and cfg.max_grad_norm:
-                        acc.clip_grad_norm_(params, cfg.max_grad_norm)
-                    optimizer.step()
-                    progress["seconds"] = self.elapsed()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                step_seconds += self.clock() - mark
-                batch_in_epoch += 1
-                if stream:
-                    state["stream_examples"] += examples_per_batch
-                tokens += _input_tokens(batch)
-                for callback in self.callbacks:
-                    callback.on_batch_end(self, batch, outputs)
-                window.append(loss.detach().float().item())
-                del outputs, loss
-                if not acc.sync_gradients:
-                    mark = self.clock()
-                    continue
-                step += 1
-                last_loss = sum(window) / len(window)
-                window = []
-                if state["loss_first"] is None:
-                    state["loss_first"] = last_loss
-                bar.update(1)
-                bar.set_postfix(loss=f"{last_loss:.4f}")
-                elapsed = self.elapsed()
-                rec = {"step": step, "epoch": epoch, "loss": round(last_loss, 6),
-                       "lr": scheduler.get_last_lr()[0], "seconds": round(elapsed, 2)}
-                if stream:
-                    del rec["epoch"]
-                control = StepControl()
-                for callback in self.callbacks:
-                    callback.on_step_end(self, step, rec, control)
-                if step >= total_steps:
-                    control.stop = "max_steps"
-                elif cfg.max_minutes and elapsed >= cfg.max_minutes * 60:
-                    control.stop = "max_minutes"
-                control = self._agree(control)
-                if step % cfg.log_interval == 0 or step == 1 or control.log:
-                    rec.update(self._telemetry(tokens, step_seconds, since_log))
-                    self._log(log, rec)
-                if cfg.eval_interval and eval_examples and step % cfg.eval_interval == 0:
-                    self._log(log, {"step": step, "eval": self.validate(eval_examples, cfg.eval_samples)})
-                state.update(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, train_seconds=elapsed,
-                             tokens=tokens_before + self._all_processes(tokens))
-                if (cfg.save_interval and step % cfg.save_interval == 0) or control.save:
-                    self.save_checkpoint(state)
-                if control.stop:
-                    done, stopped = True, control.stop
-                    break
+    def _fit_epoch(self, run: _Run) -> None:
+        """One pass over the data (the rest of it after a resume), or until a step ends the run."""
+        acc = self.accelerator
+        if run.sampler is not None:
+            run.sampler.epoch = run.epoch
+        skip = run.batch_in_epoch and not run.stream
+        batches = acc.skip_first_batches(run.loader, run.batch_in_epoch) if skip else run.loader
+        drawn = 0
+        mark = self.clock()
+        for batch in batches:
+            drawn += 1
+            self._micro_step(run, batch, mark)
+            if not acc.sync_gradients:
                 mark = self.clock()
-            else:
-                if not drawn:
-                    raise ValueError("the training set is empty: a pass over it gave no batch")
-                epoch, batch_in_epoch = epoch + 1, 0
-        bar.close()
-        train_seconds = self.elapsed()
-        state.update(step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, train_seconds=train_seconds,
-                     tokens=tokens_before + self._all_processes(tokens))
-        peak, peak_kind = peak_memory_mb(acc.device)
-        telemetry = {"tokens": state["tokens"],
-                     "tokens_per_s": round((state["tokens"] - tokens_before) / step_seconds, 2)
-                     if step_seconds > 0 else None,
-                     "step_seconds": round(step_seconds, 2),
-                     "peak_memory_mb": round(peak, 1), "peak_memory_kind": peak_kind}
-        if last_loss is not None:
-            self._log(log, {"step": step, "loss": round(last_loss, 6), "final": True, **telemetry})
-        metrics = {"train_steps": step, "train_seconds": round(train_seconds, 2), "stopped": stopped,
-                   "loss_first": state["loss_first"], "loss_last": last_loss, **telemetry}
+                continue
+            if self._end_step(run):
+                return
+            mark = self.clock()
+        if not drawn:
+            raise ValueError("the training set is empty: a pass over it gave no batch")
+        run.epoch, run.batch_in_epoch = run.epoch + 1, 0
+
+    def _micro_step(self, run: _Run, batch: dict, mark: float) -> None:
+        """Forward and backward of one micro-batch (at the end of an accumulation window, which
+        accelerate decides, clipping and the optimizer and scheduler steps), its counters, callbacks'
+        on_batch_end; its loss is kept for the step's record. `mark`: the clock when it was drawn."""
+        cfg, acc = self.config, self.accelerator
+        with acc.accumulate(run.model):
+            outputs = run.model(**batch)
+            loss = outputs.loss
+            if not torch.isfinite(loss):
+                self._diverged(run.step, loss, run.log)
+            acc.backward(loss)
+            if acc.sync_gradients and cfg.max_grad_norm:
+                acc.clip_grad_norm_(run.params, cfg.max_grad_norm)
+            run.optimizer.step()
+            run.progress["seconds"] = self.elapsed()
+            run.scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+        run.step_seconds += self.clock() - mark
+        run.batch_in_epoch += 1
+        if run.stream:
+            run.state["stream_examples"] += run.examples_per_batch
+        run.tokens += _input_tokens(batch)
+        for callback in self.callbacks:
+            callback.on_batch_end(self, batch, outputs)
+        run.window.append(loss.detach().float().item())
+
+    def _end_step(self, run: _Run) -> bool:
+        """After an optimizer step: its record, callbacks' requests, the periodic log, evaluation and
+        checkpoint. True when the run ends here."""
+        cfg, step = self.config, run.step + 1
+        run.step, run.last_loss, run.window = step, sum(run.window) / len(run.window), []
+        if run.state["loss_first"] is None:
+            run.state["loss_first"] = run.last_loss
+        run.bar.update(1)
+        run.bar.set_postfix(loss=f"{run.last_loss:.4f}")
+        elapsed = self.elapsed()
+        rec = {"step": step, "epoch": run.epoch, "loss": round(run.last_loss, 6),
+               "lr": run.scheduler.get_last_lr()[0], "seconds": round(elapsed, 2)}
+        if run.stream:
+            del rec["epoch"]
+        control = StepControl()
+        for callback in self.callbacks:
+            callback.on_step_end(self, step, rec, control)
+        if step >= run.total_steps:
+            control.stop = "max_steps"
+        elif cfg.max_minutes and elapsed >= cfg.max_minutes * 60:
+            control.stop = "max_minutes"
+        control = self._agree(control)
+        if step % cfg.log_interval == 0 or step == 1 or control.log:
+            rec.update(self._telemetry(run.tokens, run.step_seconds, run.since_log))
+            self._log(run.log, rec)
+        if cfg.eval_interval and run.eval_examples and step % cfg.eval_interval == 0:
+            self._log(run.log, {"step": step, "eval": self.validate(run.eval_examples, cfg.eval_samples)})
+        self._update_state(run, elapsed)
+        if (cfg.save_interval and step % cfg.save_interval == 0) or control.save:
+            self.save_checkpoint(run.state)
+        if control.stop:
+            run.done, run.stopped = True, control.stop
+        return bool(control.stop)
+
+    def _update_state(self, run: _Run, train_seconds: float) -> None:
+        """The counters a checkpoint saves, as of now (tokens summed over all processes)."""
+        run.state.update(step=run.step, epoch=run.epoch, batch_in_epoch=run.batch_in_epoch,
+                         train_seconds=train_seconds, tokens=run.tokens_before + self._all_processes(run.tokens))
+
+    def _finish(self, run: _Run) -> tuple[dict, list[str]]:
+        """The final record and metrics, callbacks' on_train_end, the last evaluation, checkpoint and
+        model; the run uploaded when its output is remote."""
+        acc = self.accelerator
+        run.bar.close()
+        metrics = self._final_metrics(run)
         for callback in self.callbacks:
             callback.on_train_end(self, metrics)
-        if eval_examples:
-            metrics["eval"] = self.validate(eval_examples, 0)
+        if run.eval_examples:
+            metrics["eval"] = self.validate(run.eval_examples, 0)
             self.evaluation["eval"] = metrics["eval"]
-            self._log(log, {"step": step, "eval": metrics["eval"]})
+            self._log(run.log, {"step": run.step, "eval": metrics["eval"]})
         # Every rank knows the last saved step (only the main process lists checkpoints), so all
         # take part in this save or none does.
-        if getattr(self, "_saved_step", None) != step:
-            self.save_checkpoint(state)
+        if getattr(self, "_saved_step", None) != run.step:
+            self.save_checkpoint(run.state)
         final = self.save_final()
-        if log:
-            log.close()
+        if run.log:
+            run.log.close()
             self._log_file = None
             plot_curves(self.out / "metrics.jsonl", self.out / "curves.png")
         acc.end_training()
@@ -434,6 +502,23 @@ class Trainer:
             final = self._mirror.public(final)
         metrics["final_model"] = final
         return metrics, list(self.checkpoints)
+
+    def _final_metrics(self, run: _Run) -> dict:
+        """The run's metrics (steps, seconds, why it stopped, first and last loss, tokens/s over the
+        whole session, peak memory); the last loss also goes to the log as the `final` record."""
+        train_seconds = self.elapsed()
+        self._update_state(run, train_seconds)
+        peak, peak_kind = peak_memory_mb(self.accelerator.device)
+        state, tokens_before, step_seconds = run.state, run.tokens_before, run.step_seconds
+        telemetry = {"tokens": state["tokens"],
+                     "tokens_per_s": round((state["tokens"] - tokens_before) / step_seconds, 2)
+                     if step_seconds > 0 else None,
+                     "step_seconds": round(step_seconds, 2),
+                     "peak_memory_mb": round(peak, 1), "peak_memory_kind": peak_kind}
+        if run.last_loss is not None:
+            self._log(run.log, {"step": run.step, "loss": round(run.last_loss, 6), "final": True, **telemetry})
+        return {"train_steps": run.step, "train_seconds": round(train_seconds, 2), "stopped": run.stopped,
+                "loss_first": state["loss_first"], "loss_last": run.last_loss, **telemetry}
 
     # ---- helpers for callbacks ----------------------------------------------------------------
     def elapsed(self) -> float:
