@@ -69,6 +69,11 @@ def test_library_evaluate_gives_the_commands_report_and_predict_its_predictions(
     assert [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()] == records_out
     assert deepsynth.predict is batch.predict and deepsynth.evaluate is batch.evaluate
 
+    # without the ablation: one pass, the same scores, the run without the instruction absent
+    once = deepsynth.evaluate(records, bundle, options=options, record=False, ablation=False)
+    assert once["predictions"] == report["predictions"] and once["scores"] == report["scores"]
+    assert once["scores_no_instruction"] is once["ablation"] is once["predictions_no_instruction"] is None
+
 
 def test_each_bundle_file_is_read_once_and_each_page_drawn_once(bundle, records, tmp_path, monkeypatch):
     """Our code reads files through `Path.read_text` (config_file, read_spec): count it per file

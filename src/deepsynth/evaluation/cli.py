@@ -1,6 +1,6 @@
 """``deepsynth evaluate``: score a model with and without the instruction, as it is served.
 
-    deepsynth evaluate DATA -m MODEL [-o OUT] [--metrics em,f1,rouge] [--preset P] [--max-new-tokens N]
+    deepsynth evaluate DATA -m MODEL [-o OUT] [--metrics em,f1,rouge] [--preset P] [--max-new-tokens N] [--no-ablation]
                        [--engine hf | vllm [--dtype D] | ray [--address A] [--replicas R] [--gpus-per-replica G]
                                                              [--decode vllm --dtype D]]
 
@@ -42,6 +42,8 @@ def evaluate_command(
     preset: Optional[str] = typer.Option(None, help="Render preset override (default: the model's bundle)."),
     max_new_tokens: Optional[int] = typer.Option(None, help="Decoding override (default: the model's bundle)."),
     chance: float = typer.Option(0.0, help="Chance level reported beside the ablation."),
+    ablation: bool = typer.Option(True, help="Also answer without the instruction (the ablation); "
+                                             "--no-ablation answers once."),
     record: bool = typer.Option(True, help="Record the scores in the model directory's bundle."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Examples per generate call."),
     engine: str = typer.Option("hf", "--engine", help=ENGINE_HELP + " Same report."),
@@ -62,7 +64,8 @@ def evaluate_command(
     options = batch_options(engine, dtype, batch_size, max_new_tokens, preset, decode, address, replicas,
                             gpus_per_replica)
     # a bad model or data, or a missing Ray / vLLM, is one `error:` line and exit code 1 (deepsynth.cli_errors)
-    report = evaluate(data, model, out, options=options, metrics=names, chance=chance, record=record)
+    report = evaluate(data, model, out, options=options, metrics=names, chance=chance, ablation=ablation,
+                      record=record)
     summary = {k: report[k] for k in ("n", "metrics", "scores", "scores_no_instruction", "ablation")}
     typer.echo(json.dumps(summary, indent=2))
 

@@ -27,18 +27,21 @@ from deepsynth.training.validation import (  # noqa: F401  (the one evaluation r
 logger = logging.getLogger(__name__)
 
 
-def ablation_report(normal: dict, ablated: dict, chance: float = 0.0, out_path: str | Path | None = None) -> dict:
+def ablation_report(normal: dict, ablated: dict | None, chance: float = 0.0,
+                    out_path: str | Path | None = None) -> dict:
     """The report of `evaluate_with_ablation` from its two `evaluate_examples` results (written
-    to `out_path` when given)."""
+    to `out_path` when given). `ablated` None (no ablation run): the fields of the run without the
+    instruction are None."""
     key = "em" if "em" in normal["scores"] else normal["metrics"][0]
     report = {
         "n": len(normal["predictions"]),
         "metrics": normal["metrics"],
         "scores": normal["scores"],
-        "scores_no_instruction": ablated["scores"],
-        "ablation": {"metric": key, **ablation_summary(normal["scores"][key], ablated["scores"][key], chance)},
+        "scores_no_instruction": ablated["scores"] if ablated is not None else None,
+        "ablation": ({"metric": key, **ablation_summary(normal["scores"][key], ablated["scores"][key], chance)}
+                     if ablated is not None else None),
         "predictions": normal["predictions"],
-        "predictions_no_instruction": ablated["predictions"],
+        "predictions_no_instruction": ablated["predictions"] if ablated is not None else None,
     }
     if out_path is not None:
         from deepsynth import storage

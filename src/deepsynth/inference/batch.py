@@ -219,13 +219,17 @@ def predict(data: str | os.PathLike, model: str | os.PathLike, out: str | os.Pat
 
 def evaluate(data: str | os.PathLike, model: str | os.PathLike, out: str | os.PathLike | None = None, *,
              options: BatchOptions | None = None, metrics: str | Sequence[str] | None = None, chance: float = 0.0,
-             record: bool = True, **option_fields) -> dict:
+             ablation: bool = True, record: bool = True, **option_fields) -> dict:
     """Score `model` on `data` with and without the instruction (the ablation), as it is served.
 
     Returns the report ``deepsynth evaluate`` writes (and writes it to `out` when given): ``n``,
     ``metrics``, ``scores`` (each example by its task: EM/F1, ROUGE-1/2/L, per task in
     ``by_task``), ``scores_no_instruction``, ``ablation`` (the drop against `chance`),
     ``predictions`` and ``predictions_no_instruction``.
+
+    ablation: also answer every example without its instruction (a model that reads the
+             instruction must fall towards `chance`); False answers once, and the report's three
+             fields of that run are None.
 
     metrics: names (or one comma-separated string) of metrics for every example (em, f1, rouge1,
              rouge2, rougeL, rougeLsum, rouge); None scores each example by its task.
@@ -239,9 +243,10 @@ def evaluate(data: str | os.PathLike, model: str | os.PathLike, out: str | os.Pa
     options = _options(options, option_fields)
     names = metric_names(metrics)
     with open_run(data, model, options) as run:
-        normal, ablated = run.answer((None, ""))
+        answered = run.answer((None, "") if ablation else (None,))
     examples = run.dataset.examples
-    report = ablation_report(scored(normal, examples, names), scored(ablated, examples, names), chance, out)
+    ablated = scored(answered[1], examples, names) if ablation else None
+    report = ablation_report(scored(answered[0], examples, names), ablated, chance, out)
     folder = str(model)
     # a model in object storage is read from a cached copy: its bundle is not rewritten
     if record and not storage.is_uri(folder) and Path(folder).is_dir():
