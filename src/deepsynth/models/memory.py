@@ -275,99 +275,31 @@ def estimate_memory(model: str, lora: bool = False, text_encoder: str | None = N
     lora = lora or qlora
     net = build_meta_model(model)
     pbytes = PRECISION_BYTES[precision]
+    act_bytes = 2 if qlora else pbytes
     text = net.config.get_text_config()
     crop_mode = "tiles" if crops else "none"
     seq = seq_len or image_tokens_per_page(net, page_size, crop_mode) + text_tokens
-    notes = []
-
-    params = {n: p.numel() for n, p in net.named_parameters()}
-    total_params = sum(params.values())
-    vision = named_submodule(net, VISION_TOWER_NAMES)
-    decoder = named_submodule(net, DECODER_NAMES)
-    vision_params = sum(v for n, v in params.items() if vision and n.startswith(vision[0] + "."))
-
-    weights = total_params * pbytes
-    trainable_base = 0 if lora else total_params - (vision_params if freeze_vision else 0)
-    lora_params = 0
-    targets: list[nn.Module] = []
-    fused: list[torch.Tensor] = []
-    if lora:
-        import re
-
-        pattern = lora_target_modules(net)
-        targets = [m for n, m in net.named_modules() if re.fullmatch(pattern, n)]
-        lora_params = sum(lora_rank * (m.in_features + m.out_features) for m in targets)
-        # Fused expert parameters (experts, a, b) reached through peft target_parameters: one rank-r
-        # pair per expert, r x experts x (a + b) parameters.
-        fused_names = lora_target_parameters(net, lora_experts)
-        fused = [p for n, p in net.named_parameters() if p.ndim == 3 and any(n.endswith("." + t) for t in fused_names)]
-        lora_params += sum(lora_rank * p.shape[0] * (p.shape[1] + p.shape[2]) for p in fused)
-        if qlora:
-            # every decoder Linear is quantised (not only the LoRA targets)
-            quantized = sum(m.weight.numel() for n, m in net.named_modules()
-                            if isinstance(m, nn.Linear) and decoder and n.startswith(decoder[0] + "."))
-            weights = (total_params - quantized) * 2 + quantized * NF4_BYTES
-            notes.append("qlora: decoder linears in NF4, the rest bf16")
-    grads = trainable_base * pbytes + lora_params * 4
-    optimizer = trainable_base * 2 * pbytes + lora_params * 8
-    weights += lora_params * 4
-    trainable = trainable_base + lora_params
-
-    # activations
-    act_bytes = 2 if qlora else pbytes
-    per_token, layers = _decoder_per_token_elements(text)
     tokens = batch_size * seq
-    if gradient_checkpointing:
-        decoder_act = tokens * (layers * text.hidden_size + per_token / layers) * act_bytes
-    else:
-        decoder_act = tokens * per_token * act_bytes
-    # bf16 logits, their fp32 copy for the loss, the fp32 log-probabilities cross-entropy keeps for
-    # backward, and the logits' gradient when backward starts (the real-size check measured 12.5
-    # bytes per vocabulary entry and token at bf16).
-    logits = tokens * text.vocab_size * (2 * act_bytes + 8)
-    if lora and lora_dropout > 0:
+
+    # The additions below keep one order (decoder, dropout, logits, vision, folded experts, text
+    # encoder): float sums in another order could move the estimate's last digits.
+    adapters = _lora_adapters(net, lora_rank, lora_experts) if lora else None
+    fp = _parameter_bytes(net, adapters, qlora, freeze_vision, pbytes)
+    fp.activations += _decoder_activation_bytes(text, tokens, act_bytes, gradient_checkpointing)
+    if adapters is not None and lora_dropout > 0:
         # each adapted nn.Linear drops out its own copy of its input and keeps it with the mask
-        decoder_act += tokens * sum(m.in_features for m in targets) * (act_bytes + 1)
-    if lora and fused:
-        # peft folds the adapters into each adapted expert parameter (W + s * B @ A, one baddbmm per
-        # forward): the folded copy is a new tensor the experts' matmuls keep for backward, so every
-        # sparse layer holds a full copy of its expert weights until its backward runs, whatever the
-        # batch; the backward adds one layer's gradient of that copy.
-        folded = sum(p.numel() for p in fused) * act_bytes
-        one_layer = sum(p.numel() for p in fused[:len(fused_names)]) * act_bytes  # parameters come layer by layer
-        activations_folded = folded + one_layer
-        notes.append(f"expert LoRA: {_gib(activations_folded):.2f} GiB of folded expert weights kept for backward")
-    else:
-        activations_folded = 0
-    vision_act = 0.0
+        fp.activations += tokens * sum(m.in_features for m in adapters.targets) * (act_bytes + 1)
+    fp.activations += _logits_bytes(text, tokens, act_bytes)
     if not lora and not freeze_vision:
-        for stack in vision_stacks(net, page_size, crop_mode):
-            vision_act += batch_size * stack.tokens * stack.layers * (8 * stack.hidden + 3 * stack.intermediate) * act_bytes
-    activations = decoder_act + logits + vision_act + activations_folded
-
-    encoder_name = None
+        fp.activations += _vision_activation_bytes(net, batch_size, page_size, crop_mode, act_bytes)
+    if adapters is not None and adapters.fused:
+        folded = _folded_expert_bytes(adapters, act_bytes)
+        fp.activations += folded
+        fp.notes.append(f"expert LoRA: {_gib(folded):.2f} GiB of folded expert weights kept for backward")
     if text_encoder:
-        enc = build_meta_text_encoder(text_encoder)
-        encoder_name = text_encoder
-        enc_params = sum(p.numel() for p in enc.parameters())
-        enc_dim = enc.config.hidden_size
-        proj = enc_dim * text.hidden_size + text.hidden_size if enc_dim != text.hidden_size else 0
-        total_params += enc_params + proj
-        weights += enc_params * pbytes + proj * 4
-        grads += proj * 4
-        optimizer += proj * 8
-        trainable += proj
-        if text_encoder_trainable:
-            trainable += enc_params
-            grads += enc_params * pbytes
-            optimizer += enc_params * 2 * pbytes
-            per_token_enc, _ = _decoder_per_token_elements(enc.config)
-            activations += batch_size * INSTRUCTION_TOKENS * per_token_enc * act_bytes
-        activations += batch_size * INSTRUCTION_TOKENS * enc_dim * act_bytes  # projection input
-        notes.append(f"text encoder {'trainable' if text_encoder_trainable else 'frozen'}, "
-                     + (f"projection {enc_dim}->{text.hidden_size}" if proj else "no projection (same width)"))
+        _add_text_encoder(fp, text_encoder, text_encoder_trainable, text.hidden_size, batch_size, pbytes, act_bytes)
 
-    total = weights + grads + optimizer + activations
+    total = fp.weights + fp.gradients + fp.optimizer + fp.activations
     has_experts = lora and bool(lora_target_parameters(net, True))
     options = [label for flag, label in ((freeze_vision and not lora, "frozen vision"),
                                          (gradient_checkpointing, "grad ckpt"),
@@ -375,12 +307,135 @@ def estimate_memory(model: str, lora: bool = False, text_encoder: str | None = N
                                          (crops, "crops"),
                                          (has_experts and not lora_experts, "experts frozen")) if flag]
     return MemoryEstimate(
-        model=model, method="qlora" if qlora else "lora" if lora else "full", text_encoder=encoder_name,
-        options=options,
-        precision=precision, batch_size=batch_size, seq_len=seq, parameters=int(total_params),
-        trainable_parameters=int(trainable), weights_gib=_gib(weights), gradients_gib=_gib(grads),
-        optimizer_gib=_gib(optimizer), activations_gib=_gib(activations), total_gib=_gib(total), notes=notes,
+        model=model, method="qlora" if qlora else "lora" if lora else "full",
+        text_encoder=text_encoder or None, options=options,
+        precision=precision, batch_size=batch_size, seq_len=seq, parameters=int(fp.parameters),
+        trainable_parameters=int(fp.trainable), weights_gib=_gib(fp.weights), gradients_gib=_gib(fp.gradients),
+        optimizer_gib=_gib(fp.optimizer), activations_gib=_gib(fp.activations), total_gib=_gib(total),
+        notes=fp.notes,
     )
+
+
+# ---- the estimate's components -----------------------------------------------------------------
+@dataclass
+class _Footprint:
+    """Running totals of one estimate: parameter counts and bytes per GPU."""
+
+    parameters: int  # all parameters, the text encoder and its projection included
+    trainable: int  # parameters the optimizer updates
+    weights: float  # bytes of the weights as held in training (NF4 ones under QLoRA)
+    gradients: float  # bytes of the trainable parameters' gradients
+    optimizer: float  # bytes of AdamW's two moments
+    activations: float = 0.0  # bytes autograd keeps for backward
+    notes: list[str] = field(default_factory=list)  # assumptions worth showing beside the figures
+
+
+@dataclass
+class _Adapters:
+    """The LoRA adapters an estimate counts."""
+
+    targets: list[nn.Module]  # the adapted nn.Linear modules
+    fused: list[torch.Tensor]  # the adapted fused expert parameters, each (experts, a, b)
+    fused_per_layer: int  # fused expert parameters adapted in each layer (peft target_parameters)
+    parameters: int  # adapter parameters over both
+
+
+def _lora_adapters(net: nn.Module, rank: int, experts: bool) -> _Adapters:
+    import re
+
+    pattern = lora_target_modules(net)
+    targets = [m for n, m in net.named_modules() if re.fullmatch(pattern, n)]
+    parameters = sum(rank * (m.in_features + m.out_features) for m in targets)
+    # Fused expert parameters (experts, a, b) reached through peft target_parameters: one rank-r
+    # pair per expert, r x experts x (a + b) parameters.
+    fused_names = lora_target_parameters(net, experts)
+    fused = [p for n, p in net.named_parameters() if p.ndim == 3 and any(n.endswith("." + t) for t in fused_names)]
+    parameters += sum(rank * p.shape[0] * (p.shape[1] + p.shape[2]) for p in fused)
+    return _Adapters(targets, fused, len(fused_names), parameters)
+
+
+def _parameter_bytes(net: nn.Module, adapters: _Adapters | None, qlora: bool, freeze_vision: bool,
+                     pbytes: int) -> _Footprint:
+    """Weights, gradients and AdamW states: of every parameter in a full run (the vision tower's
+    left out when it is frozen), of the adapters alone (kept in fp32 by peft) with LoRA."""
+    params = {n: p.numel() for n, p in net.named_parameters()}
+    total_params = sum(params.values())
+    vision = named_submodule(net, VISION_TOWER_NAMES)
+    vision_params = sum(v for n, v in params.items() if vision and n.startswith(vision[0] + "."))
+    fp = _Footprint(parameters=total_params, trainable=0, weights=total_params * pbytes, gradients=0, optimizer=0)
+    trainable_base = 0 if adapters is not None else total_params - (vision_params if freeze_vision else 0)
+    lora_params = adapters.parameters if adapters is not None else 0
+    if qlora:
+        # every decoder Linear is quantised (not only the LoRA targets)
+        decoder = named_submodule(net, DECODER_NAMES)
+        quantized = sum(m.weight.numel() for n, m in net.named_modules()
+                        if isinstance(m, nn.Linear) and decoder and n.startswith(decoder[0] + "."))
+        fp.weights = (total_params - quantized) * 2 + quantized * NF4_BYTES
+        fp.notes.append("qlora: decoder linears in NF4, the rest bf16")
+    fp.gradients = trainable_base * pbytes + lora_params * 4
+    fp.optimizer = trainable_base * 2 * pbytes + lora_params * 8
+    fp.weights += lora_params * 4
+    fp.trainable = trainable_base + lora_params
+    return fp
+
+
+def _decoder_activation_bytes(text, tokens: int, act_bytes: int, checkpointing: bool) -> float:
+    """What the decoder layers keep for backward; with gradient checkpointing one h-vector per
+    layer plus one layer's activations."""
+    per_token, layers = _decoder_per_token_elements(text)
+    if checkpointing:
+        return tokens * (layers * text.hidden_size + per_token / layers) * act_bytes
+    return tokens * per_token * act_bytes
+
+
+def _logits_bytes(text, tokens: int, act_bytes: int) -> int:
+    # bf16 logits, their fp32 copy for the loss, the fp32 log-probabilities cross-entropy keeps for
+    # backward, and the logits' gradient when backward starts (the real-size check measured 12.5
+    # bytes per vocabulary entry and token at bf16).
+    return tokens * text.vocab_size * (2 * act_bytes + 8)
+
+
+def _vision_activation_bytes(net: nn.Module, batch_size: int, page_size: int, crop_mode: str,
+                             act_bytes: int) -> float:
+    """What a trainable vision tower keeps for backward, stack by stack."""
+    vision_act = 0.0
+    for stack in vision_stacks(net, page_size, crop_mode):
+        vision_act += batch_size * stack.tokens * stack.layers * (8 * stack.hidden + 3 * stack.intermediate) * act_bytes
+    return vision_act
+
+
+def _folded_expert_bytes(adapters: _Adapters, act_bytes: int) -> int:
+    # peft folds the adapters into each adapted expert parameter (W + s * B @ A, one baddbmm per
+    # forward): the folded copy is a new tensor the experts' matmuls keep for backward, so every
+    # sparse layer holds a full copy of its expert weights until its backward runs, whatever the
+    # batch; the backward adds one layer's gradient of that copy.
+    folded = sum(p.numel() for p in adapters.fused) * act_bytes
+    one_layer = sum(p.numel() for p in adapters.fused[:adapters.fused_per_layer]) * act_bytes  # layer by layer
+    return folded + one_layer
+
+
+def _add_text_encoder(fp: _Footprint, name: str, trainable: bool, width: int, batch_size: int, pbytes: int,
+                      act_bytes: int) -> None:
+    """The text encoder's weights (and, when it trains, its gradients, AdamW states and
+    activations) and the projection to the decoder's width `width` (trained, in fp32)."""
+    enc = build_meta_text_encoder(name)
+    enc_params = sum(p.numel() for p in enc.parameters())
+    enc_dim = enc.config.hidden_size
+    proj = enc_dim * width + width if enc_dim != width else 0
+    fp.parameters += enc_params + proj
+    fp.weights += enc_params * pbytes + proj * 4
+    fp.gradients += proj * 4
+    fp.optimizer += proj * 8
+    fp.trainable += proj
+    if trainable:
+        fp.trainable += enc_params
+        fp.gradients += enc_params * pbytes
+        fp.optimizer += enc_params * 2 * pbytes
+        per_token_enc, _ = _decoder_per_token_elements(enc.config)
+        fp.activations += batch_size * INSTRUCTION_TOKENS * per_token_enc * act_bytes
+    fp.activations += batch_size * INSTRUCTION_TOKENS * enc_dim * act_bytes  # projection input
+    fp.notes.append(f"text encoder {'trainable' if trainable else 'frozen'}, "
+                    + (f"projection {enc_dim}->{width}" if proj else "no projection (same width)"))
 
 
 def _gib(n: float) -> float:
