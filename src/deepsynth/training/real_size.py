@@ -140,36 +140,66 @@ def _lora_tensors(model) -> dict[str, torch.Tensor]:
 def run_check(settings: RealSizeSettings = RealSizeSettings(),
               clock: Callable[[], float] = time.perf_counter) -> dict:
     """Run the check (see the module doc); returns the report (`format_report` prints it)."""
-    from deepsynth.models.bundle import LoadedModel, load_bundle, make_collator, save_bundle
-    from deepsynth.models.generate import GenerationSettings
-    from deepsynth.models.memory import estimate_memory
-    from deepsynth.models.registry import backend_of
-    from deepsynth.render import RenderConfig, render_text
-    from deepsynth.training.config import TrainerConfig
-    from deepsynth.training.peft_utils import trainable_parameter_report
-    from deepsynth.training.trainer import apply_training_options, build_optimizer
-
     preset = MODELS[settings.model]
     report: dict = {"model": settings.model, "preset": preset, "crop_mode": settings.crop_mode,
                     "lora_experts": settings.lora_experts, "lora_rank": settings.lora_rank, "note": WEIGHTS_NOTE,
                     "torch_threads": torch.get_num_threads(), "seconds": {}}
-    seconds = report["seconds"]
     baseline = current_rss()
+    model, processor, spec, backend, page = _build(settings, report, clock)
+    model, config, batch, on_device = _collate_page(model, processor, spec, backend, page, settings, report)
+    optimizer, loss = _train_step(model, config, on_device, baseline, settings, report, clock)
+
+    # 3. adapters saved as a bundle, the model dropped, the bundle loaded back
+    trained = _lora_tensors(model)
+    with tempfile.TemporaryDirectory(prefix="real-size-", dir=settings.workdir) as tmp:
+        adapter_dir = _save_adapters(Path(tmp), model, processor, spec, config, settings, report, clock)
+        # Nothing of the trained model or its step may stay referenced here: the reload's memory is its own.
+        del model, optimizer, loss, batch, on_device
+        gc.collect()
+        reloaded = _reload(adapter_dir, settings, report, clock)
+    again = _lora_tensors(reloaded.model)
+    report["adapter_tensors"] = len(trained)
+    report["adapters_identical"] = trained.keys() == again.keys() and all(
+        torch.equal(trained[n], again[n]) for n in trained)
+    report["reloaded_crop_mode"] = reloaded.spec.crop_mode
+    del trained, again
+
+    _generate(reloaded, page, settings, report, clock)
+    report["process_peak_rss_gib"] = process_peak_rss() / GiB
+    _compare_with_estimate(report, settings)
+    return report
+
+
+def _build(settings: RealSizeSettings, report: dict, clock: Callable[[], float]):
+    """(model with random weights, processor in the asked crop mode, the spec the adapter bundle
+    is saved with, the model's backend, the 1024 px page the check reads)."""
+    from deepsynth.models.bundle import load_bundle
+    from deepsynth.models.registry import backend_of
+    from deepsynth.render import RenderConfig, render_text
 
     start = clock()
-    model, processor, spec = load_bundle(preset, seed=settings.seed)
-    seconds["build"] = clock() - start
+    model, processor, spec = load_bundle(report["preset"], seed=settings.seed)
+    report["seconds"]["build"] = clock() - start
     report["parameters"] = sum(p.numel() for p in model.parameters())
     report["build_rss_gib"] = current_rss() / GiB
     backend = backend_of(model)
     backend.configure_processor(processor, settings.crop_mode)
     render = RenderConfig.from_preset("large")
-    spec = dataclasses.replace(spec, crop_mode=settings.crop_mode, render=asdict(render), base_model=preset,
+    spec = dataclasses.replace(spec, crop_mode=settings.crop_mode, render=asdict(render), base_model=report["preset"],
                                base_seed=settings.seed, default_instruction=INSTRUCTION)
-
-    # 1. the page through the training collator
     page = render_text(PAGE_TEXT, render)[0].image
-    config = TrainerConfig(model_name=preset, use_lora=True, lora_experts=settings.lora_experts,
+    return model, processor, spec, backend, page
+
+
+def _collate_page(model, processor, spec, backend, page, settings: RealSizeSettings, report: dict):
+    """1. LoRA by the project's training options, the page through the training collator:
+    (the model to train, its TrainerConfig, the batch, the batch on the device)."""
+    from deepsynth.models.bundle import make_collator
+    from deepsynth.training.config import TrainerConfig
+    from deepsynth.training.peft_utils import trainable_parameter_report
+    from deepsynth.training.trainer import apply_training_options
+
+    config = TrainerConfig(model_name=report["preset"], use_lora=True, lora_experts=settings.lora_experts,
                            lora_rank=settings.lora_rank, lora_alpha=2 * settings.lora_rank,
                            freeze_vision_encoder=True, seed=settings.seed)
     torch.manual_seed(settings.seed)
@@ -180,14 +210,20 @@ def run_check(settings: RealSizeSettings = RealSizeSettings(),
     collator = make_collator(model, processor, spec, max_length=4096)
     batch = collator([{"pages": [page], "instruction": INSTRUCTION, "answer": ANSWER}])
     on_device = {k: v.to(settings.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-    image_token_id = processor.image_token_id
     report["page_px"] = list(page.size)
-    report["image_tokens"] = int((batch["input_ids"] == image_token_id).sum())
+    report["image_tokens"] = int((batch["input_ids"] == processor.image_token_id).sum())
     report["image_tokens_formula"] = backend.image_tokens(model.config, *page.size, settings.crop_mode) \
         if backend.image_tokens else None
     report["sequence_tokens"] = int(batch["input_ids"].shape[1])
+    return model, config, batch, on_device
 
-    # 2. one training step (forward, backward, AdamW), its peak memory above the runtime's
+
+def _train_step(model, config, on_device: dict, baseline: int, settings: RealSizeSettings, report: dict,
+                clock: Callable[[], float]):
+    """2. One training step (forward, backward, AdamW) and its peak memory above the runtime's
+    (`baseline`: the RSS before the model was built); returns (optimizer, loss)."""
+    from deepsynth.training.trainer import build_optimizer
+
     optimizer = build_optimizer(model, config)
     model.train()
     gc.collect()
@@ -203,7 +239,7 @@ def run_check(settings: RealSizeSettings = RealSizeSettings(),
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    seconds["train_step"] = clock() - start
+    report["seconds"]["train_step"] = clock() - start
     if cuda:
         torch.cuda.synchronize()
         step_peak, baseline = torch.cuda.max_memory_allocated(), 0
@@ -215,53 +251,68 @@ def run_check(settings: RealSizeSettings = RealSizeSettings(),
     report["measured_gib"] = (step_peak - baseline) / GiB
     if not torch.isfinite(loss):
         raise RuntimeError(f"the training step's loss is {report['loss']}: the real-size path is broken")
+    return optimizer, loss
 
-    # 3. adapters saved as a bundle, the model dropped, the bundle loaded back
-    trained = _lora_tensors(model)
-    with tempfile.TemporaryDirectory(prefix="real-size-", dir=settings.workdir) as tmp:
-        adapter_dir = Path(tmp) / "adapter"
-        adapter_dir.mkdir()
-        start = clock()
-        save_bundle(adapter_dir, model, processor, dataclasses.replace(spec, training=asdict(config)),
-                    generation=GenerationSettings(max_new_tokens=settings.max_new_tokens), adapter_only=True)
-        seconds["save"] = clock() - start
-        report["adapter_bytes"] = sum(f.stat().st_size for f in adapter_dir.iterdir())
-        del model, optimizer, loss, batch, on_device
-        gc.collect()
-        start = clock()
-        reloaded = load_bundle(str(adapter_dir), seed=settings.seed, merge_adapters=False)
-        reloaded.model.to(settings.device)
-        seconds["reload"] = clock() - start
-    again = _lora_tensors(reloaded.model)
-    report["adapter_tensors"] = len(trained)
-    report["adapters_identical"] = trained.keys() == again.keys() and all(
-        torch.equal(trained[n], again[n]) for n in trained)
-    report["reloaded_crop_mode"] = reloaded.spec.crop_mode
-    del trained, again
 
-    # 4. merged (as `ask` and `serve` load it) and a short greedy generation through the decoder
+def _save_adapters(folder: Path, model, processor, spec, config, settings: RealSizeSettings, report: dict,
+                   clock: Callable[[], float]) -> Path:
+    """The trained adapters as a bundle in `folder`/adapter (returned)."""
+    from deepsynth.models.bundle import save_bundle
+    from deepsynth.models.generate import GenerationSettings
+
+    adapter_dir = folder / "adapter"
+    adapter_dir.mkdir()
+    start = clock()
+    save_bundle(adapter_dir, model, processor, dataclasses.replace(spec, training=asdict(config)),
+                generation=GenerationSettings(max_new_tokens=settings.max_new_tokens), adapter_only=True)
+    report["seconds"]["save"] = clock() - start
+    report["adapter_bytes"] = sum(f.stat().st_size for f in adapter_dir.iterdir())
+    return adapter_dir
+
+
+def _reload(adapter_dir: Path, settings: RealSizeSettings, report: dict, clock: Callable[[], float]):
+    """The adapter bundle loaded back (it rebuilds the seeded base), adapters unmerged, on the
+    check's device."""
+    from deepsynth.models.bundle import load_bundle
+
+    start = clock()
+    reloaded = load_bundle(str(adapter_dir), seed=settings.seed, merge_adapters=False)
+    reloaded.model.to(settings.device)
+    report["seconds"]["reload"] = clock() - start
+    return reloaded
+
+
+def _generate(reloaded, page, settings: RealSizeSettings, report: dict, clock: Callable[[], float]) -> None:
+    """4. The reloaded model merged (as `ask` and `serve` load it) and a short greedy generation
+    through its decoder."""
+    from deepsynth.models.bundle import LoadedModel
+    from deepsynth.models.generate import GenerationSettings
+
     start = clock()
     merged = LoadedModel(reloaded.model.merge_and_unload(), reloaded.processor, reloaded.spec)
-    seconds["merge"] = clock() - start
+    report["seconds"]["merge"] = clock() - start
     start = clock()
     decoder = merged.decoder(GenerationSettings(max_new_tokens=settings.max_new_tokens, no_repeat_ngram_size=0))
     with _autocast(settings.device):
         features = decoder.encode_pages([page])
         report["image_features"] = int(features[0].shape[0])
         rows = decoder.run([[page]], [INSTRUCTION], features=[features] if decoder.encodes_pages else None)
-    seconds["generate"] = clock() - start
+    report["seconds"]["generate"] = clock() - start
     report["generated_tokens"] = rows[0]["new_tokens"]
     report["prompt_image_tokens"] = rows[0]["visual_tokens"]
-    report["process_peak_rss_gib"] = process_peak_rss() / GiB
 
-    estimate = estimate_memory(preset, lora=True, lora_experts=settings.lora_experts,
+
+def _compare_with_estimate(report: dict, settings: RealSizeSettings) -> None:
+    """estimate-memory's figure for the same settings and the measured share of it."""
+    from deepsynth.models.memory import estimate_memory
+
+    estimate = estimate_memory(report["preset"], lora=True, lora_experts=settings.lora_experts,
                                crops=settings.crops, freeze_vision=True, batch_size=1, precision="bf16",
                                lora_rank=settings.lora_rank, text_tokens=report["sequence_tokens"]
                                - report["image_tokens"])
     report["estimate"] = estimate.to_dict()
     report["estimate_gib"] = estimate.total_gib
     report["measured_over_estimate"] = report["measured_gib"] / estimate.total_gib
-    return report
 
 
 def check_failures(report: dict) -> list[str]:
