@@ -259,8 +259,8 @@ def engine_comparison(model: str, max_new_tokens: int, max_wait_ms: float, max_b
     import torch
 
     from deepsynth.inference.engines import make_engine
-    from deepsynth.vllm.parity import vllm_python
     from deepsynth.serve import ServeConfig, create_app
+    from deepsynth.vllm.parity import vllm_python
 
     out: dict = {"model": model, "max_new_tokens": max_new_tokens, "server_max_batch_size": max_batch_size,
                  "max_wait_ms": max_wait_ms,

@@ -16,8 +16,8 @@ Stages, lowest first (a module may import its own stage and those before it):
 * ``vllm``: all vLLM code in one package, whose modules are placed one by one in the stage they
   serve (``VLLM_STAGE``): the plugin (``deepsynth.vllm``, registering the model families with vLLM),
   its decoding guards and the export to vLLM's native layout belong to ``models`` and import only
-  ``models``; the engine, the parity and the reference checks belong to ``inference``; its
-  ``cli.py`` and ``check.py`` to ``cli``;
+  ``models``; the engine (and its driver thread), the parity and the reference checks belong
+  to ``inference``; its ``cli.py`` and ``check.py`` to ``cli``;
 * ``cli``: the front doors on top of everything: the package ``deepsynth`` itself (its lazy
   ``deepsynth.evaluate`` / ``deepsynth.predict``, the library's entry points), the command line
   ``deepsynth.cli``, every stage's ``cli.py`` (and
@@ -44,8 +44,8 @@ PACKAGE_STAGE = {"render": "render", "data": "data", "models": "models",
                  "training": "training", "evaluation": "evaluation", "inference": "inference", "serve": "serve"}
 #: deepsynth.vllm spans stages: each of its modules sits in the stage it serves (a new one must be placed here).
 VLLM_STAGE = {"deepsynth.vllm": "models", "deepsynth.vllm.guards": "models", "deepsynth.vllm.export": "models",
-              "deepsynth.vllm.engine": "inference", "deepsynth.vllm.parity": "inference",
-              "deepsynth.vllm.reference": "inference"}
+              "deepsynth.vllm.engine": "inference", "deepsynth.vllm.driver": "inference",
+              "deepsynth.vllm.parity": "inference", "deepsynth.vllm.reference": "inference"}
 
 #: (importer, imported) against the order of stages, found today.
 KNOWN_UPWARD: set[tuple[str, str]] = set()

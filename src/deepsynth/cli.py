@@ -14,12 +14,12 @@ from deepsynth.data.cli import register as register_data
 from deepsynth.evaluation.cli import register as register_evaluate
 from deepsynth.inference.cli import register as register_ask
 from deepsynth.inference.predict import register as register_predict
-from deepsynth.vllm.cli import register as register_vllm
 from deepsynth.models.cli import register as register_models
 from deepsynth.models.push import register as register_push
 from deepsynth.render.cli import register as register_render
 from deepsynth.serve.cli import register as register_serve
 from deepsynth.training.cli import register as register_training
+from deepsynth.vllm.cli import register as register_vllm
 
 # Failures are one line on stderr (deepsynth.cli_errors); --debug shows Python's own traceback,
 # which typer's pretty tracebacks would replace with a multi-screen panel.

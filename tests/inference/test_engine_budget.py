@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from deepsynth.inference import DocumentError, DocumentLimits, InstructionEngine
-from deepsynth.inference.engine import DocumentCache, PreparedDocument, document_bytes
+from deepsynth.inference.prepare import DocumentCache, PreparedDocument, document_bytes
 
 from .helpers import png_bytes
 
@@ -19,13 +19,13 @@ def engine():
 
 
 def test_the_page_side_comes_from_the_image_processor(engine):
-    assert engine.max_page_side == engine.processor.image_processor.size["height"] == 256
+    assert engine.documents.max_page_side == engine.processor.image_processor.size["height"] == 256
 
 
 def test_large_pages_are_shrunk_to_what_the_model_reads_before_caching(engine, monkeypatch):
     decoded_sizes = []
-    fit = engine._fit
-    monkeypatch.setattr(engine, "_fit", lambda img: decoded_sizes.append(img.size) or fit(img))
+    fit = engine.documents.fit
+    monkeypatch.setattr(engine.documents, "fit", lambda img: decoded_sizes.append(img.size) or fit(img))
     pages = [png_bytes(4_000, 3_000, (i, 0, 0)) for i in range(3)]
     doc = engine.prepare(pages, DocumentLimits(max_image_pixels=16_000_000), field="pages")
     assert [p.size for p in doc.pages] == [(256, 192)] * 3  # aspect kept

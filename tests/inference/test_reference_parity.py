@@ -19,8 +19,8 @@ import pytest
 from PIL import Image, ImageDraw
 
 from deepsynth.vllm import reference
-from deepsynth.vllm.parity import vllm_python
 from deepsynth.vllm.export import ExportError, native_adapter, native_config
+from deepsynth.vllm.parity import vllm_python
 
 HERE = Path(__file__).parent
 PYTHON = vllm_python()

@@ -17,9 +17,9 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from deepsynth.vllm.parity import DEFAULT_EXAMPLES, first_difference, vllm_python
 from deepsynth.models.registry import resolve
 from deepsynth.vllm.export import ExportError, native_config
+from deepsynth.vllm.parity import DEFAULT_EXAMPLES, first_difference, vllm_python
 
 HERE = Path(__file__).parent
 ROOT = HERE.parents[1]
@@ -62,6 +62,7 @@ def test_vllm_answers_equal_hf_engine_for_tiny_reader(tmp_path):
     run_vllm_side([str(HERE / "vllm_side.py"), str(tmp_path / "job.json"), str(tmp_path / "out.json")])
     out = json.loads((tmp_path / "out.json").read_text())
     assert out["describe"]["engine"] == "vllm"
+    assert out["is_engine"]  # the server's Engine interface, without subclassing the HF engine
     for mine, theirs in zip(out["answers"], hf):
         assert {k: mine[k] for k in COMPARED} == {k: theirs[k] for k in COMPARED}
     assert any(a["answer"] for a in hf)
@@ -109,7 +110,7 @@ def test_lora_adapter_served_unmerged_gives_merged_answers(tmp_path):
     job = {"model": str(adapter), "dtype": "float32", "kv_cache_gib": 1,
            "items": [{"text": d, "instruction": i} for d, i in zip(DOCUMENTS, INSTRUCTIONS)]}
     (tmp_path / "job.json").write_text(json.dumps(job))
-    run_vllm_side(["-m", "deepsynth.vllm.engine", str(tmp_path / "job.json"), str(tmp_path / "out.json")])
+    run_vllm_side(["-m", "deepsynth.vllm.parity", str(tmp_path / "job.json"), str(tmp_path / "out.json")])
     out = json.loads((tmp_path / "out.json").read_text())
     assert out["describe"]["lora"] == str(adapter)  # served as a LoRA module, not merged weights
     for mine, theirs in zip(out["answers"], merged):
@@ -121,12 +122,13 @@ def test_lora_adapter_served_unmerged_gives_merged_answers(tmp_path):
 # The vLLM side of the next test: the prompt ids vLLM reports for the engine's requests, and the answers.
 PLAIN_SIDE = """
 import json, sys
+from deepsynth.vllm.driver import wait
 from deepsynth.vllm.engine import VLLMEngine, VLLMOptions
 job = json.load(open(sys.argv[1]))
 with VLLMEngine(job["model"], options=VLLMOptions(dtype="float32", kv_cache_gib=1, max_num_seqs=4)) as engine:
     docs = [engine.prepare(d) for d in job["documents"]]
     requests = engine._submit(docs, job["instructions"], engine.generation, None, None)
-    ids = [list(engine._wait(r)[0].prompt_token_ids) for r in requests]
+    ids = [list(wait(r)[0].prompt_token_ids) for r in requests]
     answers = [a.to_dict() for a in engine.ask_batch(job["documents"], job["instructions"])]
 json.dump({"prompt_ids": ids, "answers": answers}, open(sys.argv[2], "w"))
 """
@@ -233,12 +235,13 @@ def test_evaluate_engine_flags_are_checked(tmp_path):
 def test_request_vllm_failed_raises_instead_of_answering_empty():
     from types import SimpleNamespace
 
-    from deepsynth.vllm.engine import VLLMOptions, _raise_if_failed
+    from deepsynth.vllm.driver import raise_if_failed
+    from deepsynth.vllm.engine import VLLMOptions
 
-    _raise_if_failed(SimpleNamespace(request_id="r1", outputs=[SimpleNamespace(finish_reason="length")]))
+    raise_if_failed(SimpleNamespace(request_id="r1", outputs=[SimpleNamespace(finish_reason="length")]))
     for reason in ("error", "abort"):
         with pytest.raises(RuntimeError, match=f"finish reason '{reason}'"):
-            _raise_if_failed(SimpleNamespace(request_id="r1", outputs=[SimpleNamespace(finish_reason=reason)]))
+            raise_if_failed(SimpleNamespace(request_id="r1", outputs=[SimpleNamespace(finish_reason=reason)]))
     with pytest.raises(ValueError, match="structured_backend"):
         VLLMOptions(structured_backend="outlines")
 
@@ -455,4 +458,4 @@ def test_v1_checkpoints_are_refused_with_the_engine_to_use(tmp_path, monkeypatch
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}, timeout=600, cwd=ROOT)
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
-    assert "DeepSeek-OCR v1 checkpoints are not served by the vLLM engine" in last and "--engine local" in last
+    assert "DeepSeek-OCR v1 checkpoints are not served by the vLLM engine" in last and "--engine hf" in last

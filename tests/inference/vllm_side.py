@@ -15,6 +15,7 @@ import sys
 
 
 def main() -> None:
+    from deepsynth.inference.interface import Engine
     from deepsynth.vllm.engine import VLLMEngine, VLLMOptions
 
     job = json.loads(open(sys.argv[1]).read())
@@ -25,6 +26,7 @@ def main() -> None:
         pieces = list(engine.stream(job["documents"][0], job["instructions"][0]))
         out["stream_pieces"], out["stream_final"] = pieces[:-1], pieces[-1].to_dict()
         out["describe"] = engine.describe()
+        out["is_engine"] = isinstance(engine, Engine)
         out["api"] = through_api(engine, job)
     with VLLMEngine(job["stock_readout_model"], options=options) as engine:
         out["stock_readout_answers"] = [a.answer for a in engine.ask_batch(job["documents"], job["instructions"])]

@@ -33,10 +33,10 @@ from transformers.models.deepseek_ocr2.image_processing_pil_deepseek_ocr2 import
     get_optimal_tiled_canvas,
 )
 
-from deepsynth.vllm.parity import vllm_python
 from deepsynth.models import deepseek_ocr2 as ocr2
 from deepsynth.models import deepseek_ocr_v1 as v1
 from deepsynth.models.tokenizer import build_char_tokenizer
+from deepsynth.vllm.parity import vllm_python
 
 HERE = Path(__file__).parent
 ROOT = HERE.parents[1]

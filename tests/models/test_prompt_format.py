@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -302,11 +301,10 @@ def test_a_processor_without_a_bundle_gets_plain_and_others_keep_theirs():
 
 # ---- (g) the vLLM engine's request ----------------------------------------------------------------
 def _vllm_prompt(processor, layout: str, pages: int, instruction: str) -> dict:
-    from deepsynth.vllm.engine import VLLMEngine
+    from deepsynth.vllm.engine import vllm_prompt
 
-    engine = SimpleNamespace(spec=ModelSpec(backend="deepseek-ocr-2", prompt_layout=layout), processor=processor,
-                             tokenizer=processor.tokenizer)
-    return VLLMEngine._prompt(engine, SimpleNamespace(pages=[PAGE] * pages), instruction)
+    return vllm_prompt(ModelSpec(backend="deepseek-ocr-2", prompt_layout=layout), processor, [PAGE] * pages,
+                       instruction)
 
 
 def _expand(ids: list[int], image_id: int, n: int) -> list[int]:

@@ -1,8 +1,9 @@
 """`Engine`: what the server (its routers and micro-batcher) asks of an inference engine.
 
-`InstructionEngine` (transformers `generate` through the project's `Decoder`) implements it; any
-other engine (another generation backend) that implements it is served by the same HTTP API, web
-page, limits, auth, templates and answer fields.
+`InstructionEngine` (transformers `generate` through the project's `Decoder`) and `VLLMEngine`
+(`deepsynth.vllm.engine`) implement it, each holding a `deepsynth.inference.prepare.DocumentPreparer`
+for the documents; any other engine that implements it is served by the same HTTP API, web page,
+limits, auth, templates and answer fields (`Answer`, below).
 
 Errors an engine raises, so the server can answer them as 4xx instead of 500:
     `DocumentError`   a document (or a prompt built from it) breaks a limit; names the field.
@@ -14,12 +15,54 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from deepsynth.inference.documents import Document, DocumentLimits
-    from deepsynth.inference.engine import Answer, DocumentCache, PreparedDocument
+    from deepsynth.inference.prepare import DocumentCache, PreparedDocument
     from deepsynth.models.generate import GenerationSettings
+
+
+@dataclass
+class Answer:
+    """One answer and what it cost.
+
+    stopped:      "eos" (the model ended its answer), "max_new_tokens" (cut at the limit),
+                  "loop" (the answer ended in a repeated cycle; the repeats were cut) or
+                  "cancelled" (the caller stopped it).
+    latency_ms:   wall time from the call until this answer was complete (a batch's answers
+                  are complete together).
+    text_tokens:  tokens the document's text takes for the model's tokenizer (None for images).
+    compression:  text_tokens / visual_tokens (None for images).
+    """
+
+    answer: str
+    pages: int
+    visual_tokens: int
+    prompt_tokens: int
+    stopped: str
+    latency_ms: float
+    text_tokens: int | None = None
+    compression: float | None = None
+    new_tokens: int = 0
+    cached: bool = False
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_row(cls, row: dict, latency_ms: float) -> "Answer":
+        """The answer of an engine's row: the Decoder's fields ("answer", "stopped", "new_tokens",
+        "prompt_tokens", "visual_tokens") plus the row's `PreparedDocument` ("doc") and whether it
+        was cached before ("cached")."""
+        doc: PreparedDocument = row["doc"]
+        visual = row["visual_tokens"]
+        compression = round(doc.text_tokens / visual, 3) if doc.text_tokens is not None and visual else None
+        return cls(answer=row["answer"], pages=len(doc.pages), visual_tokens=visual,
+                   prompt_tokens=row["prompt_tokens"], stopped=row["stopped"], latency_ms=round(latency_ms, 2),
+                   text_tokens=doc.text_tokens, compression=compression, new_tokens=row["new_tokens"],
+                   cached=row["cached"])
 
 
 @runtime_checkable

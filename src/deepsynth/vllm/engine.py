@@ -1,9 +1,9 @@
 """`VLLMEngine`: the `InstructionEngine` API (and the server's `Engine` interface) with vLLM generating.
 
-Documents are read, rendered, limited and cached by the code `InstructionEngine` has (this class
-subclasses it and keeps its document methods); generation goes through vLLM's offline `LLM`:
-requests from every caller (the server's batcher, streams, `ask_batch`) are fed to one `LLM`
-engine by one driver thread, so vLLM batches them continuously.
+Documents are read, rendered, limited and cached by the `DocumentPreparer` the HF engine uses too
+(`deepsynth.inference.prepare`; the engine holds one); generation goes through vLLM's offline
+`LLM`: requests from every caller (the server's batcher, streams, `ask_batch`) are fed to one `LLM`
+by one driver thread (`deepsynth.vllm.driver`), so vLLM batches them continuously.
 
 What a request is answered with comes from the model bundle, as for the HF engine:
 
@@ -27,20 +27,17 @@ DeepSeek's own DeepSeek-OCR-2 layout is converted once into the cache as `load_b
 it (`vllm_checkpoint`); DeepSeek-OCR v1 is not served.
 
 vLLM is not a dependency of the project's main environment: `make vllm-env` builds .venv-vllm,
-and this module imports only there. `python -m deepsynth.vllm.engine REQUESTS OUT`
-answers a JSON file of requests with token ids (what check-parity and the tests run there).
+and this module imports only there. `python -m deepsynth.vllm.parity REQUESTS OUT` answers a JSON
+file of requests with token ids through this engine (what check-parity and the tests run there).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import logging
 import os
-import queue
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -50,14 +47,16 @@ from pathlib import Path
 
 from PIL import Image
 
-from deepsynth.inference.documents import Document, DocumentError, clean_text
-from deepsynth.inference.engine import Answer, DocumentCache, InstructionEngine, PreparedDocument
+from deepsynth.inference.documents import Document, DocumentError, DocumentLimits, clean_text
+from deepsynth.inference.interface import Answer
+from deepsynth.inference.prepare import DocumentPreparer, PreparedDocument
 from deepsynth.models.bundle import (BundleError, ModelSource, ModelSpec, generation_defaults, make_collator, read_spec,
                                      resolve_render, resolve_source)
 from deepsynth.models.generate import GenerationSettings, _answer_row
 from deepsynth.models.loops import LoopPolicy, find_loop
-from deepsynth.models.structured import SchemaError
+from deepsynth.models.structured import SchemaError, check_schema
 from deepsynth.vllm import register
+from deepsynth.vllm.driver import Driver, Request, raise_if_failed, wait
 
 # The plugin's processor back-ports apply to this process too (the HF side of check-parity and the
 # processor that counts image tokens run here, not only in vLLM's processes).
@@ -265,118 +264,22 @@ def _lora_rank(adapter: str) -> int:
     raise ValueError(f"{adapter}: LoRA rank {max(ranks)} is above vLLM's largest max_lora_rank (512)")
 
 
-@dataclass
-class _Request:
-    """One request in flight: what to add to vLLM, and where its outputs go."""
-
-    prompt: dict
-    params: object
-    lora: object
-    cancel: threading.Event | None
-    outputs: queue.Queue = field(default_factory=queue.Queue)
-    request_id: str | None = None
-
-
-class _Driver:
-    """The one thread that talks to the vLLM engine: adds requests, steps, routes outputs.
-
-    Every output of a request is put on its queue (cumulative: text and ids so far); the last one
-    has `finished` set, or the queue gets ("cancelled", last output) / ("error", exception).
-    """
-
-    def __init__(self, llm) -> None:
-        self.llm = llm
-        self.engine = llm.llm_engine
-        self.inbox: queue.Queue = queue.Queue()
-        self.live: dict[str, tuple[_Request, object]] = {}
-        self.ids = itertools.count()
-        self.stopping = False
-        self.thread = threading.Thread(target=self._loop, name="deepsynth-vllm", daemon=True)
-        self.thread.start()
-
-    def submit(self, requests: Sequence[_Request]) -> None:
-        if self.stopping:
-            raise RuntimeError("the vLLM engine is closed")
-        self.inbox.put(list(requests))
-
-    def close(self) -> None:
-        self.stopping = True
-        self.inbox.put(None)
-        self.thread.join(timeout=60)
-
-    def _add(self, request: _Request) -> None:
-        prompt = request.prompt
-        preprocess = getattr(self.llm, "_preprocess_cmpl_one", None)
-        if preprocess is not None:  # the rendering `LLM.generate` does (raw prompts are deprecated)
-            prompt = preprocess(prompt, None)
-        # Outputs and aborts name a request by the id given here (vLLM adds a suffix internally).
-        rid = f"deepsynth-{next(self.ids)}"
-        self.engine.add_request(rid, prompt, request.params, lora_request=request.lora)
-        request.request_id = rid
-        self.live[rid] = (request, None)
-
-    def _loop(self) -> None:
-        while True:
-            idle = not self.live
-            try:
-                batch = self.inbox.get(block=idle, timeout=None)
-            except queue.Empty:
-                batch = []
-            batches = [batch]
-            while True:
-                try:
-                    batches.append(self.inbox.get_nowait())
-                except queue.Empty:
-                    break
-            if any(b is None for b in batches):
-                self._abort_all(RuntimeError("the vLLM engine was closed"))
-                return
-            for requests in batches:
-                for request in requests:
-                    try:
-                        self._add(request)
-                    except Exception as exc:  # the request's caller re-raises it
-                        request.outputs.put(("error", exc))
-            self._cancel_requested()
-            if not self.live:
-                continue
-            try:
-                outputs = self.engine.step()
-            except Exception as exc:  # the engine failed: every caller waiting gets the error
-                logger.exception("vLLM engine step failed")
-                self._abort_all(exc)
-                continue
-            for out in outputs:
-                entry = self.live.get(out.request_id)
-                if entry is None:
-                    continue
-                request = entry[0]
-                self.live[out.request_id] = (request, out)
-                request.outputs.put(("output", out))
-                if out.finished:
-                    del self.live[out.request_id]
-
-    def _cancel_requested(self) -> None:
-        cancelled = [rid for rid, (req, _) in self.live.items() if req.cancel is not None and req.cancel.is_set()]
-        if cancelled:
-            self.engine.abort_request(cancelled)
-            for rid in cancelled:
-                request, last = self.live.pop(rid)
-                request.outputs.put(("cancelled", last))
-
-    def _abort_all(self, exc: BaseException) -> None:
-        if self.live:
-            try:
-                self.engine.abort_request(list(self.live))
-            except Exception:  # the engine may be the thing that failed; the callers still get `exc`
-                logger.exception("aborting vLLM requests failed")
-        for request, _ in self.live.values():
-            request.outputs.put(("error", exc))
-        self.live.clear()
+def vllm_prompt(spec: ModelSpec, processor, pages: Sequence[Image.Image], instruction: str) -> dict:
+    """The prompt dict for vLLM of `pages` + `instruction`: prompt text, or for a layout whose BOS is
+    ours (plain) the token ids with one image token per page, since vLLM's tokenizer call on text would
+    add a BOS or not as the tokenizer's settings say; vLLM expands each page's image token as it would
+    in text."""
+    builder = spec.prompt_builder
+    text = builder(processor, len(pages), instruction)
+    images = {"image": list(pages) if len(pages) > 1 else pages[0]}
+    if builder.bos:
+        return {"prompt_token_ids": builder.encode(processor.tokenizer, text), "multi_modal_data": images}
+    return {"prompt": text, "multi_modal_data": images}
 
 
-class VLLMEngine(InstructionEngine):
-    """Answers instructions about documents with vLLM (same answers and fields as `InstructionEngine`).
+class VLLMEngine:
+    """Answers instructions about documents with vLLM (same answers and fields as `InstructionEngine`;
+    implements `deepsynth.inference.interface.Engine`).
 
     model:          anything `resolve_model` takes (directory, adapter bundle, shipped name, preset, ...).
     render_preset:  override of the bundle's render config (logged when it differs).
@@ -409,23 +312,23 @@ class VLLMEngine(InstructionEngine):
             raise BundleError(f"{model}: the vLLM engine serves instructions given as prompt text; this model "
                               "reads them through a text encoder (use the HF engine)")
         self.name, self.spec, self.processor = model, found.spec, found.processor
-        self.model, self.decoder, self.device = None, None, "vllm"
-        self.render_config = resolve_render(self.spec, render_preset)
-        self._render_key = json.dumps(dataclasses.asdict(self.render_config), sort_keys=True, default=str).encode()
+        self.tokenizer = self.processor.tokenizer
         self.loop_policy = loop_policy or self.spec.loop_policy()
         self.generation = generation or generation_defaults(found.generation_dir)
-        self.tokenizer = self.processor.tokenizer
-        self.collator = make_collator(None, self.processor, self.spec)
         self.max_batch_size = max_batch_size
-        self.cache = DocumentCache(cache_pages)
-        self._model_lock = threading.RLock()
-        self.encodes_pages = False
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(found.path)
         self.image_token_id = getattr(config, "image_token_id", None)
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        self.max_positions = self.options.max_model_len or getattr(text_config, "max_position_embeddings", None)
+        max_positions = self.options.max_model_len or getattr(text_config, "max_position_embeddings", None)
+        # vLLM builds the prompts it runs; the collator here only counts the image tokens of a
+        # document's pages, by the same processor expansion (no model: no text-encoder channel).
+        self.documents = DocumentPreparer(self.spec, self.processor, make_collator(None, self.processor, self.spec),
+                                          resolve_render(self.spec, render_preset), self.image_token_id,
+                                          max_positions, cache_pages)
+        self.cache = self.documents.cache
+        self.render_config = self.documents.render_config
         self.lora_path = found.lora
         if found.lora is not None:
             served, tmp = vllm_adapter(found.lora, getattr(config, "model_type", None))
@@ -440,7 +343,7 @@ class VLLMEngine(InstructionEngine):
             from vllm.lora.request import LoRARequest
 
             self._lora_request = LoRARequest("adapter", 1, found.lora)
-        self._driver = _Driver(self.llm)
+        self._driver = Driver(self.llm)
 
     def _start(self, found: ResolvedModel):
         from vllm import LLM
@@ -501,17 +404,24 @@ class VLLMEngine(InstructionEngine):
         self.close()
 
     def describe(self) -> dict:
-        out = super().describe()
-        out.update(lora=self.lora_path)
-        return out
+        """What requests are answered with: the model, its render config, decoding defaults, LoRA."""
+        return {"model": self.name, "engine": self.engine_name, "dtype": self.dtype_name(),
+                **self.documents.describe(),
+                "generation": {k: v for k, v in dataclasses.asdict(self.generation).items() if k != "extra"},
+                "lora": self.lora_path}
 
     def dtype_name(self) -> str:
         return self.options.dtype  # "auto" when vLLM chose (see VLLMOptions.dtype)
 
+    def settings(self, settings: GenerationSettings | None = None, **overrides) -> GenerationSettings:
+        """`settings` (or the engine's defaults) with `overrides` applied and validated."""
+        return (settings or self.generation).replace(**overrides)
+
     def check_json_schema(self, schema: dict, settings: GenerationSettings | None = None,
                           field: str = "json_schema") -> dict:
-        """The HF engine's checks, plus what vLLM's xgrammar backend cannot compile."""
-        schema = super().check_json_schema(schema, settings, field)
+        """The HF engine's checks (`deepsynth.models.structured.check_schema`), plus what vLLM's
+        xgrammar backend cannot compile."""
+        schema = check_schema(schema, (settings or self.generation).max_new_tokens, field)
         if self.options.structured_backend == "xgrammar":
             from vllm.v1.structured_output.backend_xgrammar import has_xgrammar_unsupported_json_features
 
@@ -521,8 +431,20 @@ class VLLMEngine(InstructionEngine):
                                   "engine with structured_backend='guidance'", field)
         return schema
 
-    def _encode(self, docs: Sequence[PreparedDocument]) -> None:
-        """Nothing to do: vLLM encodes pages itself (and caches encoder outputs by content)."""
+    # ------------------------------------------------------------------ documents
+
+    def prepare(self, document: Document | PreparedDocument, limits: DocumentLimits | None = None,
+                field: str = "document") -> PreparedDocument:
+        """Read and render a document (cached by content). Raises `DocumentError` naming `field`."""
+        return self.documents.prepare(document, limits, field)
+
+    def pages_for(self, document: Document) -> list[Image.Image]:
+        """The page images the model reads for `document`."""
+        return self.documents.pages_for(document)
+
+    def visual_token_count(self, doc: PreparedDocument) -> int | None:
+        """Image tokens the model spends on `doc`'s pages (the processor's own expansion, as vLLM's)."""
+        return self.documents.visual_token_count(doc)
 
     # ------------------------------------------------------------------ requests
 
@@ -548,24 +470,13 @@ class VLLMEngine(InstructionEngine):
             kwargs["structured_outputs"] = StructuredOutputsParams(json=json_schema)
         return SamplingParams(**kwargs)
 
-    def _prompt(self, doc: PreparedDocument, instruction: str) -> dict:
-        """The request for vLLM: prompt text, or for a layout whose BOS is ours (plain) the token
-        ids with one image token per page, since vLLM's tokenizer call on text would add a BOS or not
-        as the tokenizer's settings say; vLLM expands each page's image token as it would in text."""
-        builder = self.spec.prompt_builder
-        text = builder(self.processor, len(doc.pages), instruction)
-        images = {"image": list(doc.pages) if len(doc.pages) > 1 else doc.pages[0]}
-        if builder.bos:
-            return {"prompt_token_ids": builder.encode(self.tokenizer, text), "multi_modal_data": images}
-        return {"prompt": text, "multi_modal_data": images}
-
     def _check_no_crops(self, doc: PreparedDocument, field: str) -> None:
         """Refuse pages the processor would cut into local crops: vLLM's Transformers backend splits
         image fields per image by one row count, which the crops (a varying number per page) break.
         Pages no larger than a tile get the global view alone, which vLLM serves in every crop mode."""
         if not self._images_kwargs.get("crop_to_patches"):
             return
-        from deepsynth.models.deepseek_ocr2 import crop_grid
+        from deepsynth.render.modes import crop_grid
 
         ip = self.processor.image_processor
         settings = {key: self._images_kwargs.get(key, getattr(ip, key, None))
@@ -591,15 +502,15 @@ class VLLMEngine(InstructionEngine):
         return visual + len(self.tokenizer(text)["input_ids"])
 
     def _submit(self, docs: Sequence[PreparedDocument], instructions: Sequence[str], settings: GenerationSettings,
-                cancel: threading.Event | None, json_schema: dict | None, stream: bool = False) -> list[_Request]:
+                cancel: threading.Event | None, json_schema: dict | None, stream: bool = False) -> list[Request]:
         params = self._params(settings, json_schema, stream)
         requests = []
         for i, (doc, instruction) in enumerate(zip(docs, instructions)):
             self._check_no_crops(doc, field=f"documents[{i}]" if len(docs) > 1 else "document")
-            prompt = self._prompt(doc, instruction)
-            self.check_length(self._estimate_prompt_tokens(doc, prompt), settings,
-                              field=f"documents[{i}]" if len(docs) > 1 else "document")
-            requests.append(_Request(prompt=prompt, params=params.clone(), lora=self._lora_request, cancel=cancel))
+            prompt = vllm_prompt(self.spec, self.processor, doc.pages, instruction)
+            self.documents.check_length(self._estimate_prompt_tokens(doc, prompt), settings,
+                                        field=f"documents[{i}]" if len(docs) > 1 else "document")
+            requests.append(Request(prompt=prompt, params=params.clone(), lora=self._lora_request, cancel=cancel))
         if self._driver is None:
             raise RuntimeError("the vLLM engine is closed")
         self._driver.submit(requests)
@@ -627,21 +538,6 @@ class VLLMEngine(InstructionEngine):
                    doc=doc, cached=doc.uses > 0)
         return row
 
-    @staticmethod
-    def _wait(request: _Request) -> tuple[object, bool]:
-        """(final output, cancelled) of a request; re-raises its error."""
-        last = None
-        while True:
-            kind, value = request.outputs.get()
-            if kind == "error":
-                raise value
-            if kind == "cancelled":
-                return value if value is not None else last, True
-            last = value
-            if value.finished:
-                _raise_if_failed(value)
-                return value, False
-
     def generate_rows(self, documents: Sequence[Document | PreparedDocument], instructions: Sequence[str],
                       settings: GenerationSettings | None = None, cancel: threading.Event | None = None,
                       json_schema: dict | None = None) -> list[dict]:
@@ -655,7 +551,7 @@ class VLLMEngine(InstructionEngine):
         requests = self._submit(docs, [clean_text(i) for i in instructions], settings, cancel, json_schema)
         rows = []
         for doc, request in zip(docs, requests):
-            out, cancelled = self._wait(request)
+            out, cancelled = wait(request)
             rows.append(self._row(doc, out, cancelled, json_schema))
         for doc in docs:
             doc.uses += 1
@@ -667,6 +563,11 @@ class VLLMEngine(InstructionEngine):
         this engine serves. Every pair goes to vLLM at once (it schedules them itself), so
         `batch_size`, the HF decoder's generate-call size, does not apply."""
         return self.generate_rows([list(p) for p in pages], list(instructions), settings)
+
+    def ask(self, document: Document | PreparedDocument, instruction: str,
+            settings: GenerationSettings | None = None, json_schema: dict | None = None, **overrides) -> Answer:
+        """Answer one instruction about one document; `overrides` change generation settings."""
+        return self.ask_batch([document], [instruction], settings, json_schema=json_schema, **overrides)[0]
 
     def ask_batch(self, documents: Sequence[Document | PreparedDocument], instructions: Sequence[str],
                   settings: GenerationSettings | None = None, cancel: threading.Event | None = None,
@@ -681,7 +582,7 @@ class VLLMEngine(InstructionEngine):
             rows = self.generate_rows(documents[i:i + self.max_batch_size], instructions[i:i + self.max_batch_size],
                                       settings, cancel, json_schema)
             latency = (time.perf_counter() - start) * 1000
-            answers.extend(self._answer(r, latency) for r in rows)
+            answers.extend(Answer.from_row(r, latency) for r in rows)
         return answers
 
     def stream(self, document: Document | PreparedDocument, instruction: str,
@@ -706,7 +607,7 @@ class VLLMEngine(InstructionEngine):
                     break
                 last = value
                 if value.finished:
-                    _raise_if_failed(value)
+                    raise_if_failed(value)
                 text = value.outputs[0].text
                 if len(text) > len(sent) and text.startswith(sent):
                     yield text[len(sent):]
@@ -718,17 +619,7 @@ class VLLMEngine(InstructionEngine):
             raise
         row = self._row(doc, last, cancelled, json_schema)
         doc.uses += 1
-        yield self._answer(row, (time.perf_counter() - start) * 1000)
-
-
-def _raise_if_failed(out) -> None:
-    """Raise when vLLM finished a request it did not answer (finish reason "error" or "abort" that
-    no caller asked for: a grammar that failed to compile, a KV-cache failure), rather than letting
-    its empty output pass for an answer."""
-    reason = out.outputs[0].finish_reason if out.outputs else "error"
-    if reason in ("error", "abort"):
-        raise RuntimeError(f"vLLM ended request {out.request_id} with finish reason {reason!r} "
-                           "(the vLLM engine's log says why)")
+        yield Answer.from_row(row, (time.perf_counter() - start) * 1000)
 
 
 def _close_json(schema: dict, text: str) -> str:
@@ -743,58 +634,3 @@ def _close_json(schema: dict, text: str) -> str:
     if rest:
         logger.warning("a schema-constrained answer ran out of tokens unclosed; appended %r", rest[:80])
     return text + rest
-
-
-# ---------------------------------------------------------------------- subprocess entry point
-def answer_file(requests_path: str | Path, out_path: str | Path) -> dict:
-    """Answer the requests of a JSON file with a `VLLMEngine`; write (and return) the answers.
-
-    Input: {"model", "adapter"?, "dtype"?, "kv_cache_gib"?, "settings"? (GenerationSettings
-    fields), "items": [{"text" | "pages" (PNG paths), "instruction"}]}.
-    Output: {"describe", "answers": [Answer fields + "token_ids"]}.
-    """
-    from deepsynth.atomic import write_text_atomic
-
-    job = json.loads(Path(requests_path).read_text())
-    options = VLLMOptions(dtype=job.get("dtype", "auto"), kv_cache_gib=job.get("kv_cache_gib"),
-                          max_num_seqs=job.get("max_num_seqs", 64))
-    engine = VLLMEngine(job["model"], adapter=job.get("adapter"), options=options)
-    try:
-        settings = engine.settings(None, **job.get("settings", {}))
-        documents = []
-        for i, item in enumerate(job["items"]):
-            if "text" in item:
-                documents.append(item["text"])
-            elif "pages" in item:
-                documents.append([Image.open(p).convert("RGB") for p in item["pages"]])
-            else:
-                raise ValueError(f"items[{i}] needs 'text' or 'pages'")
-        rows = engine.generate_rows(documents, [it["instruction"] for it in job["items"]], settings)
-        answers = []
-        for row in rows:
-            answer = engine._answer(row, 0.0).to_dict()
-            answer["token_ids"] = row["token_ids"]
-            answers.append(answer)
-        result = {"describe": engine.describe(), "answers": answers}
-    finally:
-        engine.close()
-    write_text_atomic(Path(out_path), json.dumps(result, indent=1) + "\n")
-    return result
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) != 2:
-        print("usage: python -m deepsynth.vllm.engine REQUESTS.json OUT.json", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        answer_file(argv[0], argv[1])
-    except (DocumentError, BundleError, ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":  # vLLM spawns worker processes: keep the work behind this guard
-    sys.exit(main())

@@ -3,11 +3,16 @@ engine, in float32 with greedy decoding; the first differing token of each answe
 
 The HF side runs in this process (the project's environment, where models are trained and
 evaluated); the vLLM side runs in the vLLM environment (`make vllm-env`), in a subprocess:
-`python -m deepsynth.vllm.engine`, given the rendered pages as PNG files. Both sides
-decode with the bundle's guards (n-gram blocking, loop stop), so identical weights and identical
-arithmetic give identical tokens; the report names the first token where they part.
+`python -m deepsynth.vllm.parity REQUESTS OUT` (`answer_file`), given the rendered pages as PNG
+files. Both sides decode with the bundle's guards (n-gram blocking, loop stop), so identical
+weights and identical arithmetic give identical tokens; the report names the first token where
+they part.
 
     deepsynth check-parity tiny-reader [--adapter DIR] [--examples FILE.jsonl] [--out report.json]
+
+What the two checks share lives here too: where the vLLM environment is (`vllm_python`), how its
+side runs (`run_side`), the first differing token (`first_difference`) and how a report is printed
+and turned into an exit status (`report_command`); `deepsynth.vllm.reference` uses them.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -61,18 +66,28 @@ def vllm_python(explicit: str | None = None) -> str | None:
     return None
 
 
-def run_vllm(job: dict, python: str, workdir: Path, timeout: float = 1800) -> dict:
-    """Answer `job` (see `deepsynth.vllm.engine.answer_file`) with the vLLM engine in
-    a subprocess of `python`; its stderr is logged when it fails."""
-    requests, out = workdir / "requests.json", workdir / "answers.json"
+#: The vLLM side of check-parity (argv before REQUESTS OUT): `main` below.
+SIDE_COMMAND = ["-m", "deepsynth.vllm.parity"]
+
+
+def run_side(command: Sequence[str], job: dict, python: str, workdir: Path, what: str, timeout: float,
+             kv_cache_gib: int = 1) -> dict:
+    """The vLLM side of a check: `python *command JOB OUT` with `job` written to JOB; what it wrote
+    to OUT. RuntimeError naming `what` with the end of its stderr when it fails."""
+    requests, out = workdir / "side-job.json", workdir / "side-out.json"
     requests.write_text(json.dumps(job))
     env = dict(os.environ)
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(job.get("kv_cache_gib") or 1)))
-    proc = subprocess.run([python, "-m", "deepsynth.vllm.engine", str(requests), str(out)],
-                          capture_output=True, text=True, env=env, timeout=timeout)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(kv_cache_gib)))
+    proc = subprocess.run([python, *command, str(requests), str(out)], capture_output=True, text=True, env=env,
+                          timeout=timeout)
     if proc.returncode != 0:
-        raise RuntimeError(f"the vLLM engine failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"{what} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(out.read_text())
+
+
+def run_vllm(job: dict, python: str, workdir: Path, timeout: float = 1800) -> dict:
+    """Answer `job` (see `answer_file`) with the vLLM engine in a subprocess of `python`."""
+    return run_side(SIDE_COMMAND, job, python, workdir, "the vLLM engine", timeout, job.get("kv_cache_gib") or 1)
 
 
 def hf_token_ids(engine, pages: Sequence[Sequence], instructions: Sequence[str], settings) -> list[dict]:
@@ -115,6 +130,14 @@ class Difference:
     index: int
     hf_token: int | None
     vllm_token: int | None
+
+    def to_dict(self, tokenizer=None) -> dict:
+        """The report's entry; with `tokenizer`, each side's token as text too."""
+        out = {"index": self.index, "hf_token": self.hf_token, "vllm_token": self.vllm_token}
+        if tokenizer is not None:
+            out.update(hf_piece=tokenizer.decode([self.hf_token]) if self.hf_token is not None else None,
+                       vllm_piece=tokenizer.decode([self.vllm_token]) if self.vllm_token is not None else None)
+        return out
 
 
 def first_difference(a: Sequence[int], b: Sequence[int]) -> Difference | None:
@@ -172,11 +195,8 @@ def check_parity(model: str, examples: Sequence[tuple[str, str]] = DEFAULT_EXAMP
                  "vllm": {"answer": vl["answer"], "stopped": vl["stopped"], "tokens": len(vl["token_ids"])},
                  "first_difference": None}
         if diff is not None:
-            entry["first_difference"] = {
-                "index": diff.index, "hf_token": diff.hf_token, "vllm_token": diff.vllm_token,
-                "hf_piece": tok.decode([diff.hf_token]) if diff.hf_token is not None else None,
-                "vllm_piece": tok.decode([diff.vllm_token]) if diff.vllm_token is not None else None,
-                "common_prefix": tok.decode(hf["token_ids"][:diff.index], skip_special_tokens=True)}
+            entry["first_difference"] = {**diff.to_dict(tok), "common_prefix": tok.decode(
+                hf["token_ids"][:diff.index], skip_special_tokens=True)}
         answers.append(entry)
     return {"model": model, "adapter": adapter, "dtype": "float32", "decoding": "greedy",
             "max_new_tokens": max_new_tokens, "identical": sum(a["identical"] for a in answers),
@@ -225,26 +245,106 @@ def check_parity_command(
     """Run the same pages and instructions through the HF and vLLM engines (float32, greedy) and
     report the first differing token of each answer; exit status 1 when any answer differs."""
     pairs = _read_examples(examples) if examples else list(DEFAULT_EXAMPLES)
+
+    def line(a: dict) -> str:
+        where = "identical" if a["identical"] else (
+            difference_text(a["first_difference"]) if a["first_difference"] else "same tokens, different text")
+        return (f"{a['instruction']!r}: {where}  (HF {a['hf']['tokens']} tokens, {a['hf']['stopped']}; "
+                f"vLLM {a['vllm']['tokens']} tokens, {a['vllm']['stopped']})")
+
+    report_command(lambda: check_parity(model, pairs, adapter=adapter, max_new_tokens=max_new_tokens,
+                                        python=vllm_python_path, kv_cache_gib=kv_cache_gib),
+                   (FileNotFoundError,), line,
+                   lambda report: f"{report['identical']}/{len(report['answers'])} answers identical",
+                   lambda report: report["identical"] == len(report["answers"]), out)
+
+
+def difference_text(diff: dict | None) -> str:
+    """A report's first difference (`Difference.to_dict`, maybe with "common_prefix") as one phrase."""
+    if diff is None:
+        return "same tokens"
+    text = f"differs at token {diff['index']}: HF {diff.get('hf_piece')!r} vs vLLM {diff.get('vllm_piece')!r}"
+    return text + (f" after {diff['common_prefix']!r}" if "common_prefix" in diff else "")
+
+
+def report_command(run: Callable[[], dict], bad_input: tuple[type[Exception], ...], line: Callable[[dict], str],
+                   summary: Callable[[dict], str], agree: Callable[[dict], bool], out: Path | None) -> None:
+    """What check-parity and check-reference do with their report: run the check (`bad_input`
+    errors are usage errors; a failed vLLM side, a RuntimeError, exits with status 2), print one
+    `line` per answer and the `summary`, write the JSON report to `out`, and exit with status 1
+    unless the two sides `agree`."""
     try:
-        report = check_parity(model, pairs, adapter=adapter, max_new_tokens=max_new_tokens, python=vllm_python_path,
-                              kv_cache_gib=kv_cache_gib)
-    except FileNotFoundError as exc:
+        report = run()
+    except bad_input as exc:
         raise typer.BadParameter(str(exc)) from None
     except RuntimeError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
-    for a in report["answers"]:
-        diff = a["first_difference"]
-        where = "identical" if a["identical"] else (
-            f"differs at token {diff['index']}: HF {diff['hf_piece']!r} vs vLLM {diff['vllm_piece']!r} "
-            f"after {diff['common_prefix']!r}" if diff else "same tokens, different text")
-        typer.echo(f"{a['instruction']!r}: {where}  (HF {a['hf']['tokens']} tokens, {a['hf']['stopped']}; "
-                   f"vLLM {a['vllm']['tokens']} tokens, {a['vllm']['stopped']})")
-    typer.echo(f"{report['identical']}/{len(report['answers'])} answers identical")
+    for answer in report["answers"]:
+        typer.echo(line(answer))
+    typer.echo(summary(report))
     if out is not None:
         from deepsynth.atomic import write_text_atomic
 
         write_text_atomic(out, json.dumps(report, indent=2) + "\n")
-    if report["identical"] != len(report["answers"]):
+    if not agree(report):
         raise typer.Exit(1)
+
+
+# ---- the vLLM side ---------------------------------------------------------------------------------
+def answer_file(requests_path: str | Path, out_path: str | Path) -> dict:
+    """Answer the requests of a JSON file with a `VLLMEngine`; write (and return) the answers.
+
+    Input: {"model", "adapter"?, "dtype"?, "kv_cache_gib"?, "settings"? (GenerationSettings
+    fields), "items": [{"text" | "pages" (PNG paths), "instruction"}]}.
+    Output: {"describe", "answers": [Answer fields + "token_ids"]}.
+    """
+    from deepsynth.atomic import write_text_atomic
+    from deepsynth.inference.interface import Answer
+    from deepsynth.vllm.engine import VLLMEngine, VLLMOptions
+
+    job = json.loads(Path(requests_path).read_text())
+    options = VLLMOptions(dtype=job.get("dtype", "auto"), kv_cache_gib=job.get("kv_cache_gib"),
+                          max_num_seqs=job.get("max_num_seqs", 64))
+    engine = VLLMEngine(job["model"], adapter=job.get("adapter"), options=options)
+    try:
+        settings = engine.settings(None, **job.get("settings", {}))
+        documents = []
+        for i, item in enumerate(job["items"]):
+            if "text" in item:
+                documents.append(item["text"])
+            elif "pages" in item:
+                documents.append([Image.open(p).convert("RGB") for p in item["pages"]])
+            else:
+                raise ValueError(f"items[{i}] needs 'text' or 'pages'")
+        rows = engine.generate_rows(documents, [it["instruction"] for it in job["items"]], settings)
+        answers = []
+        for row in rows:
+            answer = Answer.from_row(row, 0.0).to_dict()
+            answer["token_ids"] = row["token_ids"]
+            answers.append(answer)
+        result = {"describe": engine.describe(), "answers": answers}
+    finally:
+        engine.close()
+    write_text_atomic(Path(out_path), json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """vLLM side: `python -m deepsynth.vllm.parity REQUESTS.json OUT.json` (`answer_file`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) != 2:
+        print("usage: python -m deepsynth.vllm.parity REQUESTS.json OUT.json", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        answer_file(argv[0], argv[1])
+    except (ValueError, FileNotFoundError) as exc:  # bad documents, bundles and settings are ValueErrors
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":  # vLLM spawns worker processes: keep the work behind this guard
+    sys.exit(main())
 

@@ -35,7 +35,6 @@ import json
 import logging
 import math
 import os
-import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -308,15 +307,9 @@ def vllm_side(job: dict) -> dict:
 
 def run_vllm_side(job: dict, python: str, workdir: Path, timeout: float = 3600) -> dict:
     """`vllm_side(job)` in a subprocess of the vLLM environment's `python`."""
-    requests, out = workdir / "reference-job.json", workdir / "reference-out.json"
-    requests.write_text(json.dumps(job))
-    env = dict(os.environ)
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    proc = subprocess.run([python, *SIDE_COMMAND, str(requests), str(out)], capture_output=True, text=True,
-                          env=env, timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"vLLM's native class failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(out.read_text())
+    from deepsynth.vllm.parity import run_side
+
+    return run_side(SIDE_COMMAND, job, python, workdir, "vLLM's native class", timeout)
 
 
 # ---- the comparison -------------------------------------------------------------------------------
@@ -336,11 +329,7 @@ def compare(hf: dict, vl: dict, tokenizer=None) -> dict:
              "max_abs_logprob_diff": max(deltas) if deltas else 0.0,
              "first_difference": None}
     if diff is not None:
-        entry["first_difference"] = {"index": diff.index, "hf_token": diff.hf_token, "vllm_token": diff.vllm_token}
-        if tokenizer is not None:
-            entry["first_difference"].update(
-                hf_piece=tokenizer.decode([diff.hf_token]) if diff.hf_token is not None else None,
-                vllm_piece=tokenizer.decode([diff.vllm_token]) if diff.vllm_token is not None else None)
+        entry["first_difference"] = diff.to_dict(tokenizer)
     if tokenizer is not None:
         entry["hf_answer"] = tokenizer.decode(a, skip_special_tokens=True)
         entry["vllm_answer"] = tokenizer.decode(b, skip_special_tokens=True)
@@ -610,34 +599,28 @@ def check_reference_command(
 ) -> None:
     """Compare our HF engine with vLLM's native DeepSeek-OCR / DeepSeek-OCR-2 class (float32, greedy):
     prompt ids, tokens, max |log-probability difference|, first differing token; exit 1 when they differ."""
-    from deepsynth.vllm.parity import DEFAULT_EXAMPLES
     from deepsynth.vllm.export import ExportError
+    from deepsynth.vllm.parity import DEFAULT_EXAMPLES, difference_text, report_command
 
     items = _read_items(examples) if examples else [("text", t, i) for t, i in DEFAULT_EXAMPLES]
-    try:
-        pages = _pages_for(model, items)
-        report = check_reference(model, pages, [i for _, _, i in items], max_new_tokens=max_new_tokens,
-                                 python=vllm_python_path)
-    except (FileNotFoundError, ReferenceError, ExportError) as exc:
-        raise typer.BadParameter(str(exc)) from None
-    except RuntimeError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(2) from None
-    for a in report["answers"]:
-        diff = a["first_difference"]
-        where = "same tokens" if diff is None else (
-            f"differs at token {diff['index']}: HF {diff.get('hf_piece')!r} vs vLLM {diff.get('vllm_piece')!r}")
-        typer.echo(f"{a['instruction']!r}: prompt {'identical' if a['prompt_identical'] else 'DIFFERENT'}, {where}, "
-                   f"max |logprob diff| {a['max_abs_logprob_diff']:.2e} over {a['agreeing_tokens']} tokens")
-    typer.echo(f"{report['reference']} ({report['vision_sizes']} vision sizes), crop mode {report['crop_mode']}: "
-               f"{report['tokens_identical']}/{len(report['answers'])} answers token-identical, max |logprob diff| "
-               f"{report['max_abs_logprob_diff']:.2e} (tolerance {report['tolerance']:g})")
-    if out is not None:
-        from deepsynth.atomic import write_text_atomic
 
-        write_text_atomic(out, json.dumps(report, indent=2) + "\n")
-    if not report["agree"]:
-        raise typer.Exit(1)
+    def run() -> dict:
+        pages = _pages_for(model, items)
+        return check_reference(model, pages, [i for _, _, i in items], max_new_tokens=max_new_tokens,
+                               python=vllm_python_path)
+
+    def line(a: dict) -> str:
+        return (f"{a['instruction']!r}: prompt {'identical' if a['prompt_identical'] else 'DIFFERENT'}, "
+                f"{difference_text(a['first_difference'])}, max |logprob diff| {a['max_abs_logprob_diff']:.2e} "
+                f"over {a['agreeing_tokens']} tokens")
+
+    def summary(report: dict) -> str:
+        return (f"{report['reference']} ({report['vision_sizes']} vision sizes), crop mode {report['crop_mode']}: "
+                f"{report['tokens_identical']}/{len(report['answers'])} answers token-identical, max |logprob "
+                f"diff| {report['max_abs_logprob_diff']:.2e} (tolerance {report['tolerance']:g})")
+
+    report_command(run, (FileNotFoundError, ReferenceError, ExportError), line, summary,
+                   lambda report: report["agree"], out)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
