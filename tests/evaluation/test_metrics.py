@@ -1,4 +1,4 @@
-"""Tests for deepsynth.evaluation.metrics: hand-worked SQuAD and ROUGE cases."""
+"""Tests for the text metrics (deepsynth.data.metrics, importable from deepsynth.evaluation): hand-worked SQuAD and ROUGE cases."""
 
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
-"""Evaluation: EM/F1 (SQuAD normalisation), ROUGE, corpus aggregation, instruction ablation."""
+"""Evaluation: EM/F1 (SQuAD normalisation), ROUGE, corpus aggregation, instruction ablation. The
+metrics live in `deepsynth.data.metrics`, below the trainer that validates with them; they are
+importable from here too."""
 
-from deepsynth.evaluation.metrics import (
+from deepsynth.data.metrics import (
     ROUGE_KEYS,
     SUPPORTED_METRICS,
     ablation_summary,

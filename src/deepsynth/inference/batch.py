@@ -258,7 +258,7 @@ def evaluate(data: str | os.PathLike, model: str | os.PathLike, out: str | os.Pa
 
 def metric_names(metrics: str | Sequence[str] | None) -> tuple[str, ...] | None:
     """`evaluate`'s metrics as a tuple of checked names (None: each example by its task)."""
-    from deepsynth.evaluation.metrics import SUPPORTED_METRICS
+    from deepsynth.data.metrics import SUPPORTED_METRICS
 
     if metrics is None:
         return None
