@@ -1,7 +1,7 @@
 """Which token grid can a tiny DeepSeek-OCR-2 learn to read a line of small type with?
 
-Trains the "tiny-page" preset (4 px SAM patches: one image token per 16 x 16 px, 256 per page)
-and the same model with 8 px patches (32 x 32 px per token, 64 per page) on the page reader's
+Trains the "tiny-page" preset with 4 px SAM patches (one image token per 16 x 16 px, 256 per page)
+and with 8 px patches (its default: 32 x 32 px per token, 64 per page) on the page reader's
 one-line rung (`deepsynth.training.page_reader`, 30 characters of words, prose, names and numbers
 in the "reader" preset, pages moved by up to 6 px) for the same wall-clock budget on one CPU
 thread, and scores held-out one-line pages under teacher forcing (token accuracy) at intervals.
@@ -74,7 +74,7 @@ def run(patch_size: int, minutes: float, stage_index: int, batch_size: int, lr: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=7.0, help="training budget per geometry")
-    parser.add_argument("--stage", type=int, default=1, help="page_reader.PAGE_STAGES rung to train on")
+    parser.add_argument("--stage", type=int, default=5, help="page_reader.PAGE_STAGES rung to train on")
     parser.add_argument("--patch-sizes", default="4,8", help="SAM patch sizes to compare")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)

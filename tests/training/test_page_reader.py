@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from deepsynth.data.reading import (
+    CODE_CHARS,
     ITEMS,
     JOBS,
     KINDS,
@@ -20,6 +21,7 @@ from deepsynth.models.collate import Collator
 from deepsynth.models.deepseek_ocr2 import build_tiny_page, image_tokens
 from deepsynth.render import RenderConfig, render_text
 from deepsynth.training.page_reader import (
+    FULL_PAGE,
     PAGE_STAGES,
     PRESET,
     PageReaderConfig,
@@ -71,11 +73,11 @@ def test_transcription_answer_is_the_text_drawn_and_jitter_keeps_every_mark():
     render = RenderConfig.from_preset(PRESET)
     rng = random.Random(5)
     for _ in range(10):
-        example = make_page_example(rng, PAGE_STAGES[5], jitter=0)
+        example = make_page_example(rng, FULL_PAGE, jitter=0)
         if example["instruction"] == TRANSCRIBE:
             assert example["answer"] == render_text(example["answer"], render)[0].text
-    still = make_page_example(random.Random(6), PAGE_STAGES[5], jitter=0)
-    moved = make_page_example(random.Random(6), PAGE_STAGES[5], jitter=6)
+    still = make_page_example(random.Random(6), FULL_PAGE, jitter=0)
+    moved = make_page_example(random.Random(6), FULL_PAGE, jitter=6)
     assert still["answer"] == moved["answer"]
     ink = [int((np.asarray(e["pages"][0].convert("L")) < 128).sum()) for e in (still, moved)]
     assert ink[0] == ink[1] > 0 and still["pages"][0].tobytes() != moved["pages"][0].tobytes()
@@ -83,12 +85,29 @@ def test_transcription_answer_is_the_text_drawn_and_jitter_keeps_every_mark():
         PageReaderConfig(jitter=9)
 
 
-def test_tiny_page_preset_reads_a_page_as_a_16_px_token_grid():
+def test_the_curriculum_starts_on_one_big_random_character_and_shrinks_the_type():
+    def ink_rows(example):
+        ink = (np.asarray(example["pages"][0].convert("L")) < 128).any(1)
+        return int(np.ptp(ink.nonzero()[0])) + 1
+
+    rng = random.Random(7)
+    first = [make_page_example(rng, PAGE_STAGES[0], jitter=6) for _ in range(20)]
+    assert all(len(e["answer"]) == 1 and e["answer"] in CODE_CHARS for e in first)
+    assert len({e["answer"] for e in first}) > 10  # random characters, not a few favourites
+    sizes = [s.font_size or RenderConfig.from_preset(PRESET).font_size for s in PAGE_STAGES]
+    assert sizes == sorted(sizes, reverse=True) and FULL_PAGE.font_size == 0
+    assert min(ink_rows(e) for e in first) > 3 * max(ink_rows(make_page_example(rng, PAGE_STAGES[4]))
+                                                      for _ in range(5))
+    codes = make_task(random.Random(8), "codes", "heldout", max_lines=3, line_chars=6)
+    assert all(1 <= len(line) <= 6 and set(line) <= set(CODE_CHARS) for line in codes.text.split("\n"))
+
+
+def test_tiny_page_preset_reads_a_page_as_a_32_px_token_grid():
     model, processor = build_tiny_page()
-    assert image_tokens(processor, 256, 256) == 16 * 16 + 1
+    assert image_tokens(processor, 256, 256) == 8 * 8 + 1
     page = render_text("The total amount due is 4,250 euros.", RenderConfig.from_preset(PRESET))[0].image
     batch = Collator(processor, max_length=4096)([{"pages": [page], "instruction": TRANSCRIBE, "answer": "x"}])
-    assert int((batch["input_ids"] == processor.image_token_id).sum()) == 16 * 16 + 1
+    assert int((batch["input_ids"] == processor.image_token_id).sum()) == 8 * 8 + 1
     assert model(**batch).loss.item() > 0
     assert similarity("abc", "abc") == 1.0 and similarity("abcd", "abxd") == pytest.approx(0.75)
 
@@ -97,8 +116,8 @@ def test_tiny_page_preset_reads_a_page_as_a_16_px_token_grid():
 def test_a_short_phase_saves_a_loadable_reader_scored_on_every_heldout_set(tmp_path):
     out = tmp_path / "page"
     meta = pretrain_page_reader(PageReaderConfig(out=str(out), max_steps=3, batch_size=2, warmup_steps=1,
-                                                 eval_examples=1, eval_every_minutes=1e6, start_stage=2))
-    assert meta["step"] == 3 and meta["final_stage"] == 2
+                                                 eval_examples=1, eval_every_minutes=1e6, start_stage=6))
+    assert meta["step"] == 3 and meta["final_stage"] == 6
     assert set(meta["eval"]) == {"read", "read_shifted", "read_multipage", "prose_qa", "form_qa", "invoice_qa"}
     assert set(meta["eval"]["prose_qa"]) >= {"em", "em_no_instruction"}
     saved = json.loads((out / "reader_pretrain.json").read_text())

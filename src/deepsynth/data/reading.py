@@ -31,7 +31,9 @@ __all__ = ["TRANSCRIBE", "KINDS", "ReadingTask", "is_heldout", "make_task", "pro
 
 #: The transcription instruction of DeepSeek-OCR's documented prompts.
 TRANSCRIBE = "Free OCR."
-KINDS = ("words", "prose", "mixed", "prose_qa", "form_qa", "invoice_qa")
+KINDS = ("words", "prose", "mixed", "codes", "prose_qa", "form_qa", "invoice_qa")
+#: The characters of "codes" lines: no word, and no prefix, tells the next one.
+CODE_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 SPLITS = ("train", "heldout")
 HELDOUT_MODULUS = 5  # one string in five is held out
 
@@ -132,6 +134,16 @@ def _number(rng: random.Random, split: str, kind: str) -> str:
         if is_heldout(s) == (split == "heldout"):
             return s
     raise RuntimeError(f"no {split} {kind} found in 1000 draws")
+
+
+def _code(rng: random.Random, split: str, length: int) -> str:
+    """`length` random capital letters and digits, on the split's side from 3 characters on (one or two
+    are the alphabet itself, which every page shows: splitting them would hide letters from training)."""
+    for _ in range(1000):
+        s = "".join(rng.choice(CODE_CHARS) for _ in range(length))
+        if length < 3 or is_heldout(s) == (split == "heldout"):
+            return s
+    raise RuntimeError(f"no {split} code of {length} characters found in 1000 draws")
 
 
 def _name(rng: random.Random, split: str) -> str:
@@ -273,7 +285,8 @@ def _invoice_qa(rng: random.Random, split: str, max_lines: int) -> ReadingTask:
 def make_task(rng: random.Random, kind: str, split: str = "train", max_lines: int = 14,
               line_chars: int = 30) -> ReadingTask:
     """One task of `kind` on `split`'s side: for transcription kinds a text of 1 to `max_lines`
-    lines of about `line_chars` characters (the renderer may wrap a line it cannot fit)."""
+    lines of about `line_chars` characters (the renderer may wrap a line it cannot fit); "codes"
+    lines are 1 to `line_chars` random capital letters and digits."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r}: use one of {SPLITS}")
     if max_lines < 1:
@@ -287,6 +300,9 @@ def make_task(rng: random.Random, kind: str, split: str = "train", max_lines: in
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r}: use one of {KINDS}")
     lines = rng.randint(1, max_lines)
+    if kind == "codes":
+        return ReadingTask("\n".join(_code(rng, split, rng.randint(1, line_chars)) for _ in range(lines)), TRANSCRIBE,
+                           "", kind)
     if kind == "prose" or (kind == "mixed" and rng.random() < 0.5):
         # One paragraph the renderer wraps: as many characters as `lines` full lines hold.
         text = _prose_window(rng, split, rng.randint(max(8, (lines - 1) * line_chars), lines * line_chars))

@@ -185,17 +185,16 @@ def build_tiny(seed: int = 0, image_size: int = 256) -> tuple[DeepseekOcr2ForCon
     return model, processor
 
 
-def build_tiny_page(seed: int = 0, patch_size: int = 4) -> tuple[DeepseekOcr2ForConditionalGeneration,
+def build_tiny_page(seed: int = 0, patch_size: int = 8) -> tuple[DeepseekOcr2ForConditionalGeneration,
                                                                    DeepseekOcr2Processor]:
     """The page reader's preset (`deepsynth.training.page_reader`): the tiny preset with a token grid
-    fine enough to read a page of small type. SAM cuts the 256 px page into 4 px patches (64 x 64)
-    and its two stride-2 convolutions leave one image token per 16 x 16 px (256 per page, one row
-    per line of the "reader" render preset, about two characters per token). SAM is 64 wide with
-    windowed attention only (global attention over 4096 patches is quadratic; the vision encoder
-    after it attends across the whole page) and a 64-channel neck (a 256-channel 3 x 3 neck at
-    64 x 64 cost more than the rest of the model). Decoder positions reach 4096 for multi-page
-    documents. `patch_size` 8 gives the coarser grid (32 px per token) that
-    benchmarks/page_reader_geometry.py compares."""
+    fine enough to read a page of small type. SAM cuts the 256 px page into 8 px patches (32 x 32)
+    and its two stride-2 convolutions leave one image token per 32 x 32 px (64 per page, one row
+    per two lines of the "reader" render preset, about eight characters per token). SAM is 64 wide
+    with windowed attention only (the vision encoder after it attends across the whole page) and
+    a 64-channel neck. Decoder positions reach 4096 for multi-page documents. `patch_size` 4 gives
+    the finer grid (16 px per token, 256 per page): its steps cost about three times as much and
+    a fresh reader on it started using the page later (benchmarks/page_reader_diagnostic.py)."""
     image_size = 256
     processor = tiny_processor(image_size, patch_size)
     tok = processor.tokenizer

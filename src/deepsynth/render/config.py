@@ -18,7 +18,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(page_width=256, page_height=256, margin=4, font=MONO_FONT, font_size=32, bold=True,
                  line_spacing=2.0),
     # The page reader's page (deepsynth.training.page_reader): 14 lines of 30 characters on a
-    # 256 px page; the 16 px line pitch is one row of the reader's 16 px image-token grid.
+    # 256 px page; the 16 px line pitch is half a row of the reader's 32 px image-token grid.
     "reader": dict(page_width=256, page_height=256, margin=8, font=MONO_FONT, font_size=13, bold=True,
                    line_spacing=1.25),
 }

@@ -1,10 +1,11 @@
 """Pre-training of the page reader: a tiny DeepSeek-OCR-2 (the "tiny-page" preset) that reads pages
 of small type ("reader" render preset: 14 lines of 30 characters on 256 px) and answers about them.
 
-The curriculum grows the page one rung at a time: a few words on one line, one full line, then up
-to 3, 6, 10 and 14 lines of dictionary words, real prose, names, numbers and punctuation in
-mixed case (`deepsynth.data.reading`), transcribed with DeepSeek-OCR's prompt `Free OCR.`; from
-the third rung on, a share of examples are questions about facts in sentences, about
+The curriculum grows the page one rung at a time: one random character in 96 px type, 1 to 3 in
+64 px, a few words on one line in 32 px, in 20 px, then in the preset's 13 px, one full line,
+then up to 3, 6, 10 and 14 lines of dictionary words, real prose, names, numbers and punctuation
+in mixed case (`deepsynth.data.reading`), transcribed with DeepSeek-OCR's prompt `Free OCR.`;
+from the seventh rung on, a share of examples are questions about facts in sentences, about
 `key: value` forms in any line order and about short invoices. Every training page is moved by
 up to `jitter` pixels, so the reader does not learn where lines start, only what they say.
 
@@ -45,6 +46,8 @@ logger = logging.getLogger(__name__)
 PRESET = "reader"  # render preset the reader reads
 MODEL_PRESET = "tiny-page"  # model preset a fresh run starts from
 LINE_CHARS = 30  # characters of the preset's widest line of monospace type
+TRANSCRIBE_KINDS = ("words", "prose", "mixed")
+QUESTION_KINDS = ("prose_qa", "form_qa", "invoice_qa")
 
 
 @dataclass
@@ -55,9 +58,19 @@ class PageStage:
     line_chars: int  # characters per written line (the renderer wraps at the page width)
     question_share: float  # share of examples that are questions (rest: transcription)
     max_pages: int = 1  # pages per document (longer texts are cut to this many pages)
+    font_size: int = 0  # type size in px (0 = the render preset's)
+    kinds: tuple[str, ...] = TRANSCRIBE_KINDS  # transcription kinds drawn (deepsynth.data.reading)
 
 
+# A fresh reader starts on one random character in 96 px type: on lines of words in smaller type
+# its vision tower's output soon stops depending on the page and the decoder learns the text
+# prior alone, where a lone big glyph is read from the first hundred steps
+# (benchmarks/page_reader_diagnostic.py; README, "The page reader"). The type then shrinks.
 PAGE_STAGES = (
+    PageStage(max_lines=1, line_chars=1, question_share=0.0, font_size=96, kinds=("codes",)),
+    PageStage(max_lines=1, line_chars=3, question_share=0.0, font_size=64, kinds=("codes",)),
+    PageStage(max_lines=1, line_chars=12, question_share=0.0, font_size=32),
+    PageStage(max_lines=1, line_chars=12, question_share=0.0, font_size=20),
     PageStage(max_lines=1, line_chars=12, question_share=0.0),
     PageStage(max_lines=1, line_chars=LINE_CHARS, question_share=0.0),
     PageStage(max_lines=3, line_chars=LINE_CHARS, question_share=0.15),
@@ -66,8 +79,7 @@ PAGE_STAGES = (
     PageStage(max_lines=14, line_chars=LINE_CHARS, question_share=0.3),
     PageStage(max_lines=14, line_chars=LINE_CHARS, question_share=0.3, max_pages=2),
 )
-TRANSCRIBE_KINDS = ("words", "prose", "mixed")
-QUESTION_KINDS = ("prose_qa", "form_qa", "invoice_qa")
+FULL_PAGE = PAGE_STAGES[-2]  # the last one-page rung: what held-out pages look like
 
 
 @dataclass
@@ -130,10 +142,12 @@ def make_page_example(rng: random.Random, stage: PageStage, jitter: int = 0, spl
                       render: RenderConfig | None = None) -> dict:
     """One training (or held-out) example of `stage`: pages, instruction, answer, kind."""
     render = render or RenderConfig.from_preset(PRESET)
+    if stage.font_size:
+        render = replace(render, font_size=stage.font_size)
     if rng.random() < stage.question_share:
         task = make_task(rng, rng.choice(QUESTION_KINDS), split, max_lines=stage.max_lines)
     else:
-        task = make_task(rng, rng.choice(TRANSCRIBE_KINDS), split, max_lines=stage.max_lines,
+        task = make_task(rng, rng.choice(stage.kinds), split, max_lines=stage.max_lines,
                          line_chars=stage.line_chars)
     pages, answer = render_task(task, stage.max_pages if task.instruction == TRANSCRIBE else 3, render)
     if jitter:
@@ -159,7 +173,7 @@ class PageStream(CurriculumStream):
     def stage(self, step_index: int) -> PageStage:
         stage = PAGE_STAGES[self.schedule.at(step_index)]
         if self.cfg.question_share >= 0:
-            stage = PageStage(stage.max_lines, stage.line_chars, self.cfg.question_share, stage.max_pages)
+            stage = replace(stage, question_share=self.cfg.question_share)
         return stage
 
     def draw(self, stage: PageStage) -> dict:
@@ -186,7 +200,7 @@ def heldout_sets(n: int, seed: int = 4321, shift: int = 6) -> dict[str, list[dic
     paragraphs, questions about prose, forms and invoices. Fixed by `seed`."""
     rng = random.Random(seed)
     render = RenderConfig.from_preset(PRESET)
-    full = PAGE_STAGES[5]
+    full = FULL_PAGE
     sets: dict[str, list[dict]] = {"read": [], "read_shifted": [], "read_multipage": [], "prose_qa": [],
                                    "form_qa": [], "invoice_qa": []}
     for _ in range(n):
