@@ -15,7 +15,8 @@ Stages, lowest first (a module may import its own stage and those before it):
   packages of those names;
 * ``vllm``: all vLLM code in one package, whose modules are placed one by one in the stage they
   serve (``VLLM_STAGE``): the plugin (``deepsynth.vllm``, registering the model families with vLLM),
-  its decoding guards and the export to vLLM's native layout belong to ``models`` and import only
+  its decoding guards, the export to vLLM's native layout and the checkpoint step (where vLLM loads
+  a resolved model from: weights, processor, LoRA module) belong to ``models`` and import only
   ``models``; the engine (and its driver thread), the parity and the reference checks belong
   to ``inference``; its ``cli.py`` and ``check.py`` to ``cli``;
 * ``cli``: the front doors on top of everything: the package ``deepsynth`` itself (its lazy
@@ -44,8 +45,9 @@ PACKAGE_STAGE = {"render": "render", "data": "data", "models": "models",
                  "training": "training", "evaluation": "evaluation", "inference": "inference", "serve": "serve"}
 #: deepsynth.vllm spans stages: each of its modules sits in the stage it serves (a new one must be placed here).
 VLLM_STAGE = {"deepsynth.vllm": "models", "deepsynth.vllm.guards": "models", "deepsynth.vllm.export": "models",
-              "deepsynth.vllm.engine": "inference", "deepsynth.vllm.driver": "inference",
-              "deepsynth.vllm.parity": "inference", "deepsynth.vllm.reference": "inference"}
+              "deepsynth.vllm.checkpoint": "models", "deepsynth.vllm.engine": "inference",
+              "deepsynth.vllm.driver": "inference", "deepsynth.vllm.parity": "inference",
+              "deepsynth.vllm.reference": "inference"}
 
 #: (importer, imported) against the order of stages, found today.
 KNOWN_UPWARD: set[tuple[str, str]] = set()

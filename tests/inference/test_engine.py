@@ -17,7 +17,7 @@ from deepsynth.inference import (
     Pdf,
     read_document,
 )
-from deepsynth.inference.engine import Answer
+from deepsynth.inference.interface import Answer
 from deepsynth.models.generate import GenerationSettings, generate_with_stats
 
 from .helpers import image_pdf, png_bomb, png_bytes, text_pdf

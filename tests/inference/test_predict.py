@@ -107,6 +107,49 @@ def test_each_bundle_file_is_read_once_and_each_page_drawn_once(bundle, records,
     assert recorded == {"scores": report["scores"], "scores_no_instruction": report["scores_no_instruction"]}
 
 
+class _VLLMWouldStart(Exception):
+    """Raised where the vLLM engine would start vLLM (not installed in this environment)."""
+
+
+def test_vllm_engine_is_given_the_model_open_run_resolved(bundle, records, monkeypatch):
+    """`--engine vllm` resolves the model once: `open_run` hands its `ModelSource` to the engine,
+    whose checkpoint step (`deepsynth.vllm.checkpoint.resolve_model`) resolves nothing again. Run up
+    to where vLLM itself would start (vLLM is not in this environment: its check is skipped)."""
+    from deepsynth.inference import engines
+    from deepsynth.models import bundle as bundle_module
+    from deepsynth.vllm import checkpoint
+    from deepsynth.vllm.engine import VLLMEngine
+
+    resolved: list[str] = []
+    reads: Counter = Counter()
+    resolve_source, read_text = bundle_module.resolve_source, pathlib.Path.read_text
+
+    def counting_resolve(name, seed=0):
+        resolved.append(name)
+        return resolve_source(name, seed=seed)
+
+    def counting_read(self, *args, **kwargs):
+        reads[self.name] += 1
+        return read_text(self, *args, **kwargs)
+
+    def start(engine, found):
+        raise _VLLMWouldStart(found)
+
+    monkeypatch.setattr(engines, "require_vllm", lambda: None)
+    monkeypatch.setattr(bundle_module, "resolve_source", counting_resolve)
+    monkeypatch.setattr(checkpoint, "resolve_source", counting_resolve)
+    monkeypatch.setattr(pathlib.Path, "read_text", counting_read)
+    monkeypatch.setattr(VLLMEngine, "_start", start)
+    with pytest.raises(_VLLMWouldStart) as stopped:
+        deepsynth.predict(records, bundle, engine="vllm", max_new_tokens=TOKENS)
+    found = stopped.value.args[0]
+    assert resolved == [str(bundle)]
+    assert reads["config.json"] == 1 and reads[BUNDLE_FILE] == 1, reads
+    # what vLLM would load: the bundle as it is (transformers' layout), with the bundle's own spec
+    assert found.path == str(bundle) and found.lora is None
+    assert found.spec == read_spec(bundle)
+
+
 def test_options_are_one_dataclass_with_one_name_per_engine():
     assert BatchOptions().engine == "hf"
     with pytest.warns(FutureWarning, match="'local' is the old name of 'hf'"):

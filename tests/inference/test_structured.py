@@ -12,7 +12,7 @@ import torch
 from transformers import LogitsProcessor
 
 from deepsynth.inference import InstructionEngine
-from deepsynth.inference.engine import Answer
+from deepsynth.inference.interface import Answer
 from deepsynth.inference.interface import Engine
 from deepsynth.inference.templates import BY_ID, EXTRACT_SCHEMA
 from deepsynth.models.structured import (

@@ -323,7 +323,7 @@ def page_files(tmp_path):
 PIXEL_SIDE = """
 import json, sys, torch
 from PIL import Image
-from deepsynth.vllm.engine import resolve_model, vllm_hf_overrides, vllm_processor_kwargs
+from deepsynth.vllm.checkpoint import resolve_model, vllm_hf_overrides, vllm_processor_kwargs
 from transformers import AutoConfig
 from transformers.models.deepseek_ocr2.image_processing_pil_deepseek_ocr2 import DeepseekOcr2ImageProcessorPil
 from vllm.config import ModelConfig
@@ -453,7 +453,7 @@ def test_v1_checkpoints_are_refused_with_the_engine_to_use(tmp_path, monkeypatch
     model, processor = v1.build_tiny_v1(seed=5)
     layouts.write_v1(model, processor, tmp_path / "v1")
     monkeypatch.setenv("DEEPSYNTH_CACHE", str(tmp_path / "cache"))
-    proc = subprocess.run([PYTHON, "-c", "import sys\nfrom deepsynth.vllm.engine import vllm_checkpoint\n"
+    proc = subprocess.run([PYTHON, "-c", "import sys\nfrom deepsynth.vllm.checkpoint import vllm_checkpoint\n"
                            "vllm_checkpoint(sys.argv[1])", str(tmp_path / "v1")], capture_output=True, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}, timeout=600, cwd=ROOT)
     assert proc.returncode == 1

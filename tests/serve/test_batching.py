@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from deepsynth.inference.engine import Answer
+from deepsynth.inference.interface import Answer
 from deepsynth.models.generate import GenerationSettings
 from deepsynth.serve import ServeConfig, create_app
 from deepsynth.serve.batcher import Job, MicroBatcher, QueueFull

@@ -15,7 +15,7 @@ import pypdfium2 as pdfium
 import pytest
 from PIL import ImageFile
 
-from deepsynth.inference.engine import Answer
+from deepsynth.inference.interface import Answer
 from deepsynth.models.generate import GenerationSettings
 from deepsynth.render import renderer as R
 from deepsynth.serve import ServeConfig, create_app

@@ -176,8 +176,9 @@ def open_run(data: str | os.PathLike, model: str | os.PathLike, options: BatchOp
         yield run
         return
     if options.engine == "vllm":
-        # by the resolved name (a URI's local copy); the data above already hold the preset's pages
-        served = make_engine(source.name if source.is_preset else source.path, "vllm", dtype=options.dtype)
+        # the source resolved above: the engine resolves nothing again (a URI's local copy, the spec
+        # the data were opened with)
+        served = make_engine(source, "vllm", dtype=options.dtype)
         try:
             run.decoder = served
             if options.max_new_tokens is not None:

@@ -91,7 +91,7 @@ def ask_command(
 
 def _answer(engine, doc, instruction: str, settings, stream: bool, as_json: bool) -> None:
     from deepsynth.inference.documents import DocumentError
-    from deepsynth.inference.engine import Answer
+    from deepsynth.inference.interface import Answer
 
     try:
         prepared = engine.prepare(doc, field="DOCUMENT")

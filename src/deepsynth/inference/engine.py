@@ -32,15 +32,9 @@ import torch
 from PIL import Image
 from transformers import TextIteratorStreamer
 
-from deepsynth.inference.documents import Document, DocumentLimits, clean_text, read_document
-from deepsynth.inference.interface import Answer
-from deepsynth.inference.prepare import (
-    CacheStats,
-    DocumentCache,
-    DocumentPreparer,
-    PreparedDocument,
-    document_bytes,
-)
+from deepsynth.inference.documents import Document, clean_text
+from deepsynth.inference.interface import Answer, EngineBase
+from deepsynth.inference.prepare import DocumentPreparer, PreparedDocument
 from deepsynth.models.bundle import (
     LoadedModel,
     apply_adapter,
@@ -55,15 +49,13 @@ from deepsynth.models.structured import check_schema
 
 logger = logging.getLogger(__name__)
 
-# Answer, PreparedDocument, the cache and read_document are imported from here by older callers.
-__all__ = ["Answer", "CacheStats", "DEFAULT_GENERATION", "DocumentCache", "InstructionEngine", "PreparedDocument",
-           "document_bytes", "read_document"]
+__all__ = ["DEFAULT_GENERATION", "InstructionEngine", "encode_png"]
 
 # Decoding defaults of models whose generation_config.json does not state them.
 DEFAULT_GENERATION = GenerationSettings()
 
 
-class InstructionEngine:
+class InstructionEngine(EngineBase):
     """Answers instructions about documents with one loaded model (implements
     `deepsynth.inference.interface.Engine`).
 
@@ -133,25 +125,10 @@ class InstructionEngine:
         `SchemaError` naming the offending part (see `deepsynth.models.structured`)."""
         return check_schema(schema, (settings or self.generation).max_new_tokens, field)
 
-    # ------------------------------------------------------------------ documents
-
     def settings(self, settings: GenerationSettings | None = None, **overrides) -> GenerationSettings:
         """`settings` (or the engine's defaults) with `overrides` applied and validated."""
         base = settings or self.generation
         return dataclasses.replace(base, **overrides) if overrides else base
-
-    def prepare(self, document: Document | PreparedDocument, limits: DocumentLimits | None = None,
-                field: str = "document") -> PreparedDocument:
-        """Read and render a document (cached by content). Raises `DocumentError` naming `field`."""
-        return self.documents.prepare(document, limits, field)
-
-    def pages_for(self, document: Document) -> list[Image.Image]:
-        """The page images the model reads for `document`."""
-        return self.documents.pages_for(document)
-
-    def visual_token_count(self, doc: PreparedDocument) -> int | None:
-        """Image tokens the model spends on `doc`'s pages (exact: the processor's own expansion)."""
-        return self.documents.visual_token_count(doc)
 
     # ------------------------------------------------------------------ encoding and prompts
 
@@ -163,11 +140,6 @@ class InstructionEngine:
             self.cache.stats.encoded_pages += len(d.pages)
 
     # ------------------------------------------------------------------ generation
-
-    def ask(self, document: Document | PreparedDocument, instruction: str,
-            settings: GenerationSettings | None = None, json_schema: dict | None = None, **overrides) -> Answer:
-        """Answer one instruction about one document; `overrides` change generation settings."""
-        return self.ask_batch([document], [instruction], settings, json_schema=json_schema, **overrides)[0]
 
     def ask_batch(self, documents: Sequence[Document | PreparedDocument], instructions: Sequence[str],
                   settings: GenerationSettings | None = None, cancel: threading.Event | None = None,

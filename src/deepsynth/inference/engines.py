@@ -25,9 +25,12 @@ def check_dtype(value: str) -> str:
     return value
 
 
-def make_engine(model: str = "tiny-reader", engine: str = "hf", dtype: str = "auto", **kwargs):
+def make_engine(model="tiny-reader", engine: str = "hf", dtype: str = "auto", **kwargs):
     """The engine named `engine` for `model`; keyword arguments go to its constructor (an
     `adapter` is merged by "hf" and served as a LoRA module by "vllm").
+
+    model: a name (preset, alias, hub id, directory, URI) or, for "vllm", the `ModelSource` that
+    `deepsynth.models.bundle.resolve_source` gave (resolved once by the caller).
 
     dtype: the weights' dtype, one of DTYPES. "auto" is each engine's own default: the checkpoint's
     dtype for "hf"; for "vllm" the checkpoint's too, except that vLLM turns float32 into a 16-bit

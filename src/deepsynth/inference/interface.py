@@ -19,8 +19,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from deepsynth.inference.documents import Document, DocumentLimits
-    from deepsynth.inference.prepare import DocumentCache, PreparedDocument
+    from deepsynth.inference.prepare import DocumentCache, DocumentPreparer, PreparedDocument
     from deepsynth.models.generate import GenerationSettings
 
 
@@ -115,3 +117,29 @@ class Engine(Protocol):
                json_schema: dict | None = None) -> Iterator[str | Answer]:
         """The answer's text piece by piece, then the final (authoritative) `Answer`."""
         ...
+
+
+class EngineBase:
+    """What every engine does the same way: the document methods, answered by the
+    `DocumentPreparer` it holds as `documents`, and `ask` (one pair through its `ask_batch`)."""
+
+    documents: DocumentPreparer
+
+    def prepare(self, document: Document | PreparedDocument, limits: DocumentLimits | None = None,
+                field: str = "document") -> PreparedDocument:
+        """Read and render a document (cached by content). Raises `DocumentError` naming `field`."""
+        return self.documents.prepare(document, limits, field)
+
+    def pages_for(self, document: Document) -> list[Image.Image]:
+        """The page images the model reads for `document`."""
+        return self.documents.pages_for(document)
+
+    def visual_token_count(self, doc: PreparedDocument) -> int | None:
+        """Image tokens the model spends on `doc`'s pages (exact: the processor's own expansion, which
+        vLLM's is too)."""
+        return self.documents.visual_token_count(doc)
+
+    def ask(self, document: Document | PreparedDocument, instruction: str,
+            settings: GenerationSettings | None = None, json_schema: dict | None = None, **overrides) -> Answer:
+        """Answer one instruction about one document; `overrides` change generation settings."""
+        return self.ask_batch([document], [instruction], settings, json_schema=json_schema, **overrides)[0]

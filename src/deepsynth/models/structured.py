@@ -304,14 +304,24 @@ class JsonSchemaLogitsProcessor(LogitsProcessor):
         known = next((k for k in range(len(generated), -1, -1) if tuple(generated[:k]) in states), -1)
         for k in range(known + 1, len(generated) + 1):  # each step's state follows from the one before
             self.enforcer.get_allowed_tokens(list(generated[:k]))
-        rest = closing(states[tuple(generated)].parser)
-        if rest is None:
-            logger.warning("a schema-constrained answer cannot be closed: %r", text[:200])
-            return text
-        if rest:
-            logger.warning("a schema-constrained answer ran out of tokens unclosed; appended %r", rest[:80])
-            return text + rest
+        return _closed(text, closing(states[tuple(generated)].parser))
+
+
+def close_text(schema: dict, text: str) -> str:
+    """`text`, a schema-constrained answer that the budget (or a cancellation) cut, closed from the
+    schema's parser run over the text (for an engine that keeps no enforcer states: vLLM's)."""
+    parser = advance(parser_for(schema), text)
+    return _closed(text, closing(parser) if parser is not None else None)
+
+
+def _closed(text: str, rest: str | None) -> str:
+    """`text` + `rest` (its closing, None: none found, `text` kept), with a warning when it was cut."""
+    if rest is None:
+        logger.warning("a schema-constrained answer cannot be closed: %r", text[:200])
         return text
+    if rest:
+        logger.warning("a schema-constrained answer ran out of tokens unclosed; appended %r", rest[:80])
+    return text + rest
 
 
 def _in_number(parser) -> bool:

@@ -26,7 +26,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
-from deepsynth.inference.engine import Answer, PreparedDocument
+from deepsynth.inference.interface import Answer
+from deepsynth.inference.prepare import PreparedDocument
 from deepsynth.inference.interface import Engine
 from deepsynth.models.generate import GenerationSettings
 

@@ -24,7 +24,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
 from deepsynth.inference.documents import DocumentError, DocumentLimits
-from deepsynth.inference.engine import Answer, PreparedDocument
+from deepsynth.inference.interface import Answer
+from deepsynth.inference.prepare import PreparedDocument
 from deepsynth.inference.interface import Engine
 from deepsynth.models.generate import GenerationSettings
 from deepsynth.models.structured import SchemaError

@@ -2,7 +2,8 @@
 
 Registered as the entry point `vllm.general_plugins: deepsynth = deepsynth.vllm:register`,
 so vLLM calls `register()` in every process it starts (front end, engine core, workers). The
-vLLM engine (`deepsynth.vllm.engine`) calls it too, before it loads a processor.
+vLLM engine (`deepsynth.vllm.engine`) calls it too, and so does `deepsynth.vllm.checkpoint.resolve_model`
+before it loads a processor.
 
 What it does (each step is idempotent and needed only where transformers lacks it):
 

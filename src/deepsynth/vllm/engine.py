@@ -38,7 +38,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -47,15 +46,17 @@ from pathlib import Path
 
 from PIL import Image
 
-from deepsynth.inference.documents import Document, DocumentError, DocumentLimits, clean_text
-from deepsynth.inference.interface import Answer
+from deepsynth.inference.documents import Document, DocumentError, clean_text
+from deepsynth.inference.interface import Answer, EngineBase
 from deepsynth.inference.prepare import DocumentPreparer, PreparedDocument
-from deepsynth.models.bundle import (BundleError, ModelSource, ModelSpec, generation_defaults, make_collator, read_spec,
-                                     resolve_render, resolve_source)
+from deepsynth.models.bundle import (BundleError, ModelSource, ModelSpec, generation_defaults, make_collator,
+                                     resolve_render)
 from deepsynth.models.generate import GenerationSettings, _answer_row
 from deepsynth.models.loops import LoopPolicy, find_loop
-from deepsynth.models.structured import SchemaError, check_schema
+from deepsynth.models.structured import SchemaError, check_schema, close_text
 from deepsynth.vllm import register
+from deepsynth.vllm.checkpoint import (ResolvedModel, native_layout, resolve_model, vllm_adapter, vllm_hf_overrides,
+                                       vllm_lora_rank, vllm_processor_kwargs)
 from deepsynth.vllm.driver import Driver, Request, raise_if_failed, wait
 
 # The plugin's processor back-ports apply to this process too (the HF side of check-parity and the
@@ -64,11 +65,9 @@ register()
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["VLLMEngine", "VLLMOptions", "resolve_model"]
+__all__ = ["VLLMEngine", "VLLMOptions"]
 
 KV_CACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"
-#: Backend name of DeepSeek-OCR v1 (`deepsynth.models.deepseek_ocr_v1`), which vLLM does not serve here.
-V1_BACKEND = "deepseek-ocr-v1"
 
 
 @dataclass
@@ -104,166 +103,6 @@ class VLLMOptions:
             raise ValueError(f"structured_backend must be 'guidance' or 'xgrammar', got {self.structured_backend!r}")
 
 
-@dataclass
-class ResolvedModel:
-    """A model as vLLM loads it: a directory of weights (+ a LoRA adapter directory)."""
-
-    # Directory vLLM loads the (base) weights from.
-    path: str
-    # The bundle's spec (the adapter bundle's when serving an adapter).
-    spec: ModelSpec
-    # The processor, configured for the bundle's crop mode.
-    processor: object
-    # LoRA adapter directory served on top of `path`, or None.
-    lora: str | None
-    # Directory whose generation_config.json holds the decoding defaults.
-    generation_dir: str
-    # Temporary directories made for presets; removed by `VLLMEngine.close`.
-    temporary: list[str] = field(default_factory=list)
-
-
-def _native_layout(path: str) -> bool:
-    """Whether `path` holds vLLM's own DeepSeek-OCR(-2) config layout (as `export-vllm` writes)."""
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        return False
-    data = json.loads(config.read_text())
-    return "language_config" in data and "projector_config" in data
-
-
-def vllm_checkpoint(path: str, config: dict | None = None) -> str:
-    """The directory vLLM loads for the checkpoint at `path` (a directory or hub id; `config`: its
-    config.json as `resolve_source` read it, None: read here).
-
-    DeepSeek's own DeepSeek-OCR-2 layout (remote-code config.json) is converted once into the cache,
-    as `load_bundle` converts it (`deepseek_ocr2.convert_official`, same cache folder), since vLLM's
-    Transformers backend reads transformers' layout; DeepSeek-OCR v1 (either layout) is refused;
-    anything else is served from where it is.
-    """
-    from deepsynth.models import deepseek_ocr2 as ocr2
-    from deepsynth.models.config_file import read_config
-    from deepsynth.models.registry import backend_for_config
-
-    if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
-        return path  # an adapter bundle: its base model is resolved on its own
-    config, where = (config, path) if config is not None else read_config(path)
-    if ocr2.is_official_config(config):
-        return str(ocr2.converted_official(path))
-    if backend_for_config(config, where).name == V1_BACKEND:
-        raise BundleError(f"{path}: DeepSeek-OCR v1 checkpoints are not served by the vLLM engine (vLLM's "
-                          "Transformers backend cannot build this project's v1 port); use the HF engine "
-                          "(--engine hf)")
-    return path
-
-
-def resolve_model(name: str | ModelSource, adapter: str | None = None, seed: int = 0) -> ResolvedModel:
-    """Where the weights, spec, processor and LoRA adapter of `name` are, for vLLM: the project's
-    resolver (`resolve_source`: presets, aliases, shipped checkpoints, hub ids, directories, adapter
-    bundles, URIs) plus what vLLM needs on top: weights on disk (a preset is saved to a temporary
-    bundle first) in transformers' layout (`vllm_checkpoint`), the adapter as a LoRA module.
-    """
-    from transformers import AutoProcessor
-
-    from deepsynth.models.bundle import load_bundle, save_bundle
-
-    source = name if isinstance(name, ModelSource) else resolve_source(name, seed=seed)
-    if source.is_preset:
-        loaded = load_bundle(source)
-        tmp = tempfile.mkdtemp(prefix="deepsynth-vllm-")
-        save_bundle(tmp, loaded.model, loaded.processor, loaded.spec)
-        found = resolve_model(tmp, adapter)
-        found.temporary.append(tmp)
-        return found
-    if source.adapter is not None:
-        if adapter is not None:
-            raise BundleError(f"{source.name} is an adapter bundle already; serve one adapter at a time "
-                              f"(adapter={adapter})")
-        base = resolve_model(source.base)
-        base.spec = source.spec if source.has_bundle else dataclasses.replace(
-            base.spec, weights="adapter", base_model=source.base.name)
-        base.lora = source.adapter
-        if source.generation_dir == source.adapter:  # the adapters' own decoding defaults
-            base.generation_dir = source.adapter
-        return base
-    path = vllm_checkpoint(source.path, source.config)
-    processor = AutoProcessor.from_pretrained(path)
-    spec = source.spec_for(processor)
-    source.backend.configure_processor(processor, spec.crop_mode)
-    found = ResolvedModel(path=path, spec=spec, processor=processor, lora=None, generation_dir=path)
-    if adapter is not None:
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"adapter directory {adapter!r} has no adapter_config.json")
-        found.lora = str(adapter)
-        found.spec = read_spec(adapter) or spec
-    return found
-
-
-def vllm_processor_kwargs(processor) -> dict:
-    """The call-time image settings of our processor (what `set_crop_mode` put on it: crops or not,
-    the view and tile sides, the crop counts), as `mm_processor_kwargs` for the processor vLLM builds
-    from the checkpoint, so that vLLM draws every page as ours does. vLLM's copy draws pages by
-    DeepSeek's rules too: the plugin gives it the same page image processor (`deepsynth.vllm`)."""
-    settings = getattr(processor, "images_kwargs", None) or {}
-    image_processor = getattr(processor, "image_processor", None)
-    valid = getattr(getattr(image_processor, "valid_kwargs", None), "__annotations__", {})
-    return {key: value for key, value in settings.items() if key in valid}
-
-
-def vllm_hf_overrides(config) -> dict:
-    """`hf_overrides` for vLLM: vLLM picks its model class by the config's `architectures`, which a
-    config saved from a bare config object (DeepSeek's layout converted, `convert_official`) lacks;
-    the class is then the one transformers' image-text-to-text Auto class maps the config to."""
-    if getattr(config, "architectures", None):
-        return {}
-    from transformers import AutoModelForImageTextToText
-
-    cls = AutoModelForImageTextToText._model_mapping.get(type(config), None)
-    return {"architectures": [cls.__name__]} if cls is not None else {}
-
-
-#: peft key prefixes of DeepSeek-OCR-2 adapters in transformers' module names, and the checkpoint
-#: names vLLM expects: vLLM renames LoRA keys with the checkpoint-to-module renames of transformers
-#: (`(^|model.)layers.` -> `language_model.layers.`), which would rename module names a second time.
-_ADAPTER_RENAMES = {"deepseek_ocr2": (("base_model.model.model.language_model.", "base_model.model.model."),),
-                    "deepseek_ocr2_patches": (("base_model.model.model.language_model.", "base_model.model.model."),)}
-
-
-def vllm_adapter(adapter: str, model_type: str | None) -> tuple[str, str | None]:
-    """(directory vLLM loads the adapter from, temporary directory to remove or None).
-
-    Adapters of model types whose checkpoint names differ from their module names are copied with
-    their keys in checkpoint names; any other adapter is served from where it is.
-    """
-    renames = _ADAPTER_RENAMES.get(model_type or "")
-    weights = Path(adapter) / "adapter_model.safetensors"
-    if not renames or not weights.is_file():
-        return adapter, None
-    from safetensors.torch import load_file, save_file
-
-    tensors = load_file(str(weights))
-    renamed = {}
-    for key, value in tensors.items():
-        for old, new in renames:
-            if key.startswith(old):
-                key = new + key[len(old):]
-                break
-        renamed[key] = value
-    tmp = tempfile.mkdtemp(prefix="deepsynth-vllm-lora-")
-    shutil.copy2(Path(adapter) / "adapter_config.json", Path(tmp) / "adapter_config.json")
-    save_file(renamed, str(Path(tmp) / "adapter_model.safetensors"))
-    return tmp, tmp
-
-
-def _lora_rank(adapter: str) -> int:
-    """The smallest rank vLLM accepts (its max_lora_rank choices) that holds the adapter's rank."""
-    config = json.loads((Path(adapter) / "adapter_config.json").read_text())
-    ranks = [int(config.get("r", 8)), *(int(r) for r in (config.get("rank_pattern") or {}).values())]
-    for allowed in (8, 16, 32, 64, 128, 256, 320, 512):
-        if max(ranks) <= allowed:
-            return allowed
-    raise ValueError(f"{adapter}: LoRA rank {max(ranks)} is above vLLM's largest max_lora_rank (512)")
-
-
 def vllm_prompt(spec: ModelSpec, processor, pages: Sequence[Image.Image], instruction: str) -> dict:
     """The prompt dict for vLLM of `pages` + `instruction`: prompt text, or for a layout whose BOS is
     ours (plain) the token ids with one image token per page, since vLLM's tokenizer call on text would
@@ -277,11 +116,12 @@ def vllm_prompt(spec: ModelSpec, processor, pages: Sequence[Image.Image], instru
     return {"prompt": text, "multi_modal_data": images}
 
 
-class VLLMEngine:
+class VLLMEngine(EngineBase):
     """Answers instructions about documents with vLLM (same answers and fields as `InstructionEngine`;
     implements `deepsynth.inference.interface.Engine`).
 
-    model:          anything `resolve_model` takes (directory, adapter bundle, shipped name, preset, ...).
+    model:          anything `resolve_model` takes (directory, adapter bundle, shipped name, preset, ...),
+                    by name or as `resolve_source` resolved it (a command that resolved it once already).
     render_preset:  override of the bundle's render config (logged when it differs).
     adapter:        LoRA adapter directory served on `model` as a vLLM LoRA module (not merged).
     cache_pages:    pages the document cache may hold (0 turns it off); vLLM keeps its own caches
@@ -299,19 +139,21 @@ class VLLMEngine:
         """vLLM schedules every request it holds together, up to max_num_seqs."""
         return self.options.max_num_seqs
 
-    def __init__(self, model: str = "tiny-reader", render_preset: str | None = None, adapter: str | None = None,
-                 cache_pages: int = 256, generation: GenerationSettings | None = None, max_batch_size: int = 64,
-                 loop_policy: LoopPolicy | None = None, options: VLLMOptions | None = None) -> None:
-        if not isinstance(model, str):
-            raise TypeError("VLLMEngine loads a model by name or directory (vLLM reads the weights from disk); "
-                            f"got {type(model).__name__}")
+    def __init__(self, model: str | ModelSource = "tiny-reader", render_preset: str | None = None,
+                 adapter: str | None = None, cache_pages: int = 256, generation: GenerationSettings | None = None,
+                 max_batch_size: int = 64, loop_policy: LoopPolicy | None = None,
+                 options: VLLMOptions | None = None) -> None:
+        if not isinstance(model, (str, ModelSource)):
+            raise TypeError("VLLMEngine loads a model by name or directory, or as `resolve_source` resolved it "
+                            f"(vLLM reads the weights from disk); got {type(model).__name__}")
         self.options = options or VLLMOptions()
         found = resolve_model(model, adapter)
         self._temporary = found.temporary
+        name = model.name if isinstance(model, ModelSource) else model
         if found.spec.instruction_channel.get("kind") != "prompt":
-            raise BundleError(f"{model}: the vLLM engine serves instructions given as prompt text; this model "
+            raise BundleError(f"{name}: the vLLM engine serves instructions given as prompt text; this model "
                               "reads them through a text encoder (use the HF engine)")
-        self.name, self.spec, self.processor = model, found.spec, found.processor
+        self.name, self.spec, self.processor = name, found.spec, found.processor
         self.tokenizer = self.processor.tokenizer
         self.loop_policy = loop_policy or self.spec.loop_policy()
         self.generation = generation or generation_defaults(found.generation_dir)
@@ -355,7 +197,7 @@ class VLLMEngine:
             if int(opts.kv_cache_gib) != opts.kv_cache_gib or opts.kv_cache_gib < 1:
                 raise ValueError(f"kv_cache_gib must be a whole number of GiB >= 1, got {opts.kv_cache_gib}")
             os.environ[KV_CACHE_ENV] = str(int(opts.kv_cache_gib))
-        impl = opts.model_impl or ("vllm" if _native_layout(found.path) else "transformers")
+        impl = opts.model_impl or ("vllm" if native_layout(found.path) else "transformers")
         kwargs = dict(model=found.path, tokenizer=found.path, dtype=opts.dtype, model_impl=impl,
                       max_num_seqs=opts.max_num_seqs, enforce_eager=opts.enforce_eager,
                       logits_processors=[DeepsynthGuards], limit_mm_per_prompt={"image": opts.max_pages},
@@ -375,7 +217,8 @@ class VLLMEngine:
             raise BundleError(f"VLLM_PLUGINS={allowed!r} leaves out this project's plugin 'deepsynth', which "
                               "vLLM's processes need to build these models as they were trained")
         if found.lora is not None:
-            kwargs.update(enable_lora=True, max_lora_rank=_lora_rank(found.lora), max_loras=1)
+            adapter_config = json.loads((Path(found.lora) / "adapter_config.json").read_text())
+            kwargs.update(enable_lora=True, max_lora_rank=vllm_lora_rank(adapter_config, found.lora), max_loras=1)
         kwargs.update(opts.extra)
         logger.info("starting vLLM (%s backend) on %s%s", impl, found.path,
                     f" with LoRA {found.lora}" if found.lora else "")
@@ -430,21 +273,6 @@ class VLLMEngine:
                                   "pattern and a length bound is the usual cause); drop one, or start the "
                                   "engine with structured_backend='guidance'", field)
         return schema
-
-    # ------------------------------------------------------------------ documents
-
-    def prepare(self, document: Document | PreparedDocument, limits: DocumentLimits | None = None,
-                field: str = "document") -> PreparedDocument:
-        """Read and render a document (cached by content). Raises `DocumentError` naming `field`."""
-        return self.documents.prepare(document, limits, field)
-
-    def pages_for(self, document: Document) -> list[Image.Image]:
-        """The page images the model reads for `document`."""
-        return self.documents.pages_for(document)
-
-    def visual_token_count(self, doc: PreparedDocument) -> int | None:
-        """Image tokens the model spends on `doc`'s pages (the processor's own expansion, as vLLM's)."""
-        return self.documents.visual_token_count(doc)
 
     # ------------------------------------------------------------------ requests
 
@@ -530,7 +358,7 @@ class VLLMEngine:
             row = {"answer": self.tokenizer.decode(kept, skip_special_tokens=True).strip(), "new_tokens": len(kept),
                    "stopped": "eos" if eos in ids else "cancelled" if cancelled else "max_new_tokens"}
             if row["stopped"] != "eos":
-                row["answer"] = _close_json(json_schema, row["answer"])
+                row["answer"] = close_text(json_schema, row["answer"])
         prompt_ids = list(out.prompt_token_ids) if out is not None else []
         row.update(token_ids=kept, prompt_tokens=len(prompt_ids),
                    visual_tokens=sum(1 for t in prompt_ids if t == self.image_token_id)
@@ -563,11 +391,6 @@ class VLLMEngine:
         this engine serves. Every pair goes to vLLM at once (it schedules them itself), so
         `batch_size`, the HF decoder's generate-call size, does not apply."""
         return self.generate_rows([list(p) for p in pages], list(instructions), settings)
-
-    def ask(self, document: Document | PreparedDocument, instruction: str,
-            settings: GenerationSettings | None = None, json_schema: dict | None = None, **overrides) -> Answer:
-        """Answer one instruction about one document; `overrides` change generation settings."""
-        return self.ask_batch([document], [instruction], settings, json_schema=json_schema, **overrides)[0]
 
     def ask_batch(self, documents: Sequence[Document | PreparedDocument], instructions: Sequence[str],
                   settings: GenerationSettings | None = None, cancel: threading.Event | None = None,
@@ -621,16 +444,3 @@ class VLLMEngine:
         doc.uses += 1
         yield Answer.from_row(row, (time.perf_counter() - start) * 1000)
 
-
-def _close_json(schema: dict, text: str) -> str:
-    """`text` (a schema-constrained answer cut by the budget) closed as the HF engine closes it."""
-    from deepsynth.models import structured
-
-    parser = structured.advance(structured.parser_for(schema), text)
-    rest = structured.closing(parser) if parser is not None else None
-    if rest is None:
-        logger.warning("a schema-constrained answer cannot be closed: %r", text[:200])
-        return text
-    if rest:
-        logger.warning("a schema-constrained answer ran out of tokens unclosed; appended %r", rest[:80])
-    return text + rest

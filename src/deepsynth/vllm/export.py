@@ -160,10 +160,12 @@ def native_adapter(src: str | Path, out: str | Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     save_file(renamed, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     write_text_atomic(out / "adapter_config.json", json.dumps(config, indent=2) + "\n")
-    rank = max([int(config.get("r", 8)), *(int(r) for r in (config.get("rank_pattern") or {}).values())])
-    max_rank = next((r for r in (8, 16, 32, 64, 128, 256, 320, 512) if rank <= r), None)
-    if max_rank is None:
-        raise ExportError(f"{src}: LoRA rank {rank} is above vLLM's largest max_lora_rank (512)")
+    from deepsynth.vllm.checkpoint import vllm_lora_rank
+
+    try:
+        max_rank = vllm_lora_rank(config, str(src))
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
     return {"path": str(out), "max_rank": max_rank, "fused_experts": fused}
 
 

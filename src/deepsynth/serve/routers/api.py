@@ -22,7 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from deepsynth.inference.documents import Markdown, Pdf, clean_text
-from deepsynth.inference.engine import Answer, encode_png
+from deepsynth.inference.engine import encode_png
+from deepsynth.inference.interface import Answer
 from deepsynth.inference.templates import BY_ID, TEMPLATES
 from deepsynth.serve.batcher import Job
 from deepsynth.serve.config import ServeConfig

@@ -24,7 +24,7 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from deepsynth.inference.documents import Markdown, Pdf, clean_text
-from deepsynth.inference.engine import Answer
+from deepsynth.inference.interface import Answer
 from deepsynth.serve.batcher import Job
 from deepsynth.serve.config import ServeConfig
 from deepsynth.serve.deps import Server, ServerDep, decode_b64, require_key
