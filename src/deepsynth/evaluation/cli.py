@@ -25,8 +25,8 @@ from typing import Optional
 
 import typer
 
-from deepsynth.inference.engines import check_dtype
-from deepsynth.inference.predict import ADDRESS_HELP, DECODE_HELP, DTYPE_HELP, ENGINE_HELP, batch_options
+from deepsynth.inference.predict import (ENGINE_HELP, AddressFlag, BatchSizeFlag, DecodeFlag, DtypeFlag,
+                                        GpusPerReplicaFlag, MaxNewTokensFlag, PresetFlag, ReplicasFlag, batch_options)
 
 
 def evaluate_command(
@@ -39,20 +39,19 @@ def evaluate_command(
         None, help="Comma-separated metrics (em, f1, rouge1, rouge2, rougeL, rougeLsum, rouge) for every example; "
                    "default: each example by its task (extractive QA: EM/F1; summaries and long free-form "
                    "answers: ROUGE-1/2/L; short free-form answers: both), reported per task."),
-    preset: Optional[str] = typer.Option(None, help="Render preset override (default: the model's bundle)."),
-    max_new_tokens: Optional[int] = typer.Option(None, help="Decoding override (default: the model's bundle)."),
+    preset: PresetFlag = None,
+    max_new_tokens: MaxNewTokensFlag = None,
     chance: float = typer.Option(0.0, help="Chance level reported beside the ablation."),
     ablation: bool = typer.Option(True, help="Also answer without the instruction (the ablation); "
                                              "--no-ablation answers once."),
     record: bool = typer.Option(True, help="Record the scores in the model directory's bundle."),
-    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Examples per generate call."),
+    batch_size: BatchSizeFlag = 16,
     engine: str = typer.Option("hf", "--engine", help=ENGINE_HELP + " Same report."),
-    dtype: str = typer.Option("auto", callback=check_dtype, help=DTYPE_HELP),
-    decode: str = typer.Option("hf", "--decode", help=DECODE_HELP),
-    address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
-    replicas: int = typer.Option(1, "--replicas", min=1, help="Ray engine: model replicas (actors)."),
-    gpus_per_replica: float = typer.Option(0.0, "--gpus-per-replica", min=0.0,
-                                           help="Ray engine: GPUs each replica reserves (0: CPU)."),
+    dtype: DtypeFlag = "auto",
+    decode: DecodeFlag = "hf",
+    address: AddressFlag = None,
+    replicas: ReplicasFlag = 1,
+    gpus_per_replica: GpusPerReplicaFlag = 0.0,
 ) -> None:
     """Score a model (each example by its task: EM/F1, ROUGE-1/2/L) with and without the instruction."""
     from deepsynth.inference.batch import evaluate, metric_names

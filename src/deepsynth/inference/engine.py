@@ -141,26 +141,6 @@ class InstructionEngine(EngineBase):
 
     # ------------------------------------------------------------------ generation
 
-    def ask_batch(self, documents: Sequence[Document | PreparedDocument], instructions: Sequence[str],
-                  settings: GenerationSettings | None = None, cancel: threading.Event | None = None,
-                  json_schema: dict | None = None, **overrides) -> list[Answer]:
-        """Answer each (document, instruction) pair, `max_batch_size` pairs per `generate` call.
-
-        json_schema: structured output: every answer is JSON that validates against it (see
-        `deepsynth.models.structured`); SchemaError for a schema that cannot be enforced."""
-        if len(documents) != len(instructions):
-            raise ValueError(f"{len(documents)} documents but {len(instructions)} instructions")
-        settings = self.settings(settings, **overrides)
-        start = time.perf_counter()
-        docs = [self.prepare(d, field=f"documents[{i}]") for i, d in enumerate(documents)]
-        answers: list[Answer] = []
-        for i in range(0, len(docs), self.max_batch_size):
-            rows = self._run(docs[i:i + self.max_batch_size], list(instructions[i:i + self.max_batch_size]),
-                             settings, cancel=cancel, json_schema=json_schema)
-            latency = (time.perf_counter() - start) * 1000
-            answers.extend(Answer.from_row(r, latency) for r in rows)
-        return answers
-
     def stream(self, document: Document | PreparedDocument, instruction: str,
                settings: GenerationSettings | None = None, cancel: threading.Event | None = None,
                json_schema: dict | None = None, **overrides) -> Iterator[str | Answer]:
@@ -180,8 +160,8 @@ class InstructionEngine(EngineBase):
 
         def work() -> None:
             try:
-                box["rows"] = self._run([doc], [instruction], settings, streamer=streamer, cancel=cancel,
-                                        json_schema=json_schema)
+                box["rows"] = self._rows([doc], [instruction], settings, cancel=cancel, json_schema=json_schema,
+                                         streamer=streamer)
             except BaseException as exc:  # re-raised in the caller's thread below
                 box["error"] = exc
                 streamer.end()
@@ -201,8 +181,9 @@ class InstructionEngine(EngineBase):
             raise box["error"]
         yield Answer.from_row(box["rows"][0], (time.perf_counter() - start) * 1000)
 
-    def _run(self, docs: list[PreparedDocument], instructions: list[str], settings: GenerationSettings,
-             streamer=None, cancel: threading.Event | None = None, json_schema: dict | None = None) -> list[dict]:
+    def _rows(self, docs: list[PreparedDocument], instructions: list[str], settings: GenerationSettings,
+              cancel: threading.Event | None = None, json_schema: dict | None = None, streamer=None) -> list[dict]:
+        """One `generate` call's rows (`Decoder.run`'s, with "doc" and "cached"): a batch of `ask_batch`."""
         instructions = [clean_text(i) for i in instructions]
         with self._model_lock:
             cached = [d.uses > 0 for d in docs]

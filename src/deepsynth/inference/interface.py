@@ -14,6 +14,7 @@ Errors an engine raises, so the server can answer them as 4xx instead of 500:
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -121,9 +122,16 @@ class Engine(Protocol):
 
 class EngineBase:
     """What every engine does the same way: the document methods, answered by the
-    `DocumentPreparer` it holds as `documents`, and `ask` (one pair through its `ask_batch`)."""
+    `DocumentPreparer` it holds as `documents`; `ask_batch` in batches of `max_batch_size` pairs,
+    each answered by the engine's `_rows`; `ask` (one pair through `ask_batch`)."""
 
     documents: DocumentPreparer
+    max_batch_size: int
+
+    def _rows(self, docs: list[PreparedDocument], instructions: list[str], settings: GenerationSettings,
+              cancel: threading.Event | None = None, json_schema: dict | None = None) -> list[dict]:
+        """One batch's rows: `Decoder.run`'s fields plus "doc" (its `PreparedDocument`) and "cached"."""
+        raise NotImplementedError
 
     def prepare(self, document: Document | PreparedDocument, limits: DocumentLimits | None = None,
                 field: str = "document") -> PreparedDocument:
@@ -143,3 +151,25 @@ class EngineBase:
             settings: GenerationSettings | None = None, json_schema: dict | None = None, **overrides) -> Answer:
         """Answer one instruction about one document; `overrides` change generation settings."""
         return self.ask_batch([document], [instruction], settings, json_schema=json_schema, **overrides)[0]
+
+    def ask_batch(self, documents: Sequence[Document | PreparedDocument], instructions: Sequence[str],
+                  settings: GenerationSettings | None = None, cancel: threading.Event | None = None,
+                  json_schema: dict | None = None, **overrides) -> list[Answer]:
+        """Answer each (document, instruction) pair, `max_batch_size` pairs per `_rows` call (one
+        `generate` call for the HF engine; vLLM batches them with other callers' requests too). Every
+        document is read first: a bad one fails before anything is generated.
+
+        json_schema: structured output: every answer is JSON that validates against it (see
+        `deepsynth.models.structured`); SchemaError for a schema that cannot be enforced."""
+        if len(documents) != len(instructions):
+            raise ValueError(f"{len(documents)} documents but {len(instructions)} instructions")
+        settings = self.settings(settings, **overrides)
+        start = time.perf_counter()
+        docs = [self.prepare(d, field=f"documents[{i}]") for i, d in enumerate(documents)]
+        answers: list[Answer] = []
+        for i in range(0, len(docs), self.max_batch_size):
+            rows = self._rows(docs[i:i + self.max_batch_size], list(instructions[i:i + self.max_batch_size]),
+                              settings, cancel=cancel, json_schema=json_schema)
+            latency = (time.perf_counter() - start) * 1000
+            answers.extend(Answer.from_row(r, latency) for r in rows)
+        return answers

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -42,6 +42,17 @@ DTYPE_HELP = ("vLLM engine (--engine vllm, or --engine ray --decode vllm): weigh
 DECODE_HELP = ("Ray engine: what each replica decodes with: hf (transformers) or vllm (one vLLM engine per "
                "replica; needs the vLLM environment of `make vllm-env`).")
 ADDRESS_HELP = "Ray engine: 'auto' or ray://HOST:10001 (default: RAY_ADDRESS, else a local instance)."
+
+# The flags of `batch_options` but --engine (whose help each command words), declared once for both commands.
+PresetFlag = Annotated[Optional[str], typer.Option(help="Render preset override (default: the model's bundle).")]
+MaxNewTokensFlag = Annotated[Optional[int], typer.Option(help="Decoding override (default: the model's bundle).")]
+BatchSizeFlag = Annotated[int, typer.Option("--batch-size", min=1, help="Examples per generate call.")]
+DtypeFlag = Annotated[str, typer.Option(callback=check_dtype, help=DTYPE_HELP)]
+DecodeFlag = Annotated[str, typer.Option("--decode", help=DECODE_HELP)]
+AddressFlag = Annotated[Optional[str], typer.Option("--address", help=ADDRESS_HELP)]
+ReplicasFlag = Annotated[int, typer.Option("--replicas", min=1, help="Ray engine: model replicas (actors).")]
+GpusPerReplicaFlag = Annotated[float, typer.Option("--gpus-per-replica", min=0.0,
+                                                   help="Ray engine: GPUs each replica reserves (0: CPU).")]
 
 
 def batch_options(engine: str, dtype: str, batch_size: int, max_new_tokens: int | None, preset: str | None,
@@ -67,16 +78,15 @@ def predict_command(
                                          "object-storage URI (s3://..., gs://...)."),
     model: str = typer.Option(..., "--model", "-m", help="Model directory (local or a URI), preset or hub id."),
     out: str = typer.Option(..., "--out", "-o", help="Predictions, one JSON line per example (.jsonl); local or a URI."),
-    preset: Optional[str] = typer.Option(None, help="Render preset override (default: the model's bundle)."),
-    max_new_tokens: Optional[int] = typer.Option(None, help="Decoding override (default: the model's bundle)."),
-    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Examples per generate call."),
+    preset: PresetFlag = None,
+    max_new_tokens: MaxNewTokensFlag = None,
+    batch_size: BatchSizeFlag = 16,
     engine: str = typer.Option("hf", "--engine", help=ENGINE_HELP),
-    dtype: str = typer.Option("auto", callback=check_dtype, help=DTYPE_HELP),
-    decode: str = typer.Option("hf", "--decode", help=DECODE_HELP),
-    address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
-    replicas: int = typer.Option(1, "--replicas", min=1, help="Ray engine: model replicas (actors)."),
-    gpus_per_replica: float = typer.Option(0.0, "--gpus-per-replica", min=0.0,
-                                           help="Ray engine: GPUs each replica reserves (0: CPU)."),
+    dtype: DtypeFlag = "auto",
+    decode: DecodeFlag = "hf",
+    address: AddressFlag = None,
+    replicas: ReplicasFlag = 1,
+    gpus_per_replica: GpusPerReplicaFlag = 0.0,
 ) -> None:
     """Answer every example of DATA with a model; one JSON line per example in OUT."""
     options = batch_options(engine, dtype, batch_size, max_new_tokens, preset, decode, address, replicas,

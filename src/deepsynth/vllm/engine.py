@@ -385,28 +385,17 @@ class VLLMEngine(EngineBase):
             doc.uses += 1
         return rows
 
+    def _rows(self, docs: list[PreparedDocument], instructions: list[str], settings: GenerationSettings,
+              cancel: threading.Event | None = None, json_schema: dict | None = None) -> list[dict]:
+        """A batch of `ask_batch`, handed to vLLM at once (it batches them with other callers' requests)."""
+        return self.generate_rows(docs, instructions, settings, cancel, json_schema)
+
     def run_all(self, pages: Sequence[Sequence[Image.Image]], instructions: Sequence[str],
                 settings: GenerationSettings | None = None, batch_size: int = 16) -> list[dict]:
         """`Decoder.run_all`'s rows, so that evaluation (`deepsynth.evaluation.run`) scores the answers
         this engine serves. Every pair goes to vLLM at once (it schedules them itself), so
         `batch_size`, the HF decoder's generate-call size, does not apply."""
         return self.generate_rows([list(p) for p in pages], list(instructions), settings)
-
-    def ask_batch(self, documents: Sequence[Document | PreparedDocument], instructions: Sequence[str],
-                  settings: GenerationSettings | None = None, cancel: threading.Event | None = None,
-                  json_schema: dict | None = None, **overrides) -> list[Answer]:
-        """Answer each (document, instruction) pair; vLLM batches them (and other callers' requests)."""
-        if len(documents) != len(instructions):
-            raise ValueError(f"{len(documents)} documents but {len(instructions)} instructions")
-        settings = self.settings(settings, **overrides)
-        start = time.perf_counter()
-        answers: list[Answer] = []
-        for i in range(0, len(documents), self.max_batch_size):
-            rows = self.generate_rows(documents[i:i + self.max_batch_size], instructions[i:i + self.max_batch_size],
-                                      settings, cancel, json_schema)
-            latency = (time.perf_counter() - start) * 1000
-            answers.extend(Answer.from_row(r, latency) for r in rows)
-        return answers
 
     def stream(self, document: Document | PreparedDocument, instruction: str,
                settings: GenerationSettings | None = None, cancel: threading.Event | None = None,
