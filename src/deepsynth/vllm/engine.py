@@ -24,7 +24,7 @@ native class. Pages are drawn as the HF engine draws them (DeepSeek's page rules
 padded views, the bundle's crop settings); local crops are not served by the Transformers backend,
 so a page that "tiles" mode would cut into crops is refused (pages up to a tile are served).
 DeepSeek's own DeepSeek-OCR-2 layout is converted once into the cache as `load_bundle` converts
-it (`vllm_checkpoint`); DeepSeek-OCR v1 is not served.
+it (`deepsynth.vllm.checkpoint`, where vLLM loads a model from); DeepSeek-OCR v1 is not served.
 
 vLLM is not a dependency of the project's main environment: `make vllm-env` builds .venv-vllm,
 and this module imports only there. `python -m deepsynth.vllm.parity REQUESTS OUT` answers a JSON
