@@ -279,21 +279,22 @@ def test_render_stats_with_simple_tokenizer(long_pages):
 # ---------------------------------------------------------------- glyph coverage / fallback
 
 
+def drawn_glyph(font, ch: str) -> bytes:
+    """The pixels of `ch` drawn alone in `font`."""
+    img = Image.new("L", (40, 40))
+    ImageDraw.Draw(img).text((5, 5), ch, font=font, fill=255)
+    return img.tobytes()
+
+
 def test_cmap_coverage_matches_notdef_rendering():
     path = str(R.FONT_DIR / "DejaVuSans.ttf")
     cps = R.font_codepoints(path)
     assert {ord(c) for c in "AZaz09é€•"} <= cps
     assert 0x4E2D not in cps  # CJK: not in DejaVu
     font = ImageFont.truetype(path, 20)
-
-    def glyph(ch: str) -> bytes:
-        img = Image.new("L", (40, 40))
-        ImageDraw.Draw(img).text((5, 5), ch, font=font, fill=255)
-        return img.tobytes()
-
-    notdef = glyph("\U0010FFFD")
-    assert glyph("\u4e2d") == notdef  # not in the cmap -> drawn as .notdef
-    assert glyph("A") != notdef and glyph("\u2022") != notdef
+    notdef = drawn_glyph(font, "\U0010FFFD")
+    assert drawn_glyph(font, "\u4e2d") == notdef  # not in the cmap -> drawn as .notdef
+    assert drawn_glyph(font, "A") != notdef and drawn_glyph(font, "\u2022") != notdef
 
 
 def test_cmap_of_each_shipped_face_matches_its_drawn_glyphs():
@@ -301,15 +302,9 @@ def test_cmap_of_each_shipped_face_matches_its_drawn_glyphs():
         path = str(R.FONT_DIR / name)
         cps = R.font_codepoints(path)
         font = ImageFont.truetype(path, 20)
-
-        def glyph(ch: str) -> bytes:
-            img = Image.new("L", (40, 40))
-            ImageDraw.Draw(img).text((5, 5), ch, font=font, fill=255)
-            return img.tobytes()
-
-        notdef = glyph("\U0010FFFD")
-        assert {0x41, 0xE9, 0x2022} <= cps and all(glyph(chr(c)) != notdef for c in (0x41, 0xE9, 0x2022))
-        assert 0x4E2D not in cps and glyph("\u4e2d") == notdef
+        notdef = drawn_glyph(font, "\U0010FFFD")
+        assert {0x41, 0xE9, 0x2022} <= cps and all(drawn_glyph(font, chr(c)) != notdef for c in (0x41, 0xE9, 0x2022))
+        assert 0x4E2D not in cps and drawn_glyph(font, "\u4e2d") == notdef
 
 
 def test_an_unreadable_font_file_is_assumed_to_cover_everything(tmp_path, caplog):

@@ -234,12 +234,17 @@ def test_a_plain_request_whose_client_left_is_cancelled(engine, gated):
         assert gated["entered"].wait(20)
         sock.close()  # the client leaves while the model works
         assert gated["cancel_seen"].wait(20)
-        for _ in range(200):
-            if gated["answers"]:
-                break
-            threading.Event().wait(0.05)
+        wait_for_answer(gated)
     (answer,) = gated["answers"]
     assert answer.stopped == "cancelled" and answer.new_tokens < 16  # it did not run on to max_new_tokens
+
+
+def wait_for_answer(gated, tries: int = 200) -> None:
+    """Waits (up to `tries` x 50 ms) for the gated engine to record its cancelled answer."""
+    for _ in range(tries):
+        if gated["answers"]:
+            return
+        threading.Event().wait(0.05)
 
 
 def test_a_request_answered_504_is_cancelled(engine, gated):
@@ -248,10 +253,7 @@ def test_a_request_answered_504_is_cancelled(engine, gated):
         status, body = post(base + "/api/inference/instruct", {"text": DOC, "instruction": "a?", "max_new_tokens": 16})
         assert status == 504 and body["error"] == "timeout" and body["limit"] == 0.5
         assert gated["cancel_seen"].wait(20)
-        for _ in range(200):
-            if gated["answers"]:
-                break
-            threading.Event().wait(0.05)
+        wait_for_answer(gated)
     (answer,) = gated["answers"]
     assert answer.stopped == "cancelled" and answer.new_tokens < 16
 
