@@ -51,3 +51,19 @@ def ray_instance(request):
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 * 1024, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture()
+def vllm_plugin_undone():
+    """For tests that import `deepsynth.vllm.engine` in this (non-vLLM) process: the plugin's
+    `register()` patches transformers' DeepseekOcr2Processor class for the whole process (as vLLM's
+    processes need); the class is put back afterwards, so later tests see plain transformers."""
+    from transformers import DeepseekOcr2Processor as cls
+
+    saved = dict(vars(cls))
+    yield
+    for name in set(vars(cls)) - set(saved):
+        delattr(cls, name)
+    for name, value in saved.items():
+        if vars(cls).get(name) is not value:
+            setattr(cls, name, value)

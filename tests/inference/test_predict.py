@@ -111,7 +111,7 @@ class _VLLMWouldStart(Exception):
     """Raised where the vLLM engine would start vLLM (not installed in this environment)."""
 
 
-def test_vllm_engine_is_given_the_model_open_run_resolved(bundle, records, monkeypatch):
+def test_vllm_engine_is_given_the_model_open_run_resolved(bundle, records, monkeypatch, vllm_plugin_undone):
     """`--engine vllm` resolves the model once: `open_run` hands its `ModelSource` to the engine,
     whose checkpoint step (`deepsynth.vllm.checkpoint.resolve_model`) resolves nothing again. Run up
     to where vLLM itself would start (vLLM is not in this environment: its check is skipped)."""
