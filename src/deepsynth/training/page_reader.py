@@ -20,7 +20,6 @@ use only held-out paragraphs, names and values (`deepsynth.data.reading.is_heldo
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import json
 import logging
@@ -37,7 +36,7 @@ from deepsynth.data.synthetic import SyntheticConfig
 from deepsynth.models.generate import GenerationSettings, generate_with_stats
 from deepsynth.render import RenderConfig, render_text
 from deepsynth.training.config import TrainerConfig
-from deepsynth.training.reader_pretrain import (CurriculumStream, StageGate, StageSchedule, option_check, save_reader,
+from deepsynth.training.reader_pretrain import (CurriculumStream, PhaseConfig, StageGate, StageSchedule, save_reader,
                                                 shifted)
 from deepsynth.training.trainer import Trainer
 
@@ -83,51 +82,27 @@ FULL_PAGE = PAGE_STAGES[-2]  # the last one-page rung: what held-out pages look 
 
 
 @dataclass
-class PageReaderConfig:
-    """One phase of page-reader pre-training (every field is a command-line flag: --field-name)."""
+class PageReaderConfig(PhaseConfig):
+    """One phase of page-reader pre-training (the fields are `PhaseConfig`'s, with this phase's
+    defaults; start_stage -1 = where the init_from reader's last phase ended)."""
 
-    out: str = "runs/page-reader/phase1"  # the reader folder written at the end
-    minutes: float = 120.0  # wall-clock budget; the run stops and saves when it is spent
-    batch_size: int = 8  # examples per step
-    lr: float = 1e-3  # peak learning rate (AdamW, weight decay 0.01, gradient norm clipped at 1)
-    lr_min: float = 1e-4  # learning rate at the end of the cosine decay
-    warmup_steps: int = 100  # linear warm-up steps
-    planned_steps: int = 20_000  # length of the cosine schedule (the run may stop before)
-    advance_at: float = 0.9  # rolling training token accuracy that ends a stage
-    stage_minutes: float = 40.0  # safety cap: a stage ends after this long even below advance_at
-    eval_every_minutes: float = 20.0  # held-out evaluation (and a checkpoint) this often
-    eval_examples: int = 24  # held-out pages / questions per kind per evaluation
-    seed: int = 0  # seed of the fresh model's weights and of the example stream
-    init_from: str = ""  # continue from a saved page reader instead of a fresh tiny-page model
-    start_stage: int = 0  # curriculum stage to start at; -1 = where the init_from reader's last phase ended
-    question_share: float = -1.0  # overrides every stage's share of questions when >= 0
-    jitter: int = 6  # move each training page by up to this many pixels in x and y
-    advance_window: int = 50  # training batches in the rolling accuracy that gates a stage
-    max_steps: int = 0  # also stop after this many steps (0 = the time budget alone)
-    log_every: int = 25  # steps between log records
-    run_dir: str = ""  # the Trainer's run folder; "" = <out>.run
-    resume: str = ""  # continue a killed phase from a checkpoint in run_dir ("latest" = the newest)
+    out: str = "runs/page-reader/phase1"
+    minutes: float = 120.0
+    batch_size: int = 8
+    planned_steps: int = 20_000
+    advance_at: float = 0.9  # rolling training token accuracy
+    stage_minutes: float = 40.0
+    eval_every_minutes: float = 20.0
+    eval_examples: int = 24
+    jitter: int = 6
     threads: int = 0  # torch CPU threads (0 = torch's default)
 
     def __post_init__(self) -> None:
-        check = option_check("page_reader", self)
-        check("minutes", self.minutes > 0, "> 0")
-        check("batch_size", self.batch_size >= 1, ">= 1")
-        check("lr", 0 < self.lr < 1, "in (0, 1)")
-        check("lr_min", 0 <= self.lr_min <= self.lr, f"in [0, lr={self.lr}]")
-        check("warmup_steps", self.warmup_steps >= 0, ">= 0")
-        check("planned_steps", self.planned_steps >= 1, ">= 1")
-        check("stage_minutes", self.stage_minutes > 0, "> 0")
-        check("eval_every_minutes", self.eval_every_minutes > 0, "> 0")
-        check("eval_examples", self.eval_examples >= 1, ">= 1")
+        check = self.checked("page_reader")
         check("start_stage", -1 <= self.start_stage < len(PAGE_STAGES) and (self.start_stage >= 0 or self.init_from),
               f"in [0, {len(PAGE_STAGES) - 1}], or -1 with --init-from (the stage the reader ended at)")
-        check("question_share", self.question_share == -1.0 or 0 <= self.question_share <= 1, "-1 or in [0, 1]")
         check("jitter", 0 <= self.jitter <= RenderConfig.from_preset(PRESET).margin,
               f"in [0, {RenderConfig.from_preset(PRESET).margin}] (the preset's margin: more would cut text off)")
-        check("advance_window", self.advance_window >= 1, ">= 1")
-        check("max_steps", self.max_steps >= 0, ">= 0")
-        check("log_every", self.log_every >= 1, ">= 1")
         check("threads", self.threads >= 0, ">= 0")
 
 
@@ -259,13 +234,9 @@ def evaluate_page_reader(model, collator, n: int = 24, seed: int = 4321, ablate:
 
 
 def trainer_config(cfg: PageReaderConfig, run_dir: Path) -> TrainerConfig:
-    return TrainerConfig(
-        model_name=cfg.init_from or MODEL_PRESET, output_dir=str(run_dir), batch_size=cfg.batch_size,
-        max_steps=cfg.max_steps or None, max_minutes=cfg.minutes, learning_rate=cfg.lr,
-        min_lr_ratio=cfg.lr_min / cfg.lr, warmup_steps=cfg.warmup_steps, schedule_steps=cfg.planned_steps,
-        lr_scheduler="cosine", weight_decay=0.01, max_grad_norm=1.0, seed=cfg.seed, render_preset=PRESET,
-        instruction_prompt=TRANSCRIBE, log_interval=cfg.log_every, save_interval=0, keep_checkpoints=2,
-        resume_from_checkpoint=cfg.resume or None, num_workers=0, max_length=4096)
+    """The page reader phase's Trainer settings: tiny-page, the reader preset's pages, `Free OCR.`"""
+    return cfg.trainer_config(run_dir, model=MODEL_PRESET, render_preset=PRESET, instruction=TRANSCRIBE,
+                              max_length=4096)
 
 
 def ended_stage(reader: str) -> int:
@@ -301,15 +272,8 @@ def pretrain_page_reader(cfg: PageReaderConfig, clock: Callable[[], float] = tim
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name, value in asdict(PageReaderConfig()).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
-    args = parser.parse_args()
+    config = PageReaderConfig.from_command_line(__doc__)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    try:
-        config = PageReaderConfig(**vars(args))
-    except ValueError as err:
-        parser.error(str(err))
     if config.threads:
         torch.set_num_threads(config.threads)
     print(json.dumps(pretrain_page_reader(config), indent=2))

@@ -88,25 +88,26 @@ def option_check(command: str, cfg) -> Callable[[str, bool, str], None]:
 
 
 @dataclass
-class PretrainConfig:
-    """One phase of reader pre-training (every field is a command-line flag: --field-name)."""
+class PhaseConfig:
+    """What every pre-training phase takes, the reader's (`PretrainConfig`) and the page reader's
+    (`deepsynth.training.page_reader.PageReaderConfig`), which set their own defaults. Every field is a
+    command-line flag: --field-name."""
 
-    out: str = "src/deepsynth/models/checkpoints/tiny-reader"  # the reader folder written at the end
+    out: str = ""  # the reader folder written at the end
     minutes: float = 60.0  # wall-clock budget; the run stops and saves when it is spent
     batch_size: int = 16  # examples per step
     lr: float = 1e-3  # peak learning rate (AdamW, weight decay 0.01, gradient norm clipped at 1)
     lr_min: float = 1e-4  # learning rate at the end of the cosine decay
     warmup_steps: int = 100  # linear warm-up steps
     planned_steps: int = 9_000  # length of the cosine schedule (the run may stop before)
-    advance_at: float = 0.8  # rolling training sequence accuracy that ends a stage
+    advance_at: float = 0.8  # rolling training accuracy that ends a stage
     stage_minutes: float = 15.0  # safety cap: a stage ends after this long even below advance_at
     eval_every_minutes: float = 5.0  # held-out evaluation (and a checkpoint) this often
-    eval_examples: int = 100  # held-out 4-line pages per evaluation
+    eval_examples: int = 100  # held-out examples (per kind) per evaluation
     seed: int = 0  # seed of the fresh model's weights and of the example stream
-    init_from: str = ""  # continue from a saved reader instead of a fresh tiny model
+    init_from: str = ""  # continue from a saved reader instead of a fresh model
     start_stage: int = 0  # curriculum stage to start at (with init_from)
-    question_share: float = -1.0  # overrides every stage's share of key questions when >= 0
-    layout: str = "shuffled"  # synthetic page layout: "shuffled" or "form" (fixed key order)
+    question_share: float = -1.0  # overrides every stage's share of questions when >= 0
     jitter: int = 0  # move each training page by up to this many pixels in x and y (evaluation pages stay put)
     advance_window: int = 50  # training batches in the rolling accuracy that gates a stage
     max_steps: int = 0  # also stop after this many steps (0 = the time budget alone)
@@ -114,8 +115,9 @@ class PretrainConfig:
     run_dir: str = ""  # the Trainer's run folder (checkpoints, metrics.jsonl, curves.png); "" = <out>.run
     resume: str = ""  # continue a killed phase from a checkpoint in run_dir ("latest" = the newest)
 
-    def __post_init__(self) -> None:
-        check = option_check("reader_pretrain", self)
+    def checked(self, command: str) -> Callable[[str, bool, str], None]:
+        """Checks the fields every phase shares; returns `check` for the phase's own."""
+        check = option_check(command, self)
         check("minutes", self.minutes > 0, "> 0")
         check("batch_size", self.batch_size >= 1, ">= 1")
         check("lr", 0 < self.lr < 1, "in (0, 1)")
@@ -125,13 +127,50 @@ class PretrainConfig:
         check("stage_minutes", self.stage_minutes > 0, "> 0")
         check("eval_every_minutes", self.eval_every_minutes > 0, "> 0")
         check("eval_examples", self.eval_examples >= 1, ">= 1")
-        check("start_stage", 0 <= self.start_stage < len(STAGES), f"in [0, {len(STAGES) - 1}]")
         check("question_share", self.question_share == -1.0 or 0 <= self.question_share <= 1, "-1 or in [0, 1]")
-        check("layout", self.layout in LAYOUTS, f"one of {LAYOUTS}")
-        check("jitter", self.jitter >= 0, ">= 0")
         check("advance_window", self.advance_window >= 1, ">= 1")
         check("max_steps", self.max_steps >= 0, ">= 0")
         check("log_every", self.log_every >= 1, ">= 1")
+        return check
+
+    def trainer_config(self, run_dir: Path, *, model: str, render_preset: str, instruction: str,
+                       **options) -> TrainerConfig:
+        """The phase's options as Trainer settings: the cosine schedule from lr to lr_min over
+        planned_steps (warm-up included) whatever the budget ends up allowing, minutes as the
+        budget; `model` when there is no init_from; `options` are the phase's own Trainer settings."""
+        return TrainerConfig(
+            model_name=self.init_from or model, output_dir=str(run_dir), batch_size=self.batch_size,
+            max_steps=self.max_steps or None, max_minutes=self.minutes, learning_rate=self.lr,
+            min_lr_ratio=self.lr_min / self.lr, warmup_steps=self.warmup_steps, schedule_steps=self.planned_steps,
+            lr_scheduler="cosine", weight_decay=0.01, max_grad_norm=1.0, seed=self.seed, render_preset=render_preset,
+            instruction_prompt=instruction, log_interval=self.log_every, save_interval=0, keep_checkpoints=2,
+            resume_from_checkpoint=self.resume or None, num_workers=0, **options)
+
+    @classmethod
+    def from_command_line(cls, description: str):
+        """The phase config given by the command line's flags (one per field); a bad value is a usage error."""
+        parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+        for name, value in asdict(cls()).items():
+            parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+        args = parser.parse_args()
+        try:
+            return cls(**vars(args))
+        except ValueError as err:
+            parser.error(str(err))
+
+
+@dataclass
+class PretrainConfig(PhaseConfig):
+    """One phase of reader pre-training (the tiny preset reading `key: value` pages)."""
+
+    out: str = "src/deepsynth/models/checkpoints/tiny-reader"
+    layout: str = "shuffled"  # synthetic page layout: "shuffled" or "form" (fixed key order)
+
+    def __post_init__(self) -> None:
+        check = self.checked("reader_pretrain")
+        check("start_stage", 0 <= self.start_stage < len(STAGES), f"in [0, {len(STAGES) - 1}]")
+        check("layout", self.layout in LAYOUTS, f"one of {LAYOUTS}")
+        check("jitter", self.jitter >= 0, ">= 0")
 
 
 def shifted(page: Image.Image, dx: int, dy: int) -> Image.Image:
@@ -396,17 +435,10 @@ def save_reader(final_model: Path, out: Path, meta: dict, log_path: Path, init_f
 
 
 def trainer_config(cfg: PretrainConfig, run_dir: Path) -> TrainerConfig:
-    """The phase's options as Trainer settings: the cosine schedule from lr to lr_min over
-    planned_steps (warm-up included) whatever the budget ends up allowing, minutes as the budget."""
-    return TrainerConfig(
-        model_name=cfg.init_from or "tiny", output_dir=str(run_dir), batch_size=cfg.batch_size,
-        max_steps=cfg.max_steps or None, max_minutes=cfg.minutes, learning_rate=cfg.lr,
-        min_lr_ratio=cfg.lr_min / cfg.lr, warmup_steps=cfg.warmup_steps, schedule_steps=cfg.planned_steps,
-        lr_scheduler="cosine", weight_decay=0.01, max_grad_norm=1.0, seed=cfg.seed, render_preset="tiny",
-        instruction_prompt=TRANSCRIBE_INSTRUCTION, log_interval=cfg.log_every, save_interval=0, keep_checkpoints=2,
-        resume_from_checkpoint=cfg.resume or None, num_workers=0,
-        # the shipped reader's layout (its deepsynth.json), so that `make reader` re-creates it
-        prompt_layout="raw")
+    """The reader phase's Trainer settings: the tiny preset, its pages and the transcription prompt."""
+    # the shipped reader's layout (its deepsynth.json), so that `make reader` re-creates it
+    return cfg.trainer_config(run_dir, model="tiny", render_preset="tiny", instruction=TRANSCRIBE_INSTRUCTION,
+                              prompt_layout="raw")
 
 
 def pretrain(cfg: PretrainConfig, clock: Callable[[], float] = time.monotonic) -> dict:
@@ -430,16 +462,9 @@ def pretrain(cfg: PretrainConfig, clock: Callable[[], float] = time.monotonic) -
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name, value in asdict(PretrainConfig()).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
-    args = parser.parse_args()
+    config = PretrainConfig.from_command_line(__doc__)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    try:
-        config = PretrainConfig(**vars(args))
-    except ValueError as err:
-        parser.error(str(err))
     print(json.dumps(pretrain(config), indent=2))
 
 
