@@ -26,7 +26,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -36,9 +36,8 @@ from deepsynth.data.synthetic import SyntheticConfig
 from deepsynth.models.generate import GenerationSettings, generate_with_stats
 from deepsynth.render import RenderConfig, render_text
 from deepsynth.training.config import TrainerConfig
-from deepsynth.training.reader_pretrain import (CurriculumStream, PhaseConfig, StageGate, StageSchedule, save_reader,
+from deepsynth.training.reader_pretrain import (CurriculumStream, PhaseConfig, StageGate, StageSchedule, run_phase,
                                                 shifted)
-from deepsynth.training.trainer import Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -252,23 +251,11 @@ def pretrain_page_reader(cfg: PageReaderConfig, clock: Callable[[], float] = tim
     """Run one phase on the Trainer; returns the phase's metadata (also in reader_pretrain.json)."""
     if cfg.start_stage == -1:
         cfg = replace(cfg, start_stage=ended_stage(cfg.init_from))
-    out = Path(cfg.out)
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else out.with_name(out.name + ".run")
     syn = SyntheticConfig(seed=cfg.seed)  # unused by the page stream; the parent's signature wants one
     stream = PageStream(cfg, syn, [], StageSchedule(cfg.start_stage))
     stream.render_config = RenderConfig.from_preset(PRESET)
-    gate = PageGate(cfg, syn, stream)
-    trainer = Trainer(trainer_config(cfg, run_dir), clock=clock, callbacks=[gate])
-    metrics, _ = trainer.train(stream)
-    meta = {"config": asdict(cfg), "step": metrics["train_steps"], "minutes": round(metrics["train_seconds"] / 60, 2),
-            "stages": gate.history, "final_stage": gate.stage, "eval": gate.final_scores,
-            "tokens_per_s": metrics["tokens_per_s"], "peak_memory_mb": metrics["peak_memory_mb"]}
-    log_path = run_dir / "metrics.jsonl"
-    with log_path.open("a") as log:
-        log.write(json.dumps({"final": meta}) + "\n")
-    save_reader(Path(metrics["final_model"]), out, meta, log_path, cfg.init_from, preset=PRESET,
-                recipe="make page-reader (deepsynth.training.page_reader)")
-    return meta
+    return run_phase(cfg, stream, PageGate(cfg, syn, stream), trainer_config(cfg, cfg.run_folder()), clock,
+                     preset=PRESET, recipe="make page-reader (deepsynth.training.page_reader)")
 
 
 def main() -> None:

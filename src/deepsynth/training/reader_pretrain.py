@@ -133,6 +133,11 @@ class PhaseConfig:
         check("log_every", self.log_every >= 1, ">= 1")
         return check
 
+    def run_folder(self) -> Path:
+        """The Trainer's run folder: run_dir, or <out>.run beside the reader folder."""
+        out = Path(self.out)
+        return Path(self.run_dir) if self.run_dir else out.with_name(out.name + ".run")
+
     def trainer_config(self, run_dir: Path, *, model: str, render_preset: str, instruction: str,
                        **options) -> TrainerConfig:
         """The phase's options as Trainer settings: the cosine schedule from lr to lr_min over
@@ -445,19 +450,23 @@ def pretrain(cfg: PretrainConfig, clock: Callable[[], float] = time.monotonic) -
     """Run one phase on the Trainer; returns the phase's metadata (also in reader_pretrain.json)."""
     syn = SyntheticConfig(seed=cfg.seed, layout=cfg.layout)
     train_values, _ = split_values(syn)
-    out = Path(cfg.out)
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else out.with_name(out.name + ".run")
     stream = CurriculumStream(cfg, syn, train_values, StageSchedule(cfg.start_stage))
-    gate = StageGate(cfg, syn, stream)
-    trainer = Trainer(trainer_config(cfg, run_dir), clock=clock, callbacks=[gate])
-    metrics, _ = trainer.train(stream)
+    return run_phase(cfg, stream, StageGate(cfg, syn, stream), trainer_config(cfg, cfg.run_folder()), clock)
+
+
+def run_phase(cfg: PhaseConfig, stream: CurriculumStream, gate: StageGate, settings: TrainerConfig,
+              clock: Callable[[], float], **save) -> dict:
+    """Trains one phase on the Trainer (its example stream, its stage gate), appends the phase's
+    metadata to the run's metrics.jsonl and saves the reader (`save`: `save_reader`'s options);
+    returns the metadata."""
+    metrics, _ = Trainer(settings, clock=clock, callbacks=[gate]).train(stream)
     meta = {"config": asdict(cfg), "step": metrics["train_steps"], "minutes": round(metrics["train_seconds"] / 60, 2),
             "stages": gate.history, "final_stage": gate.stage, "eval": gate.final_scores,
             "tokens_per_s": metrics["tokens_per_s"], "peak_memory_mb": metrics["peak_memory_mb"]}
-    log_path = run_dir / "metrics.jsonl"
+    log_path = Path(settings.output_dir) / "metrics.jsonl"
     with log_path.open("a") as log:
         log.write(json.dumps({"final": meta}) + "\n")
-    save_reader(Path(metrics["final_model"]), out, meta, log_path, cfg.init_from)
+    save_reader(Path(metrics["final_model"]), Path(cfg.out), meta, log_path, cfg.init_from, **save)
     return meta
 
 
