@@ -15,7 +15,7 @@ What it does (each step is idempotent and needed only where transformers lacks i
 * vision readout: `DeepseekOcr2Model.__init__` applies the config's `vision_readout`, so a model
   that vLLM builds reads image tokens at the patch positions as our checkpoints were trained to.
   Without it vLLM still runs, with the stock readout, and answers garbage (the tests check this);
-* pages: every `DeepseekOcr2Processor` draws pages by DeepSeek's rules (`use_page_rules`: the
+* pages: every `DeepseekOcr2Processor` loaded with `from_pretrained` draws pages by DeepSeek's rules (`use_page_rules`: the
   no-crop view stretched up to 768 px, padded above), as the project's loaders make theirs draw
   them; vLLM's copy, built from the checkpoint, would otherwise pad every page (transformers'
   stock image processor), and non-square pages would read differently in the two engines;
@@ -29,7 +29,6 @@ What it does (each step is idempotent and needed only where transformers lacks i
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 
@@ -110,19 +109,21 @@ def _patch_processor() -> None:
     from transformers.processing_utils import MultiModalData, ProcessorMixin
 
     cls = DeepseekOcr2Processor
-    init = cls.__init__
-    if not getattr(init, "_deepsynth_pages", False):
-        @functools.wraps(init)  # ProcessorMixin reads the arguments it passes from the signature
-        def __init__(self, *args, **kwargs):
-            init(self, *args, **kwargs)
-            # vLLM builds its processor from the checkpoint, where the page image processor is saved
-            # as transformers' own (which always pads): draw pages as the HF engine does
+    loader = cls.from_pretrained
+    if not getattr(loader, "_deepsynth_pages", False):
+        # vLLM builds its processor from the checkpoint, where the page image processor is saved as
+        # transformers' own (which always pads): draw pages as the HF engine does. The loader is
+        # wrapped, not __init__: ProcessorMixin passes a saved processor's settings (patch_size, ...)
+        # by the names in __init__'s code object, which a wrapper's would hide.
+        def from_pretrained(klass, *args, **kwargs):
             from deepsynth.models.deepseek_ocr2 import use_page_rules
 
-            use_page_rules(self)
+            processor = loader.__func__(klass, *args, **kwargs)
+            use_page_rules(processor)
+            return processor
 
-        __init__._deepsynth_pages = True
-        cls.__init__ = __init__
+        from_pretrained._deepsynth_pages = True
+        cls.from_pretrained = classmethod(from_pretrained)
     backport = "images_kwargs" not in vars(cls) and "__call__" in vars(cls)
     if backport:
         # transformers releases before the processor moved onto ProcessorMixin's expansion; the
