@@ -162,6 +162,20 @@ def test_saved_processors_load_in_plain_transformers_and_get_the_rules_back(tmp_
     assert type(stock.image_processor) is ocr2.DeepseekOcrPageImageProcessor
 
 
+def test_the_vllm_plugin_keeps_a_saved_processors_settings(tmp_path, vllm_plugin_undone):
+    """After the plugin's register() (which vLLM runs in its processes, and importing the vLLM
+    engine runs here), a saved processor loads with its own settings and DeepSeek's page rules."""
+    from transformers import AutoProcessor
+
+    from deepsynth.vllm import register
+
+    ocr2.tiny_processor(256, patch_size=8).save_pretrained(tmp_path)
+    register()
+    loaded = AutoProcessor.from_pretrained(tmp_path)
+    assert loaded.patch_size == 8 and loaded.downsample_ratio == 4
+    assert type(loaded.image_processor) is ocr2.DeepseekOcrPageImageProcessor
+
+
 # ---- against vLLM's native processors --------------------------------------------------------------
 PYTHON = vllm_python()
 needs_vllm = pytest.mark.skipif(PYTHON is None, reason="the vLLM environment is absent (.venv-vllm): run "
