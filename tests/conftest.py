@@ -60,10 +60,13 @@ def vllm_plugin_undone():
     processes need); the class is put back afterwards, so later tests see plain transformers."""
     from transformers import DeepseekOcr2Processor as cls
 
-    saved = dict(vars(cls))
+    import deepsynth.vllm as plugin
+
+    saved, registered = dict(vars(cls)), plugin._DONE
     yield
     for name in set(vars(cls)) - set(saved):
         delattr(cls, name)
     for name, value in saved.items():
         if vars(cls).get(name) is not value:
             setattr(cls, name, value)
+    plugin._DONE = registered  # so that a later register() patches the class again
