@@ -87,10 +87,11 @@ reader: $(STAMP)
 	$(PRETRAIN) --out $(READER) --run-dir runs/reader/phase3.run --init-from runs/reader/phase2 $(FORM_PHASE) --question-share 0.9 --lr 4e-4 --lr-min 1e-5 --planned-steps 1300 --minutes 9 --eval-every-minutes 3
 
 # The page reader (deepsynth.training.page_reader; README, "The page reader"): a tiny DeepSeek-OCR-2
-# with a 16 px image-token grid that reads 14-line pages of small type and answers about them. Two
-# phases, each a file target, so that `make page-reader` after a kill skips finished phases and
-# continues the interrupted one from its newest checkpoint: the curriculum from scratch, then the
-# stage it reached (at least the full page) with the learning rate decaying to 1e-5.
+# with a 32 px image-token grid that reads 14-line pages of 13 px type and answers about them,
+# trained with the answer's loss and the character-slot loss on its image tokens. Two phases, each
+# a file target, so that `make page-reader` after a kill skips finished phases and continues the
+# interrupted one from its newest checkpoint: the curriculum from scratch, then the stage it
+# reached (at least the full page) with the learning rate decaying to 1e-5.
 # Not the default reader yet (its held-out scores are in benchmarks/page_reader_report.json).
 PAGE_RUNS := runs/page-reader
 PAGE_PRETRAIN := $(BIN)/python -m deepsynth.training.page_reader --threads 2

@@ -43,8 +43,8 @@ from deepsynth.models.collate import Collator
 from deepsynth.models.deepseek_ocr2 import (DeepseekOcr2PatchReadoutForConditionalGeneration, build_tiny,
                                             build_tiny_page, tiny_config, tiny_processor)
 from deepsynth.render import RenderConfig, render_text
-from deepsynth.training.page_reader import (LINE_CHARS, PRESET, PageStage, make_page_example,
-                                            token_accuracy)
+from deepsynth.training.page_reader import (LINE_CHARS, PRESET, CharSlotProbe, CharSlots, PageStage,
+                                            make_page_example, token_accuracy)
 from deepsynth.training.reader_pretrain import shifted
 
 CODE_ALPHABET = string.ascii_uppercase + string.digits
@@ -68,6 +68,9 @@ class Arm:
     switch_step: int = 0  # from this step on (0 = never) pages use `switch_font_size` (train and evaluation)
     switch_font_size: int = 0  # the type size after switch_step (0 = the preset's 13 px)
     pages: str = ""  # render preset of the pages ("" = the model's own: "reader" for tiny-page, "tiny" for tiny)
+    slot_loss: float = 0.0  # weight of the character-slot loss (page_reader.CharSlots; 0 = off)
+    blank_weight: float = 1.0  # weight of blank slots in it
+    jitter: int = -1  # pages move by up to this many px (-1 = --jitter)
 
 
 ARMS = {
@@ -98,6 +101,11 @@ ARMS = {
     "tinysam8": Arm(patch_size=8, sam_width=128, neck=256, global_attn=True),
     "full8": Arm(patch_size=8, max_lines=14),
     "codes8-full": Arm(patch_size=8, text="codes", max_lines=14),
+    # 1-3 full lines of 13 px type, with and without the character-slot loss
+    "lines3-8": Arm(patch_size=8, max_lines=3),
+    "slots-lines3-8": Arm(patch_size=8, max_lines=3, slot_loss=1.0),
+    "slots-blank-lines3-8": Arm(patch_size=8, max_lines=3, slot_loss=1.0, blank_weight=0.1),
+    "slots-blank-still-lines3-8": Arm(patch_size=8, max_lines=3, slot_loss=1.0, blank_weight=0.1, jitter=0),
 }
 
 
@@ -122,12 +130,13 @@ def build(arm: Arm, seed: int):
     return DeepseekOcr2PatchReadoutForConditionalGeneration(config), processor
 
 
-def make_example(rng: random.Random, arm: Arm, split: str, jitter: int) -> dict:
+def make_example(rng: random.Random, arm: Arm, split: str, jitter: int, slots: CharSlots | None = None) -> dict:
     preset = arm.pages or ("tiny" if arm.model == "tiny" else PRESET)
     render = RenderConfig.from_preset(preset, **({"font_size": arm.font_size} if arm.font_size else {}))
+    jitter = jitter if arm.jitter < 0 else arm.jitter
     if arm.text == "words" and preset == PRESET and not arm.font_size:
         stage = SHORT_LINE if arm.max_lines == 1 else PageStage(arm.max_lines, LINE_CHARS, 0.0)
-        example = make_page_example(rng, stage, jitter, split=split, render=render)
+        example = make_page_example(rng, stage, jitter, split=split, render=render, slots=slots)
         example.pop("kind")
         return example
     if arm.text == "codes":
@@ -143,9 +152,10 @@ def make_example(rng: random.Random, arm: Arm, split: str, jitter: int) -> dict:
 
 
 @torch.no_grad()
-def measure(model, collator, examples: list[dict]) -> dict:
+def measure(model, collator, examples: list[dict], probe: CharSlotProbe | None = None) -> dict:
     model.eval()
     batch = collator(examples)
+    slot_labels = batch.pop("aux_char_slots", None)
     right = model(**batch)
     wrong = model(**{**batch, "pixel_values": batch["pixel_values"].roll(1, 0)})
     labels = batch["labels"]
@@ -156,16 +166,20 @@ def measure(model, collator, examples: list[dict]) -> dict:
     feats = inner.multi_modal_projector(inner.vision_tower(batch["pixel_values"]).last_hidden_state)
     spread = ((feats - feats.roll(1, 0)).norm() / feats.norm()).item()
     model.train()
-    return {"loss": round(right.loss.item(), 4), "loss_wrong_pages": round(wrong.loss.item(), 4),
-            "first_char_acc": round(first_ok.float().mean().item(), 4),
-            "token_acc": round(token_accuracy(right.logits, labels), 4),
-            "image_embed_pages_rel_dist": round(spread, 4)}
+    out = {"loss": round(right.loss.item(), 4), "loss_wrong_pages": round(wrong.loss.item(), 4),
+           "first_char_acc": round(first_ok.float().mean().item(), 4),
+           "token_acc": round(token_accuracy(right.logits, labels), 4),
+           "image_embed_pages_rel_dist": round(spread, 4)}
+    if probe is not None:
+        out["slot_acc"] = round(probe.loss(feats, slot_labels, 1.0)[1], 4)
+    return out
 
 
 def init_probe(model, collator, examples: list[dict]) -> dict:
     """Scales and gradient norms at initialisation (before any step)."""
     inner = model.model
     batch = collator(examples)
+    batch.pop("aux_char_slots", None)
     with torch.no_grad():
         feats = inner.multi_modal_projector(inner.vision_tower(batch["pixel_values"]).last_hidden_state)
         text = inner.language_model.embed_tokens(batch["input_ids"][batch["labels"] != -100])
@@ -192,15 +206,21 @@ def run_arm(name: str, arm: Arm, args, record: dict, save) -> None:
     model, processor = build(arm, args.seed)
     collator = Collator(processor, max_length=4096)
     rng = random.Random(args.seed)
+    probe = slots = None
+    if arm.slot_loss:
+        slots = CharSlots.for_reader(processor, RenderConfig.from_preset(PRESET))
+        probe = CharSlotProbe(model.config.text_config.hidden_size, slots, len(processor.tokenizer))
+        kept = {}
+        model.model.multi_modal_projector.register_forward_hook(lambda m, a, out: kept.__setitem__("pages", out))
 
     def sets(arm: Arm) -> tuple[list[dict], list[dict]]:
         """(fixed training pages or [], evaluation pages), the same texts for every type size."""
         if args.fixed:
             fixed = random.Random(args.seed)
-            train = [make_example(fixed, arm, "train", args.jitter) for _ in range(args.fixed)]
+            train = [make_example(fixed, arm, "train", args.jitter, slots) for _ in range(args.fixed)]
             return train, train
         held = random.Random(10_000 + args.seed)
-        return [], [make_example(held, arm, "heldout", args.jitter) for _ in range(32)]
+        return [], [make_example(held, arm, "heldout", args.jitter, slots) for _ in range(32)]
 
     train, evalset = sets(arm)
     switched = replace(arm, font_size=arm.switch_font_size)
@@ -210,8 +230,10 @@ def run_arm(name: str, arm: Arm, args, record: dict, save) -> None:
               if p.requires_grad and (".vision_tower." in n or ".multi_modal_projector." in n or "view_separator" in n)]
     ids = {id(p) for p in vision}
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
-    opt = torch.optim.AdamW([{"params": rest, "mult": 1.0}, {"params": vision, "mult": arm.vision_lr_mult}],
-                            lr=args.lr, weight_decay=0.01)
+    groups = [{"params": rest, "mult": 1.0}, {"params": vision, "mult": arm.vision_lr_mult}]
+    if probe is not None:
+        groups.append({"params": list(probe.parameters()), "mult": 1.0})
+    opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.01)
     record.update({"arm": name, **asdict(arm), "image_tokens": int((collator([evalset[0]])["input_ids"]
                                                                 == processor.image_token_id).sum()),
                    "first_char_prior": round(prior, 4), "init": init_probe(model, collator, evalset[:16]), "curve": []})
@@ -224,19 +246,25 @@ def run_arm(name: str, arm: Arm, args, record: dict, save) -> None:
         done = step >= args.steps or time.monotonic() - start > args.max_minutes * 60
         if step % args.eval_every == 0 or done:
             point = {"step": step, "minutes": round((time.monotonic() - start) / 60, 2),
-                     **measure(model, collator, evalset[:32])}
+                     **measure(model, collator, evalset[:32], probe)}
             record["curve"].append(point)
             record.update(steps=step, seconds_per_step=round((time.monotonic() - start) / max(step, 1), 3))
             save()
             print(name, point, flush=True)
         if done:
             break
-        batch = train if args.fixed else [make_example(rng, arm, "train", args.jitter) for _ in range(args.batch_size)]
+        batch = train if args.fixed else [make_example(rng, arm, "train", args.jitter, slots)
+                                          for _ in range(args.batch_size)]
         warm = min(1.0, (step + 1) / args.warmup)
         for group in opt.param_groups:
             group["lr"] = args.lr * warm * group["mult"]
-        model(**collator(batch)).loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        inputs = collator(batch)
+        slot_labels = inputs.pop("aux_char_slots", None)
+        loss = model(**inputs).loss
+        if probe is not None:
+            loss = loss + arm.slot_loss * probe.loss(kept["pages"], slot_labels, arm.blank_weight)[0]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
         opt.step()
         opt.zero_grad()
         step += 1

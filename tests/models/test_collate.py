@@ -56,6 +56,14 @@ def test_labels_cover_answer_and_eos_only(processor):
     assert batch["attention_mask"][0, -1] == 0 and batch["input_ids"][0, -1] == tok.pad_token_id
 
 
+def test_aux_targets_come_out_per_page_beside_the_batch(processor):
+    rows = [{"pages": [page("a")], "instruction": "a?", "answer": "a", "aux_marks": torch.zeros(1, 3)},
+            {"pages": [page("b"), page("c")], "instruction": "b?", "answer": "b", "aux_marks": torch.ones(2, 3)}]
+    batch = Collator(processor)(rows)
+    assert torch.equal(batch["aux_marks"], torch.tensor([[0.0] * 3, [1.0] * 3, [1.0] * 3]))
+    assert batch["pixel_values"].shape[0] == batch["aux_marks"].shape[0] == 3
+
+
 def test_too_long_example_is_an_error_not_a_cut(processor):
     collator = Collator(processor, max_length=30)
     with pytest.raises(ValueError, match="'long-1' needs .* max_length is 30"):

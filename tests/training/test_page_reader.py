@@ -20,10 +20,12 @@ from deepsynth.models import load_model
 from deepsynth.models.collate import Collator
 from deepsynth.models.deepseek_ocr2 import build_tiny_page, image_tokens
 from deepsynth.render import RenderConfig, render_text
+from deepsynth.render.renderer import layout
 from deepsynth.training.page_reader import (
     FULL_PAGE,
     PAGE_STAGES,
     PRESET,
+    CharSlots,
     PageReaderConfig,
     ended_stage,
     evaluate_page_reader,
@@ -85,21 +87,65 @@ def test_transcription_answer_is_the_text_drawn_and_jitter_keeps_every_mark():
         PageReaderConfig(jitter=9)
 
 
-def test_the_curriculum_starts_on_one_big_random_character_and_shrinks_the_type():
-    def ink_rows(example):
-        ink = (np.asarray(example["pages"][0].convert("L")) < 128).any(1)
-        return int(np.ptp(ink.nonzero()[0])) + 1
-
+def test_the_curriculum_grows_the_page_and_then_moves_it_further():
+    assert all(stage.font_size == 0 for stage in PAGE_STAGES)  # the preset's type from the first step
+    lines = [stage.max_lines for stage in PAGE_STAGES]
+    jitters = [stage.jitter for stage in PAGE_STAGES]
+    assert lines == sorted(lines) and jitters == sorted(jitters) and jitters[0] == 0 and FULL_PAGE.jitter == 6
     rng = random.Random(7)
-    first = [make_page_example(rng, PAGE_STAGES[0], jitter=6) for _ in range(20)]
-    assert all(len(e["answer"]) == 1 and e["answer"] in CODE_CHARS for e in first)
-    assert len({e["answer"] for e in first}) > 10  # random characters, not a few favourites
-    sizes = [s.font_size or RenderConfig.from_preset(PRESET).font_size for s in PAGE_STAGES]
-    assert sizes == sorted(sizes, reverse=True) and FULL_PAGE.font_size == 0
-    assert min(ink_rows(e) for e in first) > 3 * max(ink_rows(make_page_example(rng, PAGE_STAGES[4]))
-                                                      for _ in range(5))
+    first = [make_page_example(rng, PAGE_STAGES[0], jitter=6) for _ in range(8)]  # the stage's 0 px wins
+    assert all(e["pages"][0].tobytes() == render_text(e["answer"], RenderConfig.from_preset(PRESET))[0].image.tobytes()
+               for e in first)
     codes = make_task(random.Random(8), "codes", "heldout", max_lines=3, line_chars=6)
     assert all(1 <= len(line) <= 6 and set(line) <= set(CODE_CHARS) for line in codes.text.split("\n"))
+
+
+def slot_text(slots: CharSlots, labels, token_row: int, slot_row: int) -> str:
+    """One slot row of a page's character-slot targets as text (blank slots as spaces)."""
+    chars = {i: ch for ch, i in slots.char_ids.items()}
+    return "".join(chars[int(labels[token_row * slots.grid + col, slot_row * slots.cols + c])]
+                   for col in range(slots.grid) for c in range(slots.cols))
+
+
+def test_character_slots_put_every_character_where_the_page_draws_it():
+    _, processor = build_tiny_page()
+    render = RenderConfig.from_preset(PRESET)
+    slots = CharSlots.for_reader(processor, render)
+    # 32 px tokens of the 8 px preset's characters: 4 per token and line, 2 lines per token.
+    assert (slots.cell, slots.grid, slots.rows, slots.cols) == (32, 8, 2, 4)
+    text = "Total: 4,250 euros\nmixed Case words"
+    placed = layout(text, render)[0]
+    still = slots.labels(placed, render)
+    assert still.shape == (64, 8)
+    drawn = {(r, s): slot_text(slots, still, r, s) for r in range(8) for s in range(2)}
+    # The 8 px margin is one slot; the first line's middle lies in the lower half of the first token
+    # row, the second line's (17 px further down) in the upper half of the next.
+    assert {k: v.rstrip() for k, v in drawn.items() if v.strip()} == {(0, 1): " Total: 4,250 euros",
+                                                                     (1, 0): " mixed Case words"}
+    # Moved one character right and one line down: every target moves one slot right, one row down.
+    moved = slots.labels(placed, render, dx=8, dy=16)
+    assert slot_text(slots, moved, 1, 0).rstrip() == "  Total: 4,250 euros"
+    assert slot_text(slots, moved, 1, 1).rstrip() == "  mixed Case words"
+    with pytest.raises(ValueError, match="square page"):
+        CharSlots.for_reader(processor, RenderConfig.from_preset(PRESET, page_height=320))
+
+
+def test_examples_carry_the_slot_targets_of_every_page_as_moved():
+    _, processor = build_tiny_page()
+    render = RenderConfig.from_preset(PRESET)
+    slots = CharSlots.for_reader(processor, render)
+    example = make_page_example(random.Random(3), PAGE_STAGES[-1], jitter=6, slots=slots,
+                                render=render)
+    targets = example["aux_char_slots"]
+    assert targets.shape == (len(example["pages"]), 64, 8)
+    batch = Collator(processor, max_length=4096)([example])
+    assert batch["aux_char_slots"].shape[0] == batch["pixel_values"].shape[0]
+    # Every slot with a character has ink near it; most blank slots of the margin have none.
+    ink = np.asarray(example["pages"][0].convert("L")) < 128
+    for token, slot in (targets[0] != slots.blank).nonzero().tolist()[:40]:
+        y = (token // 8) * 32 + (slot // 4) * 16
+        x = (token % 8) * 32 + (slot % 4) * 8
+        assert ink[max(0, y - 4):y + 20, max(0, x - 4):x + 12].any()
 
 
 def test_tiny_page_preset_reads_a_page_as_a_32_px_token_grid():
@@ -115,9 +161,15 @@ def test_tiny_page_preset_reads_a_page_as_a_32_px_token_grid():
 @pytest.mark.slow
 def test_a_short_phase_saves_a_loadable_reader_scored_on_every_heldout_set(tmp_path):
     out = tmp_path / "page"
+    last = len(PAGE_STAGES) - 1
     meta = pretrain_page_reader(PageReaderConfig(out=str(out), max_steps=3, batch_size=2, warmup_steps=1,
-                                                 eval_examples=1, eval_every_minutes=1e6, start_stage=6))
-    assert meta["step"] == 3 and meta["final_stage"] == 6
+                                                 eval_examples=1, eval_every_minutes=1e6, start_stage=last))
+    assert meta["step"] == 3 and meta["final_stage"] == last
+    records = [json.loads(line) for line in (tmp_path / "page.run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r and not r.get("final")]
+    assert steps and all(0 <= r["slot_accuracy"] <= 1 and r["slot_loss"] > 0 for r in steps)
+    # The probe trains beside the reader: saved in the checkpoint, not in the reader.
+    assert list((tmp_path / "page.run").glob("checkpoint-*/state/custom_checkpoint_0.pkl"))
     assert set(meta["eval"]) == {"read", "read_shifted", "read_multipage", "prose_qa", "form_qa", "invoice_qa"}
     assert set(meta["eval"]["prose_qa"]) >= {"em", "em_no_instruction"}
     saved = json.loads((out / "reader_pretrain.json").read_text())

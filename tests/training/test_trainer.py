@@ -55,6 +55,38 @@ def test_resume_continues_exactly(tmp_path):
     assert model.config.vision_readout == "patches"
 
 
+class Pull(TrainerCallback):
+    """A training-only module (one weight) pulled towards 5 by an extra loss term."""
+
+    def __init__(self, start: float) -> None:
+        self.weight = torch.nn.Parameter(torch.tensor([start]))
+        self.module = torch.nn.ParameterList([self.weight])
+        self.targets: list[list[str]] = []
+
+    def training_modules(self, trainer) -> list[torch.nn.Module]:
+        return [self.module]
+
+    def extra_loss(self, trainer, targets, outputs):
+        self.targets.append(sorted(targets))
+        return (self.weight - 5.0).pow(2).sum()
+
+
+def test_callbacks_train_their_own_modules_with_the_model_and_resume_them(tmp_path):
+    full = Pull(start=0.0)
+    Trainer(config(tmp_path, save_interval=2), callbacks=[full]).train(DATA)
+    assert 0.0 < full.weight.item() < 5.0 and full.targets == [[]] * 4  # no aux_* entries in this data
+    base = losses(tmp_path / "run")
+    Trainer(config(tmp_path, output_dir=str(tmp_path / "plain"))).train(DATA)
+    plain = losses(tmp_path / "plain")
+    assert base[1] == pytest.approx(plain[1] + 25.0, abs=1e-3)  # the extra term joins the logged loss
+    resumed = Pull(start=-7.0)  # overwritten by the checkpoint's copy
+    Trainer(config(tmp_path, output_dir=str(tmp_path / "resumed"), save_interval=2,
+                   resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-000002")), callbacks=[resumed]).train(DATA)
+    assert resumed.weight.item() == pytest.approx(full.weight.item(), abs=1e-6)
+    model, _ = load_model(str(tmp_path / "run" / "checkpoint-000002"))  # the module is not in the model
+    assert not any("weight" == name for name, _ in model.named_parameters())
+
+
 def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
     model, processor = load_model("tiny", seed=7)
     calls = {"n": 0}

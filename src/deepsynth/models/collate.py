@@ -137,6 +137,10 @@ def default_prompt_builder(processor) -> PromptBuilder:
     return CHAT_TEMPLATE_PROMPT
 
 
+#: Batch entries that are training targets beside the labels (`Collator.__call__`), never model inputs.
+AUX_PREFIX = "aux_"
+
+
 @dataclass
 class Collator:
     """Turns (pages, instruction, answer) triples into a padded training batch.
@@ -200,7 +204,9 @@ class Collator:
         return {"input_ids": ids, "pixel_values": enc["pixel_values"], **extra}
 
     def __call__(self, batch: Sequence[dict]) -> dict:
-        """batch items: {"pages": [PIL images], "instruction": str, "answer": str, "id": str (optional)}."""
+        """batch items: {"pages": [PIL images], "instruction": str, "answer": str, "id": str (optional)},
+        and optionally training targets named `aux_*` (tensors with one row per page), which come out
+        concatenated over the batch's pages for a training callback's `extra_loss`."""
         enc = self.encode_prompts([b["pages"] for b in batch], [b["instruction"] for b in batch])
         eos = self.tokenizer.eos_token_id
         ids, labels = [], []
@@ -216,6 +222,8 @@ class Collator:
             ids.append(prompt_ids + answer_ids)
             labels.append([IGNORE_INDEX] * len(prompt_ids) + answer_ids)
         out = {**pad_right(ids, labels, self.tokenizer.pad_token_id), "pixel_values": enc["pixel_values"]}
+        for key in [k for k in batch[0] if k.startswith(AUX_PREFIX)]:
+            out[key] = torch.cat([torch.as_tensor(item[key]) for item in batch])
         out.update(_model_inputs(enc, out["input_ids"].shape[1], left=False))
         if self.instruction_tokenizer is not None:
             # Placeholders are the pad tokens of the prompt part (the answer may end in a pad-like EOS).

@@ -1,13 +1,18 @@
 """Pre-training of the page reader: a tiny DeepSeek-OCR-2 (the "tiny-page" preset) that reads pages
 of small type ("reader" render preset: 14 lines of 30 characters on 256 px) and answers about them.
 
-The curriculum grows the page one rung at a time: one random character in 96 px type, 1 to 3 in
-64 px, a few words on one line in 32 px, in 20 px, then in the preset's 13 px, one full line,
-then up to 3, 6, 10 and 14 lines of dictionary words, real prose, names, numbers and punctuation
-in mixed case (`deepsynth.data.reading`), transcribed with DeepSeek-OCR's prompt `Free OCR.`;
-from the seventh rung on, a share of examples are questions about facts in sentences, about
-`key: value` forms in any line order and about short invoices. Every training page is moved by
-up to `jitter` pixels, so the reader does not learn where lines start, only what they say.
+Two losses train it. The answer's (teacher-forced next-token loss), and the character-slot loss
+(`CharSlots`): a linear probe on the image tokens the decoder reads must tell which character lies
+in each part of each token, so the vision tower learns to see characters from the first steps
+instead of leaving the decoder to guess from the text prior.
+
+The curriculum grows the page a few lines at a time, all in the preset's 13 px type: 1 to 3 full
+lines, then up to 6, 10 and 14, then documents of two pages; dictionary words, real prose, names,
+numbers and punctuation in mixed case (`deepsynth.data.reading`), transcribed with DeepSeek-OCR's
+prompt `Free OCR.`; from the second rung on, a share of examples are questions about facts in
+sentences, about `key: value` forms in any line order and about short invoices. The first rungs'
+pages sit where the renderer draws them; later ones move by up to 2, 4, then 6 px (`--jitter`
+caps it), so the reader does not learn where lines start, only what they say.
 
 It runs on the one Trainer through the curriculum machinery of
 `deepsynth.training.reader_pretrain` (stream, stage gate, checkpoints, `--resume latest`); a
@@ -30,11 +35,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from deepsynth.data.reading import TRANSCRIBE, ReadingTask, make_task
 from deepsynth.data.synthetic import SyntheticConfig
 from deepsynth.models.generate import GenerationSettings, generate_with_stats
 from deepsynth.render import RenderConfig, render_text
+from deepsynth.render.renderer import layout, load_font
 from deepsynth.training.config import TrainerConfig
 from deepsynth.training.reader_pretrain import (CurriculumStream, PhaseConfig, StageGate, StageSchedule, run_phase,
                                                 shifted)
@@ -58,24 +66,20 @@ class PageStage:
     max_pages: int = 1  # pages per document (longer texts are cut to this many pages)
     font_size: int = 0  # type size in px (0 = the render preset's)
     kinds: tuple[str, ...] = TRANSCRIBE_KINDS  # transcription kinds drawn (deepsynth.data.reading)
+    jitter: int = 6  # pages move by up to this many px (capped by the phase's --jitter)
 
 
-# A fresh reader starts on one random character in 96 px type: on lines of words in smaller type
-# its vision tower's output soon stops depending on the page and the decoder learns the text
-# prior alone, where a lone big glyph is read from the first hundred steps
-# (benchmarks/page_reader_diagnostic.py; README, "The page reader"). The type then shrinks.
+# The reader learns to see characters from the character-slot loss (`CharSlots`) on pages that sit
+# where the renderer draws them (each 8 px character column is one SAM patch), then on pages moved
+# further and further: on pages moved by up to 6 px from the start its vision tower learned the
+# characters several times slower (README, "The page reader"). The page grows a few lines at a time.
 PAGE_STAGES = (
-    PageStage(max_lines=1, line_chars=1, question_share=0.0, font_size=96, kinds=("codes",)),
-    PageStage(max_lines=1, line_chars=3, question_share=0.0, font_size=64, kinds=("codes",)),
-    PageStage(max_lines=1, line_chars=12, question_share=0.0, font_size=32),
-    PageStage(max_lines=1, line_chars=12, question_share=0.0, font_size=20),
-    PageStage(max_lines=1, line_chars=12, question_share=0.0),
-    PageStage(max_lines=1, line_chars=LINE_CHARS, question_share=0.0),
-    PageStage(max_lines=3, line_chars=LINE_CHARS, question_share=0.15),
-    PageStage(max_lines=6, line_chars=LINE_CHARS, question_share=0.25),
-    PageStage(max_lines=10, line_chars=LINE_CHARS, question_share=0.3),
-    PageStage(max_lines=14, line_chars=LINE_CHARS, question_share=0.3),
-    PageStage(max_lines=14, line_chars=LINE_CHARS, question_share=0.3, max_pages=2),
+    PageStage(max_lines=3, line_chars=LINE_CHARS, question_share=0.0, jitter=0),
+    PageStage(max_lines=6, line_chars=LINE_CHARS, question_share=0.1, jitter=0),
+    PageStage(max_lines=10, line_chars=LINE_CHARS, question_share=0.2, jitter=2),
+    PageStage(max_lines=14, line_chars=LINE_CHARS, question_share=0.25, jitter=4),
+    PageStage(max_lines=14, line_chars=LINE_CHARS, question_share=0.3, jitter=6),
+    PageStage(max_lines=14, line_chars=LINE_CHARS, question_share=0.3, max_pages=2, jitter=6),
 )
 FULL_PAGE = PAGE_STAGES[-2]  # the last one-page rung: what held-out pages look like
 
@@ -83,7 +87,8 @@ FULL_PAGE = PAGE_STAGES[-2]  # the last one-page rung: what held-out pages look 
 @dataclass
 class PageReaderConfig(PhaseConfig):
     """One phase of page-reader pre-training (the fields are `PhaseConfig`'s, with this phase's
-    defaults; start_stage -1 = where the init_from reader's last phase ended)."""
+    defaults, and the character-slot loss's; start_stage -1 = where the init_from reader's last
+    phase ended)."""
 
     out: str = "runs/page-reader/phase1"
     minutes: float = 120.0
@@ -93,8 +98,10 @@ class PageReaderConfig(PhaseConfig):
     stage_minutes: float = 40.0
     eval_every_minutes: float = 20.0
     eval_examples: int = 24
-    jitter: int = 6
+    jitter: int = 6  # cap on every stage's page movement
     threads: int = 0  # torch CPU threads (0 = torch's default)
+    slot_loss: float = 1.0  # weight of the character-slot loss on the image tokens (0 = off)
+    blank_weight: float = 0.1  # weight of the blank slots in it relative to the characters
 
     def __post_init__(self) -> None:
         check = self.checked("page_reader")
@@ -103,18 +110,115 @@ class PageReaderConfig(PhaseConfig):
         check("jitter", 0 <= self.jitter <= RenderConfig.from_preset(PRESET).margin,
               f"in [0, {RenderConfig.from_preset(PRESET).margin}] (the preset's margin: more would cut text off)")
         check("threads", self.threads >= 0, ">= 0")
+        check("slot_loss", self.slot_loss >= 0, ">= 0")
+        check("blank_weight", 0 < self.blank_weight <= 1, "in (0, 1]")
 
 
-def render_task(task: ReadingTask, max_pages: int, render: RenderConfig) -> tuple[list, str]:
-    """(page images, answer): a transcription's answer is the text drawn on the pages kept."""
+@dataclass(frozen=True)
+class CharSlots:
+    """Where each drawn character lies on the reader's image-token grid: the targets of the
+    character-slot loss, a training-only objective that makes the vision tower see characters.
+
+    Every image token stands for a `cell` x `cell` px square of the page; it has `rows` x `cols`
+    slots (sub-squares), and a slot's target is the token id of the character whose centre lies in
+    it, or `blank` (the space's id). A linear probe (`CharSlotProbe`) on the image embeddings the
+    decoder reads must tell every slot's character: from a loss on the answer alone a fresh reader's
+    vision output stopped depending on the page within a few dozen steps on small type.
+    """
+
+    cell: int  # px per image-token side
+    grid: int  # image tokens per page side
+    rows: int  # slot rows per token (text lines a token spans)
+    cols: int  # slot columns per token (characters a token spans per line)
+    char_ids: dict  # character -> token id
+    blank: int  # the target of a slot without a character
+
+    @classmethod
+    def for_reader(cls, processor, render: RenderConfig) -> "CharSlots":
+        """The slots of a reader's processor (patch size x downsampling = token cell) on `render`'s
+        pages: as many rows as lines fit in a cell, as many columns as characters."""
+        cell = processor.patch_size * processor.downsample_ratio
+        side = render.page_width
+        if render.page_height != side or side % cell:
+            raise ValueError(f"the character slots need a square page divisible by the {cell} px token cell, "
+                             f"got {render.page_width} x {render.page_height}")
+        placed = layout("M\nM", render)[0]
+        pitch = placed[1][1] - placed[0][1]
+        advance = load_font(placed[0][0].style.font_path, placed[0][0].style.size).getlength("M")
+        tok = processor.tokenizer
+        vocab = tok.get_vocab()
+        return cls(cell=cell, grid=side // cell, rows=max(1, round(cell / pitch)), cols=max(1, round(cell / advance)),
+                   char_ids={ch: i for ch, i in vocab.items() if len(ch) == 1}, blank=vocab[" "])
+
+    @property
+    def per_token(self) -> int:
+        return self.rows * self.cols
+
+    def labels(self, placed: list, render: RenderConfig, dx: int = 0, dy: int = 0) -> torch.Tensor:
+        """(grid * grid, rows * cols) targets of one page laid out as `placed` (`layout`'s lines and
+        baselines) and moved by (dx, dy) px; characters of unknown or missing glyphs stay blank."""
+        out = torch.full((self.grid * self.grid, self.per_token), self.blank, dtype=torch.long)
+        for line, baseline in placed:
+            if not line.text:
+                continue
+            font = load_font(line.style.font_path, line.style.size)
+            x = render.margin + line.indent + dx
+            cy = baseline - 0.35 * line.style.size + dy  # the middle of a lower-case letter
+            if not 0 <= cy < self.grid * self.cell:
+                continue
+            row = int(cy // self.cell) * self.grid
+            slot_row = int((cy % self.cell) * self.rows // self.cell) * self.cols
+            for ch in line.text:
+                width = font.getlength(ch)
+                cx = x + width / 2
+                x += width
+                target = self.char_ids.get(ch)
+                if ch == " " or target is None or not 0 <= cx < self.grid * self.cell:
+                    continue
+                out[row + int(cx // self.cell), slot_row + int((cx % self.cell) * self.cols // self.cell)] = target
+        return out
+
+
+class CharSlotProbe(nn.Module):
+    """The linear probe of the character-slot loss: image embedding -> every slot's character.
+    Trained beside the reader (`PageGate.training_modules`), never part of it."""
+
+    def __init__(self, hidden: int, slots: CharSlots, vocab: int) -> None:
+        super().__init__()
+        self.slots, self.vocab = slots, vocab
+        self.proj = nn.Linear(hidden, slots.per_token * vocab)
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """(pages, tokens, hidden) -> (pages, tokens, slots, vocab) logits."""
+        return self.proj(embeddings).unflatten(-1, (self.slots.per_token, self.vocab))
+
+    def loss(self, embeddings: torch.Tensor, labels: torch.Tensor, blank_weight: float) -> tuple[torch.Tensor, float]:
+        """(the character-slot loss: cross-entropy with blank slots weighted `blank_weight`, the share
+        of character slots predicted right). Blank slots are most of a page: at full weight the
+        probe's first lesson is "blank everywhere", and the characters came several times slower."""
+        logits = self(embeddings)
+        weight = torch.ones(self.vocab, device=logits.device)
+        weight[self.slots.blank] = blank_weight
+        labels = labels.to(logits.device)
+        loss = F.cross_entropy(logits.flatten(0, 2), labels.flatten(), weight=weight)
+        chars = labels != self.slots.blank
+        hits = (logits.detach().argmax(-1) == labels) & chars
+        return loss, hits.sum().item() / max(chars.sum().item(), 1)
+
+
+def render_task(task: ReadingTask, max_pages: int, render: RenderConfig) -> tuple[list, str, list]:
+    """(page images, answer, each page's laid-out lines): a transcription's answer is the text drawn
+    on the pages kept."""
     pages = render_text(task.text, render)[:max_pages]
     answer = task.answer if task.instruction != TRANSCRIBE else "\n".join(p.text for p in pages)
-    return [p.image for p in pages], answer
+    return [p.image for p in pages], answer, layout(task.text, render)[:len(pages)]
 
 
 def make_page_example(rng: random.Random, stage: PageStage, jitter: int = 0, split: str = "train",
-                      render: RenderConfig | None = None) -> dict:
-    """One training (or held-out) example of `stage`: pages, instruction, answer, kind."""
+                      render: RenderConfig | None = None, slots: CharSlots | None = None) -> dict:
+    """One training (or held-out) example of `stage`: pages moved by up to min(jitter, stage.jitter)
+    px, instruction, answer, kind, and with `slots` the character-slot targets of every page
+    ("aux_char_slots")."""
     render = render or RenderConfig.from_preset(PRESET)
     if stage.font_size:
         render = replace(render, font_size=stage.font_size)
@@ -123,10 +227,15 @@ def make_page_example(rng: random.Random, stage: PageStage, jitter: int = 0, spl
     else:
         task = make_task(rng, rng.choice(stage.kinds), split, max_lines=stage.max_lines,
                          line_chars=stage.line_chars)
-    pages, answer = render_task(task, stage.max_pages if task.instruction == TRANSCRIBE else 3, render)
-    if jitter:
-        pages = [shifted(p, rng.randint(-jitter, jitter), rng.randint(-jitter, jitter)) for p in pages]
-    return {"pages": pages, "instruction": task.instruction, "answer": answer, "kind": task.kind}
+    pages, answer, placed = render_task(task, stage.max_pages if task.instruction == TRANSCRIBE else 3, render)
+    jitter = min(jitter, stage.jitter)
+    moves = [(rng.randint(-jitter, jitter), rng.randint(-jitter, jitter)) if jitter else (0, 0) for _ in pages]
+    example = {"pages": [shifted(p, dx, dy) if dx or dy else p for p, (dx, dy) in zip(pages, moves)],
+               "instruction": task.instruction, "answer": answer, "kind": task.kind}
+    if slots is not None:
+        example["aux_char_slots"] = torch.stack([slots.labels(lines, render, dx, dy)
+                                                 for lines, (dx, dy) in zip(placed, moves)])
+    return example
 
 
 def token_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -142,7 +251,10 @@ def similarity(a: str, b: str) -> float:
 
 
 class PageStream(CurriculumStream):
-    """The curriculum stream drawing page-reader examples (resumable like its parent)."""
+    """The curriculum stream drawing page-reader examples (resumable like its parent); with `slots`
+    set (by `PageGate` when the run starts) each example carries its character-slot targets."""
+
+    slots: CharSlots | None = None
 
     def stage(self, step_index: int) -> PageStage:
         stage = PAGE_STAGES[self.schedule.at(step_index)]
@@ -151,15 +263,55 @@ class PageStream(CurriculumStream):
         return stage
 
     def draw(self, stage: PageStage) -> dict:
-        example = make_page_example(self.rng, stage, self.cfg.jitter, render=self.render_config)
+        example = make_page_example(self.rng, stage, self.cfg.jitter, render=self.render_config, slots=self.slots)
         example.pop("kind")
         return example
 
 
 class PageGate(StageGate):
-    """The stage gate on token accuracy, with the page reader's held-out evaluation."""
+    """The stage gate on token accuracy, with the page reader's held-out evaluation and the
+    character-slot loss (`CharSlots`): its probe trains beside the reader and is saved in the run's
+    checkpoints; the step records carry `slot_accuracy` (share of character slots read right)."""
 
     n_stages = len(PAGE_STAGES)
+
+    def training_modules(self, trainer) -> list[nn.Module]:
+        self.probe = None
+        if not self.cfg.slot_loss:
+            return []
+        slots = CharSlots.for_reader(trainer.processor, self.stream.render_config)
+        hidden = trainer.model.config.text_config.hidden_size
+        self.probe = CharSlotProbe(hidden, slots, len(trainer.processor.tokenizer))
+        return [self.probe]
+
+    def on_train_begin(self, trainer) -> None:
+        super().on_train_begin(trainer)
+        self._slot_accuracy: list[float] = []
+        self._slot_loss: list[float] = []
+        if self.probe is not None:
+            self.stream.slots = self.probe.slots
+            # The decoder's view of the pages: the projector's output, kept for extra_loss.
+            projector = trainer.model.get_submodule("model.multi_modal_projector")
+            projector.register_forward_hook(self._keep_embeddings)
+
+    def _keep_embeddings(self, module, args, output) -> None:
+        self._embeddings = output if module.training else None
+
+    def extra_loss(self, trainer, targets: dict, outputs) -> torch.Tensor | None:
+        if self.probe is None:
+            return None
+        loss, accuracy = self.probe.loss(self._embeddings, targets["aux_char_slots"], self.cfg.blank_weight)
+        self._slot_accuracy.append(accuracy)
+        self._slot_loss.append(loss.item())
+        self._embeddings = None
+        return self.cfg.slot_loss * loss
+
+    def on_step_end(self, trainer, step: int, record: dict, control) -> None:
+        if self._slot_accuracy:
+            record["slot_accuracy"] = round(sum(self._slot_accuracy) / len(self._slot_accuracy), 4)
+            record["slot_loss"] = round(sum(self._slot_loss) / len(self._slot_loss), 4)
+            self._slot_accuracy, self._slot_loss = [], []
+        super().on_step_end(trainer, step, record, control)
 
     def batch_accuracy(self, logits: torch.Tensor, labels: torch.Tensor) -> float:
         return token_accuracy(logits, labels)
@@ -179,17 +331,17 @@ def heldout_sets(n: int, seed: int = 4321, shift: int = 6) -> dict[str, list[dic
                                    "form_qa": [], "invoice_qa": []}
     for _ in range(n):
         task = make_task(rng, rng.choice(TRANSCRIBE_KINDS), "heldout", max_lines=full.max_lines)
-        pages, answer = render_task(task, 1, render)
+        pages, answer, _ = render_task(task, 1, render)
         sets["read"].append({"pages": pages, "instruction": TRANSCRIBE, "answer": answer})
         moved = [shifted(p, rng.randint(-shift, shift), rng.randint(-shift, shift)) for p in pages]
         sets["read_shifted"].append({"pages": moved, "instruction": TRANSCRIBE, "answer": answer})
         long_task = make_task(rng, "prose", "heldout", max_lines=full.max_lines)
         long_task.text = " ".join(make_task(rng, "prose", "heldout", max_lines=14).text for _ in range(3))
-        pages, answer = render_task(long_task, 3, render)
+        pages, answer, _ = render_task(long_task, 3, render)
         sets["read_multipage"].append({"pages": pages, "instruction": TRANSCRIBE, "answer": answer})
         for kind in QUESTION_KINDS:
             task = make_task(rng, kind, "heldout", max_lines=8)
-            pages, answer = render_task(task, 3, render)
+            pages, answer, _ = render_task(task, 3, render)
             sets[kind].append({"pages": pages, "instruction": task.instruction, "answer": answer})
     return sets
 

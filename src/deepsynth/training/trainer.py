@@ -36,6 +36,7 @@ from deepsynth import storage
 from deepsynth.atomic import atomic_dir, clean_stale_temps
 from deepsynth.data.instruction_dataset import InstructionDataset
 from deepsynth.data.schema import InstructionExample
+from deepsynth.models.collate import AUX_PREFIX
 from deepsynth.models.bundle import ModelSpec, load_bundle, make_collator, make_decoder, save_bundle, spec_of_loaded
 from deepsynth.models.text_encoder import SoftPromptModel, TextEncoderModule
 from deepsynth.render import RenderConfig
@@ -112,6 +113,17 @@ class TrainerCallback:
     def on_train_begin(self, trainer: "Trainer") -> None:
         """After the model is prepared and a checkpoint (if any) is restored, before the first batch."""
 
+    def training_modules(self, trainer: "Trainer") -> list[torch.nn.Module]:
+        """Modules that train beside the model but are not part of it (e.g. a probe head of an
+        auxiliary loss): optimised with the model's parameters and saved in every checkpoint, never
+        in the model folder. Called once, before the optimizer is built."""
+        return []
+
+    def extra_loss(self, trainer: "Trainer", targets: dict, outputs) -> torch.Tensor | None:
+        """A term added to the micro-batch's loss before the backward pass. `targets`: the batch's
+        entries named `aux_*` (the collator passes them through; the model never sees them)."""
+        return None
+
     def on_batch_end(self, trainer: "Trainer", batch: dict, outputs) -> None:
         """After the backward pass of every micro-batch (`outputs` holds loss and logits)."""
 
@@ -140,9 +152,10 @@ def peak_memory_mb(device: torch.device) -> tuple[float, str]:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024, "process_peak_rss"
 
 
-def build_optimizer(model, config: TrainerConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; a text-encoder projection gets its own learning rate."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def build_optimizer(model, config: TrainerConfig, extra_modules: Sequence[torch.nn.Module] = ()) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters (the model's and `extra_modules'`, callbacks' training-only
+    modules); a text-encoder projection gets its own learning rate."""
+    params = [p for m in (model, *extra_modules) for p in m.parameters() if p.requires_grad]
     projection = {id(p) for p in getattr(model, "projection", torch.nn.Identity()).parameters()}
     groups = [{"params": [p for p in params if id(p) not in projection]},
               {"params": [p for p in params if id(p) in projection],
@@ -297,7 +310,8 @@ class Trainer:
         loader, sampler, total_steps = self._loader(dataset)
         stream = isinstance(dataset, IterableDataset)
         self._stream = dataset if stream else None
-        optimizer = build_optimizer(self.model, cfg)
+        extra_modules = [m for cb in self.callbacks for m in cb.training_modules(self)]
+        optimizer = build_optimizer(self.model, cfg, extra_modules)
         params = [p for group in optimizer.param_groups for p in group["params"]]
         progress = {"seconds": 0.0}  # training seconds so far, for schedules over a time budget
         budget = cfg.max_minutes * 60 if cfg.max_minutes and not cfg.max_steps and not cfg.schedule_steps else None
@@ -306,6 +320,8 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         model, optimizer, loader, scheduler = acc.prepare(self.model, optimizer, loader, scheduler)
         self._prepared = model
+        for module in extra_modules:
+            acc.register_for_checkpointing(module)
 
         self._prepare_output_dir()
         state, resumed_from = self._restore()
@@ -416,8 +432,13 @@ class Trainer:
         on_batch_end; its loss is kept for the step's record. `mark`: the clock when it was drawn."""
         cfg, acc = self.config, self.accelerator
         with acc.accumulate(run.model):
+            targets = {k: batch.pop(k) for k in [k for k in batch if k.startswith(AUX_PREFIX)]}
             outputs = run.model(**batch)
             loss = outputs.loss
+            for callback in self.callbacks:
+                term = callback.extra_loss(self, targets, outputs)
+                if term is not None:
+                    loss = loss + term
             if not torch.isfinite(loss):
                 self._diverged(run.step, loss, run.log)
             acc.backward(loss)
