@@ -8,7 +8,8 @@ import torch
 from deepsynth.data.synthetic import SyntheticConfig, generate
 from deepsynth.models import load_model
 from deepsynth.training.config import TrainerConfig
-from deepsynth.training.trainer import Trainer, TrainerCallback, TrainingDiverged
+from deepsynth.render import RenderConfig, render_text
+from deepsynth.training.trainer import Trainer, TrainerCallback, TrainingDiverged, dispatch_slice
 
 SYN = SyntheticConfig(facts_per_doc=2)
 DATA = generate(SYN, 16, "train")
@@ -85,6 +86,29 @@ def test_callbacks_train_their_own_modules_with_the_model_and_resume_them(tmp_pa
     assert resumed.weight.item() == pytest.approx(full.weight.item(), abs=1e-6)
     model, _ = load_model(str(tmp_path / "run" / "checkpoint-000002"))  # the module is not in the model
     assert not any("weight" == name for name, _ in model.named_parameters())
+
+
+class TwoPageStream(torch.utils.data.IterableDataset):
+    """Endless two-page documents of the tiny preset's pages (a batch holds twice its examples in pages)."""
+
+    def __iter__(self):
+        render = RenderConfig.from_preset("tiny")
+        while True:
+            yield {"pages": [render_text("alpha: 12", render)[0].image, render_text("bravo: 7", render)[0].image],
+                   "instruction": "bravo?", "answer": "7"}
+
+
+def test_a_stream_of_multi_page_documents_reaches_the_model_whole(tmp_path):
+    # accelerate cut every tensor of a streamed batch to the batch size, pages included: the ninth
+    # page of a batch of 8 vanished and the model saw more image tokens than images.
+    metrics, _ = Trainer(config(tmp_path, batch_size=8, max_steps=2)).train(TwoPageStream())
+    assert metrics["train_steps"] == 2
+    batch = {"input_ids": torch.zeros(2, 5), "pixel_values": torch.zeros(4, 3, 8, 8)}
+    assert dispatch_slice(batch, slice(0, 2)) is batch
+    with pytest.raises(ValueError, match=r"\['pixel_values'\] with another number of rows"):
+        dispatch_slice(batch, slice(0, 1), process_index=0, num_processes=2)
+    one_page = {"input_ids": torch.arange(4).view(4, 1), "pixel_values": torch.arange(4).view(4, 1)}
+    assert dispatch_slice(one_page, slice(2, 4), process_index=1, num_processes=2)["pixel_values"].tolist() == [[2], [3]]
 
 
 def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import broadcast_object_list, set_seed, slice_tensors
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, Subset
 from tqdm.auto import tqdm
 
@@ -318,7 +318,8 @@ class Trainer:
         time_progress = (lambda: min(1.0, progress["seconds"] / budget)) if budget else None
         schedule = lr_lambda(cfg, cfg.schedule_steps or total_steps, time_progress)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        model, optimizer, loader, scheduler = acc.prepare(self.model, optimizer, loader, scheduler)
+        model, optimizer, scheduler = acc.prepare(self.model, optimizer, scheduler)
+        loader = acc.prepare_data_loader(loader, slice_fn_for_dispatch=dispatch_slice)
         self._prepared = model
         for module in extra_modules:
             acc.register_for_checkpointing(module)
@@ -736,6 +737,26 @@ def _release_mixed_precision(wanted: str) -> None:
     if AcceleratorState._shared_state and AcceleratorState().mixed_precision != wanted:
         logger.info("mixed precision %s -> %s for this trainer", AcceleratorState().mixed_precision, wanted)
         AcceleratorState._reset_state()
+
+
+def dispatch_slice(batch: dict, data_slice: slice, process_index: int = 0, num_processes: int = 1) -> dict:
+    """accelerate's cut of a streamed batch (drawn on the main process) for one process.
+
+    accelerate cuts every tensor of a dispatched batch along its first dimension by examples, but
+    per-page tensors (pixel_values, aux_* targets) have one row per page: with one process the batch
+    goes through whole (accelerate's cut to the batch size dropped the pages after the eighth of a
+    batch holding a two-page document); with several, a batch whose per-page tensors do not line
+    up with its examples is an error rather than pages handed to the wrong process.
+    """
+    if num_processes == 1:
+        return batch
+    examples = batch["input_ids"].shape[0]
+    uneven = sorted(k for k, v in batch.items() if isinstance(v, torch.Tensor) and v.shape[0] != examples)
+    if uneven:
+        raise ValueError(f"a streamed batch of {examples} examples has {uneven} with another number of rows "
+                         f"(documents of several pages): streaming them to {num_processes} processes is not "
+                         "supported; train on one process or give a map-style dataset")
+    return slice_tensors(batch, data_slice)
 
 
 def _input_tokens(batch: dict) -> int:
