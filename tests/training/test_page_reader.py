@@ -1,8 +1,11 @@
 import json
 import random
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from deepsynth.data.reading import (
     CODE_CHARS,
@@ -25,7 +28,10 @@ from deepsynth.training.page_reader import (
     FULL_PAGE,
     PAGE_STAGES,
     PRESET,
+    PROBE_FILE,
     CharSlots,
+    PageGate,
+    PageStream,
     PageReaderConfig,
     ended_stage,
     evaluate_page_reader,
@@ -33,7 +39,7 @@ from deepsynth.training.page_reader import (
     pretrain_page_reader,
     similarity,
 )
-from deepsynth.training.reader_pretrain import render_fingerprint
+from deepsynth.training.reader_pretrain import StageSchedule, render_fingerprint
 
 
 def test_heldout_paragraphs_names_and_values_never_reach_training_tasks():
@@ -168,8 +174,17 @@ def test_a_short_phase_saves_a_loadable_reader_scored_on_every_heldout_set(tmp_p
     records = [json.loads(line) for line in (tmp_path / "page.run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r and not r.get("final")]
     assert steps and all(0 <= r["slot_accuracy"] <= 1 and r["slot_loss"] > 0 for r in steps)
-    # The probe trains beside the reader: saved in the checkpoint, not in the reader.
+    # The probe trains beside the reader: saved in the checkpoint and beside the reader for a later
+    # phase, which starts from it, not in the model.
     assert list((tmp_path / "page.run").glob("checkpoint-*/state/custom_checkpoint_0.pkl"))
+    probe = load_file(str(out / PROBE_FILE))
+    later = PageReaderConfig(out=str(tmp_path / "later"), init_from=str(out), start_stage=-1)
+    stream = PageStream(later, None, [], StageSchedule(last))
+    stream.render_config = RenderConfig.from_preset(PRESET)
+    reader, processor = load_model(str(out))
+    gate = PageGate(later, None, stream)
+    [module] = gate.training_modules(SimpleNamespace(processor=processor, model=reader))
+    assert torch.equal(module.proj.weight, probe["proj.weight"])
     assert set(meta["eval"]) == {"read", "read_shifted", "read_multipage", "prose_qa", "form_qa", "invoice_qa"}
     assert set(meta["eval"]["prose_qa"]) >= {"em", "em_no_instruction"}
     saved = json.loads((out / "reader_pretrain.json").read_text())

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from deepsynth.data.reading import TRANSCRIBE, ReadingTask, make_task
@@ -52,6 +53,7 @@ logger = logging.getLogger(__name__)
 PRESET = "reader"  # render preset the reader reads
 MODEL_PRESET = "tiny-page"  # model preset a fresh run starts from
 LINE_CHARS = 30  # characters of the preset's widest line of monospace type
+PROBE_FILE = "char_slot_probe.safetensors"  # the character-slot probe, saved beside a phase's reader
 TRANSCRIBE_KINDS = ("words", "prose", "mixed")
 QUESTION_KINDS = ("prose_qa", "form_qa", "invoice_qa")
 
@@ -282,6 +284,10 @@ class PageGate(StageGate):
         slots = CharSlots.for_reader(trainer.processor, self.stream.render_config)
         hidden = trainer.model.config.text_config.hidden_size
         self.probe = CharSlotProbe(hidden, slots, len(trainer.processor.tokenizer))
+        earlier = Path(self.cfg.init_from) / PROBE_FILE if self.cfg.init_from else None
+        if earlier is not None and earlier.is_file():
+            # A fresh probe's random gradient would first pull a trained reader's image tokens about.
+            self.probe.load_state_dict(load_file(earlier))
         return [self.probe]
 
     def on_train_begin(self, trainer) -> None:
@@ -406,8 +412,12 @@ def pretrain_page_reader(cfg: PageReaderConfig, clock: Callable[[], float] = tim
     syn = SyntheticConfig(seed=cfg.seed)  # unused by the page stream; the parent's signature wants one
     stream = PageStream(cfg, syn, [], StageSchedule(cfg.start_stage))
     stream.render_config = RenderConfig.from_preset(PRESET)
-    return run_phase(cfg, stream, PageGate(cfg, syn, stream), trainer_config(cfg, cfg.run_folder()), clock,
+    gate = PageGate(cfg, syn, stream)
+    meta = run_phase(cfg, stream, gate, trainer_config(cfg, cfg.run_folder()), clock,
                      preset=PRESET, recipe="make page-reader (deepsynth.training.page_reader)")
+    if gate.probe is not None:  # beside the reader, for a later phase's --init-from (not part of the model)
+        save_file(gate.probe.state_dict(), str(Path(cfg.out) / PROBE_FILE))
+    return meta
 
 
 def main() -> None:
