@@ -125,7 +125,7 @@ def test_character_slots_put_every_character_where_the_page_draws_it():
     assert still.shape == (64, 8)
     drawn = {(r, s): slot_text(slots, still, r, s) for r in range(8) for s in range(2)}
     # The 8 px margin is one slot; the first line's middle lies in the lower half of the first token
-    # row, the second line's (17 px further down) in the upper half of the next.
+    # row, the second line's (16 px further down) in the upper half of the next.
     assert {k: v.rstrip() for k, v in drawn.items() if v.strip()} == {(0, 1): " Total: 4,250 euros",
                                                                      (1, 0): " mixed Case words"}
     # Moved one character right and one line down: every target moves one slot right, one row down.

@@ -318,8 +318,10 @@ class Trainer:
         time_progress = (lambda: min(1.0, progress["seconds"] / budget)) if budget else None
         schedule = lr_lambda(cfg, cfg.schedule_steps or total_steps, time_progress)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        model, optimizer, scheduler = acc.prepare(self.model, optimizer, scheduler)
-        loader = acc.prepare_data_loader(loader, slice_fn_for_dispatch=dispatch_slice)
+        # One prepare() call with the loader: DeepSpeed reads its micro-batch size from the loader there.
+        model, optimizer, loader, scheduler = acc.prepare(self.model, optimizer, loader, scheduler)
+        if hasattr(loader, "slice_fn"):  # a stream's loader, dispatched from the main process
+            loader.slice_fn = dispatch_slice
         self._prepared = model
         for module in extra_modules:
             acc.register_for_checkpointing(module)
