@@ -36,8 +36,8 @@ from deepsynth import storage
 from deepsynth.atomic import atomic_dir, clean_stale_temps
 from deepsynth.data.instruction_dataset import InstructionDataset
 from deepsynth.data.schema import InstructionExample
-from deepsynth.models.collate import AUX_PREFIX
 from deepsynth.models.bundle import ModelSpec, load_bundle, make_collator, make_decoder, save_bundle, spec_of_loaded
+from deepsynth.models.collate import AUX_PREFIX
 from deepsynth.models.text_encoder import SoftPromptModel, TextEncoderModule
 from deepsynth.render import RenderConfig
 from deepsynth.training import peft_utils
