@@ -208,12 +208,11 @@ class CharSlotProbe(nn.Module):
         return loss, hits.sum().item() / max(chars.sum().item(), 1)
 
 
-def render_task(task: ReadingTask, max_pages: int, render: RenderConfig) -> tuple[list, str, list]:
-    """(page images, answer, each page's laid-out lines): a transcription's answer is the text drawn
-    on the pages kept."""
+def render_task(task: ReadingTask, max_pages: int, render: RenderConfig) -> tuple[list, str]:
+    """(page images, answer): a transcription's answer is the text drawn on the pages kept."""
     pages = render_text(task.text, render)[:max_pages]
     answer = task.answer if task.instruction != TRANSCRIBE else "\n".join(p.text for p in pages)
-    return [p.image for p in pages], answer, layout(task.text, render)[:len(pages)]
+    return [p.image for p in pages], answer
 
 
 def make_page_example(rng: random.Random, stage: PageStage, jitter: int = 0, split: str = "train",
@@ -229,12 +228,13 @@ def make_page_example(rng: random.Random, stage: PageStage, jitter: int = 0, spl
     else:
         task = make_task(rng, rng.choice(stage.kinds), split, max_lines=stage.max_lines,
                          line_chars=stage.line_chars)
-    pages, answer, placed = render_task(task, stage.max_pages if task.instruction == TRANSCRIBE else 3, render)
+    pages, answer = render_task(task, stage.max_pages if task.instruction == TRANSCRIBE else 3, render)
     jitter = min(jitter, stage.jitter)
     moves = [(rng.randint(-jitter, jitter), rng.randint(-jitter, jitter)) if jitter else (0, 0) for _ in pages]
     example = {"pages": [shifted(p, dx, dy) if dx or dy else p for p, (dx, dy) in zip(pages, moves)],
                "instruction": task.instruction, "answer": answer, "kind": task.kind}
     if slots is not None:
+        placed = layout(task.text, render)  # the lines' positions, which render_text does not return
         example["aux_char_slots"] = torch.stack([slots.labels(lines, render, dx, dy)
                                                  for lines, (dx, dy) in zip(placed, moves)])
     return example
@@ -337,17 +337,17 @@ def heldout_sets(n: int, seed: int = 4321, shift: int = 6) -> dict[str, list[dic
                                    "form_qa": [], "invoice_qa": []}
     for _ in range(n):
         task = make_task(rng, rng.choice(TRANSCRIBE_KINDS), "heldout", max_lines=full.max_lines)
-        pages, answer, _ = render_task(task, 1, render)
+        pages, answer = render_task(task, 1, render)
         sets["read"].append({"pages": pages, "instruction": TRANSCRIBE, "answer": answer})
         moved = [shifted(p, rng.randint(-shift, shift), rng.randint(-shift, shift)) for p in pages]
         sets["read_shifted"].append({"pages": moved, "instruction": TRANSCRIBE, "answer": answer})
         long_task = make_task(rng, "prose", "heldout", max_lines=full.max_lines)
         long_task.text = " ".join(make_task(rng, "prose", "heldout", max_lines=14).text for _ in range(3))
-        pages, answer, _ = render_task(long_task, 3, render)
+        pages, answer = render_task(long_task, 3, render)
         sets["read_multipage"].append({"pages": pages, "instruction": TRANSCRIBE, "answer": answer})
         for kind in QUESTION_KINDS:
             task = make_task(rng, kind, "heldout", max_lines=8)
-            pages, answer, _ = render_task(task, 3, render)
+            pages, answer = render_task(task, 3, render)
             sets[kind].append({"pages": pages, "instruction": task.instruction, "answer": answer})
     return sets
 
