@@ -64,6 +64,13 @@ def test_aux_targets_come_out_per_page_beside_the_batch(processor):
     assert batch["pixel_values"].shape[0] == batch["aux_marks"].shape[0] == 3
 
 
+def test_aux_rows_of_different_lengths_are_padded_with_the_ignore_index(processor):
+    rows = [{"pages": [page("a")], "instruction": "a?", "answer": "ab", "aux_gaze": torch.tensor([[3, 4]])},
+            {"pages": [page("b")], "instruction": "b?", "answer": "b", "aux_gaze": torch.tensor([[5]])}]
+    batch = Collator(processor)(rows)
+    assert batch["aux_gaze"].tolist() == [[3, 4], [5, IGNORE_INDEX]]
+
+
 def test_too_long_example_is_an_error_not_a_cut(processor):
     collator = Collator(processor, max_length=30)
     with pytest.raises(ValueError, match="'long-1' needs .* max_length is 30"):

@@ -20,7 +20,7 @@ from deepsynth.data.reading import (
     question_phrasings,
 )
 from deepsynth.models import load_model
-from deepsynth.models.collate import Collator
+from deepsynth.models.collate import IGNORE_INDEX, Collator
 from deepsynth.models.deepseek_ocr2 import build_tiny_page, image_tokens
 from deepsynth.render import RenderConfig, render_text
 from deepsynth.render.renderer import layout
@@ -33,8 +33,10 @@ from deepsynth.training.page_reader import (
     PageGate,
     PageStream,
     PageReaderConfig,
+    document_task,
     ended_stage,
     evaluate_page_reader,
+    gaze_loss,
     make_page_example,
     pretrain_page_reader,
     similarity,
@@ -102,6 +104,12 @@ def test_the_curriculum_grows_the_page_and_then_moves_it_further():
     first = [make_page_example(rng, PAGE_STAGES[0], jitter=6) for _ in range(8)]  # the stage's 0 px wins
     assert all(e["pages"][0].tobytes() == render_text(e["answer"], RenderConfig.from_preset(PRESET))[0].image.tobytes()
                for e in first)
+    # The last rung's documents: prose wrapped over 2 or 3 pages, transcribed whole.
+    render = RenderConfig.from_preset(PRESET)
+    pages = [len(render_text(document_task(random.Random(i)).text, render)) for i in range(12)]
+    assert min(pages) >= 2 and 3 in pages
+    last = PAGE_STAGES[-1]
+    assert last.documents > 0 and last.max_pages == 3
     codes = make_task(random.Random(8), "codes", "heldout", max_lines=3, line_chars=6)
     assert all(1 <= len(line) <= 6 and set(line) <= set(CODE_CHARS) for line in codes.text.split("\n"))
 
@@ -154,6 +162,70 @@ def test_examples_carry_the_slot_targets_of_every_page_as_moved():
         assert ink[max(0, y - 4):y + 20, max(0, x - 4):x + 12].any()
 
 
+def test_gaze_targets_point_at_the_token_of_every_answer_character():
+    _, processor = build_tiny_page()
+    render = RenderConfig.from_preset(PRESET)
+    slots = CharSlots.for_reader(processor, render)
+    text = "Invoice KT-3381\nTotal due: 4,250 euros"
+    placed = layout(text, render)
+    drawn = "\n".join(line.text for line, _ in placed[0])
+    # A transcription: every character but spaces and line breaks, at the token its slot is in.
+    read = slots.gaze(drawn, placed, render, [(0, 0)])
+    assert read.shape == (1, len(drawn))
+    expected = [IGNORE_INDEX if p is None else p[0] for p in slots.places(placed[0], render)]
+    assert read[0].tolist() == expected and sum(t != IGNORE_INDEX for t in expected) == len(drawn.replace(" ", "").replace("\n", ""))
+    # A question: the value where the page draws it, also across a line the renderer wrapped;
+    # a page moved by one token moves it by one token.
+    value = slots.gaze("4,250 euros", placed, render, [(0, 0)])[0]
+    assert value.tolist() == expected[drawn.index("4,250"):][:len("4,250 euros")] and value[5] == IGNORE_INDEX
+    moved = slots.gaze("4,250 euros", placed, render, [(32, 0)])[0]
+    assert torch.equal(moved[moved >= 0], value[value >= 0] + 1)
+    assert (slots.gaze("5,000 euros", placed, render, [(0, 0)]) == IGNORE_INDEX).all()
+    wrapped = layout("The total amount due is 4,250 euros.", render)
+    assert "4,250\neuros" in "\n".join(line.text for line, _ in wrapped[0])
+    assert (slots.gaze("4,250 euros", wrapped, render, [(0, 0)]) >= 0).sum() == len("4,250euros")
+    # Two pages: one row each, a character's target on the page that draws it.
+    two = layout(" ".join(["word"] * 150), render)[:2]
+    answer = "\n".join("\n".join(line.text for line, _ in page) for page in two)
+    both = slots.gaze(answer, two, render, [(0, 0), (0, 0)])
+    first = len("\n".join(line.text for line, _ in two[0]))
+    assert (both[1, :first] == IGNORE_INDEX).all() and (both[0, first:] == IGNORE_INDEX).all()
+    assert (both[1, first:] >= 0).any()
+
+
+def test_the_gaze_loss_teaches_the_last_layer_to_look_at_the_characters_it_writes():
+    torch.manual_seed(0)
+    model, processor = build_tiny_page()
+    render = RenderConfig.from_preset(PRESET)
+    slots = CharSlots.for_reader(processor, render)
+    rng = random.Random(2)
+    examples = [make_page_example(rng, PAGE_STAGES[1], render=render, slots=slots, targets=("gaze",)) for _ in range(2)]
+    batch = Collator(processor, max_length=4096)([{k: v for k, v in e.items() if k != "kind"} for e in examples])
+    targets = batch.pop("aux_gaze")
+    attention = model.get_submodule("model.language_model.layers.2.self_attn")
+    kept = {}
+    attention.register_forward_pre_hook(lambda m, a, kw: kept.update(hidden=kw["hidden_states"],
+                                                                      rope=kw["position_embeddings"]), with_kwargs=True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+
+    def step():
+        model(**batch)
+        loss, hits = gaze_loss(attention, kept["hidden"], kept["rope"], batch["input_ids"], batch["labels"], targets,
+                               processor.image_token_id, 65, heads=2)
+        return loss, hits
+
+    first, first_hits = step()
+    for _ in range(40):
+        optimizer.zero_grad()
+        loss, hits = step()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.5 * first.item() and hits > max(first_hits, 0.5)
+    with pytest.raises(ValueError, match="gaze targets have 3 rows"):
+        gaze_loss(attention, kept["hidden"], kept["rope"], batch["input_ids"], batch["labels"],
+                  torch.cat([targets, targets[:1]]), processor.image_token_id, 65, heads=2)
+
+
 def test_tiny_page_preset_reads_a_page_as_a_32_px_token_grid():
     model, processor = build_tiny_page()
     assert image_tokens(processor, 256, 256) == 8 * 8 + 1
@@ -169,11 +241,13 @@ def test_a_short_phase_saves_a_loadable_reader_scored_on_every_heldout_set(tmp_p
     out = tmp_path / "page"
     last = len(PAGE_STAGES) - 1
     meta = pretrain_page_reader(PageReaderConfig(out=str(out), max_steps=3, batch_size=2, warmup_steps=1,
-                                                 eval_examples=1, eval_every_minutes=1e6, start_stage=last))
+                                                 eval_examples=1, eval_every_minutes=1e6, start_stage=last,
+                                                 gaze_loss=1.0))
     assert meta["step"] == 3 and meta["final_stage"] == last
     records = [json.loads(line) for line in (tmp_path / "page.run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r and not r.get("final")]
     assert steps and all(0 <= r["slot_accuracy"] <= 1 and r["slot_loss"] > 0 for r in steps)
+    assert all(0 <= r["gaze_accuracy"] <= 1 and r["gaze_loss"] > 0 for r in steps)
     # The probe trains beside the reader: saved in the checkpoint and beside the reader for a later
     # phase, which starts from it, not in the model.
     assert list((tmp_path / "page.run").glob("checkpoint-*/state/custom_checkpoint_0.pkl"))

@@ -206,7 +206,8 @@ class Collator:
     def __call__(self, batch: Sequence[dict]) -> dict:
         """batch items: {"pages": [PIL images], "instruction": str, "answer": str, "id": str (optional)},
         and optionally training targets named `aux_*` (tensors with one row per page), which come out
-        concatenated over the batch's pages for a training callback's `extra_loss`."""
+        concatenated over the batch's pages for a training callback's `extra_loss` (rows of
+        different lengths right-padded with IGNORE_INDEX)."""
         enc = self.encode_prompts([b["pages"] for b in batch], [b["instruction"] for b in batch])
         eos = self.tokenizer.eos_token_id
         ids, labels = [], []
@@ -223,7 +224,7 @@ class Collator:
             labels.append([IGNORE_INDEX] * len(prompt_ids) + answer_ids)
         out = {**pad_right(ids, labels, self.tokenizer.pad_token_id), "pixel_values": enc["pixel_values"]}
         for key in [k for k in batch[0] if k.startswith(AUX_PREFIX)]:
-            out[key] = torch.cat([torch.as_tensor(item[key]) for item in batch])
+            out[key] = concat_rows([torch.as_tensor(item[key]) for item in batch])
         out.update(_model_inputs(enc, out["input_ids"].shape[1], left=False))
         if self.instruction_tokenizer is not None:
             # Placeholders are the pad tokens of the prompt part (the answer may end in a pad-like EOS).
@@ -246,6 +247,15 @@ class Collator:
             out["instruction_positions"] = (input_ids == pad) & mask.bool()
             out.update({k: v for k, v in enc.items() if k.startswith("instruction_")})
         return out
+
+
+def concat_rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The tensors stacked along their first dimension, right-padded with IGNORE_INDEX in the last
+    one where their lengths differ (per-page targets whose length follows the answer's)."""
+    width = max(p.shape[-1] for p in parts)
+    if any(p.dim() < 2 for p in parts) or all(p.shape[-1] == width for p in parts):
+        return torch.cat(parts)
+    return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[-1]), value=IGNORE_INDEX) for p in parts])
 
 
 def pad_right(ids: list[list[int]], labels: list[list[int]], pad_id: int) -> dict:

@@ -1,10 +1,13 @@
 """Pre-training of the page reader: a tiny DeepSeek-OCR-2 (the "tiny-page" preset) that reads pages
 of small type ("reader" render preset: 14 lines of 30 characters on 256 px) and answers about them.
 
-Two losses train it. The answer's (teacher-forced next-token loss), and the character-slot loss
+Three losses train it. The answer's (teacher-forced next-token loss); the character-slot loss
 (`CharSlots`): a linear probe on the image tokens the decoder reads must tell which character lies
 in each part of each token, so the vision tower learns to see characters from the first steps
-instead of leaving the decoder to guess from the text prior.
+instead of leaving the decoder to guess from the text prior; and the gaze loss (`gaze_loss`):
+where the answer is drawn on the page, the last decoder layer's last heads must attend, at each
+answer character, to the image token holding it, so the decoder copies from the page rather
+than from its memory of the training prose.
 
 The curriculum grows the page a few lines at a time, all in the preset's 13 px type: 1 to 3 full
 lines, then up to 6, 10 and 14, then documents of two pages; dictionary words, real prose, names,
@@ -38,9 +41,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import apply_rotary_pos_emb
 
 from deepsynth.data.reading import TRANSCRIBE, ReadingTask, make_task
 from deepsynth.data.synthetic import SyntheticConfig
+from deepsynth.models.collate import IGNORE_INDEX
 from deepsynth.models.generate import GenerationSettings, generate_with_stats
 from deepsynth.render import RenderConfig, render_text
 from deepsynth.render.renderer import layout, load_font
@@ -69,6 +74,7 @@ class PageStage:
     font_size: int = 0  # type size in px (0 = the render preset's)
     kinds: tuple[str, ...] = TRANSCRIBE_KINDS  # transcription kinds drawn (deepsynth.data.reading)
     jitter: int = 6  # pages move by up to this many px (capped by the phase's --jitter)
+    documents: float = 0.0  # share of transcriptions that are prose wrapped over 2-3 pages (`document_task`)
 
 
 # The reader learns to see characters from the character-slot loss (`CharSlots`) on pages that sit
@@ -81,7 +87,7 @@ PAGE_STAGES = (
     PageStage(max_lines=10, line_chars=LINE_CHARS, question_share=0.2, jitter=2),
     PageStage(max_lines=14, line_chars=LINE_CHARS, question_share=0.25, jitter=4),
     PageStage(max_lines=14, line_chars=LINE_CHARS, question_share=0.3, jitter=6),
-    PageStage(max_lines=14, line_chars=LINE_CHARS, question_share=0.3, max_pages=2, jitter=6),
+    PageStage(max_lines=14, line_chars=LINE_CHARS, question_share=0.3, max_pages=3, jitter=6, documents=0.2),
 )
 FULL_PAGE = PAGE_STAGES[-2]  # the last one-page rung: what held-out pages look like
 
@@ -104,6 +110,8 @@ class PageReaderConfig(PhaseConfig):
     threads: int = 0  # torch CPU threads (0 = torch's default)
     slot_loss: float = 1.0  # weight of the character-slot loss on the image tokens (0 = off)
     blank_weight: float = 0.1  # weight of the blank slots in it relative to the characters
+    gaze_loss: float = 0.0  # weight of the gaze loss on the decoder's last attention layer (0 = off)
+    gaze_heads: int = 2  # heads of that layer the gaze loss trains (its last ones)
 
     def __post_init__(self) -> None:
         check = self.checked("page_reader")
@@ -114,6 +122,8 @@ class PageReaderConfig(PhaseConfig):
         check("threads", self.threads >= 0, ">= 0")
         check("slot_loss", self.slot_loss >= 0, ">= 0")
         check("blank_weight", 0 < self.blank_weight <= 1, "in (0, 1]")
+        check("gaze_loss", self.gaze_loss >= 0, ">= 0")
+        check("gaze_heads", self.gaze_heads >= 1, ">= 1")
 
 
 @dataclass(frozen=True)
@@ -156,28 +166,59 @@ class CharSlots:
     def per_token(self) -> int:
         return self.rows * self.cols
 
-    def labels(self, placed: list, render: RenderConfig, dx: int = 0, dy: int = 0) -> torch.Tensor:
-        """(grid * grid, rows * cols) targets of one page laid out as `placed` (`layout`'s lines and
-        baselines) and moved by (dx, dy) px; characters of unknown or missing glyphs stay blank."""
-        out = torch.full((self.grid * self.grid, self.per_token), self.blank, dtype=torch.long)
-        for line, baseline in placed:
-            if not line.text:
-                continue
+    def places(self, placed: list, render: RenderConfig, dx: int = 0, dy: int = 0) -> list[tuple[int, int] | None]:
+        """Where each character of one page's text (its lines joined by line breaks) lies on the
+        page moved by (dx, dy) px: (token, slot), or None for spaces, line breaks and characters
+        moved off the page."""
+        out: list[tuple[int, int] | None] = []
+        side = self.grid * self.cell
+        for i, (line, baseline) in enumerate(placed):
+            if i:
+                out.append(None)  # the line break
             font = load_font(line.style.font_path, line.style.size)
             x = render.margin + line.indent + dx
             cy = baseline - 0.35 * line.style.size + dy  # the middle of a lower-case letter
-            if not 0 <= cy < self.grid * self.cell:
-                continue
             row = int(cy // self.cell) * self.grid
             slot_row = int((cy % self.cell) * self.rows // self.cell) * self.cols
             for ch in line.text:
                 width = font.getlength(ch)
                 cx = x + width / 2
                 x += width
-                target = self.char_ids.get(ch)
-                if ch == " " or target is None or not 0 <= cx < self.grid * self.cell:
-                    continue
-                out[row + int(cx // self.cell), slot_row + int((cx % self.cell) * self.cols // self.cell)] = target
+                seen = ch != " " and 0 <= cy < side and 0 <= cx < side
+                out.append((row + int(cx // self.cell), slot_row + int((cx % self.cell) * self.cols // self.cell))
+                           if seen else None)
+        return out
+
+    def labels(self, placed: list, render: RenderConfig, dx: int = 0, dy: int = 0) -> torch.Tensor:
+        """(grid * grid, rows * cols) targets of one page laid out as `placed` (`layout`'s lines and
+        baselines) and moved by (dx, dy) px; characters of unknown or missing glyphs stay blank."""
+        out = torch.full((self.grid * self.grid, self.per_token), self.blank, dtype=torch.long)
+        text = "\n".join(line.text for line, _ in placed)
+        for ch, place in zip(text, self.places(placed, render, dx, dy)):
+            target = self.char_ids.get(ch)
+            if place is not None and target is not None:
+                out[place] = target
+        return out
+
+    def gaze(self, answer: str, pages: list[list], render: RenderConfig, moves: list[tuple[int, int]]) -> torch.Tensor:
+        """The gaze loss's targets (`gaze_loss`): (pages, len(answer)), the image token of page p
+        that holds answer character k, IGNORE_INDEX elsewhere. The answer is found in the text the
+        pages draw (all of it for a transcription, the value for a question, also across a line
+        the renderer wrapped); an answer the pages do not draw word for word gets no targets."""
+        out = torch.full((len(pages), len(answer)), IGNORE_INDEX, dtype=torch.long)
+        drawn, where = [], []
+        for p, (placed, (dx, dy)) in enumerate(zip(pages, moves)):
+            if p:
+                drawn.append("\n")
+                where.append(None)
+            drawn.append("\n".join(line.text for line, _ in placed))
+            where += [None if place is None else (p, place[0]) for place in self.places(placed, render, dx, dy)]
+        # A line break stands where the renderer wrapped at a space: an answer may span it.
+        start = "".join(drawn).replace("\n", " ").find(answer.replace("\n", " ")) if answer else -1
+        if start >= 0:
+            for k, place in enumerate(where[start:start + len(answer)]):
+                if place is not None:
+                    out[place[0], k] = place[1]
         return out
 
 
@@ -208,6 +249,50 @@ class CharSlotProbe(nn.Module):
         return loss, hits.sum().item() / max(chars.sum().item(), 1)
 
 
+def gaze_loss(attention: nn.Module, hidden: torch.Tensor, position_embeddings: tuple, input_ids: torch.Tensor,
+              labels: torch.Tensor, targets: torch.Tensor, image_token_id: int, tokens_per_page: int,
+              heads: int) -> tuple[torch.Tensor, float]:
+    """The gaze loss of a batch and the share of its targets hit.
+
+    `attention` is a decoder layer's self-attention and `hidden`, `position_embeddings` its inputs;
+    its last `heads` heads' attention is recomputed at every position that predicts an answer
+    character with a target (`CharSlots.gaze`, one row per page, concatenated over the batch) and
+    trained by cross-entropy to fall on the image token that holds that character. Hit: the heads'
+    mean attention is strongest there. `tokens_per_page`: image tokens of a page in the prompt (its
+    grid and the view separator)."""
+    batch, length, _ = hidden.shape
+    split = (batch, length, -1, attention.head_dim)
+    query = attention.q_proj(hidden).view(split).transpose(1, 2)[:, -heads:]
+    key = attention.k_proj(hidden).view(split).transpose(1, 2)[:, -heads:]
+    query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+    positions = torch.arange(length, device=hidden.device)
+    losses, hits, row = [], 0, 0
+    for i in range(batch):
+        images = (input_ids[i] == image_token_id).nonzero().flatten()
+        pages = images.numel() // tokens_per_page
+        answer = (labels[i] != IGNORE_INDEX).nonzero().flatten()
+        rows = targets[row:row + pages, :answer.numel() - 1].to(hidden.device)  # the EOS has no target
+        row += pages
+        page, char = (rows != IGNORE_INDEX).nonzero(as_tuple=True)
+        if not char.numel():
+            continue
+        wanted = images[page * tokens_per_page + rows[page, char]]
+        asking = answer[0] + char - 1  # the position whose output is character `char`
+        logits = query[i][:, asking] @ key[i].transpose(-1, -2) * attention.scaling
+        logits = logits.masked_fill(positions > asking[:, None], float("-inf"))
+        logp = logits.log_softmax(-1)
+        picked = torch.arange(char.numel(), device=hidden.device)
+        losses.append(-logp[:, picked, wanted])
+        hits += (logp.exp().mean(0).argmax(-1) == wanted).sum().item()
+    if row != targets.shape[0]:
+        raise ValueError(f"the batch's prompts hold {row} pages of {tokens_per_page} image tokens, "
+                         f"but its gaze targets have {targets.shape[0]} rows")
+    if not losses:
+        return hidden.sum() * 0.0, 0.0
+    losses = torch.cat(losses, dim=1)
+    return losses.mean(), hits / losses.shape[1]
+
+
 def render_task(task: ReadingTask, max_pages: int, render: RenderConfig) -> tuple[list, str]:
     """(page images, answer): a transcription's answer is the text drawn on the pages kept."""
     pages = render_text(task.text, render)[:max_pages]
@@ -215,16 +300,30 @@ def render_task(task: ReadingTask, max_pages: int, render: RenderConfig) -> tupl
     return [p.image for p in pages], answer
 
 
+def document_task(rng: random.Random, split: str = "train", lines: int = 14) -> ReadingTask:
+    """A transcription of prose paragraphs one after the other, about `lines` + 1 to 3 x `lines`
+    full lines in all: the renderer wraps them over 2 or 3 pages of `lines` lines."""
+    task = make_task(rng, "prose", split, max_lines=lines)
+    target = rng.randint(lines + 1, 3 * lines) * LINE_CHARS
+    while len(task.text) < target:
+        task.text += " " + make_task(rng, "prose", split, max_lines=lines).text
+    return task
+
+
 def make_page_example(rng: random.Random, stage: PageStage, jitter: int = 0, split: str = "train",
-                      render: RenderConfig | None = None, slots: CharSlots | None = None) -> dict:
+                      render: RenderConfig | None = None, slots: CharSlots | None = None,
+                      targets: tuple[str, ...] = ("char_slots",)) -> dict:
     """One training (or held-out) example of `stage`: pages moved by up to min(jitter, stage.jitter)
-    px, instruction, answer, kind, and with `slots` the character-slot targets of every page
-    ("aux_char_slots")."""
+    px, instruction, answer, kind, and with `slots` (the reader's token grid) the `targets` named,
+    one row per page: "char_slots" (`CharSlots.labels`, as "aux_char_slots") and "gaze"
+    (`CharSlots.gaze`, as "aux_gaze")."""
     render = render or RenderConfig.from_preset(PRESET)
     if stage.font_size:
         render = replace(render, font_size=stage.font_size)
     if rng.random() < stage.question_share:
         task = make_task(rng, rng.choice(QUESTION_KINDS), split, max_lines=stage.max_lines)
+    elif stage.documents and rng.random() < stage.documents:
+        task = document_task(rng, split, stage.max_lines)
     else:
         task = make_task(rng, rng.choice(stage.kinds), split, max_lines=stage.max_lines,
                          line_chars=stage.line_chars)
@@ -233,10 +332,13 @@ def make_page_example(rng: random.Random, stage: PageStage, jitter: int = 0, spl
     moves = [(rng.randint(-jitter, jitter), rng.randint(-jitter, jitter)) if jitter else (0, 0) for _ in pages]
     example = {"pages": [shifted(p, dx, dy) if dx or dy else p for p, (dx, dy) in zip(pages, moves)],
                "instruction": task.instruction, "answer": answer, "kind": task.kind}
-    if slots is not None:
-        placed = layout(task.text, render)  # the lines' positions, which render_text does not return
-        example["aux_char_slots"] = torch.stack([slots.labels(lines, render, dx, dy)
-                                                 for lines, (dx, dy) in zip(placed, moves)])
+    if slots is not None and targets:
+        placed = layout(task.text, render)[:len(pages)]  # the lines' positions: render_text does not return them
+        if "char_slots" in targets:
+            example["aux_char_slots"] = torch.stack([slots.labels(lines, render, dx, dy)
+                                                     for lines, (dx, dy) in zip(placed, moves)])
+        if "gaze" in targets:
+            example["aux_gaze"] = slots.gaze(answer, placed, render, moves)
     return example
 
 
@@ -254,9 +356,10 @@ def similarity(a: str, b: str) -> float:
 
 class PageStream(CurriculumStream):
     """The curriculum stream drawing page-reader examples (resumable like its parent); with `slots`
-    set (by `PageGate` when the run starts) each example carries its character-slot targets."""
+    and `targets` set (by `PageGate` when the run starts) each example carries those targets."""
 
     slots: CharSlots | None = None
+    targets: tuple[str, ...] = ()
 
     def stage(self, step_index: int) -> PageStage:
         stage = PAGE_STAGES[self.schedule.at(step_index)]
@@ -265,15 +368,18 @@ class PageStream(CurriculumStream):
         return stage
 
     def draw(self, stage: PageStage) -> dict:
-        example = make_page_example(self.rng, stage, self.cfg.jitter, render=self.render_config, slots=self.slots)
+        example = make_page_example(self.rng, stage, self.cfg.jitter, render=self.render_config, slots=self.slots,
+                                    targets=self.targets)
         example.pop("kind")
         return example
 
 
 class PageGate(StageGate):
-    """The stage gate on token accuracy, with the page reader's held-out evaluation and the
-    character-slot loss (`CharSlots`): its probe trains beside the reader and is saved in the run's
-    checkpoints; the step records carry `slot_accuracy` (share of character slots read right)."""
+    """The stage gate on token accuracy, with the page reader's held-out evaluation and its two
+    training-only losses: the character-slot loss (`CharSlots`; its probe trains beside the reader
+    and is saved in the run's checkpoints) and the gaze loss (`gaze_loss`). The step records carry
+    `slot_accuracy` (share of character slots read right) and `gaze_accuracy` (share of answer
+    characters whose trained heads look at the right image token)."""
 
     n_stages = len(PAGE_STAGES)
 
@@ -292,31 +398,60 @@ class PageGate(StageGate):
 
     def on_train_begin(self, trainer) -> None:
         super().on_train_begin(trainer)
-        self._slot_accuracy: list[float] = []
-        self._slot_loss: list[float] = []
-        if self.probe is not None:
-            self.stream.slots = self.probe.slots
+        self._records: dict[str, list[float]] = {}
+        self._kept: dict = {}
+        model = trainer.model
+        if self.cfg.slot_loss or self.cfg.gaze_loss:
+            self.stream.slots = CharSlots.for_reader(trainer.processor, self.stream.render_config)
+            self.stream.targets = (("char_slots",) if self.cfg.slot_loss else ()) + (("gaze",) if self.cfg.gaze_loss else ())
+        if self.cfg.slot_loss:
             # The decoder's view of the pages: the projector's output, kept for extra_loss.
-            projector = trainer.model.get_submodule("model.multi_modal_projector")
-            projector.register_forward_hook(self._keep_embeddings)
+            model.get_submodule("model.multi_modal_projector").register_forward_hook(self._keep_embeddings)
+        if self.cfg.gaze_loss:
+            text = model.config.text_config
+            if self.cfg.gaze_heads > text.num_attention_heads:
+                raise ValueError(f"gaze_heads is {self.cfg.gaze_heads} but the decoder's layers have "
+                                 f"{text.num_attention_heads} heads")
+            self._attention = model.get_submodule(f"model.language_model.layers.{text.num_hidden_layers - 1}.self_attn")
+            self._attention.register_forward_pre_hook(self._keep_attention_inputs, with_kwargs=True)
+            model.register_forward_pre_hook(self._keep_batch, with_kwargs=True)
+            self._tokens_per_page = self.stream.slots.grid ** 2 + 1  # the grid and the view separator
 
     def _keep_embeddings(self, module, args, output) -> None:
-        self._embeddings = output if module.training else None
+        self._kept["embeddings"] = output if module.training else None
+
+    def _keep_attention_inputs(self, module, args, kwargs) -> None:
+        if module.training:
+            self._kept["hidden"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            self._kept["position_embeddings"] = kwargs["position_embeddings"]
+
+    def _keep_batch(self, module, args, kwargs) -> None:
+        if module.training:
+            self._kept["input_ids"], self._kept["labels"] = kwargs["input_ids"], kwargs["labels"]
+
+    def _record(self, name: str, value: float) -> None:
+        self._records.setdefault(name, []).append(value)
 
     def extra_loss(self, trainer, targets: dict, outputs) -> torch.Tensor | None:
-        if self.probe is None:
-            return None
-        loss, accuracy = self.probe.loss(self._embeddings, targets["aux_char_slots"], self.cfg.blank_weight)
-        self._slot_accuracy.append(accuracy)
-        self._slot_loss.append(loss.item())
-        self._embeddings = None
-        return self.cfg.slot_loss * loss
+        total, kept, self._kept = None, self._kept, {}
+        if self.cfg.slot_loss:
+            loss, accuracy = self.probe.loss(kept["embeddings"], targets["aux_char_slots"], self.cfg.blank_weight)
+            self._record("slot_accuracy", accuracy)
+            self._record("slot_loss", loss.item())
+            total = self.cfg.slot_loss * loss
+        if self.cfg.gaze_loss:
+            loss, accuracy = gaze_loss(self._attention, kept["hidden"], kept["position_embeddings"],
+                                       kept["input_ids"], kept["labels"], targets["aux_gaze"],
+                                       trainer.processor.image_token_id, self._tokens_per_page, self.cfg.gaze_heads)
+            self._record("gaze_accuracy", accuracy)
+            self._record("gaze_loss", loss.item())
+            total = self.cfg.gaze_loss * loss if total is None else total + self.cfg.gaze_loss * loss
+        return total
 
     def on_step_end(self, trainer, step: int, record: dict, control) -> None:
-        if self._slot_accuracy:
-            record["slot_accuracy"] = round(sum(self._slot_accuracy) / len(self._slot_accuracy), 4)
-            record["slot_loss"] = round(sum(self._slot_loss) / len(self._slot_loss), 4)
-            self._slot_accuracy, self._slot_loss = [], []
+        for name, values in self._records.items():
+            record[name] = round(sum(values) / len(values), 4)
+        self._records = {}
         super().on_step_end(trainer, step, record, control)
 
     def batch_accuracy(self, logits: torch.Tensor, labels: torch.Tensor) -> float:
