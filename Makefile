@@ -92,17 +92,20 @@ reader: $(STAMP)
 # a file target, so that `make page-reader` after a kill skips finished phases and continues the
 # interrupted one from its newest checkpoint: the curriculum from scratch, then the stage it
 # reached (at least the full page) with the learning rate decaying to 1e-5.
-# Not the default reader yet (its held-out scores are in benchmarks/page_reader_report.json).
+# The result ships as the `page-reader` checkpoint (its character-slot probe beside it, for a later
+# phase's --init-from); not the default reader yet (scores: benchmarks/page_reader_report.json).
 PAGE_RUNS := runs/page-reader
 PAGE_PRETRAIN := $(BIN)/python -m deepsynth.training.page_reader --threads 2
 page_resume = $$(ls -d $(PAGE_RUNS)/$(1).run/checkpoint-* >/dev/null 2>&1 && echo --resume latest)
 $(PAGE_RUNS)/phase1/reader_pretrain.json: | $(STAMP)
-	$(PAGE_PRETRAIN) --out $(PAGE_RUNS)/phase1 --minutes 170 $(call page_resume,phase1)
+	$(PAGE_PRETRAIN) --out $(PAGE_RUNS)/phase1 --minutes 78 --eval-examples 12 $(call page_resume,phase1)
 $(PAGE_RUNS)/phase2/reader_pretrain.json: $(PAGE_RUNS)/phase1/reader_pretrain.json
 	$(PAGE_PRETRAIN) --out $(PAGE_RUNS)/phase2 --init-from $(PAGE_RUNS)/phase1 --start-stage -1 --warmup-steps 1 \
-		--lr 4e-4 --lr-min 1e-5 --planned-steps 2500 --minutes 50 $(call page_resume,phase2)
+		--lr 4e-4 --lr-min 1e-5 --planned-steps 3000 --minutes 27 --eval-examples 24 $(call page_resume,phase2)
+PAGE_READER := src/deepsynth/models/checkpoints/page-reader
 page-reader: $(PAGE_RUNS)/phase2/reader_pretrain.json
-	$(BIN)/python benchmarks/page_reader.py --model $(PAGE_RUNS)/phase2 --out benchmarks/page_reader_report.json
+	rm -rf $(PAGE_READER) && cp -r $(PAGE_RUNS)/phase2 $(PAGE_READER)
+	$(BIN)/python benchmarks/page_reader.py --model page-reader --n 100 --threads 2 --out benchmarks/page_reader_report.json
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) runs

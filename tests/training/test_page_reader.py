@@ -1,5 +1,6 @@
 import json
 import random
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -19,6 +20,8 @@ from deepsynth.data.reading import (
     prose_paragraphs,
     question_phrasings,
 )
+import deepsynth.models
+from deepsynth.inference.engines import make_engine
 from deepsynth.models import load_model
 from deepsynth.models.collate import IGNORE_INDEX, Collator
 from deepsynth.models.deepseek_ocr2 import build_tiny_page, image_tokens
@@ -104,12 +107,17 @@ def test_the_curriculum_grows_the_page_and_then_moves_it_further():
     first = [make_page_example(rng, PAGE_STAGES[0], jitter=6) for _ in range(8)]  # the stage's 0 px wins
     assert all(e["pages"][0].tobytes() == render_text(e["answer"], RenderConfig.from_preset(PRESET))[0].image.tobytes()
                for e in first)
-    # The last rung's documents: prose wrapped over 2 or 3 pages, transcribed whole.
+    # Documents (--documents): prose wrapped over 2 or 3 pages, cut to the rung's pages.
     render = RenderConfig.from_preset(PRESET)
     pages = [len(render_text(document_task(random.Random(i)).text, render)) for i in range(12)]
     assert min(pages) >= 2 and 3 in pages
-    last = PAGE_STAGES[-1]
-    assert last.documents > 0 and last.max_pages == 3
+    last = len(PAGE_STAGES) - 1
+    assert PAGE_STAGES[last].documents == 0 and PAGE_STAGES[last].max_pages == 2
+    stream = PageStream(PageReaderConfig(documents=1.0), None, [], StageSchedule(last))
+    stream.rng, stream.render_config = random.Random(3), render
+    drawn = [stream.draw(stream.stage(0)) for _ in range(6)]
+    assert all(len(e["pages"]) == 2 for e in drawn if e["instruction"] == TRANSCRIBE)
+    assert any(e["instruction"] == TRANSCRIBE for e in drawn)
     codes = make_task(random.Random(8), "codes", "heldout", max_lines=3, line_chars=6)
     assert all(1 <= len(line) <= 6 and set(line) <= set(CODE_CHARS) for line in codes.text.split("\n"))
 
@@ -275,3 +283,22 @@ def test_a_later_phase_starts_where_the_reader_ended_or_says_what_is_missing(tmp
         ended_stage(str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match="-1 with --init-from"):
         PageReaderConfig(start_stage=-1)
+
+
+SHIPPED_PAGE_READER = Path(deepsynth.models.__file__).parent / "checkpoints" / "page-reader"
+
+
+def test_shipped_page_reader_matches_the_renderer():
+    # The reader only reads pages drawn exactly as when it was trained.
+    info = json.loads((SHIPPED_PAGE_READER / "reader_pretrain.json").read_text())
+    assert info["render_fingerprint"] == render_fingerprint(PRESET)
+
+
+def test_shipped_page_reader_reads_text_it_never_saw_through_the_engine_ask_uses():
+    # By name, with the page geometry its bundle states; held-out words only (1-2 lines: the
+    # benchmark report has the longer pages).
+    engine = make_engine("page-reader")
+    rng = random.Random(5)
+    texts = [make_task(rng, "words", "heldout", max_lines=2).text for _ in range(8)]
+    answers = [a.answer for a in engine.ask_batch(texts, [TRANSCRIBE] * len(texts))]
+    assert sum(similarity(a, t) for a, t in zip(answers, texts)) / len(texts) >= 0.85

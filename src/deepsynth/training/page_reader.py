@@ -1,13 +1,13 @@
 """Pre-training of the page reader: a tiny DeepSeek-OCR-2 (the "tiny-page" preset) that reads pages
 of small type ("reader" render preset: 14 lines of 30 characters on 256 px) and answers about them.
 
-Three losses train it. The answer's (teacher-forced next-token loss); the character-slot loss
-(`CharSlots`): a linear probe on the image tokens the decoder reads must tell which character lies
-in each part of each token, so the vision tower learns to see characters from the first steps
-instead of leaving the decoder to guess from the text prior; and the gaze loss (`gaze_loss`):
-where the answer is drawn on the page, the last decoder layer's last heads must attend, at each
-answer character, to the image token holding it, so the decoder copies from the page rather
-than from its memory of the training prose.
+Two losses train it, and a third may. The answer's (teacher-forced next-token loss); the
+character-slot loss (`CharSlots`): a linear probe on the image tokens the decoder reads must tell
+which character lies in each part of each token, so the vision tower learns to see characters from
+the first steps instead of leaving the decoder to guess from the text prior; and, when `gaze_loss`
+is above 0, the gaze loss: where the answer is drawn on the page, the last decoder layer's last
+heads must attend, at each answer character, to the image token holding it, so the decoder copies
+from the page rather than from its memory of the training prose.
 
 The curriculum grows the page a few lines at a time, all in the preset's 13 px type: 1 to 3 full
 lines, then up to 6, 10 and 14, then documents of two pages; dictionary words, real prose, names,
@@ -74,7 +74,7 @@ class PageStage:
     font_size: int = 0  # type size in px (0 = the render preset's)
     kinds: tuple[str, ...] = TRANSCRIBE_KINDS  # transcription kinds drawn (deepsynth.data.reading)
     jitter: int = 6  # pages move by up to this many px (capped by the phase's --jitter)
-    documents: float = 0.0  # share of transcriptions that are prose wrapped over 2-3 pages (`document_task`)
+    documents: float = 0.0  # share of transcriptions that are prose wrapped over 2-3 pages (`document_task`), cut to max_pages
 
 
 # The reader learns to see characters from the character-slot loss (`CharSlots`) on pages that sit
@@ -87,7 +87,7 @@ PAGE_STAGES = (
     PageStage(max_lines=10, line_chars=LINE_CHARS, question_share=0.2, jitter=2),
     PageStage(max_lines=14, line_chars=LINE_CHARS, question_share=0.25, jitter=4),
     PageStage(max_lines=14, line_chars=LINE_CHARS, question_share=0.3, jitter=6),
-    PageStage(max_lines=14, line_chars=LINE_CHARS, question_share=0.3, max_pages=3, jitter=6, documents=0.2),
+    PageStage(max_lines=14, line_chars=LINE_CHARS, question_share=0.3, max_pages=2, jitter=6),
 )
 FULL_PAGE = PAGE_STAGES[-2]  # the last one-page rung: what held-out pages look like
 
@@ -112,6 +112,7 @@ class PageReaderConfig(PhaseConfig):
     blank_weight: float = 0.1  # weight of the blank slots in it relative to the characters
     gaze_loss: float = 0.0  # weight of the gaze loss on the decoder's last attention layer (0 = off)
     gaze_heads: int = 2  # heads of that layer the gaze loss trains (its last ones)
+    documents: float = -1.0  # overrides every rung's share of prose documents (`document_task`) when >= 0
 
     def __post_init__(self) -> None:
         check = self.checked("page_reader")
@@ -124,6 +125,7 @@ class PageReaderConfig(PhaseConfig):
         check("blank_weight", 0 < self.blank_weight <= 1, "in (0, 1]")
         check("gaze_loss", self.gaze_loss >= 0, ">= 0")
         check("gaze_heads", self.gaze_heads >= 1, ">= 1")
+        check("documents", self.documents == -1.0 or 0 <= self.documents <= 1, "-1 or in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -365,6 +367,8 @@ class PageStream(CurriculumStream):
         stage = PAGE_STAGES[self.schedule.at(step_index)]
         if self.cfg.question_share >= 0:
             stage = replace(stage, question_share=self.cfg.question_share)
+        if self.cfg.documents >= 0:
+            stage = replace(stage, documents=self.cfg.documents)
         return stage
 
     def draw(self, stage: PageStage) -> dict:
