@@ -74,7 +74,7 @@ class PageStage:
     font_size: int = 0  # type size in px (0 = the render preset's)
     kinds: tuple[str, ...] = TRANSCRIBE_KINDS  # transcription kinds drawn (deepsynth.data.reading)
     jitter: int = 6  # pages move by up to this many px (capped by the phase's --jitter)
-    documents: float = 0.0  # share of transcriptions that are prose wrapped over 2-3 pages (`document_task`), cut to max_pages
+    documents: float = 0.0  # share of transcriptions that are multi-page prose (`document_task`), cut to max_pages
 
 
 # The reader learns to see characters from the character-slot loss (`CharSlots`) on pages that sit
