@@ -2,8 +2,8 @@
 
 Each arm is a short phase of `deepsynth.training.page_reader` from the same reader (`--reader`),
 at the same rung, learning-rate schedule (decaying from `--lr` to `--lr-min` over the arm's steps),
-seed and number of steps, with the gaze loss's weight as the only difference (the character-slot loss stays on in every arm). After each phase this measures, on
-held-out pages only:
+seed and number of steps, with the gaze loss's weight as the only difference (the character-slot
+loss stays on in every arm). After each phase this measures, on held-out pages only:
 
 * the phase's own held-out evaluation (`evaluate_page_reader`: transcription, moved pages, 2-3
   page paragraphs, question EM with and without the instruction), `--eval-examples` per set;
@@ -13,7 +13,7 @@ held-out pages only:
   last layer's last `--gaze-heads` heads is strongest on the image token holding that character
   (what the gaze loss trains; measured in every arm, trained only where the weight is above 0).
 
-    python benchmarks/page_reader_gaze.py --reader runs/page-reader/phase2 --stage 5 --steps 500 \
+    python benchmarks/page_reader_gaze.py --reader runs/page-reader/phase2 --stage 5 --steps 700 \
         --out benchmarks/page_reader_gaze_report.json
 """
 
