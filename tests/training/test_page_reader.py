@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from deepsynth.data.reading import (
     CODE_CHARS,
@@ -24,7 +24,7 @@ import deepsynth.models
 from deepsynth.inference.engines import make_engine
 from deepsynth.models import load_model
 from deepsynth.models.collate import IGNORE_INDEX, Collator
-from deepsynth.models.deepseek_ocr2 import build_tiny_page, image_tokens
+from deepsynth.models.deepseek_ocr2 import build_tiny_page, grow_decoder, image_tokens
 from deepsynth.render import RenderConfig, render_text
 from deepsynth.render.renderer import layout
 from deepsynth.training.page_reader import (
@@ -40,6 +40,7 @@ from deepsynth.training.page_reader import (
     ended_stage,
     evaluate_page_reader,
     gaze_loss,
+    grown,
     make_page_example,
     pretrain_page_reader,
     similarity,
@@ -118,6 +119,13 @@ def test_the_curriculum_grows_the_page_and_then_moves_it_further():
     drawn = [stream.draw(stream.stage(0)) for _ in range(6)]
     assert all(len(e["pages"]) == 2 for e in drawn if e["instruction"] == TRANSCRIBE)
     assert any(e["instruction"] == TRANSCRIBE for e in drawn)
+    # --kinds replaces every rung's transcription kinds, e.g. with codes (no word tells the next character).
+    stream = PageStream(PageReaderConfig(kinds="codes", question_share=0.0), None, [], StageSchedule(last))
+    stream.rng, stream.render_config = random.Random(4), render
+    assert stream.stage(0).kinds == ("codes",)
+    assert all(set(stream.draw(stream.stage(0))["answer"]) <= set(CODE_CHARS + "\n") for _ in range(4))
+    with pytest.raises(ValueError, match="--kinds='words,poems' is invalid"):
+        PageReaderConfig(kinds="words,poems")
     codes = make_task(random.Random(8), "codes", "heldout", max_lines=3, line_chars=6)
     assert all(1 <= len(line) <= 6 and set(line) <= set(CODE_CHARS) for line in codes.text.split("\n"))
 
@@ -242,6 +250,46 @@ def test_tiny_page_preset_reads_a_page_as_a_32_px_token_grid():
     assert int((batch["input_ids"] == processor.image_token_id).sum()) == 8 * 8 + 1
     assert model(**batch).loss.item() > 0
     assert similarity("abc", "abc") == 1.0 and similarity("abcd", "abxd") == pytest.approx(0.75)
+
+
+def test_a_grown_decoder_answers_as_before_until_its_new_parts_train(tmp_path):
+    model, processor = build_tiny_page(seed=3)
+    page = render_text("Total due: 4,250 euros.", RenderConfig.from_preset(PRESET))[0].image
+    batch = Collator(processor, max_length=4096)([{"pages": [page], "instruction": TRANSCRIBE,
+                                                   "answer": "Total due: 4,250 euros."}])
+    bigger = grow_decoder(model, layers=5, hidden_size=288, intermediate_size=640)
+    text = bigger.config.text_config
+    assert (text.num_hidden_layers, text.hidden_size, text.num_attention_heads, text.num_key_value_heads,
+            text.head_dim, text.intermediate_size) == (5, 288, 6, 6, 48, 640)
+    assert len(bigger.model.language_model.layers) == 5 and text.mlp_layer_types == ["dense"] * 5
+    model.eval(), bigger.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(**batch).logits, bigger(**batch).logits, atol=1e-4)
+    # What writes the new parts into the residual stream starts at zero and gets a gradient.
+    bigger.train()
+    bigger(**batch).loss.backward()
+    layers = bigger.model.language_model.layers
+    assert layers[4].self_attn.o_proj.weight.grad.abs().sum() > 0
+    assert layers[0].self_attn.o_proj.weight.grad[192:].abs().sum() > 0  # into the new dimensions
+    assert layers[0].mlp.down_proj.weight.grad[:, 512:].abs().sum() > 0  # from the new MLP units
+    assert bigger.model.multi_modal_projector.weight.grad[192:].abs().sum() > 0
+    with pytest.raises(ValueError, match="would remove some"):
+        grow_decoder(model, layers=2)
+    with pytest.raises(ValueError, match="multiple of the head size 48"):
+        grow_decoder(model, hidden_size=200)
+    # A phase's --decoder-* options write the grown reader once, beside the phase's output, with
+    # the character-slot probe widened to read the wider image embeddings as before.
+    reader = tmp_path / "reader"
+    model.save_pretrained(reader)
+    processor.save_pretrained(reader)
+    save_file({"proj.weight": torch.ones(8, 192), "proj.bias": torch.zeros(8)}, str(reader / PROBE_FILE))
+    out = grown(str(reader), tmp_path / "phase.grown", layers=4, hidden_size=240)
+    assert json.loads((out / "config.json").read_text())["text_config"]["num_hidden_layers"] == 4
+    probe = load_file(str(out / PROBE_FILE))["proj.weight"]
+    assert probe.shape == (8, 240) and probe[:, :192].eq(1).all() and probe[:, 192:].eq(0).all()
+    assert grown(str(reader), out, layers=6) == out
+    with pytest.raises(ValueError, match="--decoder-width=384 is invalid"):
+        PageReaderConfig(decoder_width=384)
 
 
 @pytest.mark.slow

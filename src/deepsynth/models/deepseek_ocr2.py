@@ -15,6 +15,7 @@ The model is `DeepseekOcr2ForConditionalGeneration` and its processor, loaded wi
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import re
@@ -123,6 +124,65 @@ def _register_patch_readout() -> None:
 
 
 _register_patch_readout()
+
+
+def grow_decoder(model: DeepseekOcr2ForConditionalGeneration, layers: int = 0, hidden_size: int = 0,
+                 intermediate_size: int = 0) -> DeepseekOcr2ForConditionalGeneration:
+    """A copy of `model` with a larger dense decoder that answers as `model` does until training
+    moves it (0 = as is). `layers`: new layers are appended. `hidden_size`: the residual stream
+    gets wider and every layer gets heads of the same size to match (the config ties the head size
+    to hidden_size / heads, and a head that kept its size keeps its RoPE). `intermediate_size`:
+    every MLP gets wider. The new parts start random except what writes into the residual stream
+    (embeddings, projector, view separator, attention and MLP output projections), which starts at
+    zero there: the new dimensions of the stream stay zero and new parts add nothing at first, yet
+    everything gets a gradient. RMSNorm weights (and eps) are scaled so that the zero dimensions do
+    not change the norm of the old ones."""
+    text = model.config.text_config
+    head = text.hidden_size // text.num_attention_heads
+    have = (text.num_hidden_layers, text.hidden_size, text.intermediate_size)
+    want = tuple(new or old for new, old in zip((layers, hidden_size, intermediate_size), have))
+    if any(new < old for new, old in zip(want, have)):
+        raise ValueError(f"the decoder has {have[0]} layers, width {have[1]} and MLPs {have[2]} wide; "
+                         f"growing it to {want[0]}, {want[1]} and {want[2]} would remove some")
+    if want[1] % head:
+        raise ValueError(f"hidden_size must be a multiple of the head size {head}, got {want[1]}")
+    if text.num_key_value_heads != text.num_attention_heads or "sparse" in text.mlp_layer_types:
+        raise ValueError("only a dense decoder with as many key/value heads as heads can grow")
+    config = copy.deepcopy(model.config)
+    grown = config.text_config
+    grown.num_hidden_layers, grown.hidden_size, grown.intermediate_size = want
+    grown.num_attention_heads = grown.num_key_value_heads = want[1] // head
+    grown.head_dim = head
+    # RMSNorm's mean square over the wider stream is the old one x width / new width; so is its eps
+    grown.rms_norm_eps = text.rms_norm_eps * have[1] / want[1]
+    grown.mlp_layer_types = ["dense"] * want[0]
+    bigger = type(model)(config)
+    old, width = model.state_dict(), have[1]
+    norm_scale = math.sqrt(width / want[1])
+    with torch.no_grad():
+        for name, weight in bigger.state_dict().items():
+            if name in old:  # the old weights are the leading block; the rest stays random
+                weight[tuple(slice(0, n) for n in old[name].shape)] = old[name]
+        lm = bigger.model.language_model
+        lm.embed_tokens.weight[:, width:] = 0
+        bigger.model.multi_modal_projector.weight[width:] = 0
+        bigger.model.multi_modal_projector.bias[width:] = 0
+        bigger.model.view_separator[width:] = 0
+        for i, layer in enumerate(lm.layers):
+            attention_out, mlp_out = layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight
+            if i >= have[0]:
+                attention_out.zero_()
+                mlp_out.zero_()
+                continue
+            attention_out[width:] = 0
+            attention_out[:, width:] = 0  # the new heads
+            mlp_out[width:] = 0
+            mlp_out[:, have[2]:] = 0
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                norm.weight[:width] *= norm_scale
+        lm.norm.weight[:width] *= norm_scale
+    bigger.generation_config = copy.deepcopy(model.generation_config)
+    return bigger.to(model.dtype)
 
 
 def tiny_config(vocab_size: int, image_token_id: int, pad_token_id: int, bos_token_id: int,

@@ -32,6 +32,7 @@ import difflib
 import json
 import logging
 import random
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -43,9 +44,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import apply_rotary_pos_emb
 
+from deepsynth.atomic import atomic_dir
 from deepsynth.data.reading import TRANSCRIBE, ReadingTask, make_task
 from deepsynth.data.synthetic import SyntheticConfig
+from deepsynth.models import load_model
 from deepsynth.models.collate import IGNORE_INDEX
+from deepsynth.models.deepseek_ocr2 import grow_decoder
 from deepsynth.models.generate import GenerationSettings, generate_with_stats
 from deepsynth.render import RenderConfig, render_text
 from deepsynth.render.renderer import layout, load_font
@@ -113,6 +117,10 @@ class PageReaderConfig(PhaseConfig):
     gaze_loss: float = 0.0  # weight of the gaze loss on the decoder's last attention layer (0 = off)
     gaze_heads: int = 2  # heads of that layer the gaze loss trains (its last ones)
     documents: float = -1.0  # overrides every rung's share of prose documents (`document_task`) when >= 0
+    kinds: str = ""  # overrides every rung's transcription kinds: comma-separated (deepsynth.data.reading), "" = the rung's
+    decoder_layers: int = 0  # with init_from: first grow its decoder to this many layers (`grow_decoder`; 0 = as is)
+    decoder_width: int = 0  # ... to this hidden size, with heads of the same size added (0 = as is)
+    decoder_mlp: int = 0  # ... to MLPs this wide (0 = as is)
 
     def __post_init__(self) -> None:
         check = self.checked("page_reader")
@@ -126,6 +134,14 @@ class PageReaderConfig(PhaseConfig):
         check("gaze_loss", self.gaze_loss >= 0, ">= 0")
         check("gaze_heads", self.gaze_heads >= 1, ">= 1")
         check("documents", self.documents == -1.0 or 0 <= self.documents <= 1, "-1 or in [0, 1]")
+        check("kinds", all(k in (*TRANSCRIBE_KINDS, "codes") for k in self.kind_list()),
+              f"comma-separated kinds among {(*TRANSCRIBE_KINDS, 'codes')}, or empty")
+        for name in ("decoder_layers", "decoder_width", "decoder_mlp"):
+            value = getattr(self, name)
+            check(name, value == 0 or (value > 0 and self.init_from), "0, or > 0 with --init-from (the reader it grows)")
+
+    def kind_list(self) -> tuple[str, ...]:
+        return tuple(k.strip() for k in self.kinds.split(",") if k.strip())
 
 
 @dataclass(frozen=True)
@@ -369,6 +385,8 @@ class PageStream(CurriculumStream):
             stage = replace(stage, question_share=self.cfg.question_share)
         if self.cfg.documents >= 0:
             stage = replace(stage, documents=self.cfg.documents)
+        if self.cfg.kinds:
+            stage = replace(stage, kinds=self.cfg.kind_list())
         return stage
 
     def draw(self, stage: PageStage) -> dict:
@@ -544,8 +562,32 @@ def ended_stage(reader: str) -> int:
     return json.loads(info.read_text())["phases"][-1]["final_stage"]
 
 
+def grown(reader: str, out: Path, **sizes: int) -> Path:
+    """`reader`'s folder with its decoder grown (`grow_decoder`'s `sizes`), written to `out` once (a
+    resumed phase finds it there)."""
+    if (out / "config.json").is_file():
+        return out
+    model, _ = load_model(reader)
+    bigger = grow_decoder(model, **sizes)
+    with atomic_dir(out) as tmp:
+        shutil.copytree(reader, tmp, dirs_exist_ok=True)  # processor, bundle spec, phases, probe
+        bigger.save_pretrained(tmp)
+        probe = tmp / PROBE_FILE
+        if probe.is_file():  # it reads the projector's output: zero weights for its new dimensions
+            weights = load_file(str(probe))
+            width = bigger.config.text_config.hidden_size
+            weights["proj.weight"] = F.pad(weights["proj.weight"], (0, width - weights["proj.weight"].shape[1]))
+            save_file(weights, str(probe))
+    return out
+
+
 def pretrain_page_reader(cfg: PageReaderConfig, clock: Callable[[], float] = time.monotonic) -> dict:
     """Run one phase on the Trainer; returns the phase's metadata (also in reader_pretrain.json)."""
+    if cfg.decoder_layers or cfg.decoder_width or cfg.decoder_mlp:
+        out = Path(cfg.out)
+        start = grown(cfg.init_from, out.with_name(out.name + ".grown"), layers=cfg.decoder_layers,
+                      hidden_size=cfg.decoder_width, intermediate_size=cfg.decoder_mlp)
+        cfg = replace(cfg, init_from=str(start))
     if cfg.start_stage == -1:
         cfg = replace(cfg, start_stage=ended_stage(cfg.init_from))
     syn = SyntheticConfig(seed=cfg.seed)  # unused by the page stream; the parent's signature wants one
