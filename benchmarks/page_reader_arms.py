@@ -78,6 +78,7 @@ def main() -> None:
             raise SystemExit(f"an arm failed (exit {process.returncode}); see its log in {args.work}")
     torch.set_num_threads(args.threads)
     report = {"settings": vars(args), "arms": []}
+    error_pages = heldout_pages(60, 77)
     for name, flags, out in arms:
         phase = json.loads((out / "reader_pretrain.json").read_text())["phases"][-1]
         model, processor = load_model(str(out))
@@ -91,7 +92,7 @@ def main() -> None:
             "parameters": sum(p.numel() for p in model.parameters()),
             "steps": phase["step"], "train_minutes": phase["minutes"], "final_stage": phase["final_stage"],
             "heldout": scores, "invoice": invoice_check(str(out)),
-            "teacher_forced": {k: v for k, v in errors(model, processor, heldout_pages(60, 77), out / PROBE_FILE).items()
+            "teacher_forced": {k: v for k, v in errors(model, processor, error_pages, out / PROBE_FILE).items()
                                if k != "wrong_samples"},
             "score_seconds": round(time.monotonic() - start, 1)})
         Path(args.out).write_text(json.dumps(report, indent=2))

@@ -55,11 +55,11 @@ def heldout_pages(n: int, seed: int) -> list[dict]:
 def errors(model, processor, examples: list[dict], probe_file: Path | None, batch_size: int = 8) -> dict:
     render = RenderConfig.from_preset(PRESET)
     slots = CharSlots.for_reader(processor, render)
-    probe, kept = None, {}
+    probe, kept, hook = None, {}, None
     if probe_file is not None and probe_file.is_file():
         probe = CharSlotProbe(model.config.text_config.hidden_size, slots, len(processor.tokenizer))
         probe.load_state_dict(load_file(str(probe_file)))
-        model.get_submodule("model.multi_modal_projector").register_forward_hook(
+        hook = model.get_submodule("model.multi_modal_projector").register_forward_hook(
             lambda module, args, output: kept.update(embeddings=output))
     agreement: dict[str, int] = defaultdict(int)
     collator = Collator(processor, max_length=4096)
@@ -115,6 +115,8 @@ def errors(model, processor, examples: list[dict], probe_file: Path | None, batc
                 if len(samples) < 30:
                     samples.append({"gold": ch, "guess": tok.convert_ids_to_tokens(guess),
                                     "context": text[max(0, k - 12):k + 1]})
+    if hook is not None:  # the model may be scored again after this
+        hook.remove()
     accuracy = {name: {value: {"accuracy": round(r / n, 4), "chars": n} for value, (r, n) in sorted(by.items())}
                 for name, by in counts.items()}
     total = sum(n for _, n in counts["character"].values())
