@@ -19,41 +19,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from deepsynth.data.reading import TRANSCRIBE, make_task
 from deepsynth.models import load_model
 from deepsynth.models.collate import IGNORE_INDEX, Collator
 from deepsynth.models.registry import resolve
 from deepsynth.render import RenderConfig
-from deepsynth.render.renderer import layout
-from deepsynth.training.page_reader import PRESET, PROBE_FILE, TRANSCRIBE_KINDS, CharSlotProbe, CharSlots, render_task
+from deepsynth.training.page_reader import (PROBE_FILE, CharSlotProbe, CharSlots, heldout_transcriptions,
+                                            reader_preset)
 
 
 def char_class(ch: str) -> str:
     return "letter" if ch.isalpha() else "digit" if ch.isdigit() else "punctuation"
 
 
-def heldout_pages(n: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    render = RenderConfig.from_preset(PRESET)
-    out = []
-    for i in range(n):
-        task = make_task(rng, TRANSCRIBE_KINDS[i % len(TRANSCRIBE_KINDS)], "heldout", max_lines=14)
-        pages, answer = render_task(task, 1, render)
-        out.append({"pages": pages, "instruction": TRANSCRIBE, "answer": answer,
-                    "placed": layout(task.text, render)[0]})
-    return out
-
-
 @torch.no_grad()
 def errors(model, processor, examples: list[dict], probe_file: Path | None, batch_size: int = 8) -> dict:
-    render = RenderConfig.from_preset(PRESET)
+    render = RenderConfig.from_preset(examples[0]["preset"])
     slots = CharSlots.for_reader(processor, render)
     probe, kept, hook = None, {}, None
     if probe_file is not None and probe_file.is_file():
@@ -135,12 +121,13 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/page_reader_errors_report.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    examples = heldout_pages(args.n, args.seed)
     report = {"settings": vars(args), "models": {}}
     for name in args.model:
         model, processor = load_model(name)
         model.eval()
-        report["models"][name] = errors(model, processor, examples, Path(resolve(name)) / PROBE_FILE)
+        folder = Path(resolve(name))
+        examples = heldout_transcriptions(args.n, args.seed, preset=reader_preset(str(folder)))
+        report["models"][name] = errors(model, processor, examples, folder / PROBE_FILE)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
     print(json.dumps(report, indent=2))

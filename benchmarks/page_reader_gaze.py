@@ -21,33 +21,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import time
 from pathlib import Path
 
 import torch
 
-from deepsynth.data.reading import TRANSCRIBE, make_task
+from deepsynth.data.reading import TRANSCRIBE
 from deepsynth.models import load_model
 from deepsynth.models.collate import Collator, concat_rows
 from deepsynth.models.generate import GenerationSettings, generate_with_stats
 from deepsynth.render import RenderConfig
-from deepsynth.render.renderer import layout
 from deepsynth.training.page_reader import (PRESET, TRANSCRIBE_KINDS, CharSlots, PageReaderConfig, gaze_loss,
-                                            pretrain_page_reader, render_task, similarity)
-
-
-def heldout_pages(kind: str, n: int, seed: int) -> list[dict]:
-    """n held-out transcription examples of `kind` (1-6 lines, one page), with their gaze targets."""
-    rng = random.Random(seed)
-    render = RenderConfig.from_preset(PRESET)
-    out = []
-    for _ in range(n):
-        task = make_task(rng, kind, "heldout", max_lines=6)
-        pages, answer = render_task(task, 1, render)
-        out.append({"pages": pages, "instruction": TRANSCRIBE, "answer": answer,
-                    "placed": layout(task.text, render)[:1]})
-    return out
+                                            heldout_transcriptions, pretrain_page_reader, similarity)
 
 
 @torch.no_grad()
@@ -66,7 +51,7 @@ def gaze_hit_rate(model, processor, examples: list[dict], heads: int) -> float:
         for start in range(0, len(examples), 8):
             chunk = examples[start:start + 8]
             batch = collator([{k: e[k] for k in ("pages", "instruction", "answer")} for e in chunk])
-            targets = concat_rows([slots.gaze(e["answer"], e["placed"], render, [(0, 0)]) for e in chunk])
+            targets = concat_rows([slots.gaze(e["answer"], [e["placed"]], render, [(0, 0)]) for e in chunk])
             model(**batch)
             count = int((targets >= 0).sum())
             _, rate = gaze_loss(attention, kept["hidden"], kept["rope"], batch["input_ids"], batch["labels"], targets,
@@ -85,7 +70,7 @@ def score(model_dir: str, per_kind: int, heads: int, seed: int) -> dict:
     out: dict = {"by_kind": {}}
     every = []
     for i, kind in enumerate(TRANSCRIBE_KINDS):
-        examples = heldout_pages(kind, per_kind, seed + i)
+        examples = heldout_transcriptions(per_kind, seed + i, kinds=(kind,), max_lines=6)
         every += examples
         golds = [e["answer"] for e in examples]
         settings = GenerationSettings(max_new_tokens=max(len(g) for g in golds) + 16)

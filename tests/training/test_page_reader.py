@@ -39,6 +39,10 @@ from deepsynth.training.page_reader import (
     document_task,
     ended_stage,
     evaluate_page_reader,
+    fitted,
+    heldout_sets,
+    page_capacity,
+    reader_preset,
     gaze_loss,
     grown,
     make_page_example,
@@ -158,6 +162,42 @@ def test_character_slots_put_every_character_where_the_page_draws_it():
     assert slot_text(slots, moved, 1, 1).rstrip() == "  mixed Case words"
     with pytest.raises(ValueError, match="square page"):
         CharSlots.for_reader(processor, RenderConfig.from_preset(PRESET, page_height=320))
+
+
+def test_the_large_type_preset_puts_a_line_in_each_token_row_and_two_characters_in_a_token():
+    _, processor = build_tiny_page()
+    render = RenderConfig.from_preset("reader-large")
+    assert page_capacity(PRESET) == (14, 30) and page_capacity("reader-large") == (7, 15)
+    slots = CharSlots.for_reader(processor, render)
+    assert (slots.cell, slots.grid, slots.rows, slots.cols) == (32, 8, 1, 2)
+    placed = layout("Total: 4,250\neuros", render)[0]
+    labels = slots.labels(placed, render)
+    # 16 px characters from the 8 px margin: each one's middle is on a slot's left edge.
+    assert slot_text(slots, labels, 0, 0).rstrip() == " Total: 4,250" and slot_text(slots, labels, 1, 0).rstrip() == " euros"
+    # The rungs, written for the small type's page, are capped at what the large one holds.
+    assert [fitted(s, "reader-large").max_lines for s in PAGE_STAGES] == [3, 6, 7, 7, 7, 7]
+    assert {fitted(s, "reader-large").line_chars for s in PAGE_STAGES} == {15} and fitted(FULL_PAGE, PRESET) == FULL_PAGE
+    stream = PageStream(PageReaderConfig(preset="reader-large", question_share=0.0), None, [], StageSchedule(4))
+    stream.rng, stream.render_config = random.Random(2), render
+    drawn = [stream.draw(stream.stage(0)) for _ in range(6)]
+    assert all(len(e["pages"]) == 1 and e["answer"].count("\n") < 7 for e in drawn)
+    assert max(len(line) for e in drawn for line in e["answer"].split("\n")) <= 15
+    # Held-out sets follow the preset; the questions are the same texts on both, so they compare.
+    small, large = heldout_sets(4, preset=PRESET), heldout_sets(4, preset="reader-large")
+    for kind in ("prose_qa", "form_qa", "invoice_qa"):
+        assert [e["answer"] for e in small[kind]] == [e["answer"] for e in large[kind]]
+        assert [e["instruction"] for e in small[kind]] == [e["instruction"] for e in large[kind]]
+    assert all(max(len(line) for line in e["answer"].split("\n")) <= 15 for e in large["read"])
+    with pytest.raises(ValueError, match="--preset='tiny' is invalid"):
+        PageReaderConfig(preset="tiny")
+
+
+def test_a_reader_folder_tells_the_preset_its_last_phase_read(tmp_path):
+    assert reader_preset(str(tmp_path)) == PRESET  # no phases: the preset a reader had before presets were chosen
+    (tmp_path / "reader_pretrain.json").write_text(json.dumps({"phases": [{"config": {"preset": "reader-large"}}]}))
+    assert reader_preset(str(tmp_path)) == "reader-large"
+    (tmp_path / "reader_pretrain.json").write_text(json.dumps({"phases": [{"config": {}}]}))
+    assert reader_preset(str(tmp_path)) == PRESET
 
 
 def test_examples_carry_the_slot_targets_of_every_page_as_moved():

@@ -21,6 +21,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 256 px page; the 16 px line pitch is half a row of the reader's 32 px image-token grid.
     "reader": dict(page_width=256, page_height=256, margin=8, font=MONO_FONT, font_size=13, bold=True,
                    line_spacing=1.25),
+    # The same page in twice the type: 7 lines of 15 characters, a 32 px line pitch (one row of
+    # image tokens per line) and a 15.7 px advance (two characters per 32 px token).
+    "reader-large": dict(page_width=256, page_height=256, margin=8, font=MONO_FONT, font_size=26, bold=True,
+                         line_spacing=1.231),
 }
 
 #: Presets matched to DeepSeek-OCR's modes (``deepsynth.render.modes``): the page is drawn at the
@@ -60,6 +64,8 @@ def describe_preset(name: str) -> str:
         return "tiny: the tiny offline models' 256 px page (not DeepSeek-OCR's Tiny mode: see ocr-tiny-*)"
     if name == "reader":
         return "reader: the page reader's 256 px page, 14 lines of 30 characters (tiny-page models)"
+    if name == "reader-large":
+        return "reader-large: the page reader's 256 px page in 26 px type, 7 lines of 15 characters (tiny-page models)"
     mode = PRESET_MODES[name]
     what = f"{side} px pages for DeepSeek-OCR's {mode.capitalize()} mode"
     if name in PRESET_ALIASES:

@@ -29,6 +29,7 @@ use only held-out paragraphs, names and values (`deepsynth.data.reading.is_heldo
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import logging
 import random
@@ -60,6 +61,7 @@ from deepsynth.training.reader_pretrain import (CurriculumStream, PhaseConfig, S
 logger = logging.getLogger(__name__)
 
 PRESET = "reader"  # render preset the reader reads
+READER_PRESETS = ("reader", "reader-large")  # render presets a page reader may be trained on (--preset)
 MODEL_PRESET = "tiny-page"  # model preset a fresh run starts from
 LINE_CHARS = 30  # characters of the preset's widest line of monospace type
 PROBE_FILE = "char_slot_probe.safetensors"  # the character-slot probe, saved beside a phase's reader
@@ -96,6 +98,22 @@ PAGE_STAGES = (
 FULL_PAGE = PAGE_STAGES[-2]  # the last one-page rung: what held-out pages look like
 
 
+@functools.cache
+def page_capacity(preset: str) -> tuple[int, int]:
+    """(lines, characters per line) that one page of the render preset holds, as the renderer lays
+    them out (monospace type: every line holds as many)."""
+    render = RenderConfig.from_preset(preset)
+    placed = layout("\n".join(["M" * 400] * 400), render)[0]
+    return len(placed), len(placed[0][0].text)
+
+
+def fitted(stage: PageStage, preset: str) -> PageStage:
+    """`stage` on a page of `preset`: its line count and line length capped at what the page holds
+    (the rungs are written for the "reader" page, the largest)."""
+    lines, chars = page_capacity(preset)
+    return replace(stage, max_lines=min(stage.max_lines, lines), line_chars=min(stage.line_chars, chars))
+
+
 @dataclass
 class PageReaderConfig(PhaseConfig):
     """One phase of page-reader pre-training (the fields are `PhaseConfig`'s, with this phase's
@@ -103,6 +121,7 @@ class PageReaderConfig(PhaseConfig):
     phase ended)."""
 
     out: str = "runs/page-reader/phase1"
+    preset: str = ""  # render preset of the pages (READER_PRESETS); "" = the --init-from reader's, else "reader"
     minutes: float = 120.0
     batch_size: int = 8
     planned_steps: int = 20_000
@@ -126,8 +145,9 @@ class PageReaderConfig(PhaseConfig):
         check = self.checked("page_reader")
         check("start_stage", -1 <= self.start_stage < len(PAGE_STAGES) and (self.start_stage >= 0 or self.init_from),
               f"in [0, {len(PAGE_STAGES) - 1}], or -1 with --init-from (the stage the reader ended at)")
-        check("jitter", 0 <= self.jitter <= RenderConfig.from_preset(PRESET).margin,
-              f"in [0, {RenderConfig.from_preset(PRESET).margin}] (the preset's margin: more would cut text off)")
+        check("preset", self.preset in ("", *READER_PRESETS), f"one of {READER_PRESETS}, or empty")
+        margin = RenderConfig.from_preset(self.preset or PRESET).margin
+        check("jitter", 0 <= self.jitter <= margin, f"in [0, {margin}] (the preset's margin: more would cut text off)")
         check("threads", self.threads >= 0, ">= 0")
         check("slot_loss", self.slot_loss >= 0, ">= 0")
         check("blank_weight", 0 < self.blank_weight <= 1, "in (0, 1]")
@@ -318,11 +338,12 @@ def render_task(task: ReadingTask, max_pages: int, render: RenderConfig) -> tupl
     return [p.image for p in pages], answer
 
 
-def document_task(rng: random.Random, split: str = "train", lines: int = 14) -> ReadingTask:
+def document_task(rng: random.Random, split: str = "train", lines: int = 14,
+                  line_chars: int = LINE_CHARS) -> ReadingTask:
     """A transcription of prose paragraphs one after the other, about `lines` + 1 to 3 x `lines`
-    full lines in all: the renderer wraps them over 2 or 3 pages of `lines` lines."""
-    task = make_task(rng, "prose", split, max_lines=lines)
-    target = rng.randint(lines + 1, 3 * lines) * LINE_CHARS
+    full lines of `line_chars` in all: the renderer wraps them over 2 or 3 pages of `lines` lines."""
+    task = make_task(rng, "prose", split, max_lines=lines, line_chars=line_chars)
+    target = rng.randint(lines + 1, 3 * lines) * line_chars
     while len(task.text) < target:
         task.text += " " + make_task(rng, "prose", split, max_lines=lines).text
     return task
@@ -341,7 +362,7 @@ def make_page_example(rng: random.Random, stage: PageStage, jitter: int = 0, spl
     if rng.random() < stage.question_share:
         task = make_task(rng, rng.choice(QUESTION_KINDS), split, max_lines=stage.max_lines)
     elif stage.documents and rng.random() < stage.documents:
-        task = document_task(rng, split, stage.max_lines)
+        task = document_task(rng, split, stage.max_lines, stage.line_chars)
     else:
         task = make_task(rng, rng.choice(stage.kinds), split, max_lines=stage.max_lines,
                          line_chars=stage.line_chars)
@@ -380,7 +401,7 @@ class PageStream(CurriculumStream):
     targets: tuple[str, ...] = ()
 
     def stage(self, step_index: int) -> PageStage:
-        stage = PAGE_STAGES[self.schedule.at(step_index)]
+        stage = fitted(PAGE_STAGES[self.schedule.at(step_index)], self.cfg.preset or PRESET)
         if self.cfg.question_share >= 0:
             stage = replace(stage, question_share=self.cfg.question_share)
         if self.cfg.documents >= 0:
@@ -480,20 +501,23 @@ class PageGate(StageGate):
         return token_accuracy(logits, labels)
 
     def evaluate(self, model) -> dict:
-        return evaluate_page_reader(model, self.collator, n=self.cfg.eval_examples)
+        return evaluate_page_reader(model, self.collator, n=self.cfg.eval_examples, preset=self.cfg.preset or PRESET)
 
 
-def heldout_sets(n: int, seed: int = 4321, shift: int = 6) -> dict[str, list[dict]]:
-    """The held-out evaluation sets (n examples each), from held-out paragraphs, names and values:
-    transcription of 1-14 line pages, the same pages moved by up to `shift` px, 2-3 page wrapped
-    paragraphs, questions about prose, forms and invoices. Fixed by `seed`."""
-    rng = random.Random(seed)
-    render = RenderConfig.from_preset(PRESET)
-    full = FULL_PAGE
+def heldout_sets(n: int, seed: int = 4321, shift: int = 6, preset: str = PRESET) -> dict[str, list[dict]]:
+    """The held-out evaluation sets (n examples each), from held-out paragraphs, names and values,
+    drawn on pages of `preset`: transcription of pages of one line to full (1-14 lines of 30
+    characters on "reader"), the same pages moved by up to `shift` px, wrapped paragraphs cut to
+    3 pages, questions about prose, forms and invoices. Fixed by `seed`; the questions are the
+    same texts on every preset (their own random stream), so their scores compare across presets."""
+    rng, asking = random.Random(seed), random.Random(seed + 1)
+    render = RenderConfig.from_preset(preset)
+    full = fitted(FULL_PAGE, preset)
     sets: dict[str, list[dict]] = {"read": [], "read_shifted": [], "read_multipage": [], "prose_qa": [],
                                    "form_qa": [], "invoice_qa": []}
     for _ in range(n):
-        task = make_task(rng, rng.choice(TRANSCRIBE_KINDS), "heldout", max_lines=full.max_lines)
+        task = make_task(rng, rng.choice(TRANSCRIBE_KINDS), "heldout", max_lines=full.max_lines,
+                         line_chars=full.line_chars)
         pages, answer = render_task(task, 1, render)
         sets["read"].append({"pages": pages, "instruction": TRANSCRIBE, "answer": answer})
         moved = [shifted(p, rng.randint(-shift, shift), rng.randint(-shift, shift)) for p in pages]
@@ -503,19 +527,37 @@ def heldout_sets(n: int, seed: int = 4321, shift: int = 6) -> dict[str, list[dic
         pages, answer = render_task(long_task, 3, render)
         sets["read_multipage"].append({"pages": pages, "instruction": TRANSCRIBE, "answer": answer})
         for kind in QUESTION_KINDS:
-            task = make_task(rng, kind, "heldout", max_lines=8)
+            task = make_task(asking, kind, "heldout", max_lines=8)
             pages, answer = render_task(task, 3, render)
             sets[kind].append({"pages": pages, "instruction": task.instruction, "answer": answer})
     return sets
 
 
+def heldout_transcriptions(n: int, seed: int, kinds: tuple[str, ...] = TRANSCRIBE_KINDS, max_lines: int = 0,
+                           preset: str = PRESET) -> list[dict]:
+    """`n` held-out one-page transcription examples of `preset` for the diagnostics, the `kinds` in
+    turn, 1 to `max_lines` lines (0: up to a full page), each with its page's layout ("placed":
+    `layout`'s lines and baselines, for the character slots)."""
+    rng = random.Random(seed)
+    render = RenderConfig.from_preset(preset)
+    full = fitted(replace(FULL_PAGE, max_lines=max_lines or FULL_PAGE.max_lines), preset)
+    out = []
+    for i in range(n):
+        task = make_task(rng, kinds[i % len(kinds)], "heldout", max_lines=full.max_lines, line_chars=full.line_chars)
+        pages, answer = render_task(task, 1, render)
+        out.append({"pages": pages, "instruction": TRANSCRIBE, "answer": answer,
+                    "placed": layout(task.text, render)[0], "preset": preset})
+    return out
+
+
 @torch.no_grad()
-def evaluate_page_reader(model, collator, n: int = 24, seed: int = 4321, ablate: bool = True) -> dict:
-    """Held-out scores through `generate_with_stats` (the decoding path of ask/serve): for
-    transcription sets the mean character similarity and the share of exact pages (also by
-    line count), for question sets exact match, and with `ablate` exact match with the
+def evaluate_page_reader(model, collator, n: int = 24, seed: int = 4321, ablate: bool = True,
+                         preset: str = PRESET) -> dict:
+    """Held-out scores through `generate_with_stats` (the decoding path of ask/serve) on pages of
+    `preset`: for transcription sets the mean character similarity and the share of exact pages
+    (also by line count), for question sets exact match, and with `ablate` exact match with the
     instruction left out (what a reader that ignores the question scores)."""
-    sets = heldout_sets(n, seed)
+    sets = heldout_sets(n, seed, preset=preset)
     out: dict = {}
     for name, examples in sets.items():
         reading = name.startswith("read")
@@ -549,7 +591,7 @@ def evaluate_page_reader(model, collator, n: int = 24, seed: int = 4321, ablate:
 
 def trainer_config(cfg: PageReaderConfig, run_dir: Path) -> TrainerConfig:
     """The page reader phase's Trainer settings: tiny-page, the reader preset's pages, `Free OCR.`"""
-    return cfg.trainer_config(run_dir, model=MODEL_PRESET, render_preset=PRESET, instruction=TRANSCRIBE,
+    return cfg.trainer_config(run_dir, model=MODEL_PRESET, render_preset=cfg.preset, instruction=TRANSCRIBE,
                               max_length=4096)
 
 
@@ -560,6 +602,14 @@ def ended_stage(reader: str) -> int:
         raise ValueError(f"--start-stage -1 needs the stage {reader} ended at, but {info} is missing "
                          "(give --start-stage N)")
     return json.loads(info.read_text())["phases"][-1]["final_stage"]
+
+
+def reader_preset(reader: str) -> str:
+    """The render preset a saved page reader's last phase read ("reader" before presets were chosen)."""
+    info = Path(reader) / "reader_pretrain.json"
+    if not info.is_file():
+        return PRESET
+    return json.loads(info.read_text())["phases"][-1]["config"].get("preset") or PRESET
 
 
 def grown(reader: str, out: Path, **sizes: int) -> Path:
@@ -590,12 +640,14 @@ def pretrain_page_reader(cfg: PageReaderConfig, clock: Callable[[], float] = tim
         cfg = replace(cfg, init_from=str(start))
     if cfg.start_stage == -1:
         cfg = replace(cfg, start_stage=ended_stage(cfg.init_from))
+    if not cfg.preset:
+        cfg = replace(cfg, preset=reader_preset(cfg.init_from) if cfg.init_from else PRESET)
     syn = SyntheticConfig(seed=cfg.seed)  # unused by the page stream; the parent's signature wants one
     stream = PageStream(cfg, syn, [], StageSchedule(cfg.start_stage))
-    stream.render_config = RenderConfig.from_preset(PRESET)
+    stream.render_config = RenderConfig.from_preset(cfg.preset)
     gate = PageGate(cfg, syn, stream)
     meta = run_phase(cfg, stream, gate, trainer_config(cfg, cfg.run_folder()), clock,
-                     preset=PRESET, recipe="make page-reader (deepsynth.training.page_reader)")
+                     preset=cfg.preset, recipe="make page-reader (deepsynth.training.page_reader)")
     if gate.probe is not None:  # beside the reader, for a later phase's --init-from (not part of the model)
         save_file(gate.probe.state_dict(), str(Path(cfg.out) / PROBE_FILE))
     return meta
