@@ -1,9 +1,10 @@
 """Held-out scores of a page reader (the issue "A reader that reads", points 1 to 4).
 
-* transcription with `Free OCR.` of held-out pages (1 to 14 lines of dictionary words, real prose
+* transcription with `Free OCR.` of held-out pages of the reader's preset (one line to a full page:
+  1 to 14 lines on "reader", 1 to 7 on "reader-large"; dictionary words, real prose
   never shown in training, held-out names and numbers, punctuation, mixed case): mean character
   similarity (difflib) and share of exact pages, by line count; the same pages moved by up to
-  6 px; wrapped paragraphs over 2 to 3 pages;
+  6 px; wrapped paragraphs over 3 pages;
 * questions about facts in prose, `key: value` forms (unpadded, any line order) and invoices,
   with held-out names and values, in several phrasings: exact match, and exact match with the
   instruction left out;
@@ -26,7 +27,8 @@ import torch
 from deepsynth.inference.engines import make_engine
 from deepsynth.models import load_model
 from deepsynth.models.collate import Collator
-from deepsynth.training.page_reader import evaluate_page_reader
+from deepsynth.models.registry import resolve
+from deepsynth.training.page_reader import evaluate_page_reader, reader_preset
 
 INVOICE = "Invoice 2024-117\nCustomer: Acme Corp\nThe total amount due is 4,250 euros."
 QUESTION = "What is the total amount due?"
@@ -75,7 +77,8 @@ def main() -> None:
     else:
         model, processor = load_model(args.model)
         model.eval()
-        scores, n = evaluate_page_reader(model, Collator(processor, max_length=4096), n=args.n), args.n
+        preset = reader_preset(str(resolve(args.model)))  # the held-out pages are drawn as the reader reads
+        scores, n = evaluate_page_reader(model, Collator(processor, max_length=4096), n=args.n, preset=preset), args.n
         trained = None
     report = {"model": args.model, "last_phase": trained, "n_per_set": n, "heldout": scores,
               "invoice": invoice_check(args.model),

@@ -182,6 +182,13 @@ def test_the_large_type_preset_puts_a_line_in_each_token_row_and_two_characters_
     drawn = [stream.draw(stream.stage(0)) for _ in range(6)]
     assert all(len(e["pages"]) == 1 and e["answer"].count("\n") < 7 for e in drawn)
     assert max(len(line) for e in drawn for line in e["answer"].split("\n")) <= 15
+    # --max-pages lets the last rung's documents run over 3 of these pages (the held-out paragraphs' length).
+    stream = PageStream(PageReaderConfig(preset="reader-large", documents=1.0, question_share=0.0, max_pages=3), None,
+                        [], StageSchedule(len(PAGE_STAGES) - 1))
+    stream.rng, stream.render_config = random.Random(5), render
+    assert stream.stage(0).max_pages == 3 and 3 in {len(stream.draw(stream.stage(0))["pages"]) for _ in range(4)}
+    with pytest.raises(ValueError, match="--max-pages=9 is invalid"):
+        PageReaderConfig(max_pages=9)
     # Held-out sets follow the preset; the questions are the same texts on both, so they compare.
     small, large = heldout_sets(4, preset=PRESET), heldout_sets(4, preset="reader-large")
     for kind in ("prose_qa", "form_qa", "invoice_qa"):

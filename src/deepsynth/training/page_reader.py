@@ -137,6 +137,7 @@ class PageReaderConfig(PhaseConfig):
     gaze_heads: int = 2  # heads of that layer the gaze loss trains (its last ones)
     documents: float = -1.0  # overrides every rung's share of prose documents (`document_task`) when >= 0
     kinds: str = ""  # overrides every rung's transcription kinds: comma-separated (deepsynth.data.reading), "" = the rung's
+    max_pages: int = 0  # overrides every rung's pages per document when > 0 (a longer text is cut to this many pages)
     decoder_layers: int = 0  # with init_from: first grow its decoder to this many layers (`grow_decoder`; 0 = as is)
     decoder_width: int = 0  # ... to this hidden size, with heads of the same size added (0 = as is)
     decoder_mlp: int = 0  # ... to MLPs this wide (0 = as is)
@@ -154,6 +155,7 @@ class PageReaderConfig(PhaseConfig):
         check("gaze_loss", self.gaze_loss >= 0, ">= 0")
         check("gaze_heads", self.gaze_heads >= 1, ">= 1")
         check("documents", self.documents == -1.0 or 0 <= self.documents <= 1, "-1 or in [0, 1]")
+        check("max_pages", 0 <= self.max_pages <= 8, "in [0, 8] (0 = the rung's)")
         check("kinds", all(k in (*TRANSCRIBE_KINDS, "codes") for k in self.kind_list()),
               f"comma-separated kinds among {(*TRANSCRIBE_KINDS, 'codes')}, or empty")
         for name in ("decoder_layers", "decoder_width", "decoder_mlp"):
@@ -408,6 +410,8 @@ class PageStream(CurriculumStream):
             stage = replace(stage, documents=self.cfg.documents)
         if self.cfg.kinds:
             stage = replace(stage, kinds=self.cfg.kind_list())
+        if self.cfg.max_pages:
+            stage = replace(stage, max_pages=self.cfg.max_pages)
         return stage
 
     def draw(self, stage: PageStage) -> dict:
