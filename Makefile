@@ -87,21 +87,25 @@ reader: $(STAMP)
 	$(PRETRAIN) --out $(READER) --run-dir runs/reader/phase3.run --init-from runs/reader/phase2 $(FORM_PHASE) --question-share 0.9 --lr 4e-4 --lr-min 1e-5 --planned-steps 1300 --minutes 9 --eval-every-minutes 3
 
 # The page reader (deepsynth.training.page_reader; README, "The page reader"): a tiny DeepSeek-OCR-2
-# with a 32 px image-token grid that reads 14-line pages of 13 px type and answers about them,
-# trained with the answer's loss and the character-slot loss on its image tokens. Two phases, each
-# a file target, so that `make page-reader` after a kill skips finished phases and continues the
-# interrupted one from its newest checkpoint: the curriculum from scratch, then the stage it
-# reached (at least the full page) with the learning rate decaying to 1e-5.
+# with a 32 px image-token grid that reads pages of 26 px type (the reader-large preset: 7 lines of
+# 15 characters, two characters per image token) and answers about them, trained with the answer's
+# loss and the character-slot loss on its image tokens. Two phases, each a file target, so that
+# `make page-reader` after a kill skips finished phases and continues the interrupted one from its
+# newest checkpoint: the curriculum from scratch (85 minutes), then its last rung (30 minutes) with
+# documents of up to 3 pages, half the examples questions and the learning rate decaying to 1e-5.
+# One thread each, as the shipped reader was made (it ran beside an equal-time control).
 # The result ships as the `page-reader` checkpoint (its character-slot probe beside it, for a later
 # phase's --init-from); not the default reader yet (scores: benchmarks/page_reader_report.json).
 PAGE_RUNS := runs/page-reader
-PAGE_PRETRAIN := $(BIN)/python -m deepsynth.training.page_reader --threads 2
+PAGE_PRETRAIN := $(BIN)/python -m deepsynth.training.page_reader --threads 1 --preset reader-large --eval-examples 24
 page_resume = $$(ls -d $(PAGE_RUNS)/$(1).run/checkpoint-* >/dev/null 2>&1 && echo --resume latest)
 $(PAGE_RUNS)/phase1/reader_pretrain.json: | $(STAMP)
-	$(PAGE_PRETRAIN) --out $(PAGE_RUNS)/phase1 --minutes 78 --eval-examples 12 $(call page_resume,phase1)
+	$(PAGE_PRETRAIN) --out $(PAGE_RUNS)/phase1 --start-stage 0 --minutes 85 --eval-every-minutes 28 \
+		$(call page_resume,phase1)
 $(PAGE_RUNS)/phase2/reader_pretrain.json: $(PAGE_RUNS)/phase1/reader_pretrain.json
-	$(PAGE_PRETRAIN) --out $(PAGE_RUNS)/phase2 --init-from $(PAGE_RUNS)/phase1 --start-stage -1 --warmup-steps 1 \
-		--lr 4e-4 --lr-min 1e-5 --planned-steps 3000 --minutes 27 --eval-examples 24 $(call page_resume,phase2)
+	$(PAGE_PRETRAIN) --out $(PAGE_RUNS)/phase2 --init-from $(PAGE_RUNS)/phase1 --start-stage -1 --warmup-steps 20 \
+		--lr 4e-4 --lr-min 1e-5 --planned-steps 2400 --minutes 30 --eval-every-minutes 40 \
+		--question-share 0.5 --documents 0.3 --max-pages 3 $(call page_resume,phase2)
 PAGE_READER := src/deepsynth/models/checkpoints/page-reader
 page-reader: $(PAGE_RUNS)/phase2/reader_pretrain.json
 	rm -rf $(PAGE_READER) && cp -r $(PAGE_RUNS)/phase2 $(PAGE_READER)

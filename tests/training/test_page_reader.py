@@ -386,7 +386,7 @@ SHIPPED_PAGE_READER = Path(deepsynth.models.__file__).parent / "checkpoints" / "
 def test_shipped_page_reader_matches_the_renderer():
     # The reader only reads pages drawn exactly as when it was trained.
     info = json.loads((SHIPPED_PAGE_READER / "reader_pretrain.json").read_text())
-    assert info["render_fingerprint"] == render_fingerprint(PRESET)
+    assert info["render_fingerprint"] == render_fingerprint(reader_preset(str(SHIPPED_PAGE_READER)))
 
 
 def test_shipped_page_reader_reads_text_it_never_saw_through_the_engine_ask_uses():

@@ -1,5 +1,7 @@
-"""Pre-training of the page reader: a tiny DeepSeek-OCR-2 (the "tiny-page" preset) that reads pages
-of small type ("reader" render preset: 14 lines of 30 characters on 256 px) and answers about them.
+"""Pre-training of the page reader: a tiny DeepSeek-OCR-2 (the "tiny-page" preset) that reads 256 px
+pages of text and answers about them. `--preset` chooses the page: "reader-large" (26 px type, 7
+lines of 15 characters: one row of image tokens per line, two characters per token; the recipe's)
+or "reader" (13 px type, 14 lines of 30: eight characters per token, read far less well).
 
 Two losses train it, and a third may. The answer's (teacher-forced next-token loss); the
 character-slot loss (`CharSlots`): a linear probe on the image tokens the decoder reads must tell
@@ -9,8 +11,8 @@ is above 0, the gaze loss: where the answer is drawn on the page, the last decod
 heads must attend, at each answer character, to the image token holding it, so the decoder copies
 from the page rather than from its memory of the training prose.
 
-The curriculum grows the page a few lines at a time, all in the preset's 13 px type: 1 to 3 full
-lines, then up to 6, 10 and 14, then documents of two pages; dictionary words, real prose, names,
+The curriculum grows the page a few lines at a time, all in the preset's type: 1 to 3 full lines,
+then up to 6, 10 and 14 (capped at what the page holds), then documents of two pages; dictionary words, real prose, names,
 numbers and punctuation in mixed case (`deepsynth.data.reading`), transcribed with DeepSeek-OCR's
 prompt `Free OCR.`; from the second rung on, a share of examples are questions about facts in
 sentences, about `key: value` forms in any line order and about short invoices. The first rungs'
