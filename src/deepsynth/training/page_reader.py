@@ -349,7 +349,7 @@ def document_task(rng: random.Random, split: str = "train", lines: int = 14,
     task = make_task(rng, "prose", split, max_lines=lines, line_chars=line_chars)
     target = rng.randint(lines + 1, 3 * lines) * line_chars
     while len(task.text) < target:
-        task.text += " " + make_task(rng, "prose", split, max_lines=lines).text
+        task.text += " " + make_task(rng, "prose", split, max_lines=lines, line_chars=line_chars).text
     return task
 
 
