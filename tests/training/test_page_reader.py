@@ -366,6 +366,7 @@ def test_a_short_phase_saves_a_loadable_reader_scored_on_every_heldout_set(tmp_p
     assert set(meta["eval"]["prose_qa"]) >= {"em", "em_no_instruction"}
     saved = json.loads((out / "reader_pretrain.json").read_text())
     assert saved["render_fingerprint"] == render_fingerprint(PRESET)
+    assert saved["phases"][-1]["config"]["preset"] == PRESET == reader_preset(str(out))  # resolved, then recorded
     model, processor = load_model(str(out))
     scores = evaluate_page_reader(model, Collator(processor, max_length=4096), n=1, ablate=False)
     assert 0 <= scores["read"]["char_similarity"] <= 1 and "em_no_instruction" not in scores["form_qa"]
