@@ -398,3 +398,10 @@ def test_shipped_page_reader_reads_text_it_never_saw_through_the_engine_ask_uses
     texts = [make_task(rng, "words", "heldout", max_lines=2).text for _ in range(8)]
     answers = [a.answer for a in engine.ask_batch(texts, [TRANSCRIBE] * len(texts))]
     assert sum(similarity(a, t) for a, t in zip(answers, texts)) / len(texts) >= 0.85
+
+
+def test_shipped_page_reader_answers_the_issues_invoice():
+    engine = make_engine("page-reader")
+    invoice = "Invoice 2024-117\nCustomer: Acme Corp\nThe total amount due is 4,250 euros."
+    [answer] = engine.ask_batch([invoice], ["What is the total amount due?"])
+    assert answer.answer.strip() == "4,250 euros"
