@@ -249,8 +249,9 @@ def build_tiny_page(seed: int = 0, patch_size: int = 8) -> tuple[DeepseekOcr2For
                                                                    DeepseekOcr2Processor]:
     """The page reader's preset (`deepsynth.training.page_reader`): the tiny preset with a token grid
     fine enough to read a page of small type. SAM cuts the 256 px page into 8 px patches (32 x 32)
-    and its two stride-2 convolutions leave one image token per 32 x 32 px (64 per page, one row
-    per two lines of the "reader" render preset, about eight characters per token). SAM is 64 wide
+    and its two stride-2 convolutions leave one image token per 32 x 32 px (64 per page: one row per
+    line and two characters per token on the "reader-large" render preset the shipped reader reads,
+    one row per two lines and eight characters on "reader"). SAM is 64 wide
     with windowed attention only (the vision encoder after it attends across the whole page) and
     a 64-channel neck. Decoder positions reach 4096 for multi-page documents. `patch_size` 4 gives
     the finer grid (16 px per token, 256 per page): its steps cost about three times as much and
