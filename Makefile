@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-slow bench reader page-reader clean vllm-env gpu-check
+.PHONY: setup demo test test-slow bench reader form-reader clean vllm-env gpu-check
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -69,33 +69,16 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/hostile.py
 	$(BIN)/python benchmarks/instruction_prompting.py
 
-# Re-creates the shipped reader checkpoint from code, in four time-budgeted phases (89 minutes of
-# wall-clock time on 2 CPU cores; a faster machine trains more steps; run it on an otherwise idle
-# machine): the transcription curriculum; 8 more minutes of its last stage with the learning rate
-# decaying to 1e-5 (this is what teaches the page's last line); then key questions on the
-# fixed-order form layout (80% of examples at a flat learning rate, then 90% with a cosine decay
-# to 1e-5; the rest keep transcribing). Each phase runs on the one Trainer; its run folder
-# (<out>.run, or --run-dir) holds checkpoints and metrics.jsonl, and a killed phase continues with
-# the same command plus --resume latest.
-READER := src/deepsynth/models/checkpoints/tiny-reader
-PRETRAIN := $(BIN)/python -m deepsynth.training.reader_pretrain
-FORM_PHASE := --start-stage 5 --layout form --warmup-steps 1
-reader: $(STAMP)
-	$(PRETRAIN) --out runs/reader/phase1 --minutes 60
-	$(PRETRAIN) --out runs/reader/phase1b --init-from runs/reader/phase1 --start-stage 5 --warmup-steps 1 --lr 4e-4 --lr-min 1e-5 --planned-steps 1200 --minutes 8 --eval-every-minutes 100
-	$(PRETRAIN) --out runs/reader/phase2 --init-from runs/reader/phase1b $(FORM_PHASE) --question-share 0.8 --lr 4e-4 --lr-min 4e-4 --minutes 12 --eval-every-minutes 3
-	$(PRETRAIN) --out $(READER) --run-dir runs/reader/phase3.run --init-from runs/reader/phase2 $(FORM_PHASE) --question-share 0.9 --lr 4e-4 --lr-min 1e-5 --planned-steps 1300 --minutes 9 --eval-every-minutes 3
-
-# The page reader (deepsynth.training.page_reader; README, "The page reader"): a tiny DeepSeek-OCR-2
-# with a 32 px image-token grid that reads pages of 26 px type (the reader-large preset: 7 lines of
-# 15 characters, two characters per image token) and answers about them, trained with the answer's
-# loss and the character-slot loss on its image tokens. Two phases, each a file target, so that
-# `make page-reader` after a kill skips finished phases and continues the interrupted one from its
-# newest checkpoint: the curriculum from scratch (85 minutes), then its last rung (30 minutes) with
-# documents of up to 3 pages, half the examples questions and the learning rate decaying to 1e-5.
-# One thread each, as the shipped reader was made (it ran beside an equal-time control).
-# The result ships as the `page-reader` checkpoint (its character-slot probe beside it, for a later
-# phase's --init-from); not the default reader yet (scores: benchmarks/page_reader_report.json).
+# The default reader, `tiny-reader` (deepsynth.training.page_reader; README, "The page reader"): a
+# tiny DeepSeek-OCR-2 with a 32 px image-token grid that reads pages of 26 px type (the reader-large
+# preset: 7 lines of 15 characters, two characters per image token) and answers about them, trained
+# with the answer's loss and the character-slot loss on its image tokens. Each phase is a file
+# target, so that `make reader` after a kill skips finished phases and continues the interrupted
+# one from its newest checkpoint: the curriculum from scratch (85 minutes), then its last rung (30
+# minutes) with documents of up to 3 pages, half the examples questions and the learning rate
+# decaying to 1e-5. One thread each, as the shipped reader was made (it ran beside an equal-time
+# control). The result is copied to the `tiny-reader` checkpoint (its character-slot probe beside
+# it, for a later phase's --init-from) and scored (benchmarks/page_reader_report.json).
 PAGE_RUNS := runs/page-reader
 PAGE_PRETRAIN := $(BIN)/python -m deepsynth.training.page_reader --threads 1 --preset reader-large --eval-examples 24
 page_resume = $$(ls -d $(PAGE_RUNS)/$(1).run/checkpoint-* >/dev/null 2>&1 && echo --resume latest)
@@ -106,10 +89,26 @@ $(PAGE_RUNS)/phase2/reader_pretrain.json: $(PAGE_RUNS)/phase1/reader_pretrain.js
 	$(PAGE_PRETRAIN) --out $(PAGE_RUNS)/phase2 --init-from $(PAGE_RUNS)/phase1 --start-stage -1 --warmup-steps 20 \
 		--lr 4e-4 --lr-min 1e-5 --planned-steps 2400 --minutes 30 --eval-every-minutes 40 \
 		--question-share 0.5 --documents 0.3 --max-pages 3 $(call page_resume,phase2)
-PAGE_READER := src/deepsynth/models/checkpoints/page-reader
-page-reader: $(PAGE_RUNS)/phase2/reader_pretrain.json
-	rm -rf $(PAGE_READER) && cp -r $(PAGE_RUNS)/phase2 $(PAGE_READER)
-	$(BIN)/python benchmarks/page_reader.py --model page-reader --n 100 --threads 2 --out benchmarks/page_reader_report.json
+READER := src/deepsynth/models/checkpoints/tiny-reader
+reader: $(PAGE_RUNS)/phase2/reader_pretrain.json
+	rm -rf $(READER) && cp -r $(PAGE_RUNS)/phase2 $(READER)
+	$(BIN)/python benchmarks/page_reader.py --model tiny-reader --n 100 --threads 2 --out benchmarks/page_reader_report.json
+
+# Re-creates the earlier default, the `form-reader` checkpoint (deepsynth.training.reader_pretrain:
+# four short `key: value` lines in 32 px type, 16 image tokens a page), in four time-budgeted phases
+# (89 minutes of wall-clock time on 2 CPU cores; run it on an otherwise idle machine): the
+# transcription curriculum; 8 more minutes of its last stage with the learning rate decaying to
+# 1e-5 (this is what teaches the page's last line); then key questions on the fixed-order form
+# layout (80% of examples at a flat learning rate, then 90% with a cosine decay to 1e-5; the rest
+# keep transcribing). A killed phase continues with the same command plus --resume latest.
+FORM_READER := src/deepsynth/models/checkpoints/form-reader
+PRETRAIN := $(BIN)/python -m deepsynth.training.reader_pretrain
+FORM_PHASE := --start-stage 5 --layout form --warmup-steps 1
+form-reader: $(STAMP)
+	$(PRETRAIN) --out runs/form-reader/phase1 --minutes 60
+	$(PRETRAIN) --out runs/form-reader/phase1b --init-from runs/form-reader/phase1 --start-stage 5 --warmup-steps 1 --lr 4e-4 --lr-min 1e-5 --planned-steps 1200 --minutes 8 --eval-every-minutes 100
+	$(PRETRAIN) --out runs/form-reader/phase2 --init-from runs/form-reader/phase1b $(FORM_PHASE) --question-share 0.8 --lr 4e-4 --lr-min 4e-4 --minutes 12 --eval-every-minutes 3
+	$(PRETRAIN) --out $(FORM_READER) --run-dir runs/form-reader/phase3.run --init-from runs/form-reader/phase2 $(FORM_PHASE) --question-share 0.9 --lr 4e-4 --lr-min 1e-5 --planned-steps 1300 --minutes 9 --eval-every-minutes 3
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) runs

@@ -18,7 +18,7 @@ by `benchmarks/page_reader_errors.py`'s teacher-forced errors (60 held-out pages
 decoder names the next character, and whether the reader's probe reads the characters it misses).
 An arm whose folder exists is scored, not trained again.
 
-    python benchmarks/page_reader_arms.py --reader src/deepsynth/models/checkpoints/page-reader \
+    python benchmarks/page_reader_arms.py --reader src/deepsynth/models/checkpoints/tiny-reader \
         --arm "decoder3=--planned-steps 3600" --arm "decoder6=--decoder-layers 6 --planned-steps 2600" \
         --minutes 80 --work runs/ab --out benchmarks/page_reader_depth_report.json
     python benchmarks/page_reader_arms.py --arm "small=" --arm "large=--preset reader-large" \

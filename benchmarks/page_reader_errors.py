@@ -12,7 +12,7 @@ probe is saved beside it, every character is also read by the probe from the ima
 decoder sees: decoder right or wrong against probe right or wrong tells whether the page's image
 tokens hold the character (the probe reads it) and the decoder fails to take it out, or not.
 
-    python benchmarks/page_reader_errors.py --model page-reader --n 100 --out benchmarks/page_reader_errors_report.json
+    python benchmarks/page_reader_errors.py --model tiny-reader --n 100 --out benchmarks/page_reader_errors_report.json
 """
 
 from __future__ import annotations

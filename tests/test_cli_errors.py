@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from deepsynth.cli import app
 from deepsynth.cli_errors import describe
 
-READER = Path(__file__).parents[1] / "src" / "deepsynth" / "models" / "checkpoints" / "tiny-reader"
+READER = Path(__file__).parents[1] / "src" / "deepsynth" / "models" / "checkpoints" / "form-reader"
 
 
 def deepsynth(*args, cwd, env=None):

@@ -60,7 +60,7 @@ def trained(prepared, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("quiet-run")
     recipe = tmp / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({
-        "model_name": "tiny-reader", "output_dir": str(tmp / "run"), "batch_size": 2, "max_steps": 2,
+        "model_name": "form-reader", "output_dir": str(tmp / "run"), "batch_size": 2, "max_steps": 2,
         "learning_rate": 1e-3, "render_preset": "tiny", "log_interval": 1, "eval_max_new_tokens": 4, "seed": 3,
         "max_length": 1024, "use_lora": True, "gradient_checkpointing": True, "use_text_encoder": True,
         "text_encoder_model": MINILM}))
@@ -78,7 +78,7 @@ def test_prepare_and_train_are_quiet(trained):
 def test_evaluate_and_predict_are_quiet(prepared, trained, tmp_path):
     cli("evaluate", str(prepared), "-m", str(trained), "-o", str(tmp_path / "eval.json"), "--no-record")
     assert json.loads((tmp_path / "eval.json").read_text(encoding="utf-8"))["n"] == 4
-    cli("predict", str(prepared), "-m", "tiny-reader", "-o", str(tmp_path / "pred.jsonl"))
+    cli("predict", str(prepared), "-m", "form-reader", "-o", str(tmp_path / "pred.jsonl"))
     assert len((tmp_path / "pred.jsonl").read_text(encoding="utf-8").splitlines()) == 4
 
 
@@ -121,7 +121,7 @@ def test_serve_answers_one_request_quietly(tmp_path):
                 except OSError:
                     assert time.monotonic() < deadline, "the server did not start in 120 s"
                     time.sleep(0.5)
-            body = json.dumps({"model": "tiny-reader", "messages": [{"role": "user", "content": "Who paid?"}],
+            body = json.dumps({"model": "form-reader", "messages": [{"role": "user", "content": "Who paid?"}],
                                "document": {"text": "Invoice 42 paid by Alice."}, "max_tokens": 8}).encode()
             request = urllib.request.Request(base + "/v1/chat/completions", data=body,
                                              headers={"Content-Type": "application/json"})

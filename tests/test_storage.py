@@ -27,7 +27,7 @@ pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
 
 BUCKET = "deepsynth-test"
-MODEL = "tiny-reader"
+MODEL = "form-reader"
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from pathlib import Path
 from deepsynth.data.synthetic import QUESTION_TEMPLATES, SyntheticConfig, chance_em, generate
 from deepsynth.evaluation.run import evaluate_examples, evaluate_with_ablation
 from deepsynth.inference.engine import InstructionEngine
-from deepsynth.models.bundle import record_evaluation
+from deepsynth.models.bundle import record_evaluation, resolve_source
 from deepsynth.models.text_encoder import MINILM
 from deepsynth.render import RenderConfig, render_text
 from deepsynth.training.config import TrainerConfig
@@ -84,13 +84,18 @@ def run_demo(cfg: DemoConfig) -> dict:
     train_texts = {ex.text for ex in train}
     heldout = [ex for ex in generate(syn, cfg.n_eval, "heldout_docs") if ex.text not in train_texts]
     unseen = generate(syn, cfg.n_eval, "heldout")
-    render_config = RenderConfig.from_preset("tiny")
+    # The pages the starting model reads (its bundle's), drawn by their preset for training and evaluation.
+    render_preset = resolve_source(cfg.model).spec.render_config().preset_name()
+    if render_preset is None:
+        raise ValueError(f"model {cfg.model!r} reads pages that no render preset draws; the demo renders "
+                         "its documents with a preset (deepsynth.render.PRESETS)")
+    render_config = RenderConfig.from_preset(render_preset)
 
     trainer_cfg = TrainerConfig(
         model_name=cfg.model, output_dir=str(out / "train"), batch_size=cfg.batch_size, num_epochs=100,
         max_minutes=cfg.minutes, learning_rate=cfg.learning_rate, lr_scheduler="cosine", min_lr_ratio=0.05,
         warmup_steps=20, seed=cfg.seed,
-        eval_interval=400, log_interval=25, render_preset="tiny",
+        eval_interval=400, log_interval=25, render_preset=render_preset,
         use_text_encoder=cfg.text_encoder is not None, text_encoder_model=cfg.text_encoder,
         text_encoder_trainable=cfg.text_encoder_trainable, projection_learning_rate=cfg.projection_learning_rate,
         freeze_vision_encoder=cfg.freeze_vision,

@@ -42,7 +42,7 @@ def main() -> None:
     engines = {}
     try:
         for command, target, extra in (("predict", "predict.jsonl", []), ("evaluate", "evaluate.json", ["--no-record"])):
-            result = CliRunner().invoke(app, [command, records, "-m", "tiny-reader", "-o", str(out / target),
+            result = CliRunner().invoke(app, [command, records, "-m", "form-reader", "-o", str(out / target),
                                               *flags, *extra])
             if result.exit_code != 0:
                 raise SystemExit(f"{command} failed ({result.exit_code}): {result.output}\n{result.exception!r}")

@@ -19,7 +19,7 @@ from deepsynth.data.synthetic import SyntheticConfig, generate
 from deepsynth.evaluation import ray_inference
 from deepsynth.inference.predict import predict
 
-MODEL = "tiny-reader"
+MODEL = "form-reader"
 BATCH = 3  # 8 examples: batches of 3, 3 and 2, spread over 2 replicas
 LIMIT_S = 600  # per test: several times what the slowest takes on a busy 2-core machine
 

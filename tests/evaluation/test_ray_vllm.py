@@ -47,7 +47,7 @@ def test_ray_replicas_decoding_with_vllm_write_the_local_engines_output(tmp_path
     examples = generate(SyntheticConfig(layout="form"), n_docs=4, kinds=("question",))
     records = tmp_path / "records.jsonl"
     records.write_text("".join(json.dumps(ex.to_dict()) + "\n" for ex in examples), encoding="utf-8")
-    common = [str(records), "-m", "tiny-reader", "--batch-size", "2", "--max-new-tokens", "24"]
+    common = [str(records), "-m", "form-reader", "--batch-size", "2", "--max-new-tokens", "24"]
     for command, target, extra in (("predict", "local.jsonl", []), ("evaluate", "local.json", ["--no-record"])):
         result = CliRunner().invoke(app, [command, *common, "-o", str(tmp_path / target), *extra])
         assert result.exit_code == 0, result.output
@@ -82,7 +82,7 @@ def test_decode_flag_is_checked(tmp_path):
     records = tmp_path / "r.jsonl"
     records.write_text('{"id": "a", "text": "x: 1", "instruction": "x?", "answer": "1"}\n')
     for command, out in (("evaluate", "e.json"), ("predict", "p.jsonl")):
-        common = [command, str(records), "-m", "tiny-reader", "-o", str(tmp_path / out)]
+        common = [command, str(records), "-m", "form-reader", "-o", str(tmp_path / out)]
         result = CliRunner().invoke(app, [*common, "--decode", "onnx", "--engine", "ray"])
         assert result.exit_code == 2 and "'onnx': choose one of hf, vllm" in result.output
         result = CliRunner().invoke(app, [*common, "--decode", "vllm"])
@@ -98,6 +98,6 @@ def test_decode_flag_is_checked(tmp_path):
     except ImportError:  # the project's .venv: the driver says where vLLM is before Ray starts
         with pytest.raises(ValueError, match="make vllm-env"):
             replica_decoder("vllm", "float32")
-        result = CliRunner().invoke(app, ["evaluate", str(records), "-m", "tiny-reader", "-o", str(tmp_path / "e.json"),
+        result = CliRunner().invoke(app, ["evaluate", str(records), "-m", "form-reader", "-o", str(tmp_path / "e.json"),
                                           "--no-record", "--engine", "ray", "--decode", "vllm"])
         assert result.exit_code == 1 and "make vllm-env" in result.output  # this environment lacks it: not a usage error

@@ -31,7 +31,7 @@ BATCH = 2  # 3 examples: batches of 2 and 1
 def bundle(tmp_path_factory):
     """A model folder of our own (its deepsynth.json may be rewritten): the shipped reader's files."""
     folder = tmp_path_factory.mktemp("model") / "reader"
-    shutil.copytree(CHECKPOINT_DIR / "tiny-reader", folder,
+    shutil.copytree(CHECKPOINT_DIR / "form-reader", folder,
                     ignore=shutil.ignore_patterns("*.log.jsonl", "reader_pretrain*.json"))
     return folder
 
@@ -163,9 +163,9 @@ def test_options_are_one_dataclass_with_one_name_per_engine():
             BatchOptions(**bad)
     assert BatchOptions(engine="ray", decode="vllm", dtype="float32").uses_vllm
     with pytest.raises(TypeError, match="unknown option"):
-        deepsynth.predict("x.jsonl", "tiny-reader", engines="hf")
+        deepsynth.predict("x.jsonl", "form-reader", engines="hf")
     with pytest.raises(ValueError, match="unknown metric 'bleu'"):
-        deepsynth.evaluate("x.jsonl", "tiny-reader", metrics="em,bleu")
+        deepsynth.evaluate("x.jsonl", "form-reader", metrics="em,bleu")
 
 
 def test_both_commands_fail_the_same_way_on_bad_input(bundle, records, tmp_path):

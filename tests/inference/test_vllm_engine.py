@@ -26,7 +26,7 @@ ROOT = HERE.parents[1]
 PYTHON = vllm_python()
 needs_vllm = pytest.mark.skipif(PYTHON is None, reason="the vLLM environment is absent: run `make vllm-env` "
                                                        "(makes .venv-vllm) or set DEEPSYNTH_VLLM_PYTHON")
-READER = resolve("tiny-reader")
+READER = resolve("form-reader")
 DOCUMENTS = [text for text, _ in DEFAULT_EXAMPLES]
 INSTRUCTIONS = [instruction for _, instruction in DEFAULT_EXAMPLES]
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"],
@@ -98,7 +98,7 @@ def test_lora_adapter_served_unmerged_gives_merged_answers(tmp_path):
     from deepsynth.training.config import TrainerConfig
     from deepsynth.training.trainer import Trainer
 
-    config = TrainerConfig(model_name="tiny-reader", output_dir=str(tmp_path / "run"), batch_size=4, max_steps=4,
+    config = TrainerConfig(model_name="form-reader", output_dir=str(tmp_path / "run"), batch_size=4, max_steps=4,
                            learning_rate=2e-2, use_lora=True, lora_rank=8, lora_alpha=16, lora_dropout=0.0,
                            log_interval=1, seed=3)
     Trainer(config).train(generate(SyntheticConfig(facts_per_doc=2), 16, "train"))
@@ -143,7 +143,7 @@ def test_vllm_serves_a_plain_layout_model_with_the_hf_engines_prompt_ids(tmp_pat
     from deepsynth.inference.engine import InstructionEngine
     from deepsynth.models.bundle import load_bundle, save_bundle
 
-    reader = load_bundle("tiny-reader")
+    reader = load_bundle("form-reader")
     model = tmp_path / "plain"
     model.mkdir()
     save_bundle(model, reader.model, reader.processor, replace(reader.spec, prompt_layout="plain"))
@@ -172,7 +172,7 @@ def test_vllm_serves_a_plain_layout_model_with_the_hf_engines_prompt_ids(tmp_pat
 def test_check_parity_reports_no_difference_for_tiny_reader(tmp_path):
     report = tmp_path / "parity.json"
     env = {**os.environ, "DEEPSYNTH_VLLM_PYTHON": PYTHON, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "deepsynth.cli", "check-parity", "tiny-reader", "--max-new-tokens",
+    proc = subprocess.run([sys.executable, "-m", "deepsynth.cli", "check-parity", "form-reader", "--max-new-tokens",
                            "32", "--out", str(report)], capture_output=True, text=True, env=env, timeout=1200)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
     data = json.loads(report.read_text())
@@ -194,7 +194,7 @@ def test_evaluate_and_predict_with_vllm_write_the_local_report(tmp_path):
     examples = generate(SyntheticConfig(layout="form"), n_docs=6, kinds=("question",))
     records = tmp_path / "records.jsonl"
     records.write_text("".join(json.dumps(ex.to_dict()) + "\n" for ex in examples), encoding="utf-8")
-    common = [str(records), "-m", "tiny-reader", "--no-record", "--max-new-tokens", "24"]
+    common = [str(records), "-m", "form-reader", "--no-record", "--max-new-tokens", "24"]
     result = CliRunner().invoke(app, ["evaluate", *common, "-o", str(tmp_path / "local.json")])
     assert result.exit_code == 0, result.output
     run_vllm_side(["-m", "deepsynth.cli", "evaluate", *common, "-o", str(tmp_path / "vllm.json"), "--engine", "vllm",
@@ -217,7 +217,7 @@ def test_evaluate_engine_flags_are_checked(tmp_path):
 
     records = tmp_path / "r.jsonl"
     records.write_text('{"id": "a", "text": "x: 1", "instruction": "x?", "answer": "1"}\n')
-    common = ["evaluate", str(records), "-m", "tiny-reader", "-o", str(tmp_path / "e.json"), "--no-record"]
+    common = ["evaluate", str(records), "-m", "form-reader", "-o", str(tmp_path / "e.json"), "--no-record"]
     result = CliRunner().invoke(app, [*common, "--dtype", "bfloat16"])
     assert result.exit_code == 2 and "--dtype is for --engine vllm" in result.output
     result = CliRunner().invoke(app, [*common, "--engine", "vllm", "--replicas", "2"])
@@ -408,7 +408,7 @@ def _parity_on_pages(model: str, page_files, instructions, tmp_path, env: dict) 
 
 
 @needs_vllm
-@pytest.mark.parametrize("which", ["tiny-reader", "ocr2-official"])
+@pytest.mark.parametrize("which", ["form-reader", "ocr2-official"])
 def test_non_square_pages_answer_as_in_the_hf_engine(which, tmp_path, page_files, official_ocr2, monkeypatch):
     """Non-square pages (200x300, 300x180) through both engines in float32: the same answers, stop
     reasons and prompt token counts, and check-parity finds no differing token. "ocr2-official" is
@@ -422,7 +422,7 @@ def test_non_square_pages_answer_as_in_the_hf_engine(which, tmp_path, page_files
     from deepsynth.inference.engine import InstructionEngine
 
     monkeypatch.setenv("DEEPSYNTH_CACHE", str(tmp_path / "cache"))
-    model = READER if which == "tiny-reader" else str(official_ocr2)
+    model = READER if which == "form-reader" else str(official_ocr2)
     instructions = ["bravo", "city"]
     docs = [[Image.open(p).convert("RGB")] for p in page_files]
     hf_engine = InstructionEngine(model, dtype=torch.float32)

@@ -140,11 +140,11 @@ def test_the_resolver_answers_where_what_and_how_without_loading_weights(tmp_pat
         name: dataclasses.replace(b, load=no_weights, presets={preset: no_weights for preset in b.presets})
         for name, b in registry.BACKENDS.items()})
 
-    reader = resolve_source("tiny-reader")
-    assert reader.path == str(registry.CHECKPOINT_DIR / "tiny-reader") and reader.has_bundle
+    reader = resolve_source("form-reader")
+    assert reader.path == str(registry.CHECKPOINT_DIR / "form-reader") and reader.has_bundle
     assert reader.backend.name == reader.spec.backend == "deepseek-ocr-2" and reader.config["model_type"]
     assert reader.spec == read_spec(reader.path)
-    saved = json.loads((registry.CHECKPOINT_DIR / "tiny-reader" / "generation_config.json").read_text())
+    saved = json.loads((registry.CHECKPOINT_DIR / "form-reader" / "generation_config.json").read_text())
     assert reader.generation_defaults().max_new_tokens == saved["max_new_tokens"]
 
     preset = resolve_source("tiny", seed=5)

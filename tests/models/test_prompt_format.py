@@ -236,8 +236,8 @@ def test_decoder_feature_path_gives_the_collators_ids(official_adding_bos):
 
 # ---- (e) the shipped reader keeps its layout and ids -----------------------------------------
 def test_shipped_reader_keeps_the_raw_layout_and_its_prompt_ids():
-    assert read_spec(resolve("tiny-reader")).prompt_layout == "raw"
-    loaded = load_bundle("tiny-reader")
+    assert read_spec(resolve("form-reader")).prompt_layout == "raw"
+    loaded = load_bundle("form-reader")
     decoder = loaded.decoder()
     assert decoder.collator.prompt_builder is RAW_PROMPT and decoder.encodes_pages
     enc = decoder.collator.encode_prompts([[PAGE], [PAGE, PAGE]], ["alpha?", "Total?"])
@@ -275,7 +275,7 @@ def test_training_a_preset_writes_a_plain_bundle_that_reloads_with_it(tmp_path):
 
 def test_fine_tuning_keeps_the_layout_of_its_base(tmp_path):
     # the reader (raw bundle) stays raw; a checkpoint folder without a bundle is DeepSeek's plain
-    assert _trainer(tmp_path / "reader", "tiny-reader").spec().prompt_layout == "raw"
+    assert _trainer(tmp_path / "reader", "form-reader").spec().prompt_layout == "raw"
     base = load_bundle("tiny")
     base.model.save_pretrained(tmp_path / "hub")
     base.processor.save_pretrained(tmp_path / "hub")
@@ -327,7 +327,7 @@ def test_vllm_request_of_a_plain_model_gives_the_official_ids(which, request):
 
 
 def test_vllm_request_of_the_reader_stays_text():
-    loaded = load_bundle("tiny-reader")
+    loaded = load_bundle("form-reader")
     prompt = _vllm_prompt(loaded.processor, loaded.spec.prompt_layout, 1, "alpha?")
     assert prompt["prompt"] == "<image>\nalpha?\n"
     ids = loaded.processor.tokenizer(prompt["prompt"])["input_ids"]
@@ -335,7 +335,7 @@ def test_vllm_request_of_the_reader_stays_text():
 
 
 def test_a_saved_plain_bundle_round_trips(tmp_path):
-    loaded = load_bundle("tiny-reader")
+    loaded = load_bundle("form-reader")
     save_bundle(tmp_path, loaded.model, loaded.processor, replace(loaded.spec, prompt_layout="plain"))
     assert load_bundle(str(tmp_path)).decoder().collator.prompt_builder is PLAIN_PROMPT
 

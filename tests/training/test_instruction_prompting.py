@@ -169,7 +169,7 @@ def test_collation_with_instructions_places_one_slot_per_encoder_token():
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("instruction-prompting")
     data = create_instruction_dataset_from_qa(rows(EXAMPLES / "squad_sample.jsonl"), render_config=TINY)
-    config = TrainerConfig(model_name="tiny-reader", output_dir=str(out), use_text_encoder=True,
+    config = TrainerConfig(model_name="form-reader", output_dir=str(out), use_text_encoder=True,
                            text_encoder_model=MINILM, text_encoder_trainable=False, batch_size=2, max_steps=2,
                            render_preset="tiny", learning_rate=5e-4, max_length=1024, log_interval=1, seed=0)
     trainer = UnifiedProductionTrainer(config)
@@ -220,7 +220,7 @@ def test_the_documents_model_call_uses_the_page_and_the_instruction(trained):
 
 
 def test_a_plain_model_refuses_what_it_would_ignore():
-    loaded = load_bundle("tiny-reader")
+    loaded = load_bundle("form-reader")
     target = torch.tensor([[5, 6]])
     with pytest.raises(TypeError, match=r"cannot use \['images', 'text_embeddings'\].*SoftPromptModel"):
         loaded.model(images=[page("alpha: 12")], text_embeddings=torch.zeros(1, 384), input_ids=target,

@@ -1,4 +1,4 @@
-"""The learning claim, on CPU in a few minutes: the shipped tiny reader, fine-tuned on a question
+"""The learning claim, on CPU in a few minutes: the shipped form reader (`form-reader`), fine-tuned on a question
 phrasing it never saw in pre-training (it answers none of them before), learns to answer
 questions about new pages in that phrasing, and without the instruction it falls to chance."""
 
@@ -17,7 +17,7 @@ def test_reader_learns_to_follow_a_new_instruction(tmp_path):
     heldout = generate(SYN, 100, "heldout_docs")
     assert not {ex.text for ex in heldout} & {ex.text for ex in train}
     pages = RenderConfig.from_preset("tiny")
-    cfg = TrainerConfig(model_name="tiny-reader", output_dir=str(tmp_path / "run"), batch_size=16, max_steps=STEPS,
+    cfg = TrainerConfig(model_name="form-reader", output_dir=str(tmp_path / "run"), batch_size=16, max_steps=STEPS,
                         learning_rate=4e-4, lr_scheduler="cosine", warmup_steps=10, log_interval=10, seed=0)
     trainer = Trainer(cfg)
     before = evaluate_examples(trainer.decoder(), heldout, pages)["scores"]["em"]

@@ -136,7 +136,7 @@ def test_bad_options_are_refused_naming_the_flag():
 
 def test_shipped_reader_matches_the_renderer():
     # The reader only reads pages drawn exactly as when it was trained.
-    shipped = Path(deepsynth.models.__file__).parent / "checkpoints" / "tiny-reader" / "reader_pretrain.json"
+    shipped = Path(deepsynth.models.__file__).parent / "checkpoints" / "form-reader" / "reader_pretrain.json"
     assert json.loads(shipped.read_text())["render_fingerprint"] == render_fingerprint()
 
 

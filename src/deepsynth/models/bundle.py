@@ -349,7 +349,7 @@ def resolve_source(name: str, seed: int = 0) -> ModelSource:
     if not folder.exists() and (folder.is_absolute() or path.startswith((".", "~")) or path.count("/") > 1):
         # a hub id is "name" or "owner/name": anything else is a folder that is not there
         raise FileNotFoundError(f"no model directory {path!r}: give an existing folder, a preset "
-                                f"({', '.join(sorted(_preset_names()))}), the shipped tiny-reader, an alias or "
+                                f"({', '.join(sorted(_preset_names()))}), a shipped checkpoint (tiny-reader, form-reader), an alias or "
                                 "a hub id (owner/name)")
     spec = read_spec(folder) if folder.is_dir() else None
     adapter_config = folder / "adapter_config.json"
@@ -388,7 +388,7 @@ def load_bundle(name: str | ModelSource, dtype: torch.dtype | None = None, seed:
     `ModelSource` already resolved (`resolve_source`: nothing is read again).
 
     Presets ("tiny", "tiny-qwen2-vl", ...) are randomly initialised (seeded) tiny models of the real
-    classes; "tiny-reader" is the shipped pre-trained tiny reader. An adapter bundle loads its base
+    classes; "tiny-reader" (the default) and "form-reader" are the shipped pre-trained tiny readers. An adapter bundle loads its base
     model and applies the adapters (merged unless `merge_adapters=False`).
     """
     source = name if isinstance(name, ModelSource) else resolve_source(name, seed=seed)

@@ -108,11 +108,11 @@ TEXT_ENCODER_CONFIGS = {QWEN25_7B: qwen2_5_7b_config, "qwen2.5-7b": qwen2_5_7b_c
 def build_meta_model(name: str) -> nn.Module:
     """The vision-language model `name` without weights: a known config, a tiny preset, a local
     directory, or a hub id whose config is reachable (cache or network)."""
-    from deepsynth.models.registry import preset_backend
+    from deepsynth.models.registry import CHECKPOINT_DIR, preset_backend
 
     if name in VLM_CONFIGS:
         config = VLM_CONFIGS[name]()
-    elif name == "tiny-reader" or preset_backend(name) is not None:
+    elif (CHECKPOINT_DIR / name / "config.json").is_file() or preset_backend(name) is not None:
         from deepsynth.models.bundle import load_model
 
         return load_model(name)[0]  # tiny presets, a few MB: built for real

@@ -163,6 +163,10 @@ class RenderConfig:
     def content_height(self) -> int:
         return self.page_height - 2 * self.margin
 
+    def preset_name(self) -> str | None:
+        """The preset that draws exactly these pages (the first of its aliases), or None."""
+        return next((name for name, fields in PRESETS.items() if RenderConfig(**fields) == self), None)
+
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "RenderConfig":
         """Build a config from a named preset (see ``PRESETS``), with field overrides."""

@@ -13,7 +13,7 @@ SCHEDULERS = ("constant", "linear", "cosine")
 
 @dataclass
 class TrainerConfig:
-    # Model: a preset ("tiny", "tiny-reader"), alias ("deepseek-ocr-2"), hub id or local directory.
+    # Model: a preset ("tiny"), a shipped checkpoint ("tiny-reader"), alias ("deepseek-ocr-2"), hub id or local directory.
     model_name: str = "tiny-reader"
     # Run directory: checkpoints, metrics.jsonl, loss curve, final model.
     output_dir: str = "runs/train"

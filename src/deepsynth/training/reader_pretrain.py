@@ -1,4 +1,5 @@
-"""One-time pre-training of the tiny reader: a transcription curriculum, as OCR models are made.
+"""One-time pre-training of the form reader (`form-reader`, the default reader before the page
+reader): a transcription curriculum, as OCR models are made.
 
 A tiny model trained on answers alone learns to ignore the page (README, "The tiny models"). Dense supervision
 fixes that: the model first learns to transcribe ("read" -> every line) big digits, then key/value
@@ -7,7 +8,7 @@ prompt. A stage ends when the teacher-forced sequence accuracy of recent trainin
 `advance_at`, or after `stage_minutes`. Only training values (synthetic.split_values) are used,
 so held-out evaluation values are never seen here.
 
-    python -m deepsynth.training.reader_pretrain --out runs/reader/phase1 --minutes 60
+    python -m deepsynth.training.reader_pretrain --out runs/form-reader/phase1 --minutes 60
 
 The curriculum is data and a callback of the one training loop, `deepsynth.training.trainer.Trainer`
 (accelerate, checkpoints and resume, the NaN guard, telemetry): `CurriculumStream` draws endless
@@ -17,7 +18,7 @@ then. The Trainer's run folder (`--run-dir`, default `<out>.run`: checkpoints, m
 curves.png) lets a killed phase continue with `--resume latest`.
 
 A later phase continues from a saved reader (`--init-from DIR --start-stage 5`), e.g. key
-questions on the fixed-order form layout (`--layout form --question-share 0.9`); `make reader`
+questions on the fixed-order form layout (`--layout form --question-share 0.9`); `make form-reader`
 runs the phases that made the shipped checkpoint. The result is the Trainer's final model bundle
 (config.json + model.safetensors + processor files + deepsynth.json) that
 `deepsynth.models.load_model` reads like any checkpoint, plus every phase's metadata
@@ -168,7 +169,7 @@ class PhaseConfig:
 class PretrainConfig(PhaseConfig):
     """One phase of reader pre-training (the tiny preset reading `key: value` pages)."""
 
-    out: str = "src/deepsynth/models/checkpoints/tiny-reader"
+    out: str = "src/deepsynth/models/checkpoints/form-reader"
     layout: str = "shuffled"  # synthetic page layout: "shuffled" or "form" (fixed key order)
 
     def __post_init__(self) -> None:
@@ -421,7 +422,7 @@ def earlier_phases(init_from: str) -> tuple[list[dict], list[Path]]:
 
 
 def save_reader(final_model: Path, out: Path, meta: dict, log_path: Path, init_from: str = "",
-                preset: str = "tiny", recipe: str = "make reader (deepsynth.training.reader_pretrain)") -> None:
+                preset: str = "tiny", recipe: str = "make form-reader (deepsynth.training.reader_pretrain)") -> None:
     """The reader folder, whole or not at all (`atomic_dir`): the Trainer's final model bundle, and
     every phase's metadata (reader_pretrain.json) and log (reader_pretrain.phase{N}.log.jsonl)."""
     phases, logs = earlier_phases(init_from)
@@ -441,7 +442,7 @@ def save_reader(final_model: Path, out: Path, meta: dict, log_path: Path, init_f
 
 def trainer_config(cfg: PretrainConfig, run_dir: Path) -> TrainerConfig:
     """The reader phase's Trainer settings: the tiny preset, its pages and the transcription prompt."""
-    # the shipped reader's layout (its deepsynth.json), so that `make reader` re-creates it
+    # the shipped reader's layout (its deepsynth.json), so that `make form-reader` re-creates it
     return cfg.trainer_config(run_dir, model="tiny", render_preset="tiny", instruction=TRANSCRIBE_INSTRUCTION,
                               prompt_layout="raw")
 
