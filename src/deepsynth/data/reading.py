@@ -36,10 +36,6 @@ KINDS = ("words", "prose", "mixed", "codes", "prose_qa", "form_qa", "invoice_qa"
 CODE_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 SPLITS = ("train", "heldout")
 HELDOUT_MODULUS = 5  # one string in five is held out
-#: Share of training facts whose name, city, item or job (each drawn on its own) is a dictionary
-#: word instead of one from the built-in lists: on those lists alone a reader learns to pick one
-#: of 30 training cities rather than copy the city from the page, and answers held-out ones wrong.
-OPEN_VALUES = 0.5
 
 _CORPUS = Path(__file__).resolve().parents[3] / "benchmarks" / "data" / "licenses.txt"
 
@@ -158,35 +154,6 @@ def _name(rng: random.Random, split: str) -> str:
     raise RuntimeError(f"no {split} name found in 1000 draws")
 
 
-@functools.lru_cache(maxsize=1)
-def _open_words() -> tuple[str, ...]:
-    """Dictionary words of 3 or more letters that may stand for a training fact's name, city, item
-    or job: none is held out (lower case or capitalized) or on a built-in list's held-out side."""
-    held = {v.lower() for values in (CITIES, ITEMS, JOBS, FIRST_NAMES, SURNAMES) for v in _side(values, "heldout")}
-    return tuple(w for w in dictionary() if len(w) >= 3 and w not in held
-                 and not is_heldout(w) and not is_heldout(w.capitalize()))
-
-
-def _opened(rng: random.Random, split: str, values: dict[str, str]) -> dict[str, str]:
-    """`values` (a training fact's) with each of name, city, item and job replaced, at `OPEN_VALUES`,
-    by dictionary words; held-out values stay as drawn (no draw is added on that side, so the
-    held-out sets stay the same texts)."""
-    if split != "train":
-        return values
-    words = _open_words()
-    for key in ("city", "item", "job"):
-        if rng.random() < OPEN_VALUES:
-            word = rng.choice(words)
-            values[key] = word.capitalize() if key == "city" else word
-    if rng.random() < OPEN_VALUES:
-        for _ in range(1000):
-            name = f"{rng.choice(words).capitalize()} {rng.choice(words).capitalize()}"
-            if not is_heldout(name):
-                values["name"] = name
-                break
-    return values
-
-
 def _cased(rng: random.Random, word: str) -> str:
     r = rng.random()
     return word.capitalize() if r < 0.25 else word.upper() if r < 0.32 else word
@@ -256,11 +223,10 @@ def question_phrasings() -> dict[str, tuple[str, ...]]:
 
 def _fact_values(rng: random.Random, split: str) -> dict[str, str]:
     cities = _side(CITIES, split)
-    return _opened(rng, split, {
-        "name": _name(rng, split), "city": cities[rng.randrange(len(cities))],
-        "amount": _number(rng, split, "amount"), "cur": rng.choice(CURRENCIES), "item": rng.choice(ITEMS),
-        "year": _number(rng, split, "year"), "job": rng.choice(JOBS), "time": _number(rng, split, "time"),
-        "phone": _number(rng, split, "phone")})
+    return {"name": _name(rng, split), "city": cities[rng.randrange(len(cities))],
+            "amount": _number(rng, split, "amount"), "cur": rng.choice(CURRENCIES), "item": rng.choice(ITEMS),
+            "year": _number(rng, split, "year"), "job": rng.choice(JOBS), "time": _number(rng, split, "time"),
+            "phone": _number(rng, split, "phone")}
 
 
 def _prose_qa(rng: random.Random, split: str, max_lines: int) -> ReadingTask:

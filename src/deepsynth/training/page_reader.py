@@ -83,7 +83,6 @@ class PageStage:
     kinds: tuple[str, ...] = TRANSCRIBE_KINDS  # transcription kinds drawn (deepsynth.data.reading)
     jitter: int = 6  # pages move by up to this many px (capped by the phase's --jitter)
     documents: float = 0.0  # share of transcriptions that are multi-page prose (`document_task`), cut to max_pages
-    question_lines: int = 8  # questions' documents hold 1 to this many facts or form lines (any preset; up to 3 pages)
 
 
 # The reader learns to see characters from the character-slot loss (`CharSlots`) on pages that sit
@@ -92,14 +91,14 @@ class PageStage:
 # characters several times slower (README, "The page reader"). The page grows a few lines at a time.
 PAGE_STAGES = (
     PageStage(max_lines=3, line_chars=LINE_CHARS, question_share=0.0, jitter=0),
-    PageStage(max_lines=6, line_chars=LINE_CHARS, question_share=0.1, jitter=0, question_lines=6),
+    PageStage(max_lines=6, line_chars=LINE_CHARS, question_share=0.1, jitter=0),
     PageStage(max_lines=10, line_chars=LINE_CHARS, question_share=0.2, jitter=2),
     PageStage(max_lines=14, line_chars=LINE_CHARS, question_share=0.25, jitter=4),
     PageStage(max_lines=14, line_chars=LINE_CHARS, question_share=0.3, jitter=6),
     PageStage(max_lines=14, line_chars=LINE_CHARS, question_share=0.3, max_pages=2, jitter=6),
 )
 FULL_PAGE = PAGE_STAGES[-2]  # the last one-page rung: what held-out pages look like
-QUESTION_LINES = PAGE_STAGES[-1].question_lines  # what held-out questions' documents hold
+QUESTION_LINES = 8  # held-out questions' documents: 1 to this many facts or form lines
 
 
 @functools.cache
@@ -366,7 +365,7 @@ def make_page_example(rng: random.Random, stage: PageStage, jitter: int = 0, spl
     if stage.font_size:
         render = replace(render, font_size=stage.font_size)
     if rng.random() < stage.question_share:
-        task = make_task(rng, rng.choice(QUESTION_KINDS), split, max_lines=stage.question_lines)
+        task = make_task(rng, rng.choice(QUESTION_KINDS), split, max_lines=stage.max_lines)
     elif stage.documents and rng.random() < stage.documents:
         task = document_task(rng, split, stage.max_lines, stage.line_chars)
     else:
