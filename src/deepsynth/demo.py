@@ -1,14 +1,16 @@
 """The learning demo: synthetic document Q&A -> render -> fine-tune -> evaluate -> ablate -> ask.
 
-Starts from the shipped tiny reader (a tiny DeepSeek-OCR-2 pre-trained on transcription and key
-questions by `deepsynth.training.reader_pretrain`) and, by default, teaches it something it cannot
-do at the start: to take its instruction through a separate text encoder (all-MiniLM-L6-v2) whose
-states reach the decoder through a new, randomly initialised projection. It fine-tunes on CPU for a
-few minutes on key questions about 4-line pages, then scores held-out pages with and without the
-instruction, through the same decoding path as `deepsynth ask` and `deepsynth serve`. The claim it
-checks: the model answers from the page *because* of the instruction (EM before near zero, held-out
-EM high after; without the instruction EM falls to the chance level). `text_encoder=None` runs the
-same demo with the instruction as prompt text, a task the reader's pre-training already taught.
+Starts from the default reader, `tiny-reader` (a tiny DeepSeek-OCR-2 pre-trained on transcription
+and questions by `deepsynth.training.page_reader`; any model whose bundle's pages a render preset
+draws will do, e.g. `form-reader`), and, by default, teaches it something it cannot do at the
+start: to take its instruction through a separate text encoder (all-MiniLM-L6-v2) whose states
+reach the decoder through a new, randomly initialised projection. It fine-tunes on CPU for a few
+minutes on key questions about 4-line pages drawn as the model reads them (its bundle's preset),
+then scores held-out pages with and without the instruction, through the same decoding path as
+`deepsynth ask` and `deepsynth serve`. The claim it checks: the model answers from the page
+*because* of the instruction (EM before near zero, held-out EM high after; without the instruction
+EM falls to the chance level). `text_encoder=None` runs the same demo with the instruction as
+prompt text.
 
 Two held-out sets: new documents over the training values (`em`: finding the asked line and
 reading it) and documents whose values never occur in training (`em_unseen_values`: the same,
@@ -40,7 +42,7 @@ logger = logging.getLogger(__name__)
 class DemoConfig:
     # Run directory (report.json, training run, the example page).
     out: str = "runs/demo"
-    # Starting model: the shipped tiny reader.
+    # Starting model: the default reader (its bundle's render preset draws the pages).
     model: str = "tiny-reader"
     # Fine-tuning budget in minutes of wall-clock time.
     minutes: float = 12.0
