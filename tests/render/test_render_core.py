@@ -218,6 +218,11 @@ def test_presets():
         RenderConfig.from_preset("nope")
     with pytest.raises(ValueError, match="unknown RenderConfig field"):
         RenderConfig.from_preset("base", colour=1)
+    # A model bundle stores the render config, not its name: the preset that draws it is found again
+    # (the first name of an alias), and a config no preset draws has none.
+    assert RenderConfig.from_preset("reader-large").preset_name() == "reader-large"
+    assert RenderConfig.from_preset("small").preset_name() == "ocr-tiny-readable"
+    assert RenderConfig.from_preset("tiny", margin=5).preset_name() is None
 
 
 def test_tiny_preset_puts_each_fact_line_in_one_token_row():
