@@ -121,7 +121,7 @@ def test_serve_answers_one_request_quietly(tmp_path):
                 except OSError:
                     assert time.monotonic() < deadline, "the server did not start in 120 s"
                     time.sleep(0.5)
-            body = json.dumps({"model": "form-reader", "messages": [{"role": "user", "content": "Who paid?"}],
+            body = json.dumps({"model": "tiny-reader", "messages": [{"role": "user", "content": "Who paid?"}],
                                "document": {"text": "Invoice 42 paid by Alice."}, "max_tokens": 8}).encode()
             request = urllib.request.Request(base + "/v1/chat/completions", data=body,
                                              headers={"Content-Type": "application/json"})
