@@ -1,3 +1,4 @@
+from dataclasses import replace
 import json
 import random
 from pathlib import Path
@@ -89,6 +90,34 @@ def test_tasks_are_seeded_and_cover_every_kind_and_phrasing():
         make_task(rng, "poem")
     with pytest.raises(ValueError, match="split='test'"):
         make_task(rng, "words", "test")
+
+
+def test_a_locate_question_asks_for_the_words_after_a_phrase_that_occurs_once():
+    rng = random.Random(7)
+    counts = set()
+    for split in ("train", "heldout"):
+        for _ in range(200):
+            task = make_task(rng, "locate_qa", split, max_lines=7, line_chars=15)
+            quote = task.instruction.split('"')[1]
+            words, anchor = task.text.split(), quote.split()
+            at = [i for i in range(len(words)) if words[i:i + len(anchor)] == anchor]
+            assert len(at) == 1, task  # the phrase says where to read
+            count = task.meta["count"]
+            assert task.answer == " ".join(words[at[0] + len(anchor):at[0] + len(anchor) + count])
+            assert len(task.answer.split()) == count and ("word after" in task.instruction) == (count == 1)
+            counts.add(count)
+    assert counts == {1, 2, 3}
+
+
+def test_a_phase_asks_the_share_of_locate_questions_it_is_given():
+    stage = replace(fitted(FULL_PAGE, "reader-large"), question_share=1.0, locate=0.5)
+    kinds = [make_page_example(random.Random(i), stage)["kind"] for i in range(80)]
+    assert 25 <= kinds.count("locate_qa") <= 55 and len(set(kinds)) == 4
+    plain = replace(stage, locate=0.0)
+    assert {make_page_example(random.Random(i), plain)["kind"] for i in range(40)} <= {"prose_qa", "form_qa",
+                                                                                       "invoice_qa"}
+    with pytest.raises(ValueError, match="--locate=2"):
+        PageReaderConfig(locate=2.0)
 
 
 def test_transcription_answer_is_the_text_drawn_and_jitter_keeps_every_mark():
@@ -366,7 +395,8 @@ def test_a_short_phase_saves_a_loadable_reader_scored_on_every_heldout_set(tmp_p
     gate = PageGate(later, None, stream)
     [module] = gate.training_modules(SimpleNamespace(processor=processor, model=reader))
     assert torch.equal(module.proj.weight, probe["proj.weight"])
-    assert set(meta["eval"]) == {"read", "read_shifted", "read_multipage", "prose_qa", "form_qa", "invoice_qa"}
+    assert set(meta["eval"]) == {"read", "read_shifted", "read_multipage", "prose_qa", "form_qa", "invoice_qa",
+                                 "locate_qa"}
     assert set(meta["eval"]["prose_qa"]) >= {"em", "em_no_instruction"}
     saved = json.loads((out / "reader_pretrain.json").read_text())
     assert saved["render_fingerprint"] == render_fingerprint(PRESET)

@@ -31,7 +31,7 @@ __all__ = ["TRANSCRIBE", "KINDS", "ReadingTask", "is_heldout", "make_task", "pro
 
 #: The transcription instruction of DeepSeek-OCR's documented prompts.
 TRANSCRIBE = "Free OCR."
-KINDS = ("words", "prose", "mixed", "codes", "prose_qa", "form_qa", "invoice_qa")
+KINDS = ("words", "prose", "mixed", "codes", "prose_qa", "form_qa", "invoice_qa", "locate_qa")
 #: The characters of "codes" lines: no word, and no prefix, tells the next one.
 CODE_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 SPLITS = ("train", "heldout")
@@ -283,6 +283,30 @@ def _invoice_qa(rng: random.Random, split: str, max_lines: int) -> ReadingTask:
     return ReadingTask("\n".join(lines), _INVOICE_QUESTIONS[q], answer, "invoice_qa", {"phrasing": q})
 
 
+_COUNTS = ("one", "two", "three")
+
+
+def _locate_qa(rng: random.Random, split: str, max_lines: int, line_chars: int) -> ReadingTask:
+    """A page of words or prose asked for the one to three words after a quoted phrase of one to
+    three words that occurs once on it: copying from the middle of a page, the skill every question
+    needs, on any text rather than on the facts' few sentence frames."""
+    for _ in range(100):
+        words = make_task(rng, rng.choice(("words", "prose", "mixed")), split, max_lines, line_chars).text.split()
+        span, count = rng.randint(1, 3), rng.randint(1, 3)
+        if len(words) < span + count:
+            continue
+        start = rng.randint(0, len(words) - span - count)
+        anchor = words[start:start + span]
+        if sum(words[i:i + span] == anchor for i in range(len(words) - span + 1)) > 1 or '"' in "".join(anchor):
+            continue  # a phrase that occurs twice does not say where to read (nor one that breaks the quotes)
+        quote = " ".join(anchor)
+        question = (f'What is the word after "{quote}"?' if count == 1
+                    else f'What are the {_COUNTS[count - 1]} words after "{quote}"?')
+        return ReadingTask(" ".join(words), question, " ".join(words[start + span:start + span + count]),
+                           "locate_qa", {"span": span, "count": count})
+    raise RuntimeError(f"no page with a phrase that occurs once in 100 draws (max_lines={max_lines})")
+
+
 def make_task(rng: random.Random, kind: str, split: str = "train", max_lines: int = 14,
               line_chars: int = 30) -> ReadingTask:
     """One task of `kind` on `split`'s side: for transcription kinds a text of 1 to `max_lines`
@@ -298,6 +322,8 @@ def make_task(rng: random.Random, kind: str, split: str = "train", max_lines: in
         return _form_qa(rng, split, max_lines)
     if kind == "invoice_qa":
         return _invoice_qa(rng, split, max_lines)
+    if kind == "locate_qa":
+        return _locate_qa(rng, split, max_lines, line_chars)
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r}: use one of {KINDS}")
     lines = rng.randint(1, max_lines)

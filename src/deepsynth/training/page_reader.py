@@ -83,6 +83,7 @@ class PageStage:
     kinds: tuple[str, ...] = TRANSCRIBE_KINDS  # transcription kinds drawn (deepsynth.data.reading)
     jitter: int = 6  # pages move by up to this many px (capped by the phase's --jitter)
     documents: float = 0.0  # share of transcriptions that are multi-page prose (`document_task`), cut to max_pages
+    locate: float = 0.0  # share of questions that ask for the words after a quoted phrase ("locate_qa")
 
 
 # The reader learns to see characters from the character-slot loss (`CharSlots`) on pages that sit
@@ -139,6 +140,7 @@ class PageReaderConfig(PhaseConfig):
     gaze_loss: float = 0.0  # weight of the gaze loss on the decoder's last attention layer (0 = off)
     gaze_heads: int = 2  # heads of that layer the gaze loss trains (its last ones)
     documents: float = -1.0  # overrides every rung's share of prose documents (`document_task`) when >= 0
+    locate: float = -1.0  # overrides every rung's share of questions that quote a phrase ("locate_qa") when >= 0
     kinds: str = ""  # overrides every rung's transcription kinds: comma-separated (deepsynth.data.reading), "" = the rung's
     max_pages: int = 0  # overrides every rung's pages per document when > 0 (a longer text is cut to this many pages)
     decoder_layers: int = 0  # with init_from: first grow its decoder to this many layers (`grow_decoder`; 0 = as is)
@@ -158,6 +160,7 @@ class PageReaderConfig(PhaseConfig):
         check("gaze_loss", self.gaze_loss >= 0, ">= 0")
         check("gaze_heads", self.gaze_heads >= 1, ">= 1")
         check("documents", self.documents == -1.0 or 0 <= self.documents <= 1, "-1 or in [0, 1]")
+        check("locate", self.locate == -1.0 or 0 <= self.locate <= 1, "-1 or in [0, 1]")
         check("max_pages", 0 <= self.max_pages <= 8, "in [0, 8] (0 = the rung's)")
         check("kinds", all(k in (*TRANSCRIBE_KINDS, "codes") for k in self.kind_list()),
               f"comma-separated kinds among {(*TRANSCRIBE_KINDS, 'codes')}, or empty")
@@ -365,7 +368,9 @@ def make_page_example(rng: random.Random, stage: PageStage, jitter: int = 0, spl
     if stage.font_size:
         render = replace(render, font_size=stage.font_size)
     if rng.random() < stage.question_share:
-        task = make_task(rng, rng.choice(QUESTION_KINDS), split, max_lines=stage.max_lines)
+        # (the share is drawn only where it is set, so that rungs without it draw as they always did)
+        kind = "locate_qa" if stage.locate and rng.random() < stage.locate else rng.choice(QUESTION_KINDS)
+        task = make_task(rng, kind, split, max_lines=stage.max_lines, line_chars=stage.line_chars)
     elif stage.documents and rng.random() < stage.documents:
         task = document_task(rng, split, stage.max_lines, stage.line_chars)
     else:
@@ -411,6 +416,8 @@ class PageStream(CurriculumStream):
             stage = replace(stage, question_share=self.cfg.question_share)
         if self.cfg.documents >= 0:
             stage = replace(stage, documents=self.cfg.documents)
+        if self.cfg.locate >= 0:
+            stage = replace(stage, locate=self.cfg.locate)
         if self.cfg.kinds:
             stage = replace(stage, kinds=self.cfg.kind_list())
         if self.cfg.max_pages:
@@ -515,13 +522,15 @@ def heldout_sets(n: int, seed: int = 4321, shift: int = 6, preset: str = PRESET)
     """The held-out evaluation sets (n examples each), from held-out paragraphs, names and values,
     drawn on pages of `preset`: transcription of pages of one line to full (1-14 lines of 30
     characters on "reader"), the same pages moved by up to `shift` px, wrapped paragraphs cut to
-    3 pages, questions about prose, forms and invoices. Fixed by `seed`; the questions are the
-    same texts on every preset (their own random stream), so their scores compare across presets."""
-    rng, asking = random.Random(seed), random.Random(seed + 1)
+    3 pages, questions about prose, forms and invoices, and questions for the words after a quoted
+    phrase (on the preset's full pages; their own stream). Fixed by `seed`; the questions about prose,
+    forms and invoices are the same texts on every preset (their own random stream), so their scores
+    compare across presets."""
+    rng, asking, locating = random.Random(seed), random.Random(seed + 1), random.Random(seed + 2)
     render = RenderConfig.from_preset(preset)
     full = fitted(FULL_PAGE, preset)
     sets: dict[str, list[dict]] = {"read": [], "read_shifted": [], "read_multipage": [], "prose_qa": [],
-                                   "form_qa": [], "invoice_qa": []}
+                                   "form_qa": [], "invoice_qa": [], "locate_qa": []}
     for _ in range(n):
         task = make_task(rng, rng.choice(TRANSCRIBE_KINDS), "heldout", max_lines=full.max_lines,
                          line_chars=full.line_chars)
@@ -537,6 +546,9 @@ def heldout_sets(n: int, seed: int = 4321, shift: int = 6, preset: str = PRESET)
             task = make_task(asking, kind, "heldout", max_lines=QUESTION_LINES)
             pages, answer = render_task(task, 3, render)
             sets[kind].append({"pages": pages, "instruction": task.instruction, "answer": answer})
+        task = make_task(locating, "locate_qa", "heldout", max_lines=full.max_lines, line_chars=full.line_chars)
+        pages, answer = render_task(task, 3, render)
+        sets["locate_qa"].append({"pages": pages, "instruction": task.instruction, "answer": answer})
     return sets
 
 
