@@ -14,12 +14,14 @@ from deepsynth.models.bundle import (
     BUNDLE_VERSION,
     BundleError,
     ModelSpec,
+    generation_defaults,
     load_bundle,
     read_spec,
     resolve_render,
     save_bundle,
 )
-from deepsynth.models.generate import GenerationSettings
+from deepsynth.models.generate import GenerationSettings, _answer_row
+from deepsynth.models.loops import LoopPolicy
 from deepsynth.models.text_encoder import ENCODER_DIR, PROJECTION_FILE, SoftPromptModel
 from deepsynth.render import RenderConfig, render_text
 from deepsynth.training.config import TrainerConfig
@@ -168,3 +170,24 @@ def test_the_resolver_answers_where_what_and_how_without_loading_weights(tmp_pat
 
     with pytest.raises(FileNotFoundError, match="no model directory"):
         resolve_source(str(tmp_path / "nowhere" / "model"))
+
+
+def test_a_read_first_models_answer_is_what_follows_its_marker(tmp_path):
+    """A reader that writes out its pages before answering keeps `answer_after` in its bundle, and
+    every decoding path returns the text after the marker's last occurrence."""
+    loaded = load_bundle("tiny", seed=3)
+    decoding = GenerationSettings(max_new_tokens=7, answer_after="\nAnswer: ")
+    save_bundle(tmp_path, loaded.model, loaded.processor, loaded.spec, generation=decoding)
+    again = load_bundle(str(tmp_path))
+    assert GenerationSettings.from_model(again.model) == decoding == again.decoder().settings
+    assert generation_defaults(str(tmp_path)) == decoding  # what the vLLM engine reads
+    tok = again.processor.tokenizer
+
+    def row(text, **kw):
+        ids = tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
+        return _answer_row(ids, tok, LoopPolicy(), False, **kw)
+
+    answered = row("Answer: 12\nInvoice 7\nAnswer: 4,250 euros", answer_after="\nAnswer: ")
+    assert answered["answer"] == "4,250 euros" and answered["stopped"] == "eos"
+    assert row("no marker here", answer_after="\nAnswer: ")["answer"] == "no marker here"
+    assert row("Invoice 7\nAnswer: 4,250")["answer"] == "Invoice 7\nAnswer: 4,250"  # off by default

@@ -29,14 +29,17 @@ import deepsynth.models
 from deepsynth.inference.engines import make_engine
 from deepsynth.models import load_model
 from deepsynth.models.collate import IGNORE_INDEX, Collator
+from deepsynth.models.generate import GenerationSettings
 from deepsynth.models.deepseek_ocr2 import build_tiny_page, grow_decoder, image_tokens
 from deepsynth.render import RenderConfig, render_text
 from deepsynth.render.renderer import layout
 from deepsynth.training.page_reader import (
+    ANSWER_AFTER,
     FULL_PAGE,
     PAGE_STAGES,
     PRESET,
     PROBE_FILE,
+    READ_FIRST_TOKENS,
     CharSlots,
     PageGate,
     PageStream,
@@ -378,7 +381,7 @@ def test_a_short_phase_saves_a_loadable_reader_scored_on_every_heldout_set(tmp_p
     last = len(PAGE_STAGES) - 1
     meta = pretrain_page_reader(PageReaderConfig(out=str(out), max_steps=3, batch_size=2, warmup_steps=1,
                                                  eval_examples=1, eval_every_minutes=1e6, start_stage=last,
-                                                 gaze_loss=1.0))
+                                                 gaze_loss=1.0, read_first=True))
     assert meta["step"] == 3 and meta["final_stage"] == last
     records = [json.loads(line) for line in (tmp_path / "page.run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r and not r.get("final")]
@@ -404,6 +407,22 @@ def test_a_short_phase_saves_a_loadable_reader_scored_on_every_heldout_set(tmp_p
     model, processor = load_model(str(out))
     scores = evaluate_page_reader(model, Collator(processor, max_length=4096), n=1, ablate=False)
     assert 0 <= scores["read"]["char_similarity"] <= 1 and "em_no_instruction" not in scores["form_qa"]
+    # A read-first reader says so in its decoding settings: every engine returns its answer alone.
+    settings = GenerationSettings.from_model(model)
+    assert settings.answer_after == ANSWER_AFTER and settings.max_new_tokens == READ_FIRST_TOKENS
+
+
+def test_a_read_first_question_is_answered_after_the_pages_text():
+    stage = replace(fitted(FULL_PAGE, "reader-large"), question_share=1.0, read_first=True)
+    render = RenderConfig.from_preset("reader-large")
+    for i in range(20):
+        plain = make_page_example(random.Random(i), replace(stage, read_first=False), render=render)
+        example = make_page_example(random.Random(i), stage, render=render)
+        reading, answer = example["answer"].rsplit(ANSWER_AFTER, 1)
+        assert answer == plain["answer"] and len(example["pages"]) == len(plain["pages"])
+        assert answer.split(" ")[0] in reading.replace("\n", " ")  # the reading holds the answer
+    transcribe = make_page_example(random.Random(0), replace(stage, question_share=0.0))
+    assert ANSWER_AFTER not in transcribe["answer"]
 
 
 def test_a_later_phase_starts_where_the_reader_ended_or_says_what_is_missing(tmp_path):

@@ -26,7 +26,8 @@ from deepsynth.models.loops import CancelStop, LoopPolicy, LoopStop, trim_loop
 from deepsynth.models.structured import JsonSchemaLogitsProcessor, TokenizerData, check_schema
 
 # Fields of GenerationSettings that are stored in generation_config.json.
-_CONFIG_FIELDS = ("max_new_tokens", "do_sample", "temperature", "top_p", "repetition_penalty", "no_repeat_ngram_size")
+_CONFIG_FIELDS = ("max_new_tokens", "do_sample", "temperature", "top_p", "repetition_penalty", "no_repeat_ngram_size",
+                  "answer_after")
 
 
 @dataclass
@@ -41,6 +42,10 @@ class GenerationSettings:
     no_repeat_ngram_size:  forbids any n-gram of this length from repeating (0 = off); the usual cure
                            for pages of repeated text. DeepSeek-OCR's own serving recipe blocks
                            repeats of 30 tokens; shorter cycles are caught by the loop stop.
+    answer_after:          for a model that writes something before its answer (a reader trained to
+                           write out the pages it reads, then the answer): the answer is the text
+                           after the last occurrence of this string ("" = the whole output; an
+                           output without it is returned whole; off under a JSON schema).
     """
 
     max_new_tokens: int = 256
@@ -49,6 +54,7 @@ class GenerationSettings:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 30
+    answer_after: str = ""
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -90,14 +96,19 @@ class GenerationSettings:
         config = model.generation_config
         for name in _CONFIG_FIELDS:
             setattr(config, name, getattr(self, name))
+        if self.answer_after:
+            # transformers reads no field of its own from a generation config marked as derived from
+            # the model's config, and answer_after is not one of its fields
+            config._from_model_config = False
 
 
 def _answer_row(new: list[int], tokenizer, policy: LoopPolicy, cancelled: bool,
-                constraint: JsonSchemaLogitsProcessor | None = None) -> dict:
+                constraint: JsonSchemaLogitsProcessor | None = None, answer_after: str = "") -> dict:
     """Decoded answer and why it stopped, from one row's new token ids.
 
     With a schema `constraint` no loop is trimmed (that would cut the JSON) and an answer the
-    budget ended unclosed is closed."""
+    budget ended unclosed is closed. With `answer_after` (`GenerationSettings.answer_after`) and no
+    constraint, the answer is what follows its last occurrence."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     ended = eos in new
     if ended:
@@ -113,6 +124,8 @@ def _answer_row(new: list[int], tokenizer, policy: LoopPolicy, cancelled: bool,
     text = tokenizer.decode(new, skip_special_tokens=True)
     if constraint is not None and not ended:
         text = constraint.complete(new, text)
+    if answer_after and constraint is None:
+        text = text.rsplit(answer_after, 1)[-1]
     return {"answer": text.strip(), "new_tokens": n_new, "stopped": stopped}
 
 
@@ -247,7 +260,7 @@ class Decoder:
         cancelled = canceller is not None and canceller.fired
         rows = []
         for ids, m, new in zip(input_ids, mask, out[:, width:].tolist()):
-            row = _answer_row(new, tok, self.loop_policy, cancelled, constraint)
+            row = _answer_row(new, tok, self.loop_policy, cancelled, constraint, settings.answer_after)
             row["prompt_tokens"] = int(m.sum())
             row["visual_tokens"] = (int((ids[m.bool()] == self.image_token_id).sum())
                                     if self.image_token_id is not None else 0)

@@ -67,6 +67,8 @@ READER_PRESETS = ("reader", "reader-large")  # render presets a page reader may 
 MODEL_PRESET = "tiny-page"  # model preset a fresh run starts from
 LINE_CHARS = 30  # characters of the preset's widest line of monospace type
 PROBE_FILE = "char_slot_probe.safetensors"  # the character-slot probe, saved beside a phase's reader
+ANSWER_AFTER = "\nAnswer: "  # a read-first reader's answer follows its reading of the pages after this
+READ_FIRST_TOKENS = 1024  # decoding budget a read-first reader saves (the reading of its pages, then the answer)
 TRANSCRIBE_KINDS = ("words", "prose", "mixed")
 QUESTION_KINDS = ("prose_qa", "form_qa", "invoice_qa")
 
@@ -84,6 +86,7 @@ class PageStage:
     jitter: int = 6  # pages move by up to this many px (capped by the phase's --jitter)
     documents: float = 0.0  # share of transcriptions that are multi-page prose (`document_task`), cut to max_pages
     locate: float = 0.0  # share of questions that ask for the words after a quoted phrase ("locate_qa")
+    read_first: bool = False  # a question's answer is the pages' text, ANSWER_AFTER, then the answer
 
 
 # The reader learns to see characters from the character-slot loss (`CharSlots`) on pages that sit
@@ -141,6 +144,9 @@ class PageReaderConfig(PhaseConfig):
     gaze_heads: int = 2  # heads of that layer the gaze loss trains (its last ones)
     documents: float = -1.0  # overrides every rung's share of prose documents (`document_task`) when >= 0
     locate: float = -1.0  # overrides every rung's share of questions that quote a phrase ("locate_qa") when >= 0
+    read_first: bool = False  # questions are answered by writing out the pages first (`render_task`); the
+    # saved reader's decoding settings say so (GenerationSettings.answer_after), so every engine returns
+    # the answer alone
     kinds: str = ""  # overrides every rung's transcription kinds: comma-separated (deepsynth.data.reading), "" = the rung's
     max_pages: int = 0  # overrides every rung's pages per document when > 0 (a longer text is cut to this many pages)
     decoder_layers: int = 0  # with init_from: first grow its decoder to this many layers (`grow_decoder`; 0 = as is)
@@ -339,10 +345,13 @@ def gaze_loss(attention: nn.Module, hidden: torch.Tensor, position_embeddings: t
     return losses.mean(), hits / losses.shape[1]
 
 
-def render_task(task: ReadingTask, max_pages: int, render: RenderConfig) -> tuple[list, str]:
-    """(page images, answer): a transcription's answer is the text drawn on the pages kept."""
+def render_task(task: ReadingTask, max_pages: int, render: RenderConfig, read_first: bool = False) -> tuple[list, str]:
+    """(page images, answer): a transcription's answer is the text drawn on the pages kept; with
+    `read_first` a question's answer is that text, ANSWER_AFTER and the answer (the reader copies
+    the pages before it answers: copying a value out of its own text is the easier step)."""
     pages = render_text(task.text, render)[:max_pages]
-    answer = task.answer if task.instruction != TRANSCRIBE else "\n".join(p.text for p in pages)
+    drawn = "\n".join(p.text for p in pages)
+    answer = drawn if task.instruction == TRANSCRIBE else drawn + ANSWER_AFTER + task.answer if read_first else task.answer
     return [p.image for p in pages], answer
 
 
@@ -376,7 +385,7 @@ def make_page_example(rng: random.Random, stage: PageStage, jitter: int = 0, spl
     else:
         task = make_task(rng, rng.choice(stage.kinds), split, max_lines=stage.max_lines,
                          line_chars=stage.line_chars)
-    pages, answer = render_task(task, stage.max_pages if task.instruction == TRANSCRIBE else 3, render)
+    pages, answer = render_task(task, stage.max_pages if task.instruction == TRANSCRIBE else 3, render, stage.read_first)
     jitter = min(jitter, stage.jitter)
     moves = [(rng.randint(-jitter, jitter), rng.randint(-jitter, jitter)) if jitter else (0, 0) for _ in pages]
     example = {"pages": [shifted(p, dx, dy) if dx or dy else p for p, (dx, dy) in zip(pages, moves)],
@@ -418,6 +427,8 @@ class PageStream(CurriculumStream):
             stage = replace(stage, documents=self.cfg.documents)
         if self.cfg.locate >= 0:
             stage = replace(stage, locate=self.cfg.locate)
+        if self.cfg.read_first:
+            stage = replace(stage, read_first=True)
         if self.cfg.kinds:
             stage = replace(stage, kinds=self.cfg.kind_list())
         if self.cfg.max_pages:
@@ -458,6 +469,10 @@ class PageGate(StageGate):
         self._records: dict[str, list[float]] = {}
         self._kept: dict = {}
         model = trainer.model
+        if self.cfg.read_first:  # saved with the reader: every engine then returns the answer alone
+            settings = GenerationSettings.from_model(model)
+            settings.replace(answer_after=ANSWER_AFTER,
+                             max_new_tokens=max(settings.max_new_tokens, READ_FIRST_TOKENS)).write_to(model)
         if self.cfg.slot_loss or self.cfg.gaze_loss:
             self.stream.slots = CharSlots.for_reader(trainer.processor, self.stream.render_config)
             self.stream.targets = (("char_slots",) if self.cfg.slot_loss else ()) + (("gaze",) if self.cfg.gaze_loss else ())
@@ -577,14 +592,21 @@ def evaluate_page_reader(model, collator, n: int = 24, seed: int = 4321, ablate:
     (also by line count), for question sets exact match, and with `ablate` exact match with the
     instruction left out (what a reader that ignores the question scores)."""
     sets = heldout_sets(n, seed, preset=preset)
+    defaults = GenerationSettings.from_model(model)  # the reader's own (answer_after among them)
+    lines, chars = page_capacity(preset)
+    page_chars = lines * (chars + 1)
     out: dict = {}
     for name, examples in sets.items():
         reading = name.startswith("read")
         pages = [e["pages"] for e in examples]
         golds = [e["answer"] for e in examples]
         # One token per character: room for the longest gold answer and a little more (an answer
-        # longer than that is wrong already, and an untrained reader would decode to any limit).
-        settings = GenerationSettings(max_new_tokens=max(len(g) for g in golds) + 16)
+        # longer than that is wrong already, and an untrained reader would decode to any limit),
+        # and for a read-first reader room to write out the pages before it.
+        budget = max(len(g) for g in golds) + 16
+        if defaults.answer_after and not reading:
+            budget += max(len(p) for p in pages) * page_chars + len(defaults.answer_after)
+        settings = defaults.replace(max_new_tokens=budget)
         instructions = [e["instruction"] for e in examples]
         preds = [r["answer"] for r in generate_with_stats(model, collator, pages, instructions, settings, batch_size=8)]
         if reading:

@@ -157,7 +157,11 @@ class PhaseConfig:
         """The phase config given by the command line's flags (one per field); a bad value is a usage error."""
         parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
         for name, value in asdict(cls()).items():
-            parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+            flag = f"--{name.replace('_', '-')}"
+            if isinstance(value, bool):  # --flag / --no-flag (type=bool would take "False" as true)
+                parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
+            else:
+                parser.add_argument(flag, type=type(value), default=value)
         args = parser.parse_args()
         try:
             return cls(**vars(args))

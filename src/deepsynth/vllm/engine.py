@@ -344,7 +344,8 @@ class VLLMEngine(EngineBase):
         self._driver.submit(requests)
         return requests
 
-    def _row(self, doc: PreparedDocument, out, cancelled: bool, json_schema: dict | None) -> dict:
+    def _row(self, doc: PreparedDocument, out, cancelled: bool, json_schema: dict | None,
+             answer_after: str = "") -> dict:
         """The Decoder's row fields from a vLLM output (`out` may be None: cancelled before a token)."""
         ids = list(out.outputs[0].token_ids) if out is not None else []
         eos = self.tokenizer.eos_token_id
@@ -353,7 +354,7 @@ class VLLMEngine(EngineBase):
             ids = ids[:-1]  # the EOS the loop stop forced: the row stopped in a loop, as LoopStop stops it
         kept = ids[:ids.index(eos)] if eos in ids else list(ids)
         if json_schema is None:
-            row = _answer_row(list(ids), self.tokenizer, policy, cancelled)
+            row = _answer_row(list(ids), self.tokenizer, policy, cancelled, answer_after=answer_after)
         else:
             row = {"answer": self.tokenizer.decode(kept, skip_special_tokens=True).strip(), "new_tokens": len(kept),
                    "stopped": "eos" if eos in ids else "cancelled" if cancelled else "max_new_tokens"}
@@ -380,7 +381,7 @@ class VLLMEngine(EngineBase):
         rows = []
         for doc, request in zip(docs, requests):
             out, cancelled = wait(request)
-            rows.append(self._row(doc, out, cancelled, json_schema))
+            rows.append(self._row(doc, out, cancelled, json_schema, settings.answer_after))
         for doc in docs:
             doc.uses += 1
         return rows
@@ -429,7 +430,7 @@ class VLLMEngine(EngineBase):
         except GeneratorExit:  # the consumer stopped early: stop generating too
             cancel.set()
             raise
-        row = self._row(doc, last, cancelled, json_schema)
+        row = self._row(doc, last, cancelled, json_schema, settings.answer_after)
         doc.uses += 1
         yield Answer.from_row(row, (time.perf_counter() - start) * 1000)
 
