@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
+from deepsynth.data.reading import INVOICE_ANSWERS, INVOICE_QUESTION, invoice_variants
 from deepsynth.inference.engines import make_engine
 from deepsynth.models import load_model
 from deepsynth.models.collate import Collator
 from deepsynth.models.registry import resolve
-from deepsynth.data.reading import INVOICE_ANSWERS, INVOICE_QUESTION, invoice_variants
 from deepsynth.training.page_reader import evaluate_page_reader, reader_preset
 
 def invoice_check(model: str) -> dict:

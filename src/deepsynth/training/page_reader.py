@@ -351,7 +351,10 @@ def render_task(task: ReadingTask, max_pages: int, render: RenderConfig, read_fi
     the pages before it answers: copying a value out of its own text is the easier step)."""
     pages = render_text(task.text, render)[:max_pages]
     drawn = "\n".join(p.text for p in pages)
-    answer = drawn if task.instruction == TRANSCRIBE else drawn + ANSWER_AFTER + task.answer if read_first else task.answer
+    if task.instruction == TRANSCRIBE:
+        answer = drawn
+    else:
+        answer = drawn + ANSWER_AFTER + task.answer if read_first else task.answer
     return [p.image for p in pages], answer
 
 
